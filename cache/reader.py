@@ -1,0 +1,204 @@
+"""Read a store for stage two: metadata, dask arrays, and shuffled multi-layer mini-batches.
+
+Batches are chunk-aware: each epoch shuffles the order of chunks, reads a window of
+`buffer_chunks` chunks (all requested layers, the same samples), permutes the samples inside
+the window and cuts mini-batches; leftovers carry into the next window, so every valid
+sample appears exactly once per epoch. A thread pool reads the next windows ahead while
+the consumer trains (zstd decoding releases the GIL).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import zarr
+
+from cache.codecs import decode
+from cache.errors import StoreError
+from cache.layout import ChunkPlan
+from cache.schema import FORMAT_VERSION, MANIFEST_KEY, LayerSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    features: dict[str, torch.Tensor]  # layer -> [B, T, D]
+    labels: torch.Tensor  # [B] int64
+    indices: torch.Tensor  # [B] sample index within the split
+
+
+class CacheReader:
+    def __init__(self, path: str | Path, allow_partial: bool = False):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"store {str(self.path)!r} does not exist; run `python -m pipeline extract` first")
+        try:
+            self.root = zarr.open_group(str(self.path), mode="r")
+        except Exception as e:
+            raise StoreError(f"{str(self.path)!r} is not a zarr store: {e}") from e
+        manifest = self.root.attrs.get(MANIFEST_KEY)
+        if manifest is None:
+            raise StoreError(f"{str(self.path)!r} is a zarr store but not a feature cache (no {MANIFEST_KEY!r} manifest)")
+        if manifest["format_version"] != FORMAT_VERSION:
+            raise StoreError(f"{str(self.path)!r} has format version {manifest['format_version']}, this reader reads {FORMAT_VERSION}")
+        self.manifest = manifest
+        self.allow_partial = allow_partial
+        self.layers = {d["name"]: LayerSpec.from_json(d) for d in manifest["layers"]}
+        self.plan = ChunkPlan(manifest["samples_per_chunk"], manifest["chunks_per_shard"])
+        self.dtype = manifest["storage"]["dtype"]
+        if not allow_partial and not self.is_complete():
+            missing = {s: len(self.missing_chunks(s)) for s in self.splits}
+            raise StoreError(
+                f"store {str(self.path)!r} is incomplete (missing chunks per split: {missing}); "
+                "rerun the same extract command to finish it, or open with allow_partial=True"
+            )
+
+    # -- metadata -----------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> dict:
+        return self.manifest["fingerprint"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.get("classes", []))
+
+    def num_samples(self, split: str) -> int:
+        return self._split(split)["num_samples"]
+
+    def is_complete(self) -> bool:
+        return bool(self.manifest.get("complete")) or all(not self.missing_chunks(s) for s in self.splits)
+
+    def missing_chunks(self, split: str) -> list[int]:
+        return [int(i) for i in np.flatnonzero(self.root[f"{split}/chunk_done"][:] == 0)]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.root[f"{split}/labels"][:]
+
+    def valid(self, split: str) -> np.ndarray:
+        return self.root[f"{split}/valid"][:]
+
+    def sample_ids(self, split: str) -> np.ndarray:
+        return self.root[f"{split}/sample_ids"][:]
+
+    def _split(self, split: str) -> dict:
+        if split not in self.manifest["splits"]:
+            raise KeyError(f"split {split!r} is not in store {str(self.path)!r}; it has {self.splits}")
+        return self.manifest["splits"][split]
+
+    def _check_layers(self, layers: Sequence[str]) -> None:
+        unknown = [l for l in layers if l not in self.layers]
+        if unknown:
+            raise KeyError(f"layers {unknown} are not in store {str(self.path)!r}; it has {list(self.layers)}")
+
+    # -- arrays -------------------------------------------------------------------------
+    def zarr_array(self, split: str, layer: str) -> zarr.Array:
+        self._split(split)
+        self._check_layers([layer])
+        return self.root[f"{split}/layers/{layer}"]
+
+    def dask_array(self, split: str, layer: str, dtype: str = "float32"):
+        """The layer as a lazy dask array [N, T, D], decoded to `dtype`, one dask chunk per zarr chunk."""
+        import dask.array as da
+
+        arr = da.from_zarr(self.zarr_array(split, layer))
+        if self.dtype == "bfloat16":
+            return arr.map_blocks(lambda b: (b.astype(np.uint32) << 16).view(np.float32).astype(dtype), dtype=dtype)
+        if self.dtype == "int8":
+            scales = da.from_zarr(self.root[f"{split}/scales/{layer}"]).rechunk((arr.chunks[0], -1))
+            return arr.astype(dtype) * scales[:, None, :].astype(dtype)
+        return arr.astype(dtype)
+
+    def read(self, split: str, layers: Sequence[str], start: int, stop: int, out: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Samples [start, stop) of each layer, decoded."""
+        self._check_layers(layers)
+        g = self.root[split]
+        result = {}
+        for name in layers:
+            stored = g[f"layers/{name}"][start:stop]
+            scales = g[f"scales/{name}"][start:stop] if self.dtype == "int8" else None
+            result[name] = decode(stored, self.dtype, scales, out)
+        return result
+
+    # -- mini-batches -------------------------------------------------------------------
+    def batches(
+        self,
+        split: str,
+        layers: Sequence[str],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        buffer_chunks: int = 4,
+        prefetch: int = 2,
+        drop_last: bool = False,
+        out: torch.dtype = torch.float32,
+    ) -> Iterator[Batch]:
+        """One epoch of mini-batches with the same permutation for every layer."""
+        self._check_layers(layers)
+        n = self.num_samples(split)
+        done = np.flatnonzero(self.root[f"{split}/chunk_done"][:] != 0)
+        if len(done) < self.plan.n_chunks(n) and not self.allow_partial:
+            raise StoreError(f"split {split!r} of {str(self.path)!r} is incomplete")
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(done) if shuffle else done
+        windows = [order[i : i + buffer_chunks] for i in range(0, len(order), buffer_chunks)]
+        labels_all = self.labels(split)
+        with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
+            futures: list[Future] = [pool.submit(self._read_window, split, layers, w, out) for w in windows[:prefetch]]
+            next_window = len(futures)
+            carry: Optional[tuple[dict, np.ndarray]] = None
+            while futures:
+                feats, idx = futures.pop(0).result()
+                if next_window < len(windows):
+                    futures.append(pool.submit(self._read_window, split, layers, windows[next_window], out))
+                    next_window += 1
+                if shuffle:
+                    perm = torch.from_numpy(rng.permutation(len(idx)))
+                    feats = {k: v[perm] for k, v in feats.items()}
+                    idx = idx[perm.numpy()]
+                if carry is not None:
+                    feats = {k: torch.cat([carry[0][k], v]) for k, v in feats.items()}
+                    idx = np.concatenate([carry[1], idx])
+                    carry = None
+                full = (len(idx) // batch_size) * batch_size
+                for s in range(0, full, batch_size):
+                    sl = idx[s : s + batch_size]
+                    yield Batch({k: v[s : s + batch_size] for k, v in feats.items()}, torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
+                if full < len(idx):
+                    carry = ({k: v[full:] for k, v in feats.items()}, idx[full:])
+            if carry is not None and not drop_last:
+                sl = carry[1]
+                yield Batch(carry[0], torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
+
+    def _read_window(self, split: str, layers: Sequence[str], chunks: np.ndarray, out: torch.dtype):
+        n = self.num_samples(split)
+        g = self.root[split]
+        parts, idx_parts = [], []
+        for c in sorted(int(c) for c in chunks):
+            start, stop = self.plan.chunk_range(c, n)
+            valid = g["valid"][start:stop]
+            feats = self.read(split, layers, start, stop, out)
+            keep = np.flatnonzero(valid)
+            if len(keep) < stop - start:  # skipped (corrupt) samples never reach training
+                feats = {k: v[torch.from_numpy(keep)] for k, v in feats.items()}
+            parts.append(feats)
+            idx_parts.append(start + keep)
+        feats = {k: torch.cat([p[k] for p in parts]) for k in layers}
+        return feats, np.concatenate(idx_parts)
+
+
+def open_store(path: str | Path, allow_partial: bool = False) -> CacheReader:
+    """Open a store read-only; refuses an incomplete one unless allow_partial."""
+    return CacheReader(path, allow_partial=allow_partial)

@@ -1,0 +1,73 @@
+"""What a feature-cache store holds, as plain frozen dataclasses.
+
+The store layout (zarr v3, readable by any v3 implementation):
+
+    <root>/                      group; attrs["feature_cache"] = the manifest (see Manifest)
+    <root>/<split>/              group, one per dataset split ("train", "val", ...)
+    <root>/<split>/layers/<name> array [N, T, D]: tokens of one layer. Token order is the
+                                 backbone's: prefix tokens first (CLS, registers), then patch /
+                                 feature-map tokens in row-major (H, W) order.
+    <root>/<split>/scales/<name> array [N, D] float16, only for int8 layers: per-sample,
+                                 per-channel absmax / 127; value = int8 * scale.
+    <root>/<split>/labels        array [N] int64 (-1 for a skipped sample)
+    <root>/<split>/valid         array [N] bool: False where the image could not be read
+    <root>/<split>/sample_ids    array [N] string: the file path relative to the split root,
+                                 or "<split>:<index>" for array datasets
+    <root>/<split>/chunk_done    array [n_chunks] uint8, chunked one element per chunk so that
+                                 every completion stamp is its own object: 1 once that chunk's
+                                 samples are written in every array above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "feature_cache"
+
+# How a layer's values are stored on disk; "bfloat16" is stored as its raw uint16 bits.
+STORAGE_DTYPES = ("float16", "bfloat16", "float32", "int8")
+# How the tokens of a layer are reduced before storing.
+TOKEN_REDUCTIONS = ("all", "cls", "mean", "cls_mean", "grid")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One cached layer, as stage two sees it.
+
+    tokens/dim: the stored shape [T, D] per sample.
+    prefix_tokens: how many of the T tokens are prefix (CLS/register) tokens; 0 for CNNs.
+    grid: (H, W) of the patch/feature-map tokens that follow the prefix, None when pooled.
+    block_index: for ViT blocks, the block whose *output* this is; -1 for the block-0 input
+        (the embedded tokens, stored as layer "embed"); None for other modules.
+    """
+
+    name: str
+    tokens: int
+    dim: int
+    prefix_tokens: int = 0
+    grid: Optional[tuple[int, int]] = None
+    block_index: Optional[int] = None
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "tokens": self.tokens,
+            "dim": self.dim,
+            "prefix_tokens": self.prefix_tokens,
+            "grid": list(self.grid) if self.grid is not None else None,
+            "block_index": self.block_index,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LayerSpec":
+        grid = d.get("grid")
+        return cls(
+            name=d["name"],
+            tokens=int(d["tokens"]),
+            dim=int(d["dim"]),
+            prefix_tokens=int(d.get("prefix_tokens", 0)),
+            grid=tuple(grid) if grid is not None else None,
+            block_index=d.get("block_index"),
+        )

@@ -1,0 +1,54 @@
+"""A store's summary for humans and scripts: manifest, splits, layers, sizes, completeness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cache.reader import CacheReader
+
+
+def summarize(path: str | Path) -> dict:
+    reader = CacheReader(path, allow_partial=True)
+    m = reader.manifest
+    splits = {}
+    for split in reader.splits:
+        done = reader.root[f"{split}/chunk_done"][:]
+        valid = reader.valid(split)
+        splits[split] = {
+            "num_samples": reader.num_samples(split),
+            "chunks_done": int(np.count_nonzero(done)),
+            "chunks_total": int(len(done)),
+            "skipped": int(np.count_nonzero(~valid[_done_mask(reader, split, done)])),
+        }
+    layers = []
+    for name, spec in reader.layers.items():
+        disk = sum(_bytes_under(Path(path) / s / "layers" / name) for s in reader.splits)
+        layers.append({**spec.to_json(), "dtype": reader.dtype, "bytes_on_disk": disk})
+    return {
+        "path": str(path),
+        "complete": reader.is_complete(),
+        "format_version": m["format_version"],
+        "backbone": m["fingerprint"]["backbone"],
+        "storage": m["storage"],
+        "preprocessing": m["fingerprint"]["preprocessing"],
+        "samples_per_chunk": m["samples_per_chunk"],
+        "chunks_per_shard": m["chunks_per_shard"],
+        "classes": m.get("classes", []),
+        "splits": splits,
+        "layers": layers,
+        "bytes_on_disk": _bytes_under(Path(path)),
+        "package_version": m.get("package_version"),
+        "created_at": m.get("created_at"),
+        "skipped_ids": m.get("skipped", {}),
+    }
+
+
+def _done_mask(reader: CacheReader, split: str, done: np.ndarray) -> np.ndarray:
+    n = reader.num_samples(split)
+    return np.repeat(done != 0, reader.plan.samples_per_chunk)[:n]
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0

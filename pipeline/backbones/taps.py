@@ -1,0 +1,167 @@
+"""Capture the tokens of chosen layers in one forward pass, as [B, T, D] per layer.
+
+Layers are given as indices (timm's `forward_intermediates` numbering: ViT blocks, CNN
+stages from `feature_info`; negative allowed) or module names (captured with forward hooks).
+CNN maps [B, C, H, W] become tokens [B, H*W, C] (row-major). ViT tokens keep timm's order:
+prefix tokens (CLS, registers) first, then patch tokens. For ViTs the block-0 input (the
+embedded tokens) can be captured too, as layer "embed".
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import re
+from typing import Union
+
+import torch
+
+from cache.schema import LayerSpec
+
+EMBED = "embed"
+
+
+def is_vit(model: torch.nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("blocks", "num_prefix_tokens", "patch_embed"))
+
+
+class LayerTaps:
+    def __init__(self, model: torch.nn.Module, layers: tuple[Union[int, str], ...], block_input: bool, image_size: tuple[int, int]):
+        self.model = model
+        self.vit = is_vit(model)
+        self.prefix = int(getattr(model, "num_prefix_tokens", 0)) if self.vit else 0
+        self.has_intermediates = hasattr(model, "forward_intermediates")
+        self.index_names: dict[int, str] = {}  # normalised index -> layer name
+        self.hook_names: list[str] = []
+        self._resolve(layers)
+        self.capture_embed = self.vit and block_input
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles = [
+            model.get_submodule(name).register_forward_hook(self._save_output(name)) for name in self.hook_names
+        ]
+        if self.capture_embed:
+            self._handles.append(model.blocks[0].register_forward_pre_hook(self._save_input(EMBED)))
+        self.specs = self._probe_specs(image_size)
+
+    # -- resolution ---------------------------------------------------------------------
+    def _index_count_and_names(self) -> list[str]:
+        if self.vit:
+            return [f"blocks.{i}" for i in range(len(self.model.blocks))]
+        info = getattr(self.model, "feature_info", None)
+        if info is None:
+            return []
+        return [f["module"] for f in info] if isinstance(info, list) else list(info.module_name())
+
+    def _resolve(self, layers) -> None:
+        indexed = self._index_count_and_names()
+        modules = dict(self.model.named_modules())
+        problems, names = [], []
+        for layer in layers:
+            if isinstance(layer, int):
+                if not indexed:
+                    problems.append(f"layer {layer}: this model has no indexed blocks/stages; name modules instead")
+                    continue
+                if not -len(indexed) <= layer < len(indexed):
+                    problems.append(f"layer {layer}: out of range; valid indices are -{len(indexed)}..{len(indexed) - 1} ({', '.join(indexed)})")
+                    continue
+                i = layer % len(indexed)
+                name = indexed[i]
+                if name in names:
+                    continue
+                names.append(name)
+                if self.has_intermediates:
+                    self.index_names[i] = name
+                else:
+                    self.hook_names.append(name)
+            else:
+                if layer not in modules or layer == "":
+                    near = difflib.get_close_matches(layer, [m for m in modules if m], n=3)
+                    problems.append(f"layer {layer!r}: no such module" + (f"; did you mean {near}?" if near else ""))
+                    continue
+                if layer in names:
+                    continue
+                names.append(layer)
+                self.hook_names.append(layer)
+        if problems:
+            raise ValueError("backbone.layers: " + "; ".join(problems))
+        if self.hook_names:
+            # forward_intermediates may stop before a named module (e.g. a CNN's final conv):
+            # with any named module, hook every layer and run the plain forward_features.
+            self.hook_names = names
+            self.index_names = {}
+        self.order = names  # output order follows the config
+
+    # -- capture ------------------------------------------------------------------------
+    def _save_output(self, name: str):
+        def hook(_module, _inputs, output):
+            self._captured[name] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def _save_input(self, name: str):
+        def hook(_module, inputs):
+            self._captured[name] = inputs[0]
+        return hook
+
+    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw layer outputs (CNN maps still [B, C, H, W]) in config order, "embed" first."""
+        self._captured = {}
+        out: dict[str, torch.Tensor] = {}
+        if self.index_names:
+            indices = sorted(self.index_names)
+            kwargs = dict(indices=indices, intermediates_only=True, stop_early=True)
+            params = inspect.signature(self.model.forward_intermediates).parameters
+            if self.vit and "return_prefix_tokens" in params:
+                kwargs.update(output_fmt="NLC", return_prefix_tokens=True)
+            feats = self.model.forward_intermediates(images, **kwargs)
+            # timm returns intermediates in sorted index order, whatever order was asked.
+            for i, f in zip(indices, feats):
+                if isinstance(f, tuple):  # (patch tokens, prefix tokens)
+                    f = torch.cat([f[1], f[0]], dim=1)
+                out[self.index_names[i]] = f
+        else:
+            self.model.forward_features(images)
+        out.update(self._captured)
+        self._captured = {}
+        return {name: out[name] for name in ([EMBED] if self.capture_embed else []) + self.order}
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: _as_tokens(t) for name, t in self._forward(images).items()}
+
+    def _probe_specs(self, image_size: tuple[int, int]) -> list[LayerSpec]:
+        """Shapes from one dry forward pass rather than from guesses about the architecture."""
+        p = next(self.model.parameters())
+        with torch.no_grad():
+            raw = self._forward(torch.zeros(1, 3, *image_size, device=p.device, dtype=p.dtype))
+        return [self._spec(name, t) for name, t in raw.items()]
+
+    def _spec(self, name: str, raw: torch.Tensor) -> LayerSpec:
+        t = _as_tokens(raw)
+        _, T, D = t.shape
+        if not self.vit:
+            grid = tuple(raw.shape[2:]) if raw.ndim == 4 else None
+            return LayerSpec(name, T, D, 0, grid, None)
+        m = re.fullmatch(r"blocks\.(\d+)", name)
+        block = -1 if name == EMBED else (int(m.group(1)) if m else None)
+        patches = T - self.prefix
+        side = math.isqrt(max(patches, 0))
+        grid = tuple(getattr(self.model.patch_embed, "grid_size", (side, side)))
+        if patches > 0 and grid[0] * grid[1] == patches:
+            return LayerSpec(name, T, D, self.prefix, grid, block)
+        return LayerSpec(name, T, D, 0, None, block)  # not a token sequence we understand
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _as_tokens(t: torch.Tensor) -> torch.Tensor:
+    if t.ndim == 4:  # CNN map [B, C, H, W] -> [B, H*W, C]
+        return t.flatten(2).transpose(1, 2)
+    if t.ndim == 3:
+        return t
+    if t.ndim == 2:  # pooled [B, D] -> one token
+        return t[:, None, :]
+    raise ValueError(f"cannot store a layer output of shape {tuple(t.shape)} as tokens")

@@ -1,0 +1,77 @@
+"""`python -m pipeline COMMAND ...`: a thin shell over the runners."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from cache import StoreError
+
+log = logging.getLogger("pipeline")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Feature-cache pipeline: extract once, train many adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("extract", help="stage one: stream a dataset through a frozen backbone into a zarr store")
+    ex.add_argument("config", help="YAML file in configs/")
+    ex.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. store.dtype=int8")
+    ex.add_argument("--dry-run", action="store_true", help="print the plan (samples, layers, shapes, GB) and stop")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing store made with a different config")
+
+    ins = sub.add_parser("inspect", help="describe a store: manifest, splits, layers, sizes, completeness")
+    ins.add_argument("store")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    from pipeline.config import ConfigError
+
+    try:
+        if args.command == "extract":
+            return _extract(args)
+        if args.command == "inspect":
+            return _inspect(args)
+    except (ConfigError, StoreError, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _extract(args) -> int:
+    from pipeline.config import ExtractConfig, load_config
+    from pipeline.extract import run_extract
+
+    cfg = load_config(ExtractConfig, args.config, args.overrides)
+    plan = run_extract(cfg, dry_run=args.dry_run, overwrite=args.overwrite)
+    if args.dry_run:
+        print(plan.report())
+    return 0
+
+
+def _inspect(args) -> int:
+    from cache.summary import summarize
+
+    s = summarize(args.store)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"store      {s['path']}  ({'complete' if s['complete'] else 'INCOMPLETE'}, format v{s['format_version']}, {s['bytes_on_disk'] / 1e6:.1f} MB on disk)")
+    b = s["backbone"]
+    print(f"backbone   {b['name']} ({b['weights']} weights, sha256 {b['weights_sha256'][:16]}...)")
+    p = s["preprocessing"]
+    print(f"preprocess {p['input_size'][1]}x{p['input_size'][2]} {p['interpolation']}, mean {p['mean']}, std {p['std']}")
+    print(f"storage    {s['storage']['dtype']}, tokens={s['storage']['tokens']}, {s['samples_per_chunk']} samples/chunk, {s['chunks_per_shard']} chunks/shard")
+    print(f"classes    {len(s['classes'])}: {', '.join(map(str, s['classes'][:10]))}{' ...' if len(s['classes']) > 10 else ''}")
+    for split, d in s["splits"].items():
+        print(f"split      {split}: {d['num_samples']} samples, chunks {d['chunks_done']}/{d['chunks_total']}, {d['skipped']} skipped")
+    print(f"{'layer':<20}{'[T, D]':>14}{'prefix':>8}{'grid':>10}{'MB on disk':>12}")
+    for l in s["layers"]:
+        grid = "x".join(map(str, l["grid"])) if l["grid"] else "-"
+        print(f"{l['name']:<20}{str([l['tokens'], l['dim']]):>14}{l['prefix_tokens']:>8}{grid:>10}{l['bytes_on_disk'] / 1e6:>12.2f}")
+    for split, ids in s["skipped_ids"].items():
+        print(f"skipped in {split}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}")
+    return 0

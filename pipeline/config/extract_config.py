@@ -1,0 +1,170 @@
+"""The `extract` job's config: YAML sections -> frozen dataclasses.
+
+Only fields that change what is stored enter the store's fingerprint (see
+`ExtractConfig.content_fingerprint`); batch size, workers and device do not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+
+DATA_KINDS = ("image_folder", "npz", "idx", "torchvision")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str
+    # "timm" (timm's own pretrained=True, from the hub), "none" (random init, for tests), the
+    # name of an offline source (see pipeline.backbones.weights), or a path to a local
+    # .safetensors / .pt / .pth state dict.
+    weights: str = "timm"
+    # Block/stage indices (negative allowed; timm's forward_intermediates numbering) or
+    # module names (captured with forward hooks), e.g. [-1, -4, "blocks.2.attn"].
+    layers: tuple[Union[int, str], ...] = (-1,)
+    # ViTs: also store the block-0 input (embedded tokens) as layer "embed", so that stage
+    # two can run VQT on every block.
+    block_input: bool = True
+    # Passed to timm.create_model (e.g. {drop_path_rate: 0.0}); img_size is set from preprocess.
+    model_kwargs: dict[str, Union[int, float, str, bool]] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.name:
+            out.append("name: got '', expected a timm model name")
+        if not self.layers:
+            out.append("layers: got [], expected at least one layer index or module name")
+        return out
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: Literal["image_folder", "npz", "idx", "torchvision"]
+    # image_folder: directory with SPLIT/CLASS/*.jpg; npz: directory with SPLIT.npz
+    # (arrays "images" [N,H,W(,C)] uint8 and "labels" [N]); idx: directory with MNIST-style
+    # *-images-idx3-ubyte(.gz) files; torchvision: download/cache root.
+    root: str
+    splits: tuple[str, ...] = ("train", "val")
+    # idx files are named by prefix ("train", "t10k"): map split name -> file prefix.
+    split_files: dict[str, str] = field(default_factory=dict)
+    # torchvision dataset class name, e.g. "CIFAR10", and whether it may download.
+    name: Optional[str] = None
+    download: bool = False
+    # Take only the first N samples of each split (per split with a mapping); null = all.
+    # The subset is a deterministic stratified prefix, part of the fingerprint.
+    limit: Union[int, dict[str, int], None] = None
+    # A corrupt/unreadable image: "fail" stops with the file's path; "skip" marks the sample
+    # invalid (label -1, valid=False), counts it and lists it in the manifest.
+    on_corrupt: Literal["fail", "skip"] = "fail"
+
+    def limit_for(self, split: str) -> Optional[int]:
+        if isinstance(self.limit, dict):
+            return self.limit.get(split)
+        return self.limit
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.splits:
+            out.append("splits: got [], expected at least one split name")
+        if self.kind == "torchvision" and not self.name:
+            out.append("name: required when kind is 'torchvision' (e.g. CIFAR10)")
+        if isinstance(self.limit, dict):
+            for split, n in self.limit.items():
+                if split not in self.splits:
+                    out.append(f"limit.{split}: {split!r} is not one of splits {list(self.splits)}")
+                if n is not None and n <= 0:
+                    out.append(f"limit.{split}: got {n}, expected a positive integer")
+        elif self.limit is not None and self.limit <= 0:
+            out.append(f"limit: got {self.limit}, expected a positive integer or null")
+        return out
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Overrides of timm's data config for the model; null keeps the model's own value."""
+
+    image_size: Optional[int] = None
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
+    crop_pct: Optional[float] = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.image_size is not None and self.image_size < 8:
+            out.append(f"image_size: got {self.image_size}, expected >= 8")
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if v is not None and len(v) != 3:
+                out.append(f"{key}: got {list(v)}, expected 3 values (RGB)")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            out.append(f"std: got {list(self.std)}, expected positive values")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            out.append(f"crop_pct: got {self.crop_pct}, expected a value in (0, 1]")
+        return out
+
+
+@dataclass(frozen=True)
+class CompressorConfig:
+    name: Literal["zstd", "lz4", "none"] = "zstd"
+    level: int = 3
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str
+    dtype: Literal["float16", "bfloat16", "float32", "int8"] = "float16"
+    # all: every token; cls: prefix token 0; mean: mean of patch tokens; cls_mean: both;
+    # grid: prefix tokens + patch tokens average-pooled to grid_size x grid_size.
+    tokens: Literal["all", "cls", "mean", "cls_mean", "grid"] = "all"
+    grid_size: int = 2
+    # Samples per chunk are chosen so the largest layer's chunk is about chunk_mb
+    # (uncompressed); samples_per_chunk overrides that.
+    chunk_mb: float = 4.0
+    samples_per_chunk: Optional[int] = None
+    chunks_per_shard: int = 8
+    compressor: CompressorConfig = field(default_factory=CompressorConfig)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.chunk_mb <= 0:
+            out.append(f"chunk_mb: got {self.chunk_mb}, expected > 0")
+        if self.samples_per_chunk is not None and self.samples_per_chunk <= 0:
+            out.append(f"samples_per_chunk: got {self.samples_per_chunk}, expected > 0")
+        if self.chunks_per_shard <= 0:
+            out.append(f"chunks_per_shard: got {self.chunks_per_shard}, expected > 0")
+        if self.tokens == "grid" and self.grid_size <= 0:
+            out.append(f"grid_size: got {self.grid_size}, expected > 0")
+        return out
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = 64
+    # null: min(4, CPU count) on CUDA, min(2, CPU count) on CPU (the forward needs the cores).
+    num_workers: Optional[int] = None
+    # CUDA only: autocast dtype for the forward pass.
+    amp_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # Bounded queue between the forward pass and the background writer (batches).
+    write_queue: int = 4
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.batch_size <= 0:
+            out.append(f"batch_size: got {self.batch_size}, expected > 0")
+        if self.num_workers is not None and self.num_workers < 0:
+            out.append(f"num_workers: got {self.num_workers}, expected >= 0")
+        if self.write_queue <= 0:
+            out.append(f"write_queue: got {self.write_queue}, expected > 0")
+        return out
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    backbone: BackboneConfig
+    data: DataConfig
+    store: StoreConfig
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -1,0 +1,194 @@
+"""YAML + dotted overrides -> frozen dataclasses, with every problem reported at once.
+
+Typing drives validation: each dataclass field's annotation says what the YAML value must
+be, so the schema lives in one place (the dataclass) and the error messages can name the
+key, the value received and what was expected. Unknown keys suggest the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Every problem found in one config, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist"], str(path))
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], str(path))
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (so 3, 1e-3, [1,2], null work)."""
+    data = _deep_copy(data)
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r} is not of the form dotted.key=value")
+            continue
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"override {item!r}: {part!r} is not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    if problems:
+        raise ConfigError(problems, "command-line overrides")
+    return data
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def build(cls: type, data: Any, source: str = "config") -> Any:
+    """Build dataclass `cls` from `data`; raise one ConfigError listing every problem."""
+    problems: list[str] = []
+    obj = _build_dataclass(cls, data, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return obj
+
+
+def _build_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping, got {data!r}")
+        return None
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(fields)}"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {}
+    n_before = len(problems)
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], key, problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{key}: required key is missing")
+    if len(problems) > n_before:
+        return None  # this section's own checks need well-typed values
+    obj = cls(**kwargs)
+    # Cross-field checks, run per section so one bad section doesn't hide another's problems.
+    if hasattr(obj, "problems"):
+        problems.extend(f"{prefix}{p}" for p in obj.problems())
+    return obj
+
+
+def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, f"{key}.", problems)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for opt in options:
+            if opt is type(None):
+                continue
+            trial: list[str] = []
+            out = _convert(opt, value, key, trial)
+            if not trial:
+                return out
+        problems.append(f"{key}: got {value!r}, expected {_describe(tp)}")
+        return None
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            problems.append(f"{key}: got {value!r}, expected one of {list(allowed)}{hint}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: got {value!r}, expected a list of {_describe(get_args(tp)[0])}")
+            return None
+        (item_tp, *_) = get_args(tp)
+        items = [_convert(item_tp, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: got {value!r}, expected a mapping")
+            return None
+        k_tp, v_tp = get_args(tp)
+        return {k: _convert(v_tp, v, f"{key}.{k}", problems) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: got {value!r}, expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: got {value!r}, expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: got {value!r}, expected a number")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{key}: got {value!r}, expected a string")
+        return value
+    raise TypeError(f"config schema uses an unsupported type {tp!r} at {key}")
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin is Literal:
+        return f"one of {list(get_args(tp))}"
+    if origin in (list, tuple):
+        return f"a list of {_describe(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def to_dict(obj: Any) -> Any:
+    """The resolved config as plain JSON-able data (saved beside every output)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+__all__ = ["ConfigError", "load_yaml", "apply_overrides", "build", "to_dict"]

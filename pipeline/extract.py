@@ -1,0 +1,218 @@
+"""Stage one: stream each split once through the frozen backbone into a zarr feature cache.
+
+    python -m pipeline extract configs/fashion_mnist_lite0.yaml [dotted.key=value ...] [--dry-run] [--overwrite]
+
+setup (backbone, layers, data, plan) -> print the cost -> open or resume the store ->
+for each split, compute only the chunks not yet stamped -> finalize the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache import BackgroundWriter, ChunkPlan, LayerSpec, StoreWriter
+from pipeline import __version__
+from pipeline.backbones.build import Backbone, build_backbone
+from pipeline.backbones.taps import LayerTaps
+from pipeline.backbones.tokens import reduce_tokens, reduced_spec
+from pipeline.config import ExtractConfig, to_dict
+from pipeline.data import CorruptImageError, SplitSource, open_split
+from pipeline.data.loader import make_loader
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_VALUE = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}
+
+
+@dataclass
+class ExtractPlan:
+    cfg: ExtractConfig
+    backbone: Backbone
+    taps: LayerTaps
+    raw_specs: list[LayerSpec]  # as the backbone produces them
+    specs: list[LayerSpec]  # as stored, after token reduction
+    sources: dict[str, SplitSource]
+    chunks: ChunkPlan
+    device: torch.device
+
+    def bytes_per_sample(self, spec: LayerSpec) -> int:
+        per = spec.tokens * spec.dim * BYTES_PER_VALUE[self.cfg.store.dtype]
+        return per + (spec.dim * 2 if self.cfg.store.dtype == "int8" else 0)
+
+    def report(self) -> str:
+        total_samples = sum(len(s) for s in self.sources.values())
+        lines = [
+            f"backbone   {self.backbone.name} ({self.cfg.backbone.weights} weights, {self.backbone.num_parameters / 1e6:.1f}M params) on {self.device}",
+            f"preprocess {_fmt_preprocess(self.backbone.data_config)}",
+            f"samples    " + ", ".join(f"{k}: {len(v)}" for k, v in self.sources.items()) + f" (total {total_samples})",
+            f"storage    {self.cfg.store.dtype}, tokens={self.cfg.store.tokens}, {self.chunks.samples_per_chunk} samples/chunk, "
+            f"{self.chunks.chunks_per_shard} chunks/shard, {self.cfg.store.compressor.name} compression",
+            f"{'layer':<20}{'stored [T, D]':>16}{'KB/sample':>12}{'GB total':>11}",
+        ]
+        total = 0
+        for spec in self.specs:
+            b = self.bytes_per_sample(spec)
+            total += b * total_samples
+            lines.append(f"{spec.name:<20}{str([spec.tokens, spec.dim]):>16}{b / 1024:>12.1f}{b * total_samples / 1e9:>11.3f}")
+        lines.append(f"{'all layers':<48}{total / 1e9:>11.3f} GB before compression -> {self.cfg.store.path}")
+        return "\n".join(lines)
+
+
+def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
+    device = _device(cfg.runtime.device)
+    backbone = build_backbone(cfg.backbone, cfg.preprocess)
+    taps = LayerTaps(backbone.model, cfg.backbone.layers, cfg.backbone.block_input, backbone.image_size)
+    specs = [reduced_spec(s, cfg.store.tokens, cfg.store.grid_size) for s in taps.specs]
+    sources = {split: open_split(cfg.data, split) for split in cfg.data.splits}
+    classes = {tuple(s.classes) for s in sources.values()}
+    if len(classes) > 1:
+        raise ValueError(f"data.splits: the splits disagree on their classes: {[list(c) for c in classes]}")
+    largest = max(len(s) for s in sources.values())
+    bytes_per_value = BYTES_PER_VALUE[cfg.store.dtype]
+    if cfg.store.samples_per_chunk:
+        chunks = ChunkPlan(cfg.store.samples_per_chunk, cfg.store.chunks_per_shard)
+    else:
+        widest = max(s.tokens * s.dim * bytes_per_value for s in specs)
+        chunks = ChunkPlan.from_target(widest, cfg.store.chunk_mb, cfg.store.chunks_per_shard, largest)
+    return ExtractPlan(cfg, backbone, taps, taps.specs, specs, sources, chunks, device)
+
+
+def fingerprint(plan: ExtractPlan) -> dict:
+    """Everything that decides the stored values and their layout; a store refuses any change."""
+    cfg = plan.cfg
+    return {
+        "backbone": {"name": plan.backbone.name, "weights": cfg.backbone.weights, "weights_sha256": plan.backbone.weights_sha256},
+        "layers": [s.to_json() for s in plan.specs],
+        "storage": {"dtype": cfg.store.dtype, "tokens": cfg.store.tokens, "grid_size": cfg.store.grid_size if cfg.store.tokens == "grid" else None},
+        "preprocessing": _jsonable(plan.backbone.data_config),
+        "dataset": {"kind": cfg.data.kind, "splits": {k: s.fingerprint() for k, s in plan.sources.items()}},
+        "layout": {
+            "samples_per_chunk": plan.chunks.samples_per_chunk,
+            "chunks_per_shard": plan.chunks.chunks_per_shard,
+            "compressor": [cfg.store.compressor.name, cfg.store.compressor.level],
+        },
+    }
+
+
+def run_extract(cfg: ExtractConfig, dry_run: bool = False, overwrite: bool = False) -> ExtractPlan:
+    t0 = time.perf_counter()
+    plan = plan_extraction(cfg)
+    if dry_run:
+        return plan
+    log.info("plan:\n%s", plan.report())
+    writer = StoreWriter.open(
+        cfg.store.path,
+        fingerprint(plan),
+        plan.specs,
+        {k: (s.sample_ids, s.labels) for k, s in plan.sources.items()},
+        plan.chunks,
+        (cfg.store.compressor.name, cfg.store.compressor.level),
+        extra={
+            "classes": next(iter(plan.sources.values())).classes,
+            "token_order": "prefix tokens (CLS, registers) first, then patch/feature-map tokens in row-major (H, W) order",
+            "backbone_parameters": plan.backbone.num_parameters,
+            "package_version": __version__,
+            "config": to_dict(cfg),
+        },
+        overwrite=overwrite,
+    )
+    model = _prepare_model(plan)
+    for split, source in plan.sources.items():
+        missing = writer.missing_chunks(split)
+        if not missing:
+            log.info("split %s: complete, nothing to do", split)
+            continue
+        _extract_split(plan, model, writer, split, source, missing)
+    manifest = writer.finalize()
+    skipped = sum(len(v) for v in manifest["skipped"].values())
+    log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, _disk_mb(Path(cfg.store.path)), skipped, time.perf_counter() - t0)
+    plan.taps.close()
+    return plan
+
+
+def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, source: SplitSource, missing: list[int]) -> None:
+    cfg = plan.cfg
+    n = len(source)
+    indices = np.concatenate([np.arange(*plan.chunks.chunk_range(c, n)) for c in missing])
+    log.info("split %s: %d of %d chunks to compute (%d samples)", split, len(missing), plan.chunks.n_chunks(n), len(indices))
+    on_cuda = plan.device.type == "cuda"
+    loader = make_loader(source, plan.backbone.transform(), indices, plan.backbone.image_size, cfg.runtime.batch_size, _workers(cfg, on_cuda), on_cuda)
+    background = BackgroundWriter(writer, split, missing, cfg.runtime.write_queue)
+    raw = {s.name: s for s in plan.raw_specs}
+    bytes_per_sample = sum(plan.bytes_per_sample(s) for s in plan.specs)
+    bar = tqdm(total=len(indices), unit="img", desc=f"extract {split}", dynamic_ncols=True)
+    start, skipped = time.perf_counter(), 0
+    try:
+        for idx, images, errors in loader:
+            valid = np.array([not e for e in errors], dtype=bool)
+            if not valid.all():
+                bad = [e for e in errors if e]
+                if cfg.data.on_corrupt == "fail":
+                    raise CorruptImageError(bad[0] + " (set data.on_corrupt=skip to skip such images)")
+                skipped += len(bad)
+                for e in bad:
+                    log.warning("skipping: %s", e)
+            feats = _forward(plan, model, images)
+            feats = {k: reduce_tokens(v, raw[k], cfg.store.tokens, cfg.store.grid_size).float().cpu() for k, v in feats.items()}
+            background.put(idx.numpy(), feats, valid)
+            bar.update(len(idx))
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(MBps=f"{bar.n * bytes_per_sample / 1e6 / max(elapsed, 1e-9):.1f}", skipped=skipped, refresh=False)
+    finally:
+        bar.close()
+        background.close()
+    elapsed = time.perf_counter() - start
+    log.info("split %s: %d samples in %.1f s (%.1f img/s, %.1f MB/s written before compression)", split, len(indices), elapsed, len(indices) / elapsed, background.bytes_written / 1e6 / elapsed)
+
+
+def _forward(plan: ExtractPlan, model, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    on_cuda = plan.device.type == "cuda"
+    images = images.to(plan.device, non_blocking=True)
+    if on_cuda:
+        images = images.to(memory_format=torch.channels_last)
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(plan.cfg.runtime.amp_dtype)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            return plan.taps(images)
+    return plan.taps(images)
+
+
+def _prepare_model(plan: ExtractPlan):
+    model = plan.backbone.model.to(plan.device)
+    if plan.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    return model
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device: 'cuda' was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def _workers(cfg: ExtractConfig, on_cuda: bool) -> int:
+    if cfg.runtime.num_workers is not None:
+        return cfg.runtime.num_workers
+    return min(4 if on_cuda else 2, os.cpu_count() or 1)
+
+
+def _fmt_preprocess(dc: dict) -> str:
+    return f"{dc['input_size'][1]}x{dc['input_size'][2]}, {dc['interpolation']}, crop {dc['crop_pct']}, mean {tuple(round(m, 3) for m in dc['mean'])}, std {tuple(round(s, 3) for s in dc['std'])}"
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _disk_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
