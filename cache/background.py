@@ -54,6 +54,11 @@ class BackgroundWriter:
         if leftover:
             raise RuntimeError(f"split {self.split!r}: chunks {sorted(leftover)[:10]} were never fully fed to the writer")
 
+    def abort(self) -> None:
+        """Stop after the batches already queued; unfinished chunks stay unstamped (redone on rerun)."""
+        self._queue.put(_STOP)
+        self._thread.join()
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise RuntimeError(f"background writer for split {self.split!r} failed") from self._error

@@ -108,10 +108,12 @@ class CacheReader:
         return self.root[f"{split}/layers/{layer}"]
 
     def dask_array(self, split: str, layer: str, dtype: str = "float32"):
-        """The layer as a lazy dask array [N, T, D], decoded to `dtype`, one dask chunk per zarr chunk."""
+        """The layer as a lazy dask array [N, T, D], decoded to `dtype`, one dask chunk per shard
+        (one storage object per task, rather than many small partial reads)."""
         import dask.array as da
 
-        arr = da.from_zarr(self.zarr_array(split, layer))
+        z = self.zarr_array(split, layer)
+        arr = da.from_zarr(z, chunks=z.shards or z.chunks)
         if self.dtype == "bfloat16":
             return arr.map_blocks(lambda b: (b.astype(np.uint32) << 16).view(np.float32).astype(dtype), dtype=dtype)
         if self.dtype == "int8":

@@ -166,9 +166,12 @@ def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, so
             bar.update(len(idx))
             elapsed = time.perf_counter() - start
             bar.set_postfix(MBps=f"{bar.n * bytes_per_sample / 1e6 / max(elapsed, 1e-9):.1f}", skipped=skipped, refresh=False)
+    except BaseException:
+        background.abort()  # what was stamped stays; the rest is redone by the next run
+        raise
     finally:
         bar.close()
-        background.close()
+    background.close()
     elapsed = time.perf_counter() - start
     log.info("split %s: %d samples in %.1f s (%.1f img/s, %.1f MB/s written before compression)", split, len(indices), elapsed, len(indices) / elapsed, background.bytes_written / 1e6 / elapsed)
 

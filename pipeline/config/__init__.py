@@ -4,10 +4,14 @@ from pipeline.config.extract_config import ExtractConfig
 from pipeline.config.loader import ConfigError, apply_overrides, build, load_yaml, to_dict
 
 
+# The job each shipped YAML is for (its first line names the command).
+CONFIG_CLASSES = {"extract": ExtractConfig}
+
+
 def load_config(cls: type, path: str, overrides: list[str] = ()) -> object:
     """Read YAML, apply dotted overrides, build and validate `cls` (all problems at once)."""
     data = apply_overrides(load_yaml(path), list(overrides))
     return build(cls, data, source=str(path))
 
 
-__all__ = ["ConfigError", "ExtractConfig", "load_config", "to_dict", "build", "apply_overrides", "load_yaml"]
+__all__ = ["CONFIG_CLASSES", "ConfigError", "ExtractConfig", "load_config", "to_dict", "build", "apply_overrides", "load_yaml"]

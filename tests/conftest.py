@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny ImageFolder of random JPEGs, config builders, the real-data location."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import ExtractConfig, apply_overrides, build
+
+# Tiny models gain nothing from a second thread, and OpenMP's barriers make them ~50x slower
+# when another process competes for the two cores of this machine.
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def shared_data(name: str) -> Path:
+    """A real data set beside the checkout, or a skip that says why."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real data {str(path)!r} is absent (it lives in ../shared/data beside the checkout)")
+    return path
+
+
+def write_image_folder(root: Path, splits=("train", "val"), classes=("cat", "dog", "eel"), per_class=4, size=40, seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for cls in classes:
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(d / f"{cls}_{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "images")
+
+
+def tiny_config(tmp_path: Path, data_root: Path, *overrides: str, **sections) -> ExtractConfig:
+    """A fast test_vit extraction config; sections/overrides change any key."""
+    data = {
+        "backbone": {"name": "test_vit", "weights": "none", "layers": [0, -1, "blocks.2.mlp"]},
+        "data": {"kind": "image_folder", "root": str(data_root), "splits": ["train", "val"]},
+        "store": {"path": str(tmp_path / "store.zarr"), "samples_per_chunk": 4, "chunks_per_shard": 2},
+        "preprocess": {"image_size": 64},
+        "runtime": {"batch_size": 5, "num_workers": 0},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return build(ExtractConfig, apply_overrides(data, list(overrides)))

@@ -1,0 +1,128 @@
+"""Stage one end to end on a tiny timm model: the cache holds exactly what a live forward gives."""
+
+import numpy as np
+import pytest
+import torch
+
+from cache import StoreError, StoreMismatchError, open_store
+from pipeline.backbones.build import build_backbone
+from pipeline.backbones.taps import LayerTaps
+from pipeline.backbones.tokens import reduce_tokens
+from pipeline.data import open_split
+from pipeline.extract import run_extract
+from tests.conftest import tiny_config
+
+
+def live_features(cfg, split):
+    """The reference: a fresh model, the same images, a plain forward with hooks."""
+    backbone = build_backbone(cfg.backbone, cfg.preprocess)
+    source = open_split(cfg.data, split)
+    transform = backbone.transform()
+    images = torch.stack([transform(source.load(i)) for i in range(len(source))])
+    taps = LayerTaps(backbone.model, cfg.backbone.layers, cfg.backbone.block_input, backbone.image_size)
+    raw = taps(images)
+    return {s.name: reduce_tokens(raw[s.name], s, cfg.store.tokens, cfg.store.grid_size) for s in taps.specs}
+
+
+def assert_store_matches_live(cfg, atol):
+    reader = open_store(cfg.store.path)
+    for split in cfg.data.splits:
+        expected = live_features(cfg, split)
+        assert set(reader.layers) == set(expected)
+        got = reader.read(split, list(expected), 0, reader.num_samples(split))
+        for name, ref in expected.items():
+            assert got[name].shape == ref.shape, name
+            torch.testing.assert_close(got[name], ref, atol=atol, rtol=1e-2, msg=f"layer {name}, split {split}")
+    return reader
+
+
+@pytest.mark.parametrize("tokens", ["all", "cls", "mean", "cls_mean", "grid"])
+def test_vit_cache_equals_live_forward(tmp_path, image_folder, tokens):
+    cfg = tiny_config(tmp_path, image_folder, f"store.tokens={tokens}")
+    run_extract(cfg)
+    reader = assert_store_matches_live(cfg, atol=2e-3)
+    names = list(reader.layers)
+    assert names == ["embed", "blocks.0", "blocks.5", "blocks.2.mlp"]  # block input first, then config order
+    expected_tokens = {"all": 17, "cls": 1, "mean": 1, "cls_mean": 2, "grid": 1 + 4}[tokens]
+    assert all(spec.tokens == expected_tokens for spec in reader.layers.values())
+    assert reader.layers["blocks.0"].block_index == 0 and reader.layers["embed"].block_index == -1
+
+
+def test_cnn_feature_maps_are_stored_as_tokens(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, "backbone.name=test_efficientnet", "backbone.layers=[-1, 1, conv_head]")
+    run_extract(cfg)
+    reader = assert_store_matches_live(cfg, atol=2e-3)
+    spec = reader.layers["conv_head"]
+    assert spec.prefix_tokens == 0 and spec.grid is not None and spec.tokens == spec.grid[0] * spec.grid[1]
+    assert "embed" not in reader.layers  # CNNs have no block-0 token input
+
+
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-5), ("bfloat16", 3e-2), ("int8", 3e-2)])
+def test_storage_dtypes_round_trip(tmp_path, image_folder, dtype, atol):
+    cfg = tiny_config(tmp_path, image_folder, f"store.dtype={dtype}")
+    run_extract(cfg)
+    assert_store_matches_live(cfg, atol=atol)
+    reader = open_store(cfg.store.path)
+    dask_layer = reader.dask_array("train", "blocks.0").compute()
+    np.testing.assert_allclose(dask_layer, reader.read("train", ["blocks.0"], 0, 12)["blocks.0"].numpy(), atol=1e-6)
+
+
+def test_store_layout_is_plain_zarr_v3(tmp_path, image_folder):
+    """Any zarr v3 reader sees named, sharded arrays; our manifest is in the root attributes."""
+    import zarr
+
+    cfg = tiny_config(tmp_path, image_folder)
+    run_extract(cfg)
+    root = zarr.open_group(cfg.store.path, mode="r")
+    arr = root["train/layers/blocks.0"]
+    assert arr.metadata.zarr_format == 3
+    assert arr.shape == (12, 17, 64) and arr.chunks == (4, 17, 64) and arr.shards == (8, 17, 64)
+    assert arr.metadata.dimension_names == ("sample", "token", "channel")
+    assert list(root["train/sample_ids"][:3]) == ["cat/cat_000.jpg", "cat/cat_001.jpg", "cat/cat_002.jpg"]
+    assert root["train/labels"][:].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    manifest = root.attrs["feature_cache"]
+    assert manifest["complete"] and manifest["classes"] == ["cat", "dog", "eel"]
+    assert manifest["config"]["backbone"]["name"] == "test_vit"
+
+
+def test_rerun_of_complete_store_does_nothing(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder)
+    run_extract(cfg)
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "store.zarr").rglob("*") if p.is_file() and p.name != "zarr.json"}
+    run_extract(cfg)
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "store.zarr").rglob("*") if p.is_file() and p.name != "zarr.json"}
+    assert files == after
+
+
+def test_different_config_is_refused_with_the_difference(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder)
+    run_extract(cfg)
+    other = tiny_config(tmp_path, image_folder, "backbone.layers=[1]", "preprocess.image_size=48")
+    with pytest.raises(StoreMismatchError) as e:
+        run_extract(other)
+    msg = str(e.value)
+    assert "layers" in msg and "preprocessing.input_size: store has [3, 64, 64], now [3, 48, 48]" in msg
+    assert open_store(cfg.store.path).layers.keys() == {"embed", "blocks.0", "blocks.5", "blocks.2.mlp"}  # untouched
+    run_extract(other, overwrite=True)
+    assert list(open_store(cfg.store.path).layers) == ["embed", "blocks.1"]
+
+
+def test_store_from_another_backbone_is_refused(tmp_path, image_folder):
+    run_extract(tiny_config(tmp_path, image_folder))
+    with pytest.raises(StoreMismatchError, match="backbone.name: store has 'test_vit', now 'test_vit2'"):
+        run_extract(tiny_config(tmp_path, image_folder, "backbone.name=test_vit2", "backbone.layers=[0]"))
+
+
+def test_foreign_directory_is_never_touched(tmp_path, image_folder):
+    (tmp_path / "store.zarr").mkdir()
+    (tmp_path / "store.zarr" / "precious.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a feature-cache store"):
+        run_extract(tiny_config(tmp_path, image_folder), overwrite=True)
+    assert (tmp_path / "store.zarr" / "precious.txt").read_text() == "keep me"
+
+
+def test_dry_run_writes_nothing(tmp_path, image_folder):
+    plan = run_extract(tiny_config(tmp_path, image_folder), dry_run=True)
+    assert not (tmp_path / "store.zarr").exists()
+    report = plan.report()
+    assert "train: 12, val: 12" in report and "[17, 64]" in report and "GB" in report

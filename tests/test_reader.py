@@ -1,0 +1,74 @@
+"""The reader: one permutation for all layers, every sample once per epoch, partial stores refused."""
+
+import numpy as np
+import pytest
+import torch
+
+from cache import StoreError, open_store
+from pipeline.extract import run_extract
+from tests.conftest import tiny_config, write_image_folder
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reader")
+    images = write_image_folder(tmp / "images", per_class=7)  # 21 samples: chunks of 4, last one short
+    cfg = tiny_config(tmp, images)
+    run_extract(cfg)
+    return cfg.store.path
+
+
+@pytest.mark.parametrize("batch_size,buffer_chunks", [(5, 2), (8, 1), (64, 4)])
+def test_every_sample_once_and_layers_aligned(store, batch_size, buffer_chunks):
+    reader = open_store(store)
+    layers = ["embed", "blocks.0", "blocks.5"]
+    full = reader.read("train", layers, 0, 21)
+    labels = reader.labels("train")
+    seen = []
+    for batch in reader.batches("train", layers, batch_size, seed=3, buffer_chunks=buffer_chunks):
+        idx = batch.indices
+        seen += idx.tolist()
+        for name in layers:  # the same permutation for every layer
+            torch.testing.assert_close(batch.features[name], full[name][idx])
+        assert batch.labels.tolist() == labels[idx.numpy()].tolist()
+    assert sorted(seen) == list(range(21))
+    sizes = [len(b.labels) for b in reader.batches("train", layers, batch_size, buffer_chunks=buffer_chunks)]
+    assert all(s == batch_size for s in sizes[:-1])
+
+
+def test_shuffle_differs_by_epoch_and_repeats_by_seed(store):
+    reader = open_store(store)
+    order = lambda **k: [i for b in reader.batches("train", ["blocks.0"], 4, **k) for i in b.indices.tolist()]
+    assert order(seed=0, epoch=0) == order(seed=0, epoch=0)
+    assert order(seed=0, epoch=0) != order(seed=0, epoch=1)
+    assert order(shuffle=False) == list(range(21))
+
+
+def test_dask_array_matches(store):
+    reader = open_store(store)
+    arr = reader.dask_array("val", "blocks.5")
+    assert arr.shape == (21, 17, 64) and arr.chunks[0] == (8, 8, 5)  # one dask chunk per shard
+    np.testing.assert_allclose(arr.mean(axis=1).compute(), reader.read("val", ["blocks.5"], 0, 21)["blocks.5"].mean(1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_partial_store_needs_explicit_permission(store):
+    import zarr
+
+    done = zarr.open_array(f"{store}/train/chunk_done", mode="r+")
+    done[1] = 0
+    try:
+        with pytest.raises(StoreError, match="incomplete"):
+            open_store(store)
+        reader = open_store(store, allow_partial=True)
+        seen = sorted(i for b in reader.batches("train", ["blocks.0"], 4) for i in b.indices.tolist())
+        assert seen == [i for i in range(21) if not 4 <= i < 8]
+    finally:
+        done[1] = 1
+
+
+def test_unknown_layer_and_split_are_named(store):
+    reader = open_store(store)
+    with pytest.raises(KeyError, match="blocks.9"):
+        next(reader.batches("train", ["blocks.9"], 4))
+    with pytest.raises(KeyError, match="'test' is not in store"):
+        reader.num_samples("test")
