@@ -51,19 +51,19 @@ def test_dask_array_matches(store):
     np.testing.assert_allclose(arr.mean(axis=1).compute(), reader.read("val", ["blocks.5"], 0, 21)["blocks.5"].mean(1).numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_partial_store_needs_explicit_permission(store):
-    import zarr
-
-    done = zarr.open_array(f"{store}/train/chunk_done", mode="r+")
-    done[1] = 0
-    try:
-        with pytest.raises(StoreError, match="incomplete"):
-            open_store(store)
-        reader = open_store(store, allow_partial=True)
-        seen = sorted(i for b in reader.batches("train", ["blocks.0"], 4) for i in b.indices.tolist())
-        assert seen == [i for i in range(21) if not 4 <= i < 8]
-    finally:
-        done[1] = 1
+def test_partial_store_needs_explicit_permission(tmp_path):
+    """A run stopped by a corrupt image in the last chunk leaves an incomplete store."""
+    images = write_image_folder(tmp_path / "images", per_class=7)
+    (images / "train" / "eel" / "eel_006.jpg").write_bytes(b"broken")
+    cfg = tiny_config(tmp_path, images)
+    with pytest.raises(Exception, match="eel_006"):
+        run_extract(cfg)
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(cfg.store.path)
+    reader = open_store(cfg.store.path, allow_partial=True)
+    assert reader.missing_chunks("train") == [4, 5]  # shards 0 and 1 were flushed before the error
+    seen = sorted(i for b in reader.batches("train", ["blocks.0"], 4) for i in b.indices.tolist())
+    assert seen == list(range(16))
 
 
 def test_unknown_layer_and_split_are_named(store):
