@@ -145,9 +145,14 @@ class CacheReader:
         buffer_chunks: int = 4,
         prefetch: int = 2,
         drop_last: bool = False,
+        keep: Optional[np.ndarray] = None,
         out: torch.dtype = torch.float32,
     ) -> Iterator[Batch]:
-        """One epoch of mini-batches with the same permutation for every layer."""
+        """One epoch of mini-batches with the same permutation for every layer.
+
+        keep: optional bool mask [N] of the samples to use (e.g. a validation split carved
+        from train); invalid (skipped) samples are always left out.
+        """
         self._check_layers(layers)
         n = self.num_samples(split)
         done = np.flatnonzero(self.root[f"{split}/chunk_done"][:] != 0)
@@ -158,13 +163,13 @@ class CacheReader:
         windows = [order[i : i + buffer_chunks] for i in range(0, len(order), buffer_chunks)]
         labels_all = self.labels(split)
         with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
-            futures: list[Future] = [pool.submit(self._read_window, split, layers, w, out) for w in windows[:prefetch]]
+            futures: list[Future] = [pool.submit(self._read_window, split, layers, w, keep, out) for w in windows[:prefetch]]
             next_window = len(futures)
             carry: Optional[tuple[dict, np.ndarray]] = None
             while futures:
                 feats, idx = futures.pop(0).result()
                 if next_window < len(windows):
-                    futures.append(pool.submit(self._read_window, split, layers, windows[next_window], out))
+                    futures.append(pool.submit(self._read_window, split, layers, windows[next_window], keep, out))
                     next_window += 1
                 if shuffle:
                     perm = torch.from_numpy(rng.permutation(len(idx)))
@@ -184,16 +189,18 @@ class CacheReader:
                 sl = carry[1]
                 yield Batch(carry[0], torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
 
-    def _read_window(self, split: str, layers: Sequence[str], chunks: np.ndarray, out: torch.dtype):
+    def _read_window(self, split: str, layers: Sequence[str], chunks: np.ndarray, keep_mask: Optional[np.ndarray], out: torch.dtype):
         n = self.num_samples(split)
         g = self.root[split]
         parts, idx_parts = [], []
         for c in sorted(int(c) for c in chunks):
             start, stop = self.plan.chunk_range(c, n)
             valid = g["valid"][start:stop]
+            if keep_mask is not None:
+                valid = valid & keep_mask[start:stop]
             feats = self.read(split, layers, start, stop, out)
             keep = np.flatnonzero(valid)
-            if len(keep) < stop - start:  # skipped (corrupt) samples never reach training
+            if len(keep) < stop - start:  # skipped (corrupt) and unwanted samples are dropped
                 feats = {k: v[torch.from_numpy(keep)] for k, v in feats.items()}
             parts.append(feats)
             idx_parts.append(start + keep)

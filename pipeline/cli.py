@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from cache import StoreError
 
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--dry-run", action="store_true", help="print the plan (samples, layers, shapes, GB) and stop")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing store made with a different config")
 
+    tr = sub.add_parser("train", help="stage two: train many adapters from a store in one pass per epoch")
+    tr.add_argument("config")
+    tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. epochs=3")
+
     ins = sub.add_parser("inspect", help="describe a store: manifest, splits, layers, sizes, completeness")
     ins.add_argument("store")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -33,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "extract":
             return _extract(args)
+        if args.command == "train":
+            return _train(args)
         if args.command == "inspect":
             return _inspect(args)
     except (ConfigError, StoreError, ValueError, FileNotFoundError, KeyError) as e:
@@ -49,6 +56,16 @@ def _extract(args) -> int:
     plan = run_extract(cfg, dry_run=args.dry_run, overwrite=args.overwrite)
     if args.dry_run:
         print(plan.report())
+    return 0
+
+
+def _train(args) -> int:
+    from pipeline.config import TrainConfig, load_config
+    from pipeline.train import run_train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    run_train(cfg)
+    print((Path(cfg.output) / "results.md").read_text())
     return 0
 
 

@@ -1,0 +1,90 @@
+"""The `train` job's config: which adapters to train from which store, and how.
+
+Each entry of `adapters` expands into members: one per layer (for kinds that read one layer),
+per learning rate, per weight decay and per seed. Members that differ only in lr, weight
+decay or seed share a shape and are trained fused (one vmapped forward/backward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from pipeline.adapters import ADAPTERS, AdapterConfigError, adapter_class, parse_hparams
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    kind: str
+    # Kinds with a `layer` hyperparameter (linear, inca): "all" = one member per cached layer,
+    # a list = one per listed layer, null = the kind's default (the deepest layer).
+    # LoSA: the layers its side network reads ("all" or null = every layer).
+    layers: Union[str, tuple[str, ...], None] = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+    lr: Union[float, tuple[float, ...]] = 1e-3
+    weight_decay: Union[float, tuple[float, ...]] = 1e-4
+    seeds: Optional[tuple[int, ...]] = None  # null: the run's seed
+
+    def problems(self) -> list[str]:
+        if self.kind not in ADAPTERS:
+            try:
+                adapter_class(self.kind)
+            except AdapterConfigError as e:
+                return [f"kind: {e}"]
+        out = []
+        fields = adapter_class(self.kind).Hparams.__dataclass_fields__
+        for key in ("layer", "layers"):
+            if key in self.hparams:
+                out.append(f"hparams.{key}: set the entry's `layers` instead")
+        if self.layers is not None and "layer" not in fields and "layers" not in fields:
+            out.append(f"layers: adapter {self.kind!r} chooses its own layers; remove `layers`")
+        if isinstance(self.layers, str) and self.layers != "all":
+            out.append(f"layers: got {self.layers!r}, expected 'all', a list of layer names or null")
+        try:
+            parse_hparams(self.kind, self.hparams)
+        except AdapterConfigError as e:
+            out.append(f"hparams: {e}")
+        for key in ("lr", "weight_decay"):
+            values = getattr(self, key)
+            values = values if isinstance(values, tuple) else (values,)
+            if not values or any(v < 0 for v in values) or (key == "lr" and any(v == 0 for v in values)):
+                out.append(f"{key}: got {list(values)}, expected positive values")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    store: str
+    output: str
+    adapters: tuple[AdapterEntry, ...]
+    train_split: str = "train"
+    # null: carve val_fraction of the train split (seeded, stratified by nothing: uniform).
+    val_split: Optional[str] = None
+    val_fraction: float = 0.1
+    test_split: Optional[str] = None
+    epochs: int = 10
+    batch_size: int = 256
+    warmup_epochs: float = 1.0
+    # Stop when no member's validation accuracy improved for this many epochs; null = never.
+    early_stopping_patience: Optional[int] = None
+    ensemble_top_k: int = 3
+    save_top: int = 3  # how many of the best members (by validation) to save
+    seed: int = 0
+    log_every: int = 20  # steps between metrics lines
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.adapters:
+            out.append("adapters: got [], expected at least one adapter entry")
+        if self.val_split is None and not 0 < self.val_fraction < 1:
+            out.append(f"val_fraction: got {self.val_fraction}, expected a value in (0, 1)")
+        for key in ("epochs", "batch_size", "ensemble_top_k", "log_every"):
+            if getattr(self, key) <= 0:
+                out.append(f"{key}: got {getattr(self, key)}, expected > 0")
+        if self.warmup_epochs < 0:
+            out.append(f"warmup_epochs: got {self.warmup_epochs}, expected >= 0")
+        if self.save_top < 0:
+            out.append(f"save_top: got {self.save_top}, expected >= 0")
+        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
+            out.append(f"early_stopping_patience: got {self.early_stopping_patience}, expected > 0 or null")
+        return out

@@ -1,0 +1,228 @@
+"""Stage two: train many adapters from the feature cache in one pass per epoch, no backbone in the loop.
+
+    python -m pipeline train configs/train_fashion_mnist.yaml [dotted.key=value ...]
+
+setup (store, splits, members, fused groups) -> print the cost -> for each epoch, one
+shuffled pass over the cache feeds every group -> validation per member (best state kept)
+-> test, top-1 and top-k ensemble -> results table, plot, best adapters saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache import CacheReader, open_store
+from pipeline.adapters import FusedAdapters, StackedAdamW, build_adapter, per_member_cross_entropy, save_adapter
+from pipeline.config import TrainConfig, to_dict
+from pipeline.training.evaluate import accuracy, ensemble_accuracy, split_logits
+from pipeline.training.members import Member, expand, group_by_shape
+from pipeline.training.report import write_report
+from pipeline.training.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Group:
+    members: list[Member]
+    fused: FusedAdapters
+    optimizer: StackedAdamW
+    base_lr: torch.Tensor
+    seconds: float = 0.0
+    best_val: torch.Tensor = None  # [N]
+    best_params: dict = field(default_factory=dict)
+
+    def __call__(self, features):
+        return self.fused(features)
+
+    def eval(self):
+        self.fused.eval()
+
+    def train(self):
+        self.fused.train()
+
+
+@dataclass
+class Splits:
+    train: str
+    train_keep: Optional[np.ndarray]
+    val: str
+    val_keep: Optional[np.ndarray]
+    test: Optional[str]
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    t_start = time.perf_counter()
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    reader = open_store(cfg.store)
+    splits = _splits(cfg, reader)
+    members = expand(cfg.adapters, reader.layers, cfg.seed)
+    backbone_modules = _backbone_modules(reader) if any(m.kind == "vqt" for m in members) else None
+    num_classes = len(reader.classes)
+    groups = [_make_group(ms, reader, num_classes, backbone_modules) for ms in group_by_shape(members)]
+    layers = sorted({l for g in groups for l in g.fused.template.required_layers()}, key=list(reader.layers).index)
+    n_train = int(_count(reader, splits.train, splits.train_keep))
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    log.info(
+        "plan: %d adapters in %d fused groups, %d trainable parameters in all; %d train samples x %d epochs "
+        "(%d steps); reading %d layers (%.1f MB per epoch); val %s (%d), test %s",
+        len(members), len(groups), sum(g.fused.template.num_trainable_parameters() * len(g.members) for g in groups),
+        n_train, cfg.epochs, total_steps, len(layers),
+        n_train * sum(reader.layers[l].tokens * reader.layers[l].dim * 4 for l in layers) / 1e6,
+        splits.val, int(_count(reader, splits.val, splits.val_keep)), splits.test,
+    )
+    metrics = (out / "metrics.jsonl").open("w")
+    step, stale = 0, 0
+    for epoch in range(cfg.epochs):
+        losses = [torch.zeros(len(g.members)) for g in groups]
+        bar = tqdm(reader.batches(splits.train, layers, cfg.batch_size, seed=cfg.seed, epoch=epoch, keep=splits.train_keep),
+                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True)
+        seen, t_epoch = 0, time.perf_counter()
+        for batch in bar:
+            factor = warmup_cosine(step, total_steps, int(cfg.warmup_epochs * steps_per_epoch))
+            for gi, g in enumerate(groups):
+                t0 = time.perf_counter()
+                loss = per_member_cross_entropy(g(batch.features), batch.labels)
+                g.optimizer.zero_grad()
+                loss.sum().backward()
+                g.optimizer.lr = g.base_lr * factor
+                g.optimizer.step()
+                g.seconds += time.perf_counter() - t0
+                losses[gi] += loss.detach() * len(batch.labels)
+                if step % cfg.log_every == 0:
+                    metrics.write(json.dumps({"step": step, "epoch": epoch, "group": gi, "lr_factor": factor,
+                                              "loss": {m.name: float(l) for m, l in zip(g.members, loss.detach())}}) + "\n")
+            seen += len(batch.labels)
+            step += 1
+            bar.set_postfix(samples_per_s=f"{seen / (time.perf_counter() - t_epoch):.0f}", refresh=False)
+        improved = _validate(groups, reader, splits, layers, cfg.batch_size, epoch, [l / max(seen, 1) for l in losses], metrics)
+        stale = 0 if improved else stale + 1
+        if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+            log.info("early stop after epoch %d: no member improved for %d epochs", epoch + 1, stale)
+            break
+    metrics.close()
+    results = _finish(cfg, groups, reader, splits, layers, out)
+    log.info("done in %.1f s; results in %s", time.perf_counter() - t_start, out)
+    return results
+
+
+def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, metrics) -> bool:
+    logits, labels = split_logits(groups, reader, splits.val, layers, batch_size, splits.val_keep)
+    accs = accuracy(logits, labels)
+    improved, offset = False, 0
+    for g, train_loss in zip(groups, train_losses):
+        acc = accs[offset: offset + len(g.members)]
+        offset += len(g.members)
+        better = acc > g.best_val
+        if better.any():
+            improved = True
+            g.best_val = torch.where(better, acc, g.best_val)
+            for name, p in g.fused.params.items():
+                g.best_params[name][better] = p.detach()[better]
+        for m, a, l in zip(g.members, acc, train_loss):
+            metrics.write(json.dumps({"epoch": epoch, "member": m.name, "train_loss": float(l), "val_acc": float(a)}) + "\n")
+    metrics.flush()
+    best = max(float(g.best_val.max()) for g in groups)
+    log.info("epoch %d: best validation accuracy so far %.4f", epoch + 1, best)
+    return improved
+
+
+def _finish(cfg: TrainConfig, groups, reader: CacheReader, splits: Splits, layers, out: Path) -> dict:
+    # Every member ends at its best validation epoch.
+    with torch.no_grad():
+        for g in groups:
+            for name, p in g.fused.params.items():
+                p.copy_(g.best_params[name])
+    val_logits, val_labels = split_logits(groups, reader, splits.val, layers, cfg.batch_size, splits.val_keep)
+    val_acc = accuracy(val_logits, val_labels)
+    test_acc = None
+    if splits.test:
+        test_logits, test_labels = split_logits(groups, reader, splits.test, layers, cfg.batch_size)
+        test_acc = accuracy(test_logits, test_labels)
+    backbone_params = reader.manifest.get("backbone_parameters")
+    rows, adapters = [], []
+    for g in groups:
+        trained = g.fused.unstack()
+        for m, adapter in zip(g.members, trained):
+            i = len(rows)
+            params = adapter.num_trainable_parameters()
+            rows.append({
+                "adapter": m.name, "kind": m.kind, "layer": m.layer_label, "lr": m.lr, "weight_decay": m.weight_decay, "seed": m.seed,
+                "params": params, "pct_backbone": 100.0 * params / backbone_params if backbone_params else None,
+                "val_acc": float(val_acc[i]), "test_acc": float(test_acc[i]) if test_acc is not None else None,
+                "train_s": g.seconds / len(g.members), "fused_with": len(g.members),
+            })
+            adapters.append(adapter)
+    order = sorted(range(len(rows)), key=lambda i: -rows[i]["val_acc"])
+    k = min(cfg.ensemble_top_k, len(rows))
+    summary = {
+        "top1": {"adapter": rows[order[0]]["adapter"], "val_acc": rows[order[0]]["val_acc"], "test_acc": rows[order[0]]["test_acc"]},
+        "ensemble": {
+            "members": [rows[i]["adapter"] for i in order[:k]],
+            "val_acc": ensemble_accuracy(val_logits, val_labels, order[:k]),
+            "test_acc": ensemble_accuracy(test_logits, test_labels, order[:k]) if test_acc is not None else None,
+        },
+        "train_seconds_total": sum(g.seconds for g in groups),
+    }
+    saved = []
+    for rank, i in enumerate(order[: cfg.save_top]):
+        directory = out / "adapters" / f"{rank + 1:02d}_{_slug(rows[i]['adapter'])}"
+        save_adapter(adapters[i], directory, reader.fingerprint, class_names=reader.classes)
+        saved.append(str(directory))
+    summary["saved"] = saved
+    write_report(out, rows, summary, list(reader.layers))
+    return {"rows": rows, "summary": summary}
+
+
+def _make_group(members: list[Member], reader: CacheReader, num_classes: int, backbone_modules) -> Group:
+    adapters = []
+    for m in members:
+        torch.manual_seed(m.seed)  # a member's init depends on its own seed only
+        adapters.append(build_adapter(m.kind, reader.layers, num_classes, backbone_modules=backbone_modules, **m.hparams))
+    fused = FusedAdapters(adapters)
+    lr = torch.tensor([m.lr for m in members])
+    optimizer = StackedAdamW(fused.parameters(), lr=lr, weight_decay=[m.weight_decay for m in members])
+    best_params = {name: p.detach().clone() for name, p in fused.params.items()}
+    return Group(members, fused, optimizer, lr, best_val=torch.full((len(members),), -1.0), best_params=best_params)
+
+
+def _splits(cfg: TrainConfig, reader: CacheReader) -> Splits:
+    for key in ("train_split", "val_split", "test_split"):
+        name = getattr(cfg, key)
+        if name is not None and name not in reader.splits:
+            raise KeyError(f"{key}: split {name!r} is not in store {cfg.store!r}; it has {reader.splits}")
+    if cfg.val_split is not None:
+        return Splits(cfg.train_split, None, cfg.val_split, None, cfg.test_split)
+    n = reader.num_samples(cfg.train_split)
+    is_val = np.zeros(n, dtype=bool)
+    rng = np.random.default_rng(cfg.seed)
+    is_val[rng.permutation(n)[: max(1, int(round(cfg.val_fraction * n)))]] = True
+    return Splits(cfg.train_split, ~is_val, cfg.train_split, is_val, cfg.test_split)
+
+
+def _count(reader: CacheReader, split: str, keep: Optional[np.ndarray]) -> int:
+    valid = reader.valid(split)
+    return int((valid & keep).sum() if keep is not None else valid.sum())
+
+
+def _backbone_modules(reader: CacheReader):
+    from pipeline.training.frozen_backbone import backbone_of
+
+    return backbone_of(reader.manifest, str(reader.path)).model
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=@" else "_" for c in name)[:80]

@@ -1,0 +1,35 @@
+"""Logits of every member on a split, and what they add up to (accuracy, top-k ensembles)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from cache import CacheReader
+
+
+@torch.no_grad()
+def split_logits(groups: Sequence, reader: CacheReader, split: str, layers: list[str], batch_size: int, keep: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [members, n, C] (groups concatenated in order) and labels [n], in sample order."""
+    for g in groups:
+        g.eval()
+    outs, labels = [], []
+    for batch in reader.batches(split, layers, batch_size, shuffle=False, keep=keep):
+        outs.append(torch.cat([g(batch.features) for g in groups], dim=0))
+        labels.append(batch.labels)
+    for g in groups:
+        g.train()
+    return torch.cat(outs, dim=1), torch.cat(labels)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[members, n, C], [n] -> accuracy per member [members]."""
+    return (logits.argmax(-1) == labels).float().mean(-1)
+
+
+def ensemble_accuracy(logits: torch.Tensor, labels: torch.Tensor, members: Sequence[int]) -> float:
+    """Average of the chosen members' softmax probabilities."""
+    probs = logits[list(members)].softmax(-1).mean(0)
+    return float((probs.argmax(-1) == labels).float().mean())

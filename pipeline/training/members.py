@@ -1,0 +1,87 @@
+"""Expand adapter entries into members, and group the members that can be trained fused."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from cache.schema import LayerSpec
+from pipeline.adapters import adapter_class
+from pipeline.config.train_config import AdapterEntry
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    kind: str
+    hparams: dict[str, Any]  # the adapter's architecture hyperparameters (layer included)
+    lr: float
+    weight_decay: float
+    seed: int
+
+    @property
+    def shape_key(self) -> str:
+        """Members with equal keys have identical architectures: they can share one fused pass."""
+        return json.dumps([self.kind, self.hparams], sort_keys=True, default=str)
+
+    @property
+    def layer_label(self) -> str:
+        if "layer" in self.hparams:
+            return str(self.hparams["layer"])
+        layers = self.hparams.get("layers")
+        return "+".join(layers) if layers else "all"
+
+
+def expand(entries: tuple[AdapterEntry, ...], layers: Mapping[str, LayerSpec], default_seed: int) -> list[Member]:
+    members: list[Member] = []
+    for entry in entries:
+        fields = adapter_class(entry.kind).Hparams.__dataclass_fields__
+        for arch in _architectures(entry, fields, layers):
+            for lr in _tuple(entry.lr):
+                for wd in _tuple(entry.weight_decay):
+                    for seed in entry.seeds or (default_seed,):
+                        members.append(Member(_name(entry.kind, arch, lr, wd, seed, entry), entry.kind, arch, lr, wd, seed))
+    names = [m.name for m in members]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"adapters: the same adapter is listed twice: {duplicates}")
+    return members
+
+
+def _architectures(entry: AdapterEntry, fields, layers: Mapping[str, LayerSpec]) -> list[dict]:
+    unknown = [l for l in (entry.layers if isinstance(entry.layers, tuple) else ()) if l not in layers]
+    if unknown:
+        raise ValueError(f"adapters[{entry.kind}].layers: {unknown} are not in the store; it has {list(layers)}")
+    if "layer" in fields:
+        if entry.layers is None:
+            return [dict(entry.hparams)]
+        chosen = list(layers) if entry.layers == "all" else list(entry.layers)
+        return [{**entry.hparams, "layer": name} for name in chosen]
+    if "layers" in fields and isinstance(entry.layers, tuple):
+        return [{**entry.hparams, "layers": list(entry.layers)}]
+    return [dict(entry.hparams)]
+
+
+def _tuple(v) -> tuple:
+    return v if isinstance(v, tuple) else (v,)
+
+
+def _name(kind: str, arch: dict, lr: float, wd: float, seed: int, entry: AdapterEntry) -> str:
+    parts = [kind]
+    if "layer" in arch:
+        parts.append(f"@{arch['layer']}")
+    extras = [f"{k}={v}" for k, v in sorted(arch.items()) if k not in ("layer", "layers")]
+    if extras:
+        parts.append("[" + ",".join(extras) + "]")
+    parts.append(f" lr={lr:g} wd={wd:g}")
+    if entry.seeds:
+        parts.append(f" seed={seed}")
+    return "".join(parts)
+
+
+def group_by_shape(members: list[Member]) -> list[list[Member]]:
+    groups: dict[str, list[Member]] = {}
+    for m in members:
+        groups.setdefault(m.shape_key, []).append(m)
+    return list(groups.values())
