@@ -1,0 +1,108 @@
+"""The trainer: learns a learnable task from the cache, fuses without changing results, saves."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cache import open_store
+from pipeline.adapters import load_adapter
+from pipeline.config import TrainConfig, apply_overrides, build
+from pipeline.extract import run_extract
+from pipeline.train import run_train
+from tests.conftest import tiny_config
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+def colour_folder(root, per_class=16, seed=0):
+    """Class = dominant colour plus noise: learnable from any backbone's features."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for cls, rgb in COLOURS.items():
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def colour_store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("colour")
+    cfg = tiny_config(tmp, colour_folder(tmp / "images"), "backbone.layers=[0, -1]", "store.samples_per_chunk=8")
+    run_extract(cfg)
+    return cfg.store.path
+
+
+def train_config(store, out, adapters, **extra):
+    data = {"store": store, "output": str(out), "test_split": "val", "epochs": 6, "batch_size": 8,
+            "warmup_epochs": 0.5, "adapters": adapters, **extra}
+    return build(TrainConfig, data)
+
+
+def test_learns_and_writes_results(colour_store, tmp_path):
+    cfg = train_config(colour_store, tmp_path / "run", [
+        {"kind": "linear", "layers": "all", "lr": [0.003, 0.03]},
+        {"kind": "inca", "layers": ["blocks.5"], "hparams": {"num_heads": 4}, "lr": 0.003},
+        {"kind": "losa", "hparams": {"rank": 4}, "lr": 0.003},
+    ])
+    results = run_train(cfg)
+    rows = results["rows"]
+    assert len(rows) == 3 * 2 + 1 + 1
+    assert results["summary"]["top1"]["val_acc"] >= 0.9, rows
+    assert max(r["test_acc"] for r in rows) >= 0.9
+    out = tmp_path / "run"
+    for name in ("results.md", "results.json", "accuracy_by_layer.png", "metrics.jsonl", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+    epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"val_acc"' in l]
+    assert len(epochs) == 6 * len(rows)
+    # The best saved adapter reproduces its reported validation accuracy from the cache.
+    best_dir = sorted((out / "adapters").iterdir())[0]
+    reader = open_store(colour_store)
+    adapter = load_adapter(best_dir, reader.fingerprint).eval()
+    feats = reader.read("val", adapter.required_layers(), 0, reader.num_samples("val"))
+    acc = float((adapter(feats).argmax(-1) == torch.from_numpy(reader.labels("val"))).float().mean())
+    assert acc == pytest.approx(results["summary"]["top1"]["test_acc"])
+
+
+def test_fused_members_equal_members_trained_alone(colour_store, tmp_path):
+    """Two learning rates trained in one fused group = each trained in its own run."""
+    entry = {"kind": "inca", "layers": ["blocks.0"], "hparams": {"num_heads": 2}}
+    fused = run_train(train_config(colour_store, tmp_path / "fused", [{**entry, "lr": [0.001, 0.01]}], epochs=2))
+    alone = [run_train(train_config(colour_store, tmp_path / f"alone{i}", [{**entry, "lr": lr}], epochs=2))
+             for i, lr in enumerate([0.001, 0.01])]
+    assert [r["fused_with"] for r in fused["rows"]] == [2, 2]
+    for row, single in zip(fused["rows"], alone):
+        assert row["val_acc"] == pytest.approx(single["rows"][0]["val_acc"])
+    # The saved weights agree too: find each learning rate's adapter in both runs by name.
+    from safetensors.torch import load_file
+
+    def weights(run_dir, lr):
+        (d,) = [d for d in (run_dir / "adapters").iterdir() if f"lr={lr}_" in d.name]
+        return load_file(str(d / "adapter.safetensors"))
+
+    for i, lr in enumerate(["0.001", "0.01"]):
+        fused_w, alone_w = weights(tmp_path / "fused", lr), weights(tmp_path / f"alone{i}", lr)
+        assert fused_w.keys() == alone_w.keys()
+        for k in fused_w:
+            torch.testing.assert_close(fused_w[k], alone_w[k], atol=1e-5, rtol=1e-4)
+
+
+def test_carved_validation_split_is_disjoint_and_seeded(colour_store, tmp_path):
+    from pipeline.train import _splits
+
+    cfg = train_config(colour_store, tmp_path, [{"kind": "linear"}], val_split=None, val_fraction=0.25)
+    reader = open_store(colour_store)
+    s1, s2 = _splits(cfg, reader), _splits(cfg, reader)
+    assert not (s1.train_keep & s1.val_keep).any() and (s1.train_keep | s1.val_keep).all()
+    assert s1.val_keep.sum() == 12 and (s1.val_keep == s2.val_keep).all()
+
+
+def test_unknown_layer_is_named(colour_store, tmp_path):
+    cfg = train_config(colour_store, tmp_path, [{"kind": "linear", "layers": ["blocks.9"]}])
+    with pytest.raises(ValueError, match=r"\['blocks.9'\] are not in the store"):
+        run_train(cfg)
