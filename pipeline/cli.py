@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. epochs=3")
 
+    pr = sub.add_parser("predict", help="apply saved adapters (several tasks) to images, one backbone pass per batch")
+    pr.add_argument("--adapters", nargs="+", required=True, help="saved adapter directories (runs/*/adapters/NN_*)")
+    pr.add_argument("images", nargs="*", help="image files or folders (after the adapter directories)")
+    pr.add_argument("--out", default="predictions.csv", help="CSV, or JSON when it ends in .json")
+    pr.add_argument("--batch-size", type=int, default=32)
+
     ins = sub.add_parser("inspect", help="describe a store: manifest, splits, layers, sizes, completeness")
     ins.add_argument("store")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -40,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             return _extract(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "predict":
+            return _predict(args)
         if args.command == "inspect":
             return _inspect(args)
     except (ConfigError, StoreError, ValueError, FileNotFoundError, KeyError) as e:
@@ -66,6 +74,22 @@ def _train(args) -> int:
     cfg = load_config(TrainConfig, args.config, args.overrides)
     run_train(cfg)
     print((Path(cfg.output) / "results.md").read_text())
+    return 0
+
+
+def _predict(args) -> int:
+    from pipeline.predict import run_predict, write_predictions
+
+    # `--adapters A B img1 img2` reaches us as one list: adapters are the leading directories
+    # that hold an adapter.json, images are the rest.
+    paths = args.adapters + args.images
+    n = next((i for i, p in enumerate(paths) if not (Path(p) / "adapter.json").is_file()), len(paths))
+    adapters, images = paths[:n], paths[n:]
+    if not adapters or not images:
+        raise ValueError(f"predict needs adapter directories (with adapter.json) then images; got adapters {adapters}, images {images}")
+    rows = run_predict(adapters, images, args.batch_size)
+    write_predictions(rows, args.out)
+    print(f"{len(rows)} images, {len(adapters)} task(s) -> {args.out}")
     return 0
 
 

@@ -89,7 +89,8 @@ def fingerprint(plan: ExtractPlan) -> dict:
     """Everything that decides the stored values and their layout; a store refuses any change."""
     cfg = plan.cfg
     return {
-        "backbone": {"name": plan.backbone.name, "weights": cfg.backbone.weights, "weights_sha256": plan.backbone.weights_sha256},
+        "backbone": {"name": plan.backbone.name, "weights": cfg.backbone.weights, "weights_sha256": plan.backbone.weights_sha256,
+                     "model_kwargs": dict(cfg.backbone.model_kwargs)},
         "layers": [s.to_json() for s in plan.specs],
         "storage": {"dtype": cfg.store.dtype, "tokens": cfg.store.tokens, "grid_size": cfg.store.grid_size if cfg.store.tokens == "grid" else None},
         "preprocessing": _jsonable(plan.backbone.data_config),

@@ -1,0 +1,144 @@
+"""Apply saved adapters (several tasks at once) to new images: one backbone pass per batch.
+
+    python -m pipeline predict --adapters runs/a/adapters/01_x runs/b/adapters/01_y IMAGES... [--out preds.csv]
+
+The backbone is rebuilt from each adapter's store fingerprint (weights hash checked), only
+the layers the adapters read are captured, and they get the store's token reduction and its
+storage rounding (fp16/int8...), so a prediction equals the adapter applied to the cached
+features of the same image.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cache.codecs import decode, encode
+from cache.errors import StoreMismatchError
+from pipeline.adapters import load_adapter, read_adapter_manifest
+from pipeline.backbones.build import Backbone, build_backbone
+from pipeline.backbones.taps import EMBED, LayerTaps
+from pipeline.backbones.tokens import reduce_tokens
+from pipeline.config import ExtractConfig, build
+from pipeline.data.image_folder import IMAGE_SUFFIXES
+from pipeline.data.source import to_rgb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Task:
+    name: str
+    directory: Path
+    manifest: dict
+
+
+def find_images(paths: list[str]) -> list[Path]:
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"image {str(p)!r} does not exist")
+    if not found:
+        raise FileNotFoundError(f"no images found in {paths}")
+    return found
+
+
+def run_predict(adapter_dirs: list[str], images: list[str], batch_size: int = 32) -> list[dict]:
+    tasks = [Task(_task_name(d), Path(d), read_adapter_manifest(d)) for d in adapter_dirs]
+    files = find_images(images)
+    by_backbone: dict[str, list[Task]] = {}
+    for t in tasks:  # tasks on the same backbone share one forward pass
+        key = json.dumps([t.manifest["store_fingerprint"][k] for k in ("backbone", "preprocessing", "storage")], sort_keys=True)
+        by_backbone.setdefault(key, []).append(t)
+    rows = [{"image": str(f)} for f in files]
+    for group in by_backbone.values():
+        _predict_group(group, files, rows, batch_size)
+    return rows
+
+
+def _predict_group(tasks: list[Task], files: list[Path], rows: list[dict], batch_size: int) -> None:
+    fp = tasks[0].manifest["store_fingerprint"]
+    backbone = _backbone_for(fp)
+    adapters = [load_adapter(t.directory, t.manifest["store_fingerprint"], backbone_modules=backbone.model).eval() for t in tasks]
+    stored = {}
+    for a in adapters:
+        stored.update(a.layer_specs)
+    needed = [name for name in (d["name"] for d in fp["layers"]) if name in stored]
+    taps = LayerTaps(backbone.model, tuple(n for n in needed if n != EMBED), EMBED in needed, backbone.image_size)
+    raw = {s.name: s for s in taps.specs}
+    storage = fp["storage"]
+    transform = backbone.transform()
+    for start in range(0, len(files), batch_size):
+        chunk = files[start: start + batch_size]
+        x = torch.stack([transform(_load(f)) for f in chunk])
+        with torch.no_grad():
+            feats = taps(x)
+            feats = {n: _as_cached(reduce_tokens(feats[n], raw[n], storage["tokens"], storage["grid_size"]), storage["dtype"]) for n in needed}
+            for t, a in zip(tasks, adapters):
+                probs = a(feats).softmax(-1)
+                conf, pred = probs.max(-1)
+                names = t.manifest.get("class_names") or [str(i) for i in range(a.num_classes)]
+                for row, p, c in zip(rows[start: start + len(chunk)], pred.tolist(), conf.tolist()):
+                    row[t.name] = names[p]
+                    row[f"{t.name}_prob"] = round(c, 6)
+    taps.close()
+
+
+def _as_cached(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The same rounding the store applies, so predictions match cached-feature predictions."""
+    values, scales = encode(x, dtype)
+    return decode(values, dtype, scales)
+
+
+def _backbone_for(fp: dict) -> Backbone:
+    dc = fp["preprocessing"]
+    layers = [d["name"] for d in fp["layers"] if d["name"] != EMBED] or [-1]
+    cfg = build(ExtractConfig, {
+        "backbone": {"name": fp["backbone"]["name"], "weights": fp["backbone"]["weights"], "layers": layers,
+                     "model_kwargs": fp["backbone"].get("model_kwargs", {})},
+        "data": {"kind": "image_folder", "root": "-"},
+        "store": {"path": "-"},
+        "preprocess": {"image_size": dc["input_size"][1], "interpolation": dc["interpolation"], "mean": dc["mean"], "std": dc["std"], "crop_pct": dc["crop_pct"]},
+    }, source="the adapter's store fingerprint")
+    backbone = build_backbone(cfg.backbone, cfg.preprocess)
+    if backbone.weights_sha256 != fp["backbone"]["weights_sha256"]:
+        raise StoreMismatchError("adapter", [f"backbone.weights_sha256: adapter was trained on {fp['backbone']['weights_sha256'][:16]}..., "
+                                             f"the weights {fp['backbone']['weights']!r} now give {backbone.weights_sha256[:16]}..."])
+    return backbone
+
+
+def _load(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def _task_name(directory: str) -> str:
+    p = Path(directory)
+    return p.parent.parent.name if p.parent.name == "adapters" else p.name
+
+
+def write_predictions(rows: list[dict], out: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=2))
+        return
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+__all__ = ["run_predict", "write_predictions", "find_images"]

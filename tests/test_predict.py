@@ -1,0 +1,53 @@
+"""predict: several tasks from one backbone pass equal the adapters applied to cached features."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from cache import open_store
+from pipeline.adapters import load_adapter
+from pipeline.cli import main
+from pipeline.extract import run_extract
+from pipeline.train import run_train
+from tests.conftest import tiny_config
+from tests.test_train import colour_folder, train_config
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_predictions_equal_cached_path(tmp_path, dtype):
+    images = colour_folder(tmp_path / "images", per_class=6)
+    cfg = tiny_config(tmp_path, images, "backbone.layers=[0, -1]", f"store.dtype={dtype}")
+    run_extract(cfg)
+    run_train(train_config(cfg.store.path, tmp_path / "colour", [{"kind": "inca", "layers": ["blocks.5"], "hparams": {"num_heads": 4}}], epochs=2, save_top=1))
+    run_train(train_config(cfg.store.path, tmp_path / "probe", [{"kind": "linear", "layers": ["embed"]}], epochs=2, save_top=1))
+    dirs = [str(next((tmp_path / run / "adapters").iterdir())) for run in ("colour", "probe")]
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--adapters", *dirs, str(images / "val"), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 18 and set(rows[0]) == {"image", "colour", "colour_prob", "probe", "probe_prob"}
+
+    reader = open_store(cfg.store.path)
+    ids = [str(s) for s in reader.sample_ids("val")]
+    for task, d in zip(("colour", "probe"), dirs):
+        adapter = load_adapter(d, reader.fingerprint).eval()
+        with torch.no_grad():
+            probs = adapter(reader.read("val", adapter.required_layers(), 0, len(ids))).softmax(-1)
+        by_id = {i: p for i, p in zip(ids, probs)}
+        for row in rows:
+            rel = "/".join(row["image"].split("/")[-2:])
+            p = by_id[rel]
+            assert row[task] == reader.classes[int(p.argmax())]
+            assert float(row[f"{task}_prob"]) == pytest.approx(float(p.max()), abs=1e-4)
+
+
+def test_adapter_refuses_another_store(tmp_path):
+    images = colour_folder(tmp_path / "images", per_class=4)
+    cfg = tiny_config(tmp_path, images, "backbone.layers=[-1]")
+    run_extract(cfg)
+    run_train(train_config(cfg.store.path, tmp_path / "run", [{"kind": "linear"}], epochs=1, save_top=1))
+    other = tiny_config(tmp_path / "o", images, "backbone.layers=[-1]", "preprocess.image_size=48")
+    run_extract(other)
+    with pytest.raises(Exception, match="different feature store"):
+        load_adapter(next((tmp_path / "run" / "adapters").iterdir()), open_store(other.store.path).fingerprint)
