@@ -33,4 +33,6 @@ class ChunkPlan:
     def from_target(bytes_per_sample: int, target_mb: float, chunks_per_shard: int, largest_split: int) -> "ChunkPlan":
         """Samples per chunk so that the largest layer's chunk is about target_mb."""
         per_chunk = max(1, int(target_mb * 2**20 // max(bytes_per_sample, 1)))
+        if per_chunk > 16:
+            per_chunk -= per_chunk % 16  # round numbers make chunk boundaries easy to reason about
         return ChunkPlan(min(per_chunk, max(largest_split, 1)), chunks_per_shard)

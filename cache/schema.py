@@ -20,7 +20,7 @@ The store layout (zarr v3, readable by any v3 implementation):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 FORMAT_VERSION = 1

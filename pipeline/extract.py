@@ -52,7 +52,7 @@ class ExtractPlan:
         lines = [
             f"backbone   {self.backbone.name} ({self.cfg.backbone.weights} weights, {self.backbone.num_parameters / 1e6:.1f}M params) on {self.device}",
             f"preprocess {_fmt_preprocess(self.backbone.data_config)}",
-            f"samples    " + ", ".join(f"{k}: {len(v)}" for k, v in self.sources.items()) + f" (total {total_samples})",
+            "samples    " + ", ".join(f"{k}: {len(v)}" for k, v in self.sources.items()) + f" (total {total_samples})",
             f"storage    {self.cfg.store.dtype}, tokens={self.cfg.store.tokens}, {self.chunks.samples_per_chunk} samples/chunk, "
             f"{self.chunks.chunks_per_shard} chunks/shard, {self.cfg.store.compressor.name} compression",
             f"{'layer':<20}{'stored [T, D]':>16}{'KB/sample':>12}{'GB total':>11}",

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cache import open_store
 from pipeline.adapters import load_adapter
-from pipeline.config import TrainConfig, apply_overrides, build
+from pipeline.config import TrainConfig, build
 from pipeline.extract import run_extract
 from pipeline.train import run_train
 from tests.conftest import tiny_config

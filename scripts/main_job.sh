@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job, end to end on a fresh machine: install, extract Fashion-MNIST through
+# ImageNet EfficientNet-Lite0 into a zarr cache, train adapters from it, print the table.
+# Rerunning is cheap: a complete store is reused (only missing chunks are ever computed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m pipeline extract configs/fashion_mnist_lite0.yaml "$@"
+.venv/bin/python -m pipeline inspect stores/fashion_mnist_lite0.zarr
+.venv/bin/python -m pipeline train configs/train_fashion_mnist_lite0.yaml
