@@ -1,0 +1,81 @@
+"""The contract every stage-two adapter fulfils.
+
+An adapter is an nn.Module that maps cached features `{layer name: [B, T, D]}` to logits
+[B, C]. Its registered parameters and buffers are exactly its trainable state: frozen backbone
+modules an adapter borrows (VQT) are held outside the module tree, so `state_dict()`,
+`parameters()` and `torch.func.stack_module_state` see only what training changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+from torch import nn
+
+from cache.schema import LayerSpec
+from pipeline.adapters.errors import AdapterConfigError, did_you_mean
+
+
+def layers_in_backbone_order(layers: Mapping[str, LayerSpec]) -> list[str]:
+    """Layer names shallow to deep: by block_index when every layer has one (so that
+    "blocks.10" follows "blocks.9" whatever the mapping order), else in the given order."""
+    if not layers:
+        raise AdapterConfigError("the store has no layers to build an adapter on")
+    names = list(layers)
+    if all(spec.block_index is not None for spec in layers.values()):
+        names.sort(key=lambda name: layers[name].block_index)
+    return names
+
+
+def last_layer_name(layers: Mapping[str, LayerSpec]) -> str:
+    return layers_in_backbone_order(layers)[-1]
+
+
+class Adapter(nn.Module):
+    kind: ClassVar[str]  # set by @register_adapter
+    Hparams: ClassVar[type]  # frozen dataclass of architecture hyperparameters
+    requires_backbone_modules: ClassVar[bool] = False
+
+    def __init__(self, num_classes: int, hparams: Any):
+        super().__init__()
+        if num_classes < 2:
+            raise AdapterConfigError(f"num_classes must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.hparams = hparams
+        self.layer_specs: dict[str, LayerSpec] = {}
+
+    def use_layers(self, available: Mapping[str, LayerSpec], names: Iterable[str]) -> None:
+        """Record which cached layers this adapter reads, failing clearly on missing ones."""
+        for name in names:
+            if name not in available:
+                raise AdapterConfigError(
+                    f"adapter {self.kind!r} needs layer {name!r}{did_you_mean(name, available)}, "
+                    f"which the store does not have; available layers: {', '.join(available)}"
+                )
+            self.layer_specs[name] = available[name]
+
+    def required_layers(self) -> list[str]:
+        return list(self.layer_specs)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def fraction_of_backbone(self, backbone_num_parameters: int) -> float:
+        """Trainable size relative to the backbone's parameter count (0.004 = 0.4%).
+
+        Takes a count, not the backbone, because stage two normally has no backbone loaded;
+        the count is e.g. sum(p.numel() for p in timm_model.parameters()).
+        """
+        return self.num_trainable_parameters() / backbone_num_parameters
+
+    def describe(self) -> dict[str, Any]:
+        """One results-table row: what was trained, on which layers, how large."""
+        return {
+            "kind": self.kind,
+            "layers": self.required_layers(),
+            "hparams": dataclasses.asdict(self.hparams),
+            "num_classes": self.num_classes,
+            "trainable_parameters": self.num_trainable_parameters(),
+        }

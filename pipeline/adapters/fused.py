@@ -1,0 +1,114 @@
+"""Fused training: N adapters of one shape trained with one vmapped forward/backward.
+
+Members must agree on everything that fixes the computation (class, layers, num_classes,
+architecture hparams); they may differ in initial weights (seed) and in optimiser settings
+(lr, weight decay), which StackedAdamW applies per member. With params[name] the stack
+[N, *shape] of the members' parameters:
+
+    logits[n] = functional_call(template, params[.][n], features)     vmapped over n -> [N, B, C]
+    loss      = sum_n CE(logits[n], y)
+
+so the gradient of row n of each stack is exactly member n's gradient of its own loss.
+Features are shared (vmap in_dims None): whatever depends only on features and frozen modules
+(VQT's keys/values, LoSA's grid resampling) runs once for all members, not N times.
+
+The members' own parameters are not updated during training; `unstack()` writes the trained
+rows back into them. Borrowed frozen modules (VQT's backbone blocks) are those of the first
+member, which is the template.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state
+
+from pipeline.adapters.base import Adapter
+
+logger = logging.getLogger(__name__)
+
+
+class FusedAdapters:
+    def __init__(self, adapters: Sequence[Adapter]):
+        _check_fusable(adapters)
+        self.members = list(adapters)
+        self.template = self.members[0]
+        # Leaf tensors [N, ...] with requires_grad; these are what the optimiser updates.
+        self.params, self.buffers = stack_module_state(self.members)
+        logger.info(
+            "fused %d %s adapters (%d trainable parameters each)",
+            len(self.members),
+            self.template.kind,
+            self.template.num_trainable_parameters(),
+        )
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The stacked parameters, row n belonging to member n (for StackedAdamW)."""
+        return list(self.params.values())
+
+    def train(self, mode: bool = True) -> FusedAdapters:
+        self.template.train(mode)
+        return self
+
+    def eval(self) -> FusedAdapters:
+        return self.train(False)
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [N, B, C] of every member on the same batch."""
+
+        def member_logits(params, buffers, shared_features):
+            return functional_call(self.template, (params, buffers), (shared_features,))
+
+        # randomness="different": any dropout draws an independent mask per member, as it
+        # would in separate runs.
+        return torch.vmap(member_logits, in_dims=(0, 0, None), randomness="different")(
+            self.params, self.buffers, dict(features)
+        )
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def unstack(self) -> list[Adapter]:
+        """Write the trained rows back into the member adapters and return them."""
+        for n, member in enumerate(self.members):
+            for name, tensor in member.named_parameters():
+                tensor.copy_(self.params[name][n])
+            for name, tensor in member.named_buffers():
+                tensor.copy_(self.buffers[name][n])
+        return self.members
+
+
+def per_member_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each member: logits [N, B, C], labels [B] -> [N].
+
+    Sum the result before backward: member n's gradient is then that of its own loss.
+    """
+    members, batch, classes = logits.shape
+    losses = F.cross_entropy(
+        logits.reshape(members * batch, classes), labels.repeat(members), reduction="none"
+    )
+    return losses.view(members, batch).mean(dim=1)
+
+
+def _check_fusable(adapters: Sequence[Adapter]) -> None:
+    if not adapters:
+        raise ValueError("FusedAdapters needs at least one adapter")
+    first = adapters[0]
+    for n, other in enumerate(adapters[1:], start=1):
+        for what, a, b in (
+            ("class", type(first), type(other)),
+            ("layers", first.layer_specs, other.layer_specs),
+            ("num_classes", first.num_classes, other.num_classes),
+            ("hparams", first.hparams, other.hparams),
+        ):
+            if a != b:
+                raise ValueError(
+                    f"adapters 0 and {n} differ in {what} ({a!r} vs {b!r}); only adapters of "
+                    "one kind and shape, differing in seed or optimiser settings, can be fused"
+                )

@@ -1,0 +1,117 @@
+"""Saving and loading trained adapters, tied to the feature store they were trained on.
+
+A saved adapter is a directory with two files:
+
+    adapter.safetensors   the adapter's state_dict: its trainable state only (borrowed frozen
+                          backbone modules are outside the module tree, see base.py)
+    adapter.json          {"format_version", "kind", "num_classes", "hparams",
+                           "layers": [LayerSpec.to_json(), ...], "store_fingerprint",
+                           "class_names"}
+
+Features from another store (another backbone, resolution, dtype, ...) would make the weights
+meaningless without any shape error, so loading compares the saved store fingerprint with the
+caller's and refuses on any difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cache.schema import LayerSpec
+from pipeline.adapters.base import Adapter
+from pipeline.adapters.registry import BackboneModules, build_adapter
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "adapter.safetensors"
+MANIFEST_FILE = "adapter.json"
+FORMAT_VERSION = 1
+
+
+class StoreMismatchError(ValueError):
+    """The adapter was trained on a feature store other than the one given."""
+
+
+def save_adapter(
+    adapter: Adapter,
+    directory: str | os.PathLike,
+    store_fingerprint: Mapping[str, Any],
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().cpu().contiguous() for name, t in adapter.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": adapter.kind,
+        "num_classes": adapter.num_classes,
+        "hparams": dataclasses.asdict(adapter.hparams),
+        "layers": [spec.to_json() for spec in adapter.layer_specs.values()],
+        "store_fingerprint": dict(store_fingerprint),
+        "class_names": list(class_names) if class_names is not None else None,
+    }
+    # The manifest is written last and atomically: a directory with a readable manifest
+    # always has its weights, even if the job was killed mid-save.
+    partial = directory / (MANIFEST_FILE + ".partial")
+    partial.write_text(json.dumps(manifest, indent=2))
+    os.replace(partial, directory / MANIFEST_FILE)
+    logger.info("saved %s adapter (%d tensors) to %s", adapter.kind, len(state), directory)
+    return directory
+
+
+def read_adapter_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(directory) / MANIFEST_FILE).read_text())
+
+
+def load_adapter(
+    directory: str | os.PathLike,
+    store_fingerprint: Mapping[str, Any],
+    backbone_modules: BackboneModules | Mapping[str, nn.Module] | None = None,
+) -> Adapter:
+    """Rebuild a saved adapter on CPU; refuses when it was trained on another store."""
+    manifest = read_adapter_manifest(directory)
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"{directory}: adapter format_version {manifest['format_version']}, "
+            f"this code reads {FORMAT_VERSION}"
+        )
+    _check_fingerprint(directory, manifest["store_fingerprint"], store_fingerprint)
+    layers = {d["name"]: LayerSpec.from_json(d) for d in manifest["layers"]}
+    adapter = build_adapter(
+        manifest["kind"],
+        layers,
+        manifest["num_classes"],
+        backbone_modules=backbone_modules,
+        **manifest["hparams"],
+    )
+    adapter.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
+    return adapter
+
+
+def _check_fingerprint(
+    directory: str | os.PathLike, saved: Mapping[str, Any], given: Mapping[str, Any]
+) -> None:
+    # Compare in JSON form so that a tuple given here equals the list it was saved as.
+    given = json.loads(json.dumps(dict(given)))
+    differing = sorted(
+        key for key in saved.keys() | given.keys() if saved.get(key) != given.get(key)
+    )
+    if differing:
+        details = "; ".join(
+            f"{key}: saved {saved.get(key, '<absent>')!r}, given {given.get(key, '<absent>')!r}"
+            for key in differing
+        )
+        raise StoreMismatchError(
+            f"adapter in {directory} was trained on a different feature store; "
+            f"fingerprint keys differ: {details}"
+        )
