@@ -158,54 +158,75 @@ class CacheReader:
         done = np.flatnonzero(self.root[f"{split}/chunk_done"][:] != 0)
         if len(done) < self.plan.n_chunks(n) and not self.allow_partial:
             raise StoreError(f"split {split!r} of {str(self.path)!r} is incomplete")
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(done) if shuffle else done
+        order = np.random.default_rng([seed, epoch]).permutation(done) if shuffle else done
         windows = [order[i : i + buffer_chunks] for i in range(0, len(order), buffer_chunks)]
+        # Each window is read and permuted on a worker thread with its own seeded generator,
+        # so the consumer's thread only slices batches.
+        perm_seeds = [[seed, epoch, w] if shuffle else None for w in range(len(windows))]
         labels_all = self.labels(split)
+
+        def submit(pool, w):
+            return pool.submit(self._read_window, split, layers, windows[w], keep, out, perm_seeds[w])
+
         with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
-            futures: list[Future] = [pool.submit(self._read_window, split, layers, w, keep, out) for w in windows[:prefetch]]
+            futures: list[Future] = [submit(pool, w) for w in range(min(prefetch, len(windows)))]
             next_window = len(futures)
             carry: Optional[tuple[dict, np.ndarray]] = None
             while futures:
                 feats, idx = futures.pop(0).result()
                 if next_window < len(windows):
-                    futures.append(pool.submit(self._read_window, split, layers, windows[next_window], keep, out))
+                    futures.append(submit(pool, next_window))
                     next_window += 1
-                if shuffle:
-                    perm = torch.from_numpy(rng.permutation(len(idx)))
-                    feats = {k: v[perm] for k, v in feats.items()}
-                    idx = idx[perm.numpy()]
-                if carry is not None:
-                    feats = {k: torch.cat([carry[0][k], v]) for k, v in feats.items()}
-                    idx = np.concatenate([carry[1], idx])
-                    carry = None
-                full = (len(idx) // batch_size) * batch_size
-                for s in range(0, full, batch_size):
-                    sl = idx[s : s + batch_size]
-                    yield Batch({k: v[s : s + batch_size] for k, v in feats.items()}, torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
-                if full < len(idx):
-                    carry = ({k: v[full:] for k, v in feats.items()}, idx[full:])
+                pos = 0
+                if carry is not None:  # complete the previous window's leftovers first
+                    need = batch_size - len(carry[1])
+                    if len(idx) < need:
+                        carry = ({k: torch.cat([carry[0][k], v]) for k, v in feats.items()}, np.concatenate([carry[1], idx]))
+                        continue
+                    sl = np.concatenate([carry[1], idx[:need]])
+                    yield Batch({k: torch.cat([carry[0][k], v[:need]]) for k, v in feats.items()}, torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
+                    carry, pos = None, need
+                while pos + batch_size <= len(idx):
+                    sl = idx[pos : pos + batch_size]
+                    yield Batch({k: v[pos : pos + batch_size] for k, v in feats.items()}, torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
+                    pos += batch_size
+                if pos < len(idx):
+                    carry = ({k: v[pos:] for k, v in feats.items()}, idx[pos:])
             if carry is not None and not drop_last:
                 sl = carry[1]
                 yield Batch(carry[0], torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
 
-    def _read_window(self, split: str, layers: Sequence[str], chunks: np.ndarray, keep_mask: Optional[np.ndarray], out: torch.dtype):
+    def _read_window(self, split: str, layers: Sequence[str], chunks: np.ndarray, keep_mask: Optional[np.ndarray], out: torch.dtype, perm_seed=None):
+        """Read chunks, drop invalid/unwanted samples, permute, decode. Everything before the
+        final decode happens in the stored dtype (half the bytes of float32 for fp16)."""
         n = self.num_samples(split)
         g = self.root[split]
-        parts, idx_parts = [], []
+        rows, idx_parts = [], []
         for c in sorted(int(c) for c in chunks):
             start, stop = self.plan.chunk_range(c, n)
             valid = g["valid"][start:stop]
             if keep_mask is not None:
                 valid = valid & keep_mask[start:stop]
-            feats = self.read(split, layers, start, stop, out)
             keep = np.flatnonzero(valid)
-            if len(keep) < stop - start:  # skipped (corrupt) and unwanted samples are dropped
-                feats = {k: v[torch.from_numpy(keep)] for k, v in feats.items()}
-            parts.append(feats)
+            rows.append((start, stop, None if len(keep) == stop - start else keep))
             idx_parts.append(start + keep)
-        feats = {k: torch.cat([p[k] for p in parts]) for k in layers}
-        return feats, np.concatenate(idx_parts)
+        idx = np.concatenate(idx_parts)
+        perm = np.random.default_rng(perm_seed).permutation(len(idx)) if perm_seed is not None else None
+        feats = {}
+        for name in layers:
+            stored = self._gather(g[f"layers/{name}"], rows, perm)
+            scales = self._gather(g[f"scales/{name}"], rows, perm) if self.dtype == "int8" else None
+            feats[name] = decode(stored, self.dtype, scales, out)
+        return feats, (idx[perm] if perm is not None else idx)
+
+    @staticmethod
+    def _gather(arr: zarr.Array, rows, perm: Optional[np.ndarray]) -> np.ndarray:
+        parts = []
+        for start, stop, keep in rows:
+            block = arr[start:stop]
+            parts.append(block if keep is None else block[keep])
+        joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return joined if perm is None else joined[perm]
 
 
 def open_store(path: str | Path, allow_partial: bool = False) -> CacheReader:
