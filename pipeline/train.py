@@ -85,7 +85,7 @@ def run_train(cfg: TrainConfig) -> dict:
         splits.val, int(_count(reader, splits.val, splits.val_keep)), splits.test,
     )
     metrics = (out / "metrics.jsonl").open("w")
-    step, stale = 0, 0
+    step, stale, epoch_seconds = 0, 0, []
     for epoch in range(cfg.epochs):
         losses = [torch.zeros(len(g.members)) for g in groups]
         bar = tqdm(reader.batches(splits.train, layers, cfg.batch_size, seed=cfg.seed, epoch=epoch, keep=splits.train_keep),
@@ -108,13 +108,14 @@ def run_train(cfg: TrainConfig) -> dict:
             seen += len(batch.labels)
             step += 1
             bar.set_postfix(samples_per_s=f"{seen / (time.perf_counter() - t_epoch):.0f}", refresh=False)
+        epoch_seconds.append(time.perf_counter() - t_epoch)
         improved = _validate(groups, reader, splits, layers, cfg.batch_size, epoch, [l / max(seen, 1) for l in losses], metrics)
         stale = 0 if improved else stale + 1
         if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
             log.info("early stop after epoch %d: no member improved for %d epochs", epoch + 1, stale)
             break
     metrics.close()
-    results = _finish(cfg, groups, reader, splits, layers, out)
+    results = _finish(cfg, groups, reader, splits, layers, out, epoch_seconds)
     log.info("done in %.1f s; results in %s", time.perf_counter() - t_start, out)
     return results
 
@@ -140,7 +141,7 @@ def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, m
     return improved
 
 
-def _finish(cfg: TrainConfig, groups, reader: CacheReader, splits: Splits, layers, out: Path) -> dict:
+def _finish(cfg: TrainConfig, groups, reader: CacheReader, splits: Splits, layers, out: Path, epoch_seconds: list[float]) -> dict:
     # Every member ends at its best validation epoch.
     with torch.no_grad():
         for g in groups:
@@ -176,6 +177,7 @@ def _finish(cfg: TrainConfig, groups, reader: CacheReader, splits: Splits, layer
             "test_acc": ensemble_accuracy(test_logits, test_labels, order[:k]) if test_acc is not None else None,
         },
         "train_seconds_total": sum(g.seconds for g in groups),
+        "epoch_seconds": epoch_seconds,  # wall time of each training pass (reading + all steps)
     }
     saved = []
     for rank, i in enumerate(order[: cfg.save_top]):
