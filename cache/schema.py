@@ -9,7 +9,11 @@ The store layout (zarr v3, readable by any v3 implementation):
                                  feature-map tokens in row-major (H, W) order.
     <root>/<split>/scales/<name> array [N, D] float16, only for int8 layers: per-sample,
                                  per-channel absmax / 127; value = int8 * scale.
-    <root>/<split>/labels        array [N] int64 (-1 for a skipped sample)
+    <root>/<split>/layers/kv.<i> optional (extract with backbone.cache_kv): array [N, T, 2D], the
+                                 keys then values that ViT block i computes from its input
+                                 tokens (its qkv projection without the query part, before any
+                                 k_norm), so VQT need not recompute them every epoch.
+    <root>/<split>/labels        array [N] int64
     <root>/<split>/valid         array [N] bool: False where the image could not be read
     <root>/<split>/sample_ids    array [N] string: the file path relative to the split root,
                                  or "<split>:<index>" for array datasets
@@ -25,6 +29,9 @@ from typing import Optional
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "feature_cache"
+
+# Layers named KV_PREFIX + block index hold keys/values, not features (see the layout above).
+KV_PREFIX = "kv."
 
 # How a layer's values are stored on disk; "bfloat16" is stored as its raw uint16 bits.
 STORAGE_DTYPES = ("float16", "bfloat16", "float32", "int8")
@@ -49,6 +56,11 @@ class LayerSpec:
     prefix_tokens: int = 0
     grid: Optional[tuple[int, int]] = None
     block_index: Optional[int] = None
+
+    @property
+    def is_kv(self) -> bool:
+        """Keys/values cached for VQT, not features an adapter should read as tokens."""
+        return self.name.startswith(KV_PREFIX)
 
     def to_json(self) -> dict:
         return {

@@ -69,7 +69,9 @@ class ExtractPlan:
 def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
     device = _device(cfg.runtime.device)
     backbone = build_backbone(cfg.backbone, cfg.preprocess)
-    taps = LayerTaps(backbone.model, cfg.backbone.layers, cfg.backbone.block_input, backbone.image_size)
+    if cfg.backbone.cache_kv and cfg.store.tokens != "all":
+        raise ValueError(f"backbone.cache_kv needs store.tokens='all' (VQT attends to every token), got {cfg.store.tokens!r}")
+    taps = LayerTaps(backbone.model, cfg.backbone.layers, cfg.backbone.block_input, backbone.image_size, cfg.backbone.cache_kv)
     specs = [reduced_spec(s, cfg.store.tokens, cfg.store.grid_size) for s in taps.specs]
     sources = {split: open_split(cfg.data, split) for split in cfg.data.splits}
     classes = {tuple(s.classes) for s in sources.values()}

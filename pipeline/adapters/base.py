@@ -21,10 +21,11 @@ from pipeline.adapters.errors import AdapterConfigError, did_you_mean
 def layers_in_backbone_order(layers: Mapping[str, LayerSpec]) -> list[str]:
     """Layer names shallow to deep: by block_index when every layer has one (so that
     "blocks.10" follows "blocks.9" whatever the mapping order), else in the given order."""
-    if not layers:
+    # Cached keys/values (VQT's "kv.<i>") are not features: never a default input.
+    names = [name for name, spec in layers.items() if not spec.is_kv]
+    if not names:
         raise AdapterConfigError("the store has no layers to build an adapter on")
-    names = list(layers)
-    if all(spec.block_index is not None for spec in layers.values()):
+    if all(layers[name].block_index is not None for name in names):
         names.sort(key=lambda name: layers[name].block_index)
     return names
 

@@ -36,7 +36,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from cache.schema import LayerSpec
+from cache.schema import KV_PREFIX, LayerSpec
 from pipeline.adapters.attention import attend, merge_heads, split_heads
 from pipeline.adapters.base import Adapter
 from pipeline.adapters.errors import AdapterConfigError
@@ -91,7 +91,11 @@ class VQT(Adapter):
             module.requires_grad_(False).eval()
         depth = len(self.frozen.blocks)
         self.final_layer = f"blocks.{depth - 1}"
-        self.use_layers(layers, [block_input_layer(i) for i in range(depth)] + [self.final_layer])
+        # With keys/values cached in stage one (backbone.cache_kv), read them instead of the
+        # block inputs: their projection is then done once per sample, not once per epoch.
+        self.kv_cached = all(kv_layer(i) in layers for i in range(depth))
+        inputs = [kv_layer(i) if self.kv_cached else block_input_layer(i) for i in range(depth)]
+        self.use_layers(layers, inputs + [self.final_layer])
         dim = self.frozen.blocks[0].attn.qkv.in_features
         _check_layers(self.layer_specs, self.final_layer, dim)
 
@@ -105,6 +109,8 @@ class VQT(Adapter):
     @torch.no_grad()
     def keys_values(self, features: Mapping[str, torch.Tensor]) -> KeysValues:
         """Per block, K and V [B, H, T, d_h] of its cached input tokens."""
+        if self.kv_cached:
+            return [_split_cached(block, features[kv_layer(i)]) for i, block in enumerate(self.frozen.blocks)]
         return [
             _keys_values(block, features[block_input_layer(i)])
             for i, block in enumerate(self.frozen.blocks)
@@ -129,6 +135,17 @@ class VQT(Adapter):
         for module in self.frozen.modules():
             module._apply(fn)
         return super()._apply(fn, recurse)
+
+
+def kv_layer(block_index: int) -> str:
+    return f"{KV_PREFIX}{block_index}"
+
+
+def _split_cached(block: Block, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached [B, T, 2D] (the block's qkv output without queries) -> K, V as _keys_values."""
+    attn = block.attn
+    k, v = kv.split(attn.num_heads * attn.head_dim, dim=-1)
+    return attn.k_norm(split_heads(k, attn.num_heads)), split_heads(v, attn.num_heads)
 
 
 def _keys_values(block: Block, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,9 +189,10 @@ def _check_blocks(blocks: tuple[nn.Module, ...]) -> None:
 
 def _check_layers(specs: Mapping[str, LayerSpec], final_layer: str, dim: int) -> None:
     for name, spec in specs.items():
-        if spec.dim != dim:
+        expected = 2 * dim if spec.is_kv else dim  # cached keys|values are twice as wide
+        if spec.dim != expected:
             raise AdapterConfigError(
-                f"VQT: layer {name!r} has width {spec.dim}, the backbone blocks expect {dim}; "
+                f"VQT: layer {name!r} has width {spec.dim}, the backbone blocks expect {expected}; "
                 "are the store and the backbone the same model?"
             )
         if name != final_layer and spec.grid is None:

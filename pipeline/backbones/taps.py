@@ -17,7 +17,7 @@ from typing import Union
 
 import torch
 
-from cache.schema import LayerSpec
+from cache.schema import KV_PREFIX, LayerSpec
 
 EMBED = "embed"
 
@@ -27,7 +27,7 @@ def is_vit(model: torch.nn.Module) -> bool:
 
 
 class LayerTaps:
-    def __init__(self, model: torch.nn.Module, layers: tuple[Union[int, str], ...], block_input: bool, image_size: tuple[int, int]):
+    def __init__(self, model: torch.nn.Module, layers: tuple[Union[int, str], ...], block_input: bool, image_size: tuple[int, int], cache_kv: bool = False):
         self.model = model
         self.vit = is_vit(model)
         self.prefix = int(getattr(model, "num_prefix_tokens", 0)) if self.vit else 0
@@ -42,6 +42,13 @@ class LayerTaps:
         ]
         if self.capture_embed:
             self._handles.append(model.blocks[0].register_forward_pre_hook(self._save_input(EMBED)))
+        self.kv_names: list[str] = []
+        if cache_kv:
+            if not self.vit:
+                raise ValueError("backbone.cache_kv: keys/values are cached for ViT blocks only; this model is not a ViT")
+            for i, block in enumerate(model.blocks):
+                self.kv_names.append(f"{KV_PREFIX}{i}")
+                self._handles.append(block.attn.qkv.register_forward_hook(self._save_keys_values(self.kv_names[-1])))
         self.specs = self._probe_specs(image_size)
 
     # -- resolution ---------------------------------------------------------------------
@@ -98,6 +105,11 @@ class LayerTaps:
             self._captured[name] = output[0] if isinstance(output, (tuple, list)) else output
         return hook
 
+    def _save_keys_values(self, name: str):
+        def hook(_module, _inputs, qkv):
+            self._captured[name] = qkv[..., qkv.shape[-1] // 3:]  # drop the queries: [B, T, 2D]
+        return hook
+
     def _save_input(self, name: str):
         def hook(_module, inputs):
             self._captured[name] = inputs[0]
@@ -109,7 +121,8 @@ class LayerTaps:
         out: dict[str, torch.Tensor] = {}
         if self.index_names:
             indices = sorted(self.index_names)
-            kwargs = dict(indices=indices, intermediates_only=True, stop_early=True)
+            # Cached keys/values need every block to run, not only up to the deepest layer.
+            kwargs = dict(indices=indices, intermediates_only=True, stop_early=not self.kv_names)
             params = inspect.signature(self.model.forward_intermediates).parameters
             if self.vit and "return_prefix_tokens" in params:
                 kwargs.update(output_fmt="NLC", return_prefix_tokens=True)
@@ -123,7 +136,7 @@ class LayerTaps:
             self.model.forward_features(images)
         out.update(self._captured)
         self._captured = {}
-        return {name: out[name] for name in ([EMBED] if self.capture_embed else []) + self.order}
+        return {name: out[name] for name in ([EMBED] if self.capture_embed else []) + self.order + self.kv_names}
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

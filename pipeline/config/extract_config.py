@@ -26,6 +26,9 @@ class BackboneConfig:
     # ViTs: also store the block-0 input (embedded tokens) as layer "embed", so that stage
     # two can run VQT on every block.
     block_input: bool = True
+    # ViTs: also store each block's keys/values of its input tokens (layers "kv.<i>", 2x the
+    # width of a block's tokens), so stage-two VQT skips their projection every epoch.
+    cache_kv: bool = False
     # Passed to timm.create_model (e.g. {drop_path_rate: 0.0}); img_size is set from preprocess.
     model_kwargs: dict[str, Union[int, float, str, bool]] = field(default_factory=dict)
 
