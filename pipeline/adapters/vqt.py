@@ -51,6 +51,8 @@ KeysValues = list[tuple[torch.Tensor, torch.Tensor]]
 @dataclass(frozen=True)
 class VQTHparams:
     num_queries: int = 1
+    # Read keys/values cached in stage one (layers "kv.<i>") when the store has them.
+    use_cached_kv: bool = True
 
     def __post_init__(self):
         require_at_least(self, "num_queries", 1)
@@ -93,7 +95,7 @@ class VQT(Adapter):
         self.final_layer = f"blocks.{depth - 1}"
         # With keys/values cached in stage one (backbone.cache_kv), read them instead of the
         # block inputs: their projection is then done once per sample, not once per epoch.
-        self.kv_cached = all(kv_layer(i) in layers for i in range(depth))
+        self.kv_cached = self.hparams.use_cached_kv and all(kv_layer(i) in layers for i in range(depth))
         inputs = [kv_layer(i) if self.kv_cached else block_input_layer(i) for i in range(depth)]
         self.use_layers(layers, inputs + [self.final_layer])
         dim = self.frozen.blocks[0].attn.qkv.in_features
