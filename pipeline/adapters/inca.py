@@ -18,6 +18,25 @@ transformer tokens) so that early training is driven by the projections rather t
 random query directions.
 `fraction_of_backbone` (from Adapter) reports the adapter's size relative to the backbone,
 the figure InCA is usually quoted with.
+
+How it is computed: projecting every token to K and V costs O(B T D d) per adapter, and under
+fused training (fused.py) every member would repeat that, each with its own LN_in affine.
+Instead the per-token work uses only x = (X - mean_D X) / sqrt(var_D X + eps), LN_in without
+its affine (gamma, beta), which depends on no parameter and so is computed once for all fused
+members. With W_k,h, W_v,h, b_v,h the columns of head h and d_h = d/h:
+
+    G_h    = (Q_h W_k,h^T) * gamma / sqrt(d_h)       [M, D] per head, independent of the batch
+    p_h    = softmax_t(G_h x^T)                      [B, M, T]
+    xbar_h = p_h x                                   [B, M, D]  the tokens pooled per query
+    A_h    = (xbar_h * gamma + beta) W_v,h + b_v,h   [B, M, d_h]
+
+This is the definition above exactly, not an approximation. The scores Q_h K_h^T / sqrt(d_h)
+are G_h x^T + Q_h W_k,h^T beta / sqrt(d_h), and the second term is the same for every token,
+so the softmax over tokens cancels it. The rows of p_h sum to 1, so p_h (x * gamma + beta) =
+xbar_h * gamma + beta: pooling the normalised tokens and then applying the affine and W_v,h
+equals pooling V_h. The cost per member is O(B T D M h) for scores and pooling plus O(B M D d)
+for the values, instead of O(B T D d); gamma and beta go into the small weights and bias,
+never onto the tokens.
 """
 
 from __future__ import annotations
@@ -27,10 +46,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cache.schema import LayerSpec
-from pipeline.adapters.attention import attend, merge_heads, split_heads
+from pipeline.adapters.attention import merge_heads, pool_tokens, split_heads
 from pipeline.adapters.base import Adapter, last_layer_name
 from pipeline.adapters.hparams import HparamValueError, require_at_least
 from pipeline.adapters.registry import register_adapter
@@ -86,12 +106,26 @@ class InCA(Adapter):
         self.head = nn.Linear(head_width, num_classes)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        heads = self.hparams.num_heads
-        tokens = self.norm_in(features[self.layer])
-        q = split_heads(self.q_proj(self.queries), heads)  # [H, M, d/H], shared by the batch
-        k = split_heads(self.k_proj(tokens), heads)  # [B, H, T, d/H]
-        v = split_heads(self.v_proj(tokens), heads)
-        attended = merge_heads(attend(q, k, v, self.scale))  # [B, M, d]
+        heads, queries = self.hparams.num_heads, self.hparams.num_queries
+        tokens = features[self.layer]
+        # No affine: parameter-free, so shared by fused members (see the module docstring).
+        normed = F.layer_norm(tokens, tokens.shape[-1:], eps=self.norm_in.eps)  # [B, T, D]
+        gamma, beta = self.norm_in.weight, self.norm_in.bias
+        q = split_heads(self.q_proj(self.queries), heads) * self.scale  # [H, M, d/H]
+        w_k = self.k_proj.weight.unflatten(0, (heads, -1))  # [H, d/H, D]
+        w_v = self.v_proj.weight.unflatten(0, (heads, -1))
+        score_dirs = ((q @ w_k) * gamma).flatten(0, 1)  # [H*M, D]
+        # One product with the token matrix: vmap stacks the members' rows of score_dirs.
+        scores = (score_dirs @ normed.flatten(0, 1).mT).unflatten(1, normed.shape[:2])
+        weights = scores.softmax(dim=-1)  # [H*M, B, T]
+        pooled = pool_tokens(weights.transpose(0, 1), normed)  # [B, H*M, D]
+        value_proj = (w_v * gamma).mT.repeat_interleave(queries, dim=0)  # [H*M, D, d/H]
+        # Samples as rows: under vmap this multiplies pool_tokens' output where it lies,
+        # while a per-sample product would first copy it into one block per (member, head).
+        values = torch.bmm(pooled.transpose(0, 1), value_proj)  # [H*M, B, d/H]
+        values = values.unflatten(0, (heads, queries)).permute(2, 0, 1, 3)  # [B, H, M, d/H]
+        # concat_h (beta W_v,h + b_v,h) is v_proj(beta).
+        attended = merge_heads(values) + self.v_proj(beta)  # [B, M, d]
         outputs = self.norm_out(self.out_proj(attended))
         if self.hparams.readout == "mean":
             return self.head(outputs.mean(dim=1))
