@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. epochs=3")
 
+    sw = sub.add_parser("sweep", help="hyperparameter search: many fused train jobs from a store, run on dask")
+    sw.add_argument("config")
+    sw.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. epochs=2 num_trials=20")
+    sw.add_argument("--scheduler", metavar="ADDR", help="address of a running dask scheduler (tcp://HOST:PORT); default: a local cluster")
+    sw.add_argument("--workers", type=int,
+                    help="worker processes of the local cluster (default: one per core); 0 runs the jobs in this process")
+
     pr = sub.add_parser("predict", help="apply saved adapters (several tasks) to images, one backbone pass per batch")
     pr.add_argument("--adapters", nargs="+", required=True, help="saved adapter directories (runs/*/adapters/NN_*)")
     pr.add_argument("images", nargs="*", help="image files or folders (after the adapter directories)")
@@ -40,17 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     from pipeline.config import ConfigError
+    from pipeline.sweep import SweepJobsFailed
 
     try:
         if args.command == "extract":
             return _extract(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "predict":
             return _predict(args)
         if args.command == "inspect":
             return _inspect(args)
-    except (ConfigError, StoreError, ValueError, FileNotFoundError, KeyError) as e:
+    except (ConfigError, StoreError, ValueError, FileNotFoundError, KeyError, SweepJobsFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1
@@ -73,6 +83,16 @@ def _train(args) -> int:
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     run_train(cfg)
+    print((Path(cfg.output) / "results.md").read_text())
+    return 0
+
+
+def _sweep(args) -> int:
+    from pipeline.config import SweepConfig, load_config
+    from pipeline.sweep import run_sweep
+
+    cfg = load_config(SweepConfig, args.config, args.overrides)
+    run_sweep(cfg, scheduler=args.scheduler, workers=args.workers)
     print((Path(cfg.output) / "results.md").read_text())
     return 0
 

@@ -156,6 +156,12 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: got {value!r}, expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: got {value!r}, expected a number")
             return value

@@ -71,6 +71,8 @@ def _name(kind: str, arch: dict, lr: float, wd: float, seed: int, entry: Adapter
     parts = [kind]
     if "layer" in arch:
         parts.append(f"@{arch['layer']}")
+    if arch.get("layers"):
+        parts.append("@" + "+".join(arch["layers"]))
     extras = [f"{k}={v}" for k, v in sorted(arch.items()) if k not in ("layer", "layers")]
     if extras:
         parts.append("[" + ",".join(extras) + "]")

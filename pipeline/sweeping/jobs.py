@@ -1,0 +1,123 @@
+"""Trials -> fused jobs, a job -> a train config, and the task a dask worker runs.
+
+Trials with the same kind and architecture (differing in lr, weight decay or seed) form one
+fused group, as in `train`. Groups are packed into jobs of at most `trials_per_job` trials,
+groups reading the same layers next to each other, so one job's single cache pass per epoch
+serves many trials. A group larger than the cap is cut into pieces of the cap.
+
+A trial's result does not depend on which other trials share its job: the batches depend on
+the seed and epoch only (not on which layers are read), each member's init on its own seed,
+and the schedule is per step. Early stopping is not offered because in `train` it stops a
+whole job at once, which would couple trials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from cache.schema import LayerSpec
+from pipeline.config import TrainConfig, build
+from pipeline.config.sweep_config import SweepConfig
+from pipeline.config.train_config import AdapterEntry
+from pipeline.sweeping.space import Trial
+from pipeline.train import run_train
+from pipeline.training.members import expand
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    trials: tuple[Trial, ...]
+    members: tuple[str, ...]  # the member name `train` gives each trial (its row's "adapter")
+    config: TrainConfig
+
+
+def adapter_entry(trial: Trial) -> dict:
+    """The train config's `adapters` entry that expands to exactly this trial's member."""
+    hparams = {k: v for k, v in trial.hparams.items() if k not in ("layer", "layers")}
+    entry = {"kind": trial.kind, "hparams": hparams, "lr": trial.lr, "weight_decay": trial.weight_decay, "seeds": [trial.seed]}
+    if "layer" in trial.hparams:
+        entry["layers"] = [trial.hparams["layer"]]
+    elif "layers" in trial.hparams:
+        entry["layers"] = list(trial.hparams["layers"])
+    return entry
+
+
+def member_name(trial: Trial, layers: Mapping[str, LayerSpec]) -> str:
+    """Asked of `members.expand` itself, so the name always matches the row `train` writes."""
+    entry = build(AdapterEntry, adapter_entry(trial), source=f"trial {trial.id}")
+    (member,) = expand((entry,), layers, trial.seed)
+    return member.name
+
+
+def plan_jobs(trials: list[Trial], cfg: SweepConfig, layers: Mapping[str, LayerSpec]) -> list[Job]:
+    groups: dict[str, list[Trial]] = {}
+    for t in trials:
+        groups.setdefault(t.shape_key, []).append(t)
+    pieces = [g[i: i + cfg.trials_per_job] for g in groups.values() for i in range(0, len(g), cfg.trials_per_job)]
+    pieces.sort(key=lambda p: _layers_read(p[0]))  # stable: ties keep the trials' order
+    jobs: list[list[tuple[Trial, str]]] = []
+    for piece in pieces:
+        named = [(t, member_name(t, layers)) for t in piece]
+        # `train` refuses two members with one name, so trials whose names would clash go
+        # to different jobs.
+        current = jobs[-1] if jobs else []
+        fits = len(current) + len(named) <= cfg.trials_per_job and not {n for _, n in current} & {n for _, n in named}
+        if current and fits:
+            current.extend(named)
+        else:
+            jobs.append(named)
+    return [_job(cfg, [t for t, _ in j], [n for _, n in j]) for j in jobs]
+
+
+def _layers_read(trial: Trial) -> str:
+    return json.dumps([trial.hparams.get("layer"), trial.hparams.get("layers")])
+
+
+def _job(cfg: SweepConfig, trials: list[Trial], names: list[str]) -> Job:
+    job_id = hashlib.sha256(",".join(sorted(t.id for t in trials)).encode()).hexdigest()[:12]
+    # Absolute paths: a worker's working directory need not be the driver's.
+    data = {**cfg.train_settings(), "store": str(Path(cfg.store).resolve()), "save_top": cfg.save_top,
+            "output": str((Path(cfg.output) / "jobs" / job_id).resolve()),
+            "adapters": [adapter_entry(t) for t in trials]}
+    return Job(job_id, tuple(trials), tuple(names), build(TrainConfig, data, source=f"job {job_id}"))
+
+
+def run_job(cfg: TrainConfig, workers_per_host: Optional[dict[str, int]]) -> list[dict]:
+    """The dask task: train one job's members together and return `train`'s rows.
+
+    workers_per_host (on dask): torch gets cores / (workers on this host) threads, which is 1
+    when workers >= cores as on a small machine. Each worker would otherwise start one
+    OpenMP thread per core, N workers x cores threads would fight for the cores, and
+    OpenMP's spinning barriers make small adapters many times slower. (dask's nanny also
+    sets OMP_NUM_THREADS=1, which would leave a lone worker on a big host with one thread.)
+    None: in-process, the caller's setting stays.
+    """
+    if workers_per_host is not None:
+        from distributed import get_worker
+        from distributed.comm import get_address_host
+
+        sharing = workers_per_host.get(get_address_host(get_worker().address), 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
+    return run_train(cfg)["rows"]
+
+
+def trial_rows(job: Job, rows: list[dict]) -> list[dict]:
+    """Match `train`'s rows to the job's trials by member name; one row per trial."""
+    by_name = {r["adapter"]: r for r in rows}
+    missing = [n for n in job.members if n not in by_name]
+    if missing or len(rows) != len(job.trials):
+        raise RuntimeError(f"job {job.id}: expected rows for {list(job.members)}, got {sorted(by_name)}")
+    out = []
+    for trial, name in zip(job.trials, job.members):
+        r = by_name[name]
+        out.append({"trial": trial.id, "config": trial.config(), "member": name, "job": job.id,
+                    "metrics": {k: r[k] for k in ("val_acc", "test_acc", "params", "train_s")}})
+    return out

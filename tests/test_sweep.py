@@ -1,0 +1,210 @@
+"""sweep: config errors, deterministic trials, dask == in-process, reruns skip, a killed worker."""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, SweepConfig, TrainConfig, build, load_config
+from pipeline.extract import run_extract
+from pipeline.sweep import local_cluster, run_sweep
+from pipeline.sweeping.jobs import plan_jobs
+from pipeline.sweeping.space import make_trials, new_trial
+from pipeline.train import run_train
+from tests.conftest import tiny_config
+from tests.test_train import colour_folder
+
+pytestmark = pytest.mark.dask
+
+# 8 linear trials in 2 fused groups of 4 (one per layer) + 4 InCA trials in 2 groups of 2.
+GRID = [
+    {"kind": "linear", "layer": ["blocks.0", "blocks.5"], "lr": [0.003, 0.03], "weight_decay": [0.0, 1.0e-4]},
+    {"kind": "inca", "layer": ["blocks.5"], "lr": [0.003, 0.01], "hparams": {"num_heads": [2, 4]}},
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("colour")
+    cfg = tiny_config(tmp, colour_folder(tmp / "images"), "backbone.layers=[0, -1]", "store.samples_per_chunk=8")
+    run_extract(cfg)
+    return cfg.store.path  # layers: embed, blocks.0, blocks.5
+
+
+def sweep_data(store, out, space=GRID, **extra) -> dict:
+    return {"store": store, "output": str(out), "val_fraction": 0.25, "test_split": "val", "epochs": 2,
+            "batch_size": 8, "warmup_epochs": 0.5, "trials_per_job": 4, "space": space, **extra}
+
+
+def read_rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+
+
+def test_config_errors_name_keys():
+    with pytest.raises(ConfigError) as e:
+        build(SweepConfig, sweep_data("s", "o", search="random", num_trials=3, space=[
+            {"kind": "lineer"},
+            {"kind": "linear", "lr": {"low": 0.1, "high": 0.01}, "layers": [["a"]]},
+            {"kind": "inca", "hparams": {"nheads": [2]}, "weight_decay": {"low": 0, "high": 1, "log": True}},
+            {"kind": "losa", "hparams": {"rank": [0, 4]}, "lr": {"low": 1e-4, "hi": 1e-2}},
+        ]))
+    msg = str(e.value)
+    for expected in [
+        "space[0].kind: unknown adapter kind 'lineer' (did you mean 'linear'?)",
+        "space[1].lr: got low=0.1, high=0.01, expected low < high",
+        "space[1].layers: adapter 'linear' has no `layers` hyperparameter; use `layer`",
+        "space[2].hparams.nheads: adapter 'inca' has no hyperparameter 'nheads'",
+        "space[2].weight_decay: got low=0 with log: true, expected low > 0",
+        "space[3].hparams.rank: adapter 'losa': hyperparameter 'rank' = 0 is invalid",
+        "space[3].lr: got {'low': 0.0001, 'hi': 0.01}, expected a range {low, high, log}; unknown ['hi']; missing ['high']",
+    ]:
+        assert expected in msg, f"{expected!r} missing from:\n{msg}"
+    # Whole-config checks (they run once every entry is valid).
+    with pytest.raises(ConfigError, match=r"space\[0\].lr: got range .* search: grid needs a list"):
+        build(SweepConfig, sweep_data("s", "o", space=[{"kind": "linear", "lr": {"low": 1e-3, "high": 1e-2}}]))
+    with pytest.raises(ConfigError, match="num_trials: got None, expected an integer > 0 for search: random"):
+        build(SweepConfig, sweep_data("s", "o", search="random"))
+
+
+def test_trials_are_deterministic_and_ids_stable():
+    grid = make_trials(build(SweepConfig, sweep_data("s", "o")), {})
+    assert len(grid) == 12 and len({t.id for t in grid}) == 12
+    # Expansion order: entry, layer, hparams, lr, weight decay, seed.
+    assert [(t.hparams["layer"], t.lr, t.weight_decay) for t in grid[:3]] == [("blocks.0", 0.003, 0.0), ("blocks.0", 0.003, 1e-4), ("blocks.0", 0.03, 0.0)]
+    space = [{"kind": "inca", "layer": ["blocks.0", "blocks.5"], "lr": {"low": 1e-4, "high": 1e-1, "log": True},
+              "hparams": {"num_heads": [2, 4], "num_queries": {"low": 1, "high": 4}}, "seeds": [0, 1]}]
+    random = lambda **kw: make_trials(build(SweepConfig, sweep_data("s", "o", space, search="random", **{"num_trials": 5, **kw})), {})
+    first = random()
+    assert [t.config() for t in first] == [t.config() for t in random()]
+    assert [t.id for t in random(num_trials=8)[:10]] == [t.id for t in first]  # more samples extend the list
+    assert [t.config() for t in random(seed=1)] != [t.config() for t in first]
+    assert len(first) == 10 and [t.seed for t in first[:2]] == [0, 1]
+    assert all(1e-4 <= t.lr <= 1e-1 and isinstance(t.hparams["num_queries"], int) for t in first)
+    # The id hashes the canonical JSON: key order does not matter, the training context does.
+    a = new_trial("inca", {"num_heads": 2, "layer": "blocks.0"}, 0.001, 0.0, 0, {"epochs": 2})
+    b = new_trial("inca", {"layer": "blocks.0", "num_heads": 2}, 1e-3, 0, 0, {"epochs": 2})
+    assert a.id == b.id == "8d70828f28d1"
+    assert new_trial("inca", a.hparams, 0.001, 0.0, 0, {"epochs": 3}).id != a.id
+
+
+def test_jobs_keep_fused_groups_together(store):
+    from cache import open_store
+
+    layers = open_store(store).layers
+    cfg = build(SweepConfig, sweep_data(store, "o"))
+    jobs = plan_jobs(make_trials(cfg, {}), cfg, layers)
+    assert [len(j.trials) for j in jobs] == [4, 4, 4]
+    for job in jobs:
+        assert len({t.shape_key for t in job.trials}) == (1 if job.trials[0].kind == "linear" else 2)
+        assert len(set(job.members)) == 4 and job.config.save_top == 0 and job.config.output.endswith(job.id)
+    # LoSA trials that differ in their layer set get distinct member names, so one job (one
+    # cache pass) trains both.
+    losa = build(SweepConfig, sweep_data(store, "o", [{"kind": "losa", "layers": [["blocks.0", "blocks.5"], ["embed", "blocks.5"]],
+                                                       "hparams": {"rank": 2}}]))
+    (job,) = plan_jobs(make_trials(losa, {}), losa, layers)
+    assert len(job.trials) == 2 and len(set(job.members)) == 2
+
+
+@pytest.fixture(scope="module")
+def dask_sweep(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "out"
+    cfg = build(SweepConfig, sweep_data(store, out))
+    return cfg, run_sweep(cfg, workers=2)
+
+
+def test_dask_sweep_equals_in_process(dask_sweep, store, tmp_path):
+    cfg, result = dask_sweep
+    rows = read_rows(Path(cfg.output))
+    assert result["jobs"] == 3 and len(rows) == 12 and len({r["trial"] for r in rows}) == 12
+    # The same trials trained in this process, all in one run (one entry per trial).
+    entries = [{"kind": r["config"]["kind"], "layers": [r["config"]["hparams"]["layer"]],
+                "hparams": {k: v for k, v in r["config"]["hparams"].items() if k != "layer"},
+                "lr": r["config"]["lr"], "weight_decay": r["config"]["weight_decay"], "seeds": [r["config"]["seed"]]} for r in rows]
+    reference = run_train(build(TrainConfig, {**cfg.train_settings(), "store": store, "output": str(tmp_path), "save_top": 0, "adapters": entries}))
+    expected = {r["adapter"]: (r["val_acc"], r["test_acc"]) for r in reference["rows"]}
+    assert {r["member"]: (r["metrics"]["val_acc"], r["metrics"]["test_acc"]) for r in rows} == expected
+    assert max(r["metrics"]["val_acc"] for r in rows) >= 0.9
+
+
+def test_outputs_and_best_config(dask_sweep):
+    cfg, result = dask_sweep
+    out = Path(cfg.output)
+    rows = read_rows(out)
+    for kind in ("linear", "inca"):
+        mine = [r for r in rows if r["config"]["kind"] == kind]
+        assert result["best"][kind]["metrics"]["val_acc"] == max(r["metrics"]["val_acc"] for r in mine)
+    best_yaml = out / "best_train_config.yaml"
+    assert best_yaml.read_text().splitlines()[0] == f"# python -m pipeline train {best_yaml}"
+    best = load_config(TrainConfig, str(best_yaml))
+    assert [e.kind for e in best.adapters] == ["linear", "inca"] and best.epochs == cfg.epochs
+    assert best.adapters[0].lr == result["best"]["linear"]["config"]["lr"]
+    table = (out / "results.md").read_text().splitlines()
+    accs = [float(line.split("|")[9]) for line in table[2:14]]
+    assert len(accs) == 12 and accs == sorted(accs, reverse=True)
+    for name in ("lr", "weight_decay", "layer", "num_heads"):
+        assert (out / f"score_vs_{name}.png").stat().st_size > 0, name
+
+
+def test_rerun_skips_finished_trials(dask_sweep):
+    cfg, _ = dask_sweep
+    before = (Path(cfg.output) / "trials.jsonl").read_bytes()
+    t0 = time.perf_counter()
+    again = run_sweep(cfg, workers=2)
+    assert again["jobs"] == 0 and again["already_done"] == 12 and len(again["rows"]) == 12
+    assert (Path(cfg.output) / "trials.jsonl").read_bytes() == before
+    assert time.perf_counter() - t0 < 5  # no cluster was started
+
+
+def test_partial_line_and_lost_rows_rerun_in_process(dask_sweep, tmp_path):
+    """A crash mid-write leaves a partial last line; rows that never arrived are trained again
+    (here in this process, through the CLI) and give the same scores as on dask."""
+    cfg, _ = dask_sweep
+    out = tmp_path / "out"
+    shutil.copytree(cfg.output, out)
+    rows = read_rows(out)
+    lost = [r for r in rows if r["job"] == rows[-1]["job"]]
+    kept = [r for r in rows if r["job"] != rows[-1]["job"]]
+    (out / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"trial": "abc", "conf')
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**json.loads((out / "sweep_config.json").read_text()), "output": str(out)}))
+    assert main(["sweep", str(config), "--workers", "0"]) == 0
+    again = read_rows(out)
+    assert len(again) == 12 and len({r["trial"] for r in again}) == 12
+    assert {r["trial"]: r["metrics"]["val_acc"] for r in again[len(kept):]} == {r["trial"]: r["metrics"]["val_acc"] for r in lost}
+
+
+def test_killed_worker_job_is_retried(store, tmp_path):
+    from distributed import Client
+
+    out = tmp_path / "out"
+    cfg = build(SweepConfig, sweep_data(store, out, GRID[:1], epochs=6))  # 8 trials, 2 jobs
+    killed, finished = [], threading.Event()
+
+    def kill_a_worker_mid_job(client, pids):
+        while not killed and not finished.is_set():
+            started = {p.parent.name for p in (out / "jobs").glob("*/config.json")} if (out / "jobs").exists() else set()
+            for address, keys in client.processing().items():
+                if any(str(k).removeprefix("sweep-job-") in started for k in keys):
+                    os.kill(pids[address], signal.SIGKILL)
+                    killed.append(address)
+                    break
+            time.sleep(0.02)
+
+    with local_cluster(2) as cluster, Client(cluster) as client:  # the cluster `sweep` would start
+        killer = threading.Thread(target=kill_a_worker_mid_job, args=(client, client.run(os.getpid)))
+        killer.start()
+        try:
+            result = run_sweep(cfg, scheduler=cluster.scheduler_address)
+        finally:
+            finished.set()
+            killer.join()
+    assert killed, "no job was seen running"
+    rows = read_rows(out)
+    assert result["jobs"] == 2 and len(rows) == 8 and len({r["trial"] for r in rows}) == 8
