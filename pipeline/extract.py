@@ -42,6 +42,8 @@ class ExtractPlan:
     sources: dict[str, SplitSource]
     chunks: ChunkPlan
     device: torch.device
+    streamed: int = 0  # samples computed by this run
+    stream_seconds: float = 0.0  # their wall time, from the first batch to the last write
 
     def bytes_per_sample(self, spec: LayerSpec) -> int:
         per = spec.tokens * spec.dim * BYTES_PER_VALUE[self.cfg.store.dtype]
@@ -176,6 +178,8 @@ def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, so
         bar.close()
     background.close()
     elapsed = time.perf_counter() - start
+    plan.streamed += len(indices)
+    plan.stream_seconds += elapsed
     log.info("split %s: %d samples in %.1f s (%.1f img/s, %.1f MB/s written before compression)", split, len(indices), elapsed, len(indices) / elapsed, background.bytes_written / 1e6 / elapsed)
 
 
