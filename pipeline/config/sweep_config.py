@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from pipeline.adapters import ADAPTERS, AdapterConfigError, adapter_class, parse_hparams
+from pipeline.config.train_config import TrainingSettings
 
 
 @dataclass(frozen=True)
@@ -170,31 +171,22 @@ class SpaceEntry:
         return out
 
 
-@dataclass(frozen=True)
-class SweepConfig:
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig(TrainingSettings):
     store: str
     output: str
     space: tuple[SpaceEntry, ...]
     search: Literal["grid", "random"] = "grid"
     num_trials: Optional[int] = None  # random search: samples per space entry
     trials_per_job: int = 16
-    train_split: str = "train"
-    val_split: Optional[str] = None
-    val_fraction: float = 0.1
-    test_split: Optional[str] = None
-    epochs: int = 10
-    batch_size: int = 256
-    warmup_epochs: float = 1.0
-    seed: int = 0
-    save_top: int = 0
+    save_top: int = 0  # adapters saved per job (the exported best config retrains them)
 
     def train_settings(self) -> dict:
         """The train-config keys every trial shares (they enter each trial's id)."""
-        keys = ("train_split", "val_split", "val_fraction", "test_split", "epochs", "batch_size", "warmup_epochs", "seed")
-        return {k: getattr(self, k) for k in keys}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingSettings) if f.name != "save_top"}
 
     def problems(self) -> list[str]:
-        out = []
+        out = self.training_problems()
         if not self.space:
             out.append("space: got [], expected at least one adapter entry")
         if self.search == "random" and (self.num_trials is None or self.num_trials <= 0):
@@ -207,13 +199,6 @@ class SweepConfig:
                                    **{f"hparams.{k}": v for k, v in entry.hparams.items()}}.items():
                     if isinstance(value, dict):
                         out.append(f"space[{i}].{key}: got range {value!r}, but search: grid needs a list of values")
-        if self.val_split is None and not 0 < self.val_fraction < 1:
-            out.append(f"val_fraction: got {self.val_fraction}, expected a value in (0, 1)")
-        for key in ("epochs", "batch_size", "trials_per_job"):
-            if getattr(self, key) <= 0:
-                out.append(f"{key}: got {getattr(self, key)}, expected > 0")
-        if self.warmup_epochs < 0:
-            out.append(f"warmup_epochs: got {self.warmup_epochs}, expected >= 0")
-        if self.save_top < 0:
-            out.append(f"save_top: got {self.save_top}, expected >= 0")
+        if self.trials_per_job <= 0:
+            out.append(f"trials_per_job: got {self.trials_per_job}, expected > 0")
         return out

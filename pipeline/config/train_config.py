@@ -52,39 +52,52 @@ class AdapterEntry:
         return out
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    store: str
-    output: str
-    adapters: tuple[AdapterEntry, ...]
+@dataclass(frozen=True, kw_only=True)
+class TrainingSettings:
+    """How every adapter is trained; shared by `train` configs and by each trial of a sweep."""
+
     train_split: str = "train"
-    # null: carve val_fraction of the train split (seeded, stratified by nothing: uniform).
+    # null: carve val_fraction of the train split (seeded, uniform).
     val_split: Optional[str] = None
     val_fraction: float = 0.1
     test_split: Optional[str] = None
     epochs: int = 10
     batch_size: int = 256
     warmup_epochs: float = 1.0
-    # Stop when no member's validation accuracy improved for this many epochs; null = never.
-    early_stopping_patience: Optional[int] = None
-    ensemble_top_k: int = 3
-    save_top: int = 3  # how many of the best members (by validation) to save
     seed: int = 0
-    log_every: int = 20  # steps between metrics lines
+    save_top: int = 3  # how many of the best members (by validation) to save
 
-    def problems(self) -> list[str]:
+    def training_problems(self) -> list[str]:
         out = []
-        if not self.adapters:
-            out.append("adapters: got [], expected at least one adapter entry")
         if self.val_split is None and not 0 < self.val_fraction < 1:
             out.append(f"val_fraction: got {self.val_fraction}, expected a value in (0, 1)")
-        for key in ("epochs", "batch_size", "ensemble_top_k", "log_every"):
+        for key in ("epochs", "batch_size"):
             if getattr(self, key) <= 0:
                 out.append(f"{key}: got {getattr(self, key)}, expected > 0")
         if self.warmup_epochs < 0:
             out.append(f"warmup_epochs: got {self.warmup_epochs}, expected >= 0")
         if self.save_top < 0:
             out.append(f"save_top: got {self.save_top}, expected >= 0")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(TrainingSettings):
+    store: str
+    output: str
+    adapters: tuple[AdapterEntry, ...]
+    # Stop when no member's validation accuracy improved for this many epochs; null = never.
+    early_stopping_patience: Optional[int] = None
+    ensemble_top_k: int = 3
+    log_every: int = 20  # steps between metrics lines
+
+    def problems(self) -> list[str]:
+        out = self.training_problems()
+        if not self.adapters:
+            out.append("adapters: got [], expected at least one adapter entry")
+        for key in ("ensemble_top_k", "log_every"):
+            if getattr(self, key) <= 0:
+                out.append(f"{key}: got {getattr(self, key)}, expected > 0")
         if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
             out.append(f"early_stopping_patience: got {self.early_stopping_patience}, expected > 0 or null")
         return out
