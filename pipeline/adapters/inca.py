@@ -37,6 +37,11 @@ xbar_h * gamma + beta: pooling the normalised tokens and then applying the affin
 equals pooling V_h. The cost per member is O(B T D M h) for scores and pooling plus O(B M D d)
 for the values, instead of O(B T D d); gamma and beta go into the small weights and bias,
 never onto the tokens.
+
+When the layer has few, wide tokens (M h D > T d, e.g. a CNN's 3x3 final stage), the pooled
+tokens [B, M h, D] would be larger than the values themselves, so the values are projected
+first, V_h = x (gamma W_v,h^T) (+ the same constant bias), and then pooled with p_h: the same
+sums in the other order (16 fused members on [256, 9, 320]: 104 -> 62 ms a step).
 """
 
 from __future__ import annotations
@@ -118,12 +123,19 @@ class InCA(Adapter):
         # One product with the token matrix: vmap stacks the members' rows of score_dirs.
         scores = (score_dirs @ normed.flatten(0, 1).mT).unflatten(1, normed.shape[:2])
         weights = scores.softmax(dim=-1)  # [H*M, B, T]
-        pooled = pool_tokens(weights.transpose(0, 1), normed)  # [B, H*M, D]
-        value_proj = (w_v * gamma).mT.repeat_interleave(queries, dim=0)  # [H*M, D, d/H]
-        # Samples as rows: under vmap this multiplies pool_tokens' output where it lies,
-        # while a per-sample product would first copy it into one block per (member, head).
-        values = torch.bmm(pooled.transpose(0, 1), value_proj)  # [H*M, B, d/H]
-        values = values.unflatten(0, (heads, queries)).permute(2, 0, 1, 3)  # [B, H, M, d/H]
+        tokens_count, width = normed.shape[1:]
+        if queries * heads * width > tokens_count * self.v_proj.out_features:
+            # Few, wide tokens (a CNN's last stages): the pooled tokens [B, H*M, D] would be
+            # larger than the projected values [B, T, d], so project first, then pool.
+            token_values = split_heads(F.linear(normed, self.v_proj.weight * gamma), heads)  # [B, H, T, d/H]
+            values = weights.unflatten(0, (heads, queries)).permute(2, 0, 1, 3) @ token_values  # [B, H, M, d/H]
+        else:
+            pooled = pool_tokens(weights.transpose(0, 1), normed)  # [B, H*M, D]
+            value_proj = (w_v * gamma).mT.repeat_interleave(queries, dim=0)  # [H*M, D, d/H]
+            # Samples as rows: under vmap this multiplies pool_tokens' output where it lies,
+            # while a per-sample product would first copy it into one block per (member, head).
+            values = torch.bmm(pooled.transpose(0, 1), value_proj)  # [H*M, B, d/H]
+            values = values.unflatten(0, (heads, queries)).permute(2, 0, 1, 3)  # [B, H, M, d/H]
         # concat_h (beta W_v,h + b_v,h) is v_proj(beta).
         attended = merge_heads(values) + self.v_proj(beta)  # [B, M, d]
         outputs = self.norm_out(self.out_proj(attended))
