@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. store.dtype=int8")
     ex.add_argument("--dry-run", action="store_true", help="print the plan (samples, layers, shapes, GB) and stop")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing store made with a different config")
+    ex.add_argument("--scheduler", help="run on this dask cluster (tcp://HOST:PORT), shard-aligned pieces per worker")
+    ex.add_argument("--workers", type=int, help="run on a local dask cluster of this many worker processes")
 
     tr = sub.add_parser("train", help="stage two: train many adapters from a store in one pass per epoch")
     tr.add_argument("config")
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     from pipeline.config import ConfigError
+    from pipeline.distributed_extract import ExtractTasksFailed
     from pipeline.sweep import SweepJobsFailed
 
     try:
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(args)
         if args.command == "inspect":
             return _inspect(args)
-    except (ConfigError, StoreError, ValueError, FileNotFoundError, KeyError, SweepJobsFailed) as e:
+    except (ConfigError, StoreError, ValueError, FileNotFoundError, KeyError, SweepJobsFailed, ExtractTasksFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1
@@ -71,6 +74,11 @@ def _extract(args) -> int:
     from pipeline.extract import run_extract
 
     cfg = load_config(ExtractConfig, args.config, args.overrides)
+    if (args.scheduler or args.workers) and not args.dry_run:
+        from pipeline.distributed_extract import run_distributed_extract
+
+        run_distributed_extract(cfg, scheduler=args.scheduler, workers=args.workers or 2, overwrite=args.overwrite)
+        return 0
     plan = run_extract(cfg, dry_run=args.dry_run, overwrite=args.overwrite)
     if args.dry_run:
         print(plan.report())

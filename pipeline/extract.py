@@ -113,7 +113,25 @@ def run_extract(cfg: ExtractConfig, dry_run: bool = False, overwrite: bool = Fal
     if dry_run:
         return plan
     log.info("plan:\n%s", plan.report())
-    writer = StoreWriter.open(
+    writer = open_writer(plan, overwrite)
+    model = _prepare_model(plan)
+    for split, source in plan.sources.items():
+        missing = writer.missing_chunks(split)
+        if not missing:
+            log.info("split %s: complete, nothing to do", split)
+            continue
+        _extract_split(plan, model, writer, split, source, missing)
+    manifest = writer.finalize()
+    skipped = sum(len(v) for v in manifest["skipped"].values())
+    log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, _disk_mb(Path(cfg.store.path)), skipped, time.perf_counter() - t0)
+    plan.taps.close()
+    return plan
+
+
+def open_writer(plan: ExtractPlan, overwrite: bool = False) -> StoreWriter:
+    """Create the store for this plan, or reopen it when its fingerprint matches."""
+    cfg = plan.cfg
+    return StoreWriter.open(
         cfg.store.path,
         fingerprint(plan),
         plan.specs,
@@ -129,18 +147,14 @@ def run_extract(cfg: ExtractConfig, dry_run: bool = False, overwrite: bool = Fal
         },
         overwrite=overwrite,
     )
-    model = _prepare_model(plan)
-    for split, source in plan.sources.items():
-        missing = writer.missing_chunks(split)
-        if not missing:
-            log.info("split %s: complete, nothing to do", split)
-            continue
-        _extract_split(plan, model, writer, split, source, missing)
-    manifest = writer.finalize()
-    skipped = sum(len(v) for v in manifest["skipped"].values())
-    log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, _disk_mb(Path(cfg.store.path)), skipped, time.perf_counter() - t0)
-    plan.taps.close()
-    return plan
+
+
+def extract_chunks(plan: ExtractPlan, writer: StoreWriter, split: str, chunks: list[int]) -> int:
+    """Compute the given chunks of one split that are not stamped yet; returns how many."""
+    todo = sorted(set(chunks) & set(writer.missing_chunks(split)))
+    if todo:
+        _extract_split(plan, _prepare_model(plan), writer, split, plan.sources[split], todo)
+    return len(todo)
 
 
 def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, source: SplitSource, missing: list[int]) -> None:

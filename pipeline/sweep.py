@@ -22,8 +22,6 @@ import json
 import logging
 import os
 import time
-from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -31,6 +29,7 @@ from cache import CacheReader, open_store
 from pipeline.adapters import adapter_class, build_adapter
 from pipeline.config import ConfigError, to_dict
 from pipeline.config.sweep_config import SweepConfig
+from pipeline.dask_cluster import dask_client, workers_per_host
 from pipeline.sweeping.export import best_per_kind, results_markdown, write_best_train_config
 from pipeline.sweeping.jobs import Job, plan_jobs, run_job, trial_rows
 from pipeline.sweeping.plots import plot_scores
@@ -132,8 +131,8 @@ def _execute(jobs: list[Job], scheduler: Optional[str], workers: int) -> Iterato
         return
     from distributed import as_completed
 
-    with _client(scheduler, workers) as client:
-        per_host = _workers_per_host(client)
+    with dask_client(scheduler, workers) as client:
+        per_host = workers_per_host(client)
         log.info("dask: %d workers on %d host(s); dashboard %s", sum(per_host.values()), len(per_host), client.dashboard_link)
         futures = {client.submit(run_job, job.config, per_host, key=f"sweep-job-{job.id}", pure=False, retries=JOB_RETRIES): job
                    for job in jobs}
@@ -142,57 +141,6 @@ def _execute(jobs: list[Job], scheduler: Optional[str], workers: int) -> Iterato
                 yield futures[future], future.result()
             except Exception as e:
                 yield futures[future], e
-
-
-@contextmanager
-def _client(scheduler: Optional[str], workers: int):
-    from distributed import Client
-
-    if scheduler:
-        with Client(scheduler) as client:
-            yield client
-        return
-    with local_cluster(workers) as cluster, Client(cluster) as client:
-        yield client
-
-
-@contextmanager
-def local_cluster(workers: int):
-    """The default cluster: `workers` worker processes on this machine, one thread each (a
-    job is CPU-bound torch, so parallelism comes from processes)."""
-    import dask
-    from distributed import LocalCluster
-
-    # Worker progress bars would interleave on this terminal; the driver logs progress. The
-    # cluster's start/stop chatter (INFO) is muted while it lives; warnings, such as a
-    # worker restarted after dying, still show.
-    dask_log = logging.getLogger("distributed")
-    level = dask_log.level
-    dask_log.setLevel(logging.WARNING)
-    try:
-        # Environment set before each worker process is spawned (the nanny's `env` would come
-        # too late: spawning re-imports the driver's main script, which may import tqdm).
-        # dask's default MALLOC_TRIM_THRESHOLD_=65536 is dropped: it turns off glibc's dynamic
-        # mmap threshold, so every tensor over 64 KiB is a fresh mmap + page faults, and the
-        # jobs' adapter steps ran ~1.4x slower than in a plain process (measured here).
-        environ = "distributed.nanny.pre-spawn-environ"
-        with dask.config.set({f"{environ}.TQDM_DISABLE": "1", f"{environ}.MALLOC_TRIM_THRESHOLD_": None}):
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
-        with cluster:
-            yield cluster
-    finally:
-        dask_log.setLevel(level)
-
-
-def _workers_per_host(client) -> dict[str, int]:
-    from distributed.comm import get_address_host
-
-    info = client.scheduler_info()["workers"]
-    threaded = [a for a, w in info.items() if w["nthreads"] > 1]
-    if threaded:
-        # torch's thread count is per process: two jobs in one worker would share it.
-        log.warning("dask workers %s run several tasks at once; start them with --nthreads 1", threaded)
-    return dict(Counter(get_address_host(a) for a in info))
 
 
 def _export(cfg: SweepConfig, rows: list[dict], out: Path) -> dict:

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-import torch
 
 from cache.schema import LayerSpec
 from pipeline.config import TrainConfig, build
 from pipeline.config.sweep_config import SweepConfig
 from pipeline.config.train_config import AdapterEntry
+from pipeline.dask_cluster import share_cores
 from pipeline.sweeping.space import Trial
 from pipeline.train import run_train
 from pipeline.training.members import expand
@@ -93,19 +92,10 @@ def _job(cfg: SweepConfig, trials: list[Trial], names: list[str]) -> Job:
 def run_job(cfg: TrainConfig, workers_per_host: Optional[dict[str, int]]) -> list[dict]:
     """The dask task: train one job's members together and return `train`'s rows.
 
-    workers_per_host (on dask): torch gets cores / (workers on this host) threads, which is 1
-    when workers >= cores as on a small machine. Each worker would otherwise start one
-    OpenMP thread per core, N workers x cores threads would fight for the cores, and
-    OpenMP's spinning barriers make small adapters many times slower. (dask's nanny also
-    sets OMP_NUM_THREADS=1, which would leave a lone worker on a big host with one thread.)
-    None: in-process, the caller's setting stays.
+    workers_per_host: on dask, how torch threads are shared (see dask_cluster.share_cores);
+    None in-process.
     """
-    if workers_per_host is not None:
-        from distributed import get_worker
-        from distributed.comm import get_address_host
-
-        sharing = workers_per_host.get(get_address_host(get_worker().address), 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
+    share_cores(workers_per_host)
     return run_train(cfg)["rows"]
 
 
