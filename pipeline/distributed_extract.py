@@ -14,7 +14,9 @@ the store at the same paths as the driver (a shared file system).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
+from dataclasses import replace
 from typing import Optional
 
 from pipeline.config import ExtractConfig, build, to_dict
@@ -79,7 +81,14 @@ def extract_piece(cfg_data: dict, split: str, chunks: list[int], per_host: Optio
     """The dask task: rebuild the plan from the config, reopen the store (its fingerprint must
     match: a worker with other weights or data is refused), compute the given chunks."""
     share_cores(per_host)
-    plan = plan_extraction(build(ExtractConfig, cfg_data, source="the driver's config"))
+    cfg = build(ExtractConfig, cfg_data, source="the driver's config")
+    if multiprocessing.current_process().daemon and cfg.runtime.num_workers != 0:
+        # dask workers are daemonic by default and may not start loader processes; the
+        # workers themselves are the parallelism (dask config distributed.worker.daemon:
+        # false lifts this).
+        log.info("dask worker is daemonic: decoding images in the worker process")
+        cfg = replace(cfg, runtime=replace(cfg.runtime, num_workers=0))
+    plan = plan_extraction(cfg)
     try:
         return extract_chunks(plan, open_writer(plan), split, chunks)
     finally:

@@ -22,7 +22,8 @@ def test_local_cluster_equals_single_process(tmp_path):
     images = write_image_folder(tmp_path / "images", per_class=6)  # 18 samples/split: 5 chunks, 3 shards
     single = tiny_config(tmp_path / "single", images)
     run_extract(single)
-    spread = tiny_config(tmp_path / "spread", images)
+    # Loader workers asked for: a daemonic dask worker cannot start them and must cope.
+    spread = tiny_config(tmp_path / "spread", images, "runtime.num_workers=2")
     run_distributed_extract(spread, workers=2)
     a, b = open_store(single.store.path), open_store(spread.store.path)
     assert b.is_complete() and b.manifest["complete"]
