@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 
 from cache.codecs import decode, encode
-from cache.errors import StoreMismatchError
 from pipeline.adapters import load_adapter, read_adapter_manifest
-from pipeline.backbones.build import Backbone, build_backbone
+from pipeline.backbones.build import Backbone
 from pipeline.backbones.taps import EMBED, LayerTaps
 from pipeline.backbones.tokens import reduce_tokens
 from pipeline.config import ExtractConfig, build
 from pipeline.data.image_folder import IMAGE_SUFFIXES
 from pipeline.data.source import to_rgb
+from pipeline.training.frozen_backbone import verified_backbone
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,7 @@ def _backbone_for(fp: dict) -> Backbone:
         "store": {"path": "-"},
         "preprocess": {"image_size": dc["input_size"][1], "interpolation": dc["interpolation"], "mean": dc["mean"], "std": dc["std"], "crop_pct": dc["crop_pct"]},
     }, source="the adapter's store fingerprint")
-    backbone = build_backbone(cfg.backbone, cfg.preprocess)
-    if backbone.weights_sha256 != fp["backbone"]["weights_sha256"]:
-        raise StoreMismatchError("adapter", [f"backbone.weights_sha256: adapter was trained on {fp['backbone']['weights_sha256'][:16]}..., "
-                                             f"the weights {fp['backbone']['weights']!r} now give {backbone.weights_sha256[:16]}..."])
-    return backbone
+    return verified_backbone(cfg, fp["backbone"], "the adapter's store")
 
 
 def _load(path: Path):

@@ -17,9 +17,17 @@ def extract_config_of(manifest: dict) -> ExtractConfig:
 
 def backbone_of(manifest: dict, store: str = "store") -> Backbone:
     cfg = extract_config_of(manifest)
+    return verified_backbone(cfg, manifest["fingerprint"]["backbone"], store)
+
+
+def verified_backbone(cfg: ExtractConfig, fingerprint_backbone: dict, where: str) -> Backbone:
+    """Build the backbone of `cfg` and refuse it unless its weights hash to the fingerprint's."""
     backbone = build_backbone(cfg.backbone, cfg.preprocess)
-    want = manifest["fingerprint"]["backbone"]["weights_sha256"]
+    want = fingerprint_backbone["weights_sha256"]
     if backbone.weights_sha256 != want:
-        raise StoreMismatchError(store, [f"backbone.weights_sha256: store has {want[:16]}..., rebuilt backbone has {backbone.weights_sha256[:16]}..."],
-                                 "The weights source changed since extraction; re-extract or restore the weights.")
+        raise StoreMismatchError(
+            where,
+            [f"backbone.weights_sha256: made with {want[:16]}..., the weights {cfg.backbone.weights!r} now give {backbone.weights_sha256[:16]}..."],
+            "The weights source changed since extraction; re-extract or restore the weights.",
+        )
     return backbone
