@@ -164,9 +164,11 @@ class CacheReader:
         # so the consumer's thread only slices batches.
         perm_seeds = [[seed, epoch, w] if shuffle else None for w in range(len(windows))]
         labels_all = self.labels(split)
+        # Skipped (corrupt) samples never reach training; read the mask once per epoch.
+        usable = self.valid(split) if keep is None else self.valid(split) & keep
 
         def submit(pool, w):
-            return pool.submit(self._read_window, split, layers, windows[w], keep, out, perm_seeds[w])
+            return pool.submit(self._read_window, split, layers, windows[w], usable, out, perm_seeds[w])
 
         with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
             futures: list[Future] = [submit(pool, w) for w in range(min(prefetch, len(windows)))]
@@ -196,18 +198,15 @@ class CacheReader:
                 sl = carry[1]
                 yield Batch(carry[0], torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
 
-    def _read_window(self, split: str, layers: Sequence[str], chunks: np.ndarray, keep_mask: Optional[np.ndarray], out: torch.dtype, perm_seed=None):
-        """Read chunks, drop invalid/unwanted samples, permute, decode. Everything before the
-        final decode happens in the stored dtype (half the bytes of float32 for fp16)."""
+    def _read_window(self, split: str, layers: Sequence[str], chunks: np.ndarray, usable: np.ndarray, out: torch.dtype, perm_seed=None):
+        """Read chunks, drop the samples `usable` [N] excludes, permute, decode. Everything
+        before the final decode happens in the stored dtype (half the bytes of float32 for fp16)."""
         n = self.num_samples(split)
         g = self.root[split]
         rows, idx_parts = [], []
         for c in sorted(int(c) for c in chunks):
             start, stop = self.plan.chunk_range(c, n)
-            valid = g["valid"][start:stop]
-            if keep_mask is not None:
-                valid = valid & keep_mask[start:stop]
-            keep = np.flatnonzero(valid)
+            keep = np.flatnonzero(usable[start:stop])
             rows.append((start, stop, None if len(keep) == stop - start else keep))
             idx_parts.append(start + keep)
         idx = np.concatenate(idx_parts)
