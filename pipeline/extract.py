@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -114,13 +115,9 @@ def run_extract(cfg: ExtractConfig, dry_run: bool = False, overwrite: bool = Fal
         return plan
     log.info("plan:\n%s", plan.report())
     writer = open_writer(plan, overwrite)
-    model = _prepare_model(plan)
-    for split, source in plan.sources.items():
-        missing = writer.missing_chunks(split)
-        if not missing:
+    for split in plan.sources:
+        if not extract_chunks(plan, writer, split, range(plan.chunks.n_chunks(len(plan.sources[split])))):
             log.info("split %s: complete, nothing to do", split)
-            continue
-        _extract_split(plan, model, writer, split, source, missing)
     manifest = writer.finalize()
     skipped = sum(len(v) for v in manifest["skipped"].values())
     log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, _disk_mb(Path(cfg.store.path)), skipped, time.perf_counter() - t0)
@@ -149,7 +146,7 @@ def open_writer(plan: ExtractPlan, overwrite: bool = False) -> StoreWriter:
     )
 
 
-def extract_chunks(plan: ExtractPlan, writer: StoreWriter, split: str, chunks: list[int]) -> int:
+def extract_chunks(plan: ExtractPlan, writer: StoreWriter, split: str, chunks: Iterable[int]) -> int:
     """Compute the given chunks of one split that are not stamped yet; returns how many."""
     todo = sorted(set(chunks) & set(writer.missing_chunks(split)))
     if todo:
