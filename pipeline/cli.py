@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--out", default="predictions.csv", help="CSV, or JSON when it ends in .json")
     pr.add_argument("--batch-size", type=int, default=32)
 
+    be = sub.add_parser("bench", help="the real benchmark: accuracy, cost and speed of every method; writes BENCHMARKS.md")
+    be.add_argument("config")
+    be.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. epochs=2 seeds=[0]")
+
     ins = sub.add_parser("inspect", help="describe a store: manifest, splits, layers, sizes, completeness")
     ins.add_argument("store")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "bench":
+            return _bench(args)
     except (ConfigError, StoreError, ValueError, FileNotFoundError, KeyError, SweepJobsFailed, ExtractTasksFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -102,6 +108,16 @@ def _sweep(args) -> int:
     cfg = load_config(SweepConfig, args.config, args.overrides)
     run_sweep(cfg, scheduler=args.scheduler, workers=args.workers)
     print((Path(cfg.output) / "results.md").read_text())
+    return 0
+
+
+def _bench(args) -> int:
+    from pipeline.bench import run_bench
+    from pipeline.config import BenchConfig, load_config
+
+    cfg = load_config(BenchConfig, args.config, args.overrides)
+    run_bench(cfg, args.config)
+    print((Path(cfg.output) / "BENCHMARKS.md").read_text())
     return 0
 
 

@@ -208,11 +208,15 @@ def _splits(cfg: TrainConfig, reader: CacheReader) -> Splits:
             raise KeyError(f"{key}: split {name!r} is not in store {cfg.store!r}; it has {reader.splits}")
     if cfg.val_split is not None:
         return Splits(cfg.train_split, None, cfg.val_split, None, cfg.test_split)
-    n = reader.num_samples(cfg.train_split)
-    is_val = np.zeros(n, dtype=bool)
-    rng = np.random.default_rng(cfg.seed)
-    is_val[rng.permutation(n)[: max(1, int(round(cfg.val_fraction * n)))]] = True
+    is_val = validation_mask(reader.num_samples(cfg.train_split), cfg.val_fraction, cfg.seed)
     return Splits(cfg.train_split, ~is_val, cfg.train_split, is_val, cfg.test_split)
+
+
+def validation_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """The seeded validation carve of a train split [n] (shared with the benchmark's references)."""
+    is_val = np.zeros(n, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(n)[: max(1, int(round(fraction * n)))]] = True
+    return is_val
 
 
 def _count(reader: CacheReader, split: str, keep: Optional[np.ndarray]) -> int:

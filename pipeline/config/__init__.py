@@ -1,5 +1,6 @@
 """Config: YAML files in configs/ loaded into frozen, validated dataclasses."""
 
+from pipeline.config.bench_config import BenchConfig
 from pipeline.config.extract_config import ExtractConfig
 from pipeline.config.sweep_config import SweepConfig
 from pipeline.config.train_config import AdapterEntry, TrainConfig
@@ -7,7 +8,7 @@ from pipeline.config.loader import ConfigError, apply_overrides, build, load_yam
 
 
 # The job each shipped YAML is for (its first line names the command).
-CONFIG_CLASSES = {"extract": ExtractConfig, "train": TrainConfig, "sweep": SweepConfig}
+CONFIG_CLASSES = {"extract": ExtractConfig, "train": TrainConfig, "sweep": SweepConfig, "bench": BenchConfig}
 
 
 def load_config(cls: type, path: str, overrides: list[str] = ()) -> object:
@@ -16,4 +17,4 @@ def load_config(cls: type, path: str, overrides: list[str] = ()) -> object:
     return build(cls, data, source=str(path))
 
 
-__all__ = ["AdapterEntry", "TrainConfig", "CONFIG_CLASSES", "ConfigError", "ExtractConfig", "SweepConfig", "load_config", "to_dict", "build", "apply_overrides", "load_yaml"]
+__all__ = ["AdapterEntry", "BenchConfig", "TrainConfig", "CONFIG_CLASSES", "ConfigError", "ExtractConfig", "SweepConfig", "load_config", "to_dict", "build", "apply_overrides", "load_yaml"]

@@ -1,0 +1,184 @@
+"""The real benchmark: accuracy, cost and speed of every method, on real data and weights.
+
+    python -m pipeline bench configs/bench_real.yaml [dotted.key=value ...]
+
+print the cost -> per case: extract (resumes a partial store, reuses a complete one) ->
+each adapter method's grid once per seed, chosen on mean validation -> the chosen config
+alone in a fresh process (wall time, peak memory) -> scikit-learn reference -> full
+fine-tuning paragon -> storage options -> speed ratios -> BENCHMARKS.md + plots.
+Every unit of work is saved under OUTPUT/units as it finishes, keyed by its settings and
+the store's fingerprint, so an interrupted run resumes and a finished one only re-reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from cache import open_store
+from pipeline.benchmarking import methods as M
+from pipeline.benchmarking.finetune import finetune
+from pipeline.benchmarking.machine import machine_info
+from pipeline.benchmarking.measured import run_measured
+from pipeline.benchmarking.report import write_benchmarks
+from pipeline.benchmarking.sklearn_reference import deepest_layer, fit_logistic
+from pipeline.benchmarking.speed import measure_speed
+from pipeline.benchmarking.storage_options import disk_per_sample, option_label, variant_config
+from pipeline.benchmarking.units import Units, key_hash
+from pipeline.config import ExtractConfig, load_config, to_dict
+from pipeline.config.bench_config import BenchCase, BenchConfig
+from pipeline.extract import plan_extraction, run_extract
+
+log = logging.getLogger(__name__)
+
+
+def run_bench(cfg: BenchConfig, config_path: str) -> dict:
+    t_start = time.perf_counter()
+    out = Path(cfg.output)
+    units = Units(out / "units")
+    extract_cfgs = {case.name: load_config(ExtractConfig, case.extract, list(case.overrides)) for case in cfg.cases}
+    _print_cost(cfg, extract_cfgs)
+    cases = [_run_case(cfg, case, extract_cfgs[case.name], units, out) for case in cfg.cases]
+    speed = None
+    if cfg.speed is not None:
+        ecfg = extract_cfgs[cfg.speed.case]
+        store = ecfg.store.path
+        speed = units.get("speed", {"store": key_hash(open_store(store).fingerprint), "settings": to_dict(cfg.speed),
+                                    "epochs": cfg.epochs, "batch_size": cfg.batch_size},
+                          lambda: measure_speed(ecfg, store, to_dict(cfg.speed), cfg.epochs, cfg.batch_size))
+        speed["case"] = cfg.speed.case
+    result = {"config_path": config_path, "config": to_dict(cfg), "machine": machine_info(), "cases": cases, "speed": speed,
+              "wall_s": time.perf_counter() - t_start, "units_reused": units.reused, "units_computed": units.computed}
+    report = write_benchmarks(out, result)
+    if cfg.report:
+        shutil.copyfile(report, cfg.report)
+        for plot in out.glob("*.png"):
+            Path(cfg.report).parent.joinpath("benchmarks").mkdir(exist_ok=True)
+            shutil.copyfile(plot, Path(cfg.report).parent / "benchmarks" / plot.name)
+    log.info("bench done in %.0f s (%d units computed, %d reused); report %s", result["wall_s"], units.computed, units.reused, report)
+    return result
+
+
+def _print_cost(cfg: BenchConfig, extract_cfgs: dict) -> None:
+    for case in cfg.cases:
+        plan = plan_extraction(extract_cfgs[case.name])
+        runs = len(case.methods) * len(cfg.seeds)
+        fine = case.finetune
+        print(f"== case {case.name}\n{plan.report()}\n"
+              f"   stage two: {len(case.methods)} adapter method(s) x {len(cfg.seeds)} seeds = {runs} grid runs of {cfg.epochs} epochs"
+              + (f"; sklearn x {len(cfg.seeds)}" if case.sklearn else "")
+              + (f"; full fine-tuning {fine.epochs} epochs at {fine.image_size} px x {len(fine.seeds or cfg.seeds)} seeds" if fine else "")
+              + (f"; {len(case.storage_options)} storage option store(s) to extract and train" if case.storage_options else ""),
+              flush=True)
+
+
+def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units, out: Path) -> dict:
+    log.info("case %s: extract (a complete store is reused)", case.name)
+    run_extract(ecfg)
+    store = ecfg.store.path
+    reader = open_store(store)
+    store_key = key_hash(reader.fingerprint)
+    last = deepest_layer(store)
+    result = {"name": case.name, "backbone": ecfg.backbone.name, "weights": ecfg.backbone.weights,
+              "image_size": list(reader.manifest["fingerprint"]["preprocessing"]["input_size"][1:]),
+              "backbone_params": reader.manifest.get("backbone_parameters"), "store": disk_per_sample(store),
+              "splits": {s: int(reader.valid(s).sum()) for s in reader.splits}, "last_layer": last,
+              "train_split": case.train_split, "test_split": case.test_split, "rows": [], "per_layer": {}}
+    chosen = {}
+    for entry in case.methods:
+        grids = []
+        for seed in cfg.seeds:
+            settings = M.train_settings(cfg, case, seed)
+            grids.append(units.get(f"{case.name}.{entry.kind}.seed{seed}", {"store": store_key, "entry": to_dict(entry), "settings": settings},
+                                   lambda: M.train_grid(store, entry, settings, str(out / "runs" / case.name / f"{entry.kind}_seed{seed}"))))
+        rows = _method_rows(entry.kind, grids, last)
+        for row in rows:
+            if row["kind"] == "ensemble":
+                row["wall_s"] = sum(sum(g["epoch_seconds"]) for g in grids) / len(grids)
+                row["time_note"] = "the whole grid, fused"
+                continue
+            single = M.member_entry(entry, row["config"], store)
+            settings = M.train_settings(cfg, case, cfg.seeds[0])
+            solo = units.get(f"{case.name}.{entry.kind}.solo.{key_hash(row['config'])}",
+                             {"store": store_key, "entry": to_dict(single), "settings": settings},
+                             lambda: run_measured(M.train_solo, store, to_dict(single), settings))
+            row.update(wall_s=solo["wall_s"], peak_mb=solo["peak_mb"], gpu_peak_mb=solo["gpu_peak_mb"], solo_test_acc=solo["result"]["test_acc"])
+            chosen.setdefault(entry.kind, single)
+        result["rows"] += rows
+        if entry.kind in ("inca", "linear"):
+            result["per_layer"][entry.kind] = M.per_layer(grids, entry.kind)
+    if case.sklearn is not None:
+        result["rows"].append(_sklearn_row(cfg, case, store, store_key, units))
+    if case.finetune is not None:
+        result["rows"].append(_finetune_row(cfg, case, ecfg, units))
+    # The store as extracted is the baseline each storage option is compared with.
+    options = ((),) + case.storage_options if case.storage_options else ()
+    result["storage_options"] = [_storage_option(cfg, case, ecfg, option, chosen, units, out) for option in options]
+    return result
+
+
+def _method_rows(kind: str, grids: list[dict], last: str) -> list[dict]:
+    if kind == "linear":
+        rows = [M.choose(grids, f"linear probe, last layer ({last})", lambda r: r["layer"] == last),
+                M.choose(grids, "linear probe, best layer (chosen on val)")]
+    elif kind == "inca":
+        rows = [M.choose(grids, "InCA, top-1 over layers (chosen on val)"), M.ensemble(grids, "InCA, top-k ensemble")]
+    else:
+        rows = [M.choose(grids, {"losa": "LoSA", "vqt": "VQT"}.get(kind, kind))]
+    return [r for r in rows if r is not None]
+
+
+def _sklearn_row(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, units: Units) -> dict:
+    s = case.sklearn
+    layer = s.layer or deepest_layer(store)
+    per_seed = []
+    for seed in cfg.seeds:
+        args = (store, layer, s.C, case.train_split, case.test_split, cfg.val_fraction, seed, s.max_iter)
+        per_seed.append(units.get(f"{case.name}.sklearn.seed{seed}", {"store": store_key, "args": args}, lambda: fit_logistic(*args)))
+    # The C chosen most often across seeds is the one timed alone.
+    Cs = [r["C"] for r in per_seed]
+    C = max(set(Cs), key=Cs.count)
+    solo_args = (store, layer, (C,), case.train_split, case.test_split, cfg.val_fraction, cfg.seeds[0], s.max_iter)
+    solo = units.get(f"{case.name}.sklearn.solo", {"store": store_key, "args": solo_args}, lambda: run_measured(fit_logistic, *solo_args))
+    return {"method": f"sklearn LogisticRegression, last layer ({layer})", "config": f"C chosen on val: {Cs} (per seed), lbfgs, standardized",
+            "kind": "sklearn", "layer": layer, "params": per_seed[0]["params"], "pct_backbone": None,
+            "wall_s": solo["wall_s"], "peak_mb": solo["peak_mb"], "gpu_peak_mb": solo["gpu_peak_mb"], **M.spread(per_seed)}
+
+
+def _finetune_row(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units) -> dict:
+    s = case.finetune
+    settings = to_dict(s)
+    runs = []
+    for seed in s.seeds or cfg.seeds:
+        args = (to_dict(ecfg), settings, seed, case.train_split, case.test_split, cfg.val_fraction)
+        runs.append(units.get(f"{case.name}.finetune.seed{seed}", {"args": args}, lambda: run_measured(finetune, *args)))
+    first = runs[0]["result"]
+    return {"method": "full fine-tuning (paragon)",
+            "config": f"{s.epochs} epochs at {s.image_size} px, AdamW lr {s.lr:g} wd {s.weight_decay:g}, batch {s.batch_size}, "
+                      f"best val epoch {[r['result']['best_epoch'] for r in runs]}",
+            "kind": "finetune", "layer": None, "params": first["params"], "pct_backbone": 100.0,
+            "wall_s": sum(r["wall_s"] for r in runs) / len(runs), "peak_mb": max(r["peak_mb"] for r in runs),
+            "gpu_peak_mb": runs[0]["gpu_peak_mb"], "device": first["device"], **M.spread([r["result"] for r in runs])}
+
+
+def _storage_option(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, option: tuple[str, ...], chosen: dict, units: Units, out: Path) -> dict:
+    vcfg = variant_config(ecfg, option) if option else ecfg
+    if option:
+        log.info("case %s: storage option %s", case.name, option_label(option))
+        run_extract(vcfg)
+    store = vcfg.store.path
+    store_key = key_hash(open_store(store).fingerprint)
+    row = {"option": option_label(option), "store": store, **disk_per_sample(store), "accuracy": {}}
+    for kind in ("linear", "inca"):
+        if kind not in chosen:
+            continue
+        grids = []
+        for seed in cfg.seeds:
+            settings = M.train_settings(cfg, case, seed)
+            grids.append(units.get(f"{case.name}.storage.{key_hash(option)}.{kind}.seed{seed}",
+                                   {"store": store_key, "entry": to_dict(chosen[kind]), "settings": settings},
+                                   lambda: M.train_grid(store, chosen[kind], settings, str(out / "runs" / case.name / f"storage_{kind}_seed{seed}"))))
+        row["accuracy"][kind] = {"config": grids[0]["rows"][0]["adapter"], **M.spread([g["rows"][0] for g in grids])}
+    return row

@@ -1,0 +1,94 @@
+"""Adapter methods in the benchmark: a grid per seed, the choice on validation, a solo rerun.
+
+Per method and seed, every grid point is trained fused from one pass over the cache per
+epoch (stage two's trainer). The configuration with the best validation accuracy averaged
+over the seeds is chosen; its test accuracy is reported as mean and spread over the seeds.
+The chosen configuration is then trained alone in a fresh process (seed 0) for what one
+user training that one adapter would pay: wall time and peak memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from dataclasses import replace
+from typing import Callable, Optional
+
+from cache import open_store
+from pipeline.config import AdapterEntry, TrainConfig, build, to_dict
+from pipeline.train import run_train
+from pipeline.training.members import Member, expand
+
+
+def train_settings(bench, case, seed: int) -> dict:
+    """The train-config keys shared by every adapter run of a case."""
+    return {"train_split": case.train_split, "test_split": case.test_split, "val_fraction": bench.val_fraction,
+            "epochs": bench.epochs, "batch_size": bench.batch_size, "warmup_epochs": bench.warmup_epochs,
+            "seed": seed, "ensemble_top_k": case.ensemble_top_k}
+
+
+def train_grid(store: str, entry: AdapterEntry, settings: dict, output: str) -> dict:
+    """Every grid point of `entry` for one seed, fused; rows + the run's top-k ensemble."""
+    cfg = build(TrainConfig, {**settings, "store": store, "output": output, "save_top": 0, "adapters": [to_dict(entry)]})
+    result = run_train(cfg)
+    summary = result["summary"]
+    return {"rows": result["rows"], "ensemble": summary["ensemble"], "epoch_seconds": summary["epoch_seconds"]}
+
+
+def train_solo(store: str, entry_dict: dict, settings: dict) -> dict:
+    """One adapter trained alone (runs in a measured child process)."""
+    with tempfile.TemporaryDirectory() as out:
+        return train_grid(store, build(AdapterEntry, entry_dict), settings, out)["rows"][0]
+
+
+def member_entry(entry: AdapterEntry, name: str, store: str) -> AdapterEntry:
+    """The single-member entry that trains grid member `name` of `entry` alone."""
+    reader = open_store(store)
+    member: Member = next(m for m in expand((entry,), reader.layers, 0) if m.name == name)
+    hparams = {k: v for k, v in member.hparams.items() if k not in ("layer", "layers")}
+    layers = member.hparams.get("layers") or ([member.hparams["layer"]] if "layer" in member.hparams else None)
+    return replace(entry, layers=tuple(layers) if layers else None, hparams=hparams, lr=member.lr,
+                   weight_decay=member.weight_decay, seeds=None)
+
+
+def choose(grids: list[dict], label: str, keep: Callable[[dict], bool] = lambda r: True) -> Optional[dict]:
+    """The grid member with the best mean validation accuracy over seeds (`grids`: one per seed)."""
+    by_name: dict[str, list[dict]] = {}
+    for grid in grids:
+        for row in grid["rows"]:
+            if keep(row):
+                by_name.setdefault(row["adapter"], []).append(row)
+    complete = {n: rows for n, rows in by_name.items() if len(rows) == len(grids)}
+    if not complete:
+        return None
+    name = max(complete, key=lambda n: (statistics.fmean(r["val_acc"] for r in complete[n]), n))
+    rows = complete[name]
+    return {"method": label, "config": name, "kind": rows[0]["kind"], "layer": rows[0]["layer"],
+            "params": rows[0]["params"], "pct_backbone": rows[0]["pct_backbone"], **spread(rows)}
+
+
+def per_layer(grids: list[dict], kind: str) -> list[dict]:
+    """For each layer, the best configuration of `kind` on that layer (chosen on validation)."""
+    layers = []
+    for row in grids[0]["rows"]:
+        if row["kind"] == kind and row["layer"] not in layers:
+            layers.append(row["layer"])
+    return [choose(grids, layer, lambda r, l=layer: r["kind"] == kind and r["layer"] == l) for layer in layers]
+
+
+def ensemble(grids: list[dict], label: str) -> dict:
+    members = grids[0]["ensemble"]["members"]
+    return {"method": label, "config": f"top {len(members)} by validation (mean softmax): " + "; ".join(members),
+            "kind": "ensemble", "layer": None, "params": None, "pct_backbone": None,
+            **spread([g["ensemble"] for g in grids])}
+
+
+def spread(rows: list[dict]) -> dict:
+    """Mean and sample standard deviation over seeds of val_acc and test_acc."""
+    out = {"seeds": len(rows)}
+    for key in ("val_acc", "test_acc"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = statistics.fmean(values) if values else None
+        out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
+        out[f"{key}_all"] = values
+    return out

@@ -1,0 +1,225 @@
+"""BENCHMARKS.md and its plots, from the bench's results (every number comes from a run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PLOTS = "benchmark_plots"
+
+
+def write_benchmarks(out: Path, result: dict) -> Path:
+    plots = out / PLOTS
+    plots.mkdir(parents=True, exist_ok=True)
+    (out / "bench_results.json").write_text(json.dumps(result, indent=1, default=str))
+    names = _plot_all(result, plots)
+    path = out / "BENCHMARKS.md"
+    path.write_text(_markdown(result, names))
+    return path
+
+
+def _pct(v, sd=None) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}" + (f" ± {100 * sd:.2f}" if sd else "")
+
+
+def _markdown(r: dict, plots: list[str]) -> str:
+    m, cfg = r["machine"], r["config"]
+    gpu = m["gpu"] or "none"
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Reproduce: `python -m pipeline bench {r['config_path']}` (resumable: finished units are kept under "
+        f"`{cfg['output']}/units` and reused). This file is written by that command.",
+        "",
+        f"- Run on {m['date']}, commit `{m['commit']}`: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"{m['memory_gb']} GiB RAM, GPU: {gpu}. Python {m['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in m["packages"].items()) + ".",
+        f"- Wall time of this invocation: {r['wall_s'] / 60:.1f} min ({r['units_computed']} units computed, {r['units_reused']} reused from earlier runs).",
+        "",
+        "## Protocol",
+        "",
+        f"- Seeds {cfg['seeds']}: each seed sets the validation carve ({100 * cfg['val_fraction']:.0f}% of train), the data order "
+        "and the adapters' initialization.",
+        f"- Adapters: {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW, {cfg['warmup_epochs']} warm-up epoch(s) then cosine; "
+        "each member keeps its best validation epoch. Every grid point is trained per seed (fused, one cache pass per epoch); "
+        "the configuration with the **best validation accuracy averaged over the seeds** is chosen, and its **test** accuracy "
+        "is reported as mean ± sample standard deviation over the seeds. Test never chooses anything.",
+        "- *Train time* and *peak memory*: the chosen configuration trained **alone** in a fresh process (seed "
+        f"{cfg['seeds'][0]}), reading included; peak memory = peak resident set size minus the size before training "
+        "(torch already loaded). For the ensemble, the time of its whole fused grid. Fine-tuning: per run, mean over seeds.",
+        "- Trainable parameters are absolute and as % of the backbone's parameters.",
+        "",
+    ]
+    for case in r["cases"]:
+        lines += _case_section(case, cfg)
+    if r.get("speed"):
+        lines += _speed_section(r["speed"])
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({PLOTS}/{p})" for p in plots] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def _case_section(case: dict, cfg: dict) -> list[str]:
+    size = "x".join(map(str, case["image_size"]))
+    splits = ", ".join(f"{k} {v}" for k, v in case["splits"].items())
+    grid = next(c for c in cfg["cases"] if c["name"] == case["name"])
+    lines = [
+        f"## {case['name']}: {case['backbone']} ({case['weights']} weights) at {size} px",
+        "",
+        f"Samples: {splits} (validation is carved from `{case['train_split']}`, test is `{case['test_split']}`). "
+        f"Store: {case['store']['dtype']}, tokens `{case['store']['tokens']}`, {case['store']['kb_on_disk']:.1f} KB per sample on disk. "
+        f"Backbone: {case['backbone_params']:,} parameters.",
+        "",
+        "Grids: " + "; ".join(_grid_text(e) for e in grid["methods"]) + ".",
+        "",
+        "| method | trainable params | % of backbone | train time (s) | peak memory (MB) | val acc | **test acc** (mean ± sd, seeds) | chosen on validation |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in sorted(case["rows"], key=lambda x: -(x["test_acc"] or 0)):
+        params = "-" if row["params"] is None else f"{row['params']:,}"
+        share = "-" if row["pct_backbone"] is None else f"{row['pct_backbone']:.2f}"
+        wall = f"{row['wall_s']:.1f}" + (f" ({row['time_note']})" if row.get("time_note") else "") if row.get("wall_s") is not None else "-"
+        mem = "-" if row.get("peak_mb") is None else f"{row['peak_mb']:.0f}" + (f" (GPU {row['gpu_peak_mb']:.0f})" if row.get("gpu_peak_mb") else "")
+        lines.append(f"| {row['method']} | {params} | {share} | {wall} | {mem} | {_pct(row['val_acc'], row['val_acc_sd'])} | "
+                     f"**{_pct(row['test_acc'], row['test_acc_sd'])}** ({row['seeds']}) | {row['config']} |")
+    lines += [""]
+    lines += _verdicts(case)
+    for kind, rows in case["per_layer"].items():
+        lines += [f"### {kind} per layer (best configuration per layer on validation)", "",
+                  "| layer | val acc | test acc | configuration |", "|---|---:|---:|---|"]
+        lines += [f"| {x['method']} | {_pct(x['val_acc'], x['val_acc_sd'])} | {_pct(x['test_acc'], x['test_acc_sd'])} | {x['config']} |" for x in rows]
+        lines += [""]
+    if case.get("storage_options"):
+        lines += _storage_section(case)
+    return lines
+
+
+def _grid_text(entry: dict) -> str:
+    parts = [f"lr {entry['lr']}", f"wd {entry['weight_decay']}"]
+    if entry.get("hparams"):
+        parts.append(", ".join(f"{k} {v}" for k, v in entry["hparams"].items()))
+    if entry.get("layers"):
+        parts.append(f"layers {entry['layers']}")
+    return f"{entry['kind']}: " + ", ".join(parts)
+
+
+def _verdicts(case: dict) -> list[str]:
+    """Who wins and who loses, against the plain linear probe on the last layer."""
+    rows = {x["kind"]: x for x in case["rows"]}
+    base = next((x for x in case["rows"] if x["method"].startswith("linear probe, last layer")), None)
+    if base is None or base["test_acc"] is None:
+        return []
+    out = []
+    for row in case["rows"]:
+        if row is base or row["test_acc"] is None:
+            continue
+        diff = 100 * (row["test_acc"] - base["test_acc"])
+        noise = 100 * ((row["test_acc_sd"] or 0) + (base["test_acc_sd"] or 0))
+        verdict = "within the seed spread of" if abs(diff) <= noise else ("beats" if diff > 0 else "**loses to**")
+        out.append(f"- {row['method']} {verdict} the last-layer linear probe ({diff:+.2f} points; spreads add to {noise:.2f}).")
+    if "finetune" in rows:
+        fine = rows["finetune"]
+        best = max((x for x in case["rows"] if x["kind"] not in ("finetune",) and x["test_acc"] is not None), key=lambda x: x["test_acc"])
+        out.append(f"- Best cached method ({best['method']}) vs full fine-tuning: {100 * (best['test_acc'] - fine['test_acc']):+.2f} points "
+                   f"at {100 * (best['params'] or 0) / max(fine['params'], 1):.2f}% of its trainable parameters "
+                   f"and {best['wall_s'] / fine['wall_s']:.3f}x its training time." if best.get("wall_s") and fine.get("wall_s") else "")
+    return [line for line in out if line] + [""]
+
+
+def _storage_section(case: dict) -> list[str]:
+    base = case["storage_options"][0]
+    lines = [f"### Storage options: disk per sample and the accuracy each costs ({case['name']})", "",
+             "Each option is a separate extraction of the same images; the chosen linear (last layer) and InCA "
+             "configurations are retrained on it with the same seeds.", "",
+             "| option | dtype | tokens | KB / sample on disk | KB / sample raw | vs as extracted (disk) | linear test | InCA test |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for o in case["storage_options"]:
+        acc = {k: _pct(v["test_acc"], v["test_acc_sd"]) for k, v in o["accuracy"].items()}
+        lines.append(f"| {o['option']} | {o['dtype']} | {o['tokens']} | {o['kb_on_disk']:.1f} | {o['kb_raw']:.1f} | "
+                     f"{o['kb_on_disk'] / base['kb_on_disk']:.2f}x | {acc.get('linear', '-')} | {acc.get('inca', '-')} |")
+    return lines + [""]
+
+
+def _speed_section(s: dict) -> list[str]:
+    e, rd, t = s["extract"], s["read"], s["train"]
+    return [
+        f"## Speed and scale ({s['case']}; ratios measured side by side in one run)", "",
+        "| measure | value | ratio |", "|---|---|---:|",
+        f"| bare forward (loader + forward to the cached layers), {e['images']} images at {e['image_size'][0]} px | {e['bare_img_s']:.1f} img/s | |",
+        f"| extract (the same + encode + zarr write) | {e['extract_img_s']:.1f} img/s | **{e['ratio_median']:.2f}** x bare "
+        f"(median of {len(e['round_ratios'])} paired rounds: {', '.join(f'{x:.2f}' for x in e['round_ratios'])}) |",
+        f"| cache reader, shuffled batches of all {rd['layers']} layers, float32 out | {rd['reader_mb_s']:.0f} MB/s ({rd['reader_samples_s']:.0f} samples/s) | |",
+        f"| plain zarr, the same chunks in the same order | {rd['plain_zarr_mb_s']:.0f} MB/s | reader / plain zarr **{rd['reader_over_plain']:.2f}** |",
+        f"| raw bytes of the shard files ({rd['on_disk_mb']:.0f} MB on disk, page cache) | {rd['raw_mb_s']:.0f} MB/s (compressed) | |",
+        f"| 1 InCA adapter on `{t['layer']}`, one epoch from the cache ({t['train_samples']} samples) | {t['one_epoch_s']:.2f} s | 1.00 |",
+        f"| {t['fused_n']} InCA adapters (lr grid), fused, one pass | {t['fused_epoch_s']:.2f} s | **{t['fused_epoch_s'] / t['one_epoch_s']:.2f}** x one |",
+        f"| {t['mixed_n']} mixed adapters (linear + InCA x every layer x 2 lr), one pass | {t['mixed_epoch_s']:.2f} s | {t['mixed_epoch_s'] / t['one_epoch_s']:.2f} x one |",
+        f"| the same InCA adapter with the backbone in the loop ({t['online_samples']} samples) | {t['online_s']:.1f} s | "
+        f"**{t['online_over_cached_per_sample']:.0f}x** slower per sample |",
+        f"| sweep of {t['sweep_k']} configs x {t['sweep_epochs']} epochs: extract once ({t['extract_once_s']:.0f} s) + cached trainings | "
+        f"{t['sweep_cached_s']:.0f} s | 1.00 |",
+        f"| the same sweep with the backbone in the loop | {t['sweep_online_s']:.0f} s | **{t['sweep_online_s'] / t['sweep_cached_s']:.1f}x** |",
+        "",
+        "The sweep rows are computed from the measured per-sample rates above (extraction rate, cached and online epochs) for "
+        "the whole train split; they are not a separate run.",
+        "",
+    ]
+
+
+def _plot_all(result: dict, plots: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = result["cases"]
+    names = []
+    for name, draw in (("accuracy_vs_params.png", _accuracy_vs_params), ("accuracy_per_layer.png", _accuracy_per_layer),
+                       ("time_vs_accuracy.png", _time_vs_accuracy)):
+        fig, axes = plt.subplots(1, len(cases), figsize=(6.2 * len(cases), 4.6), squeeze=False)
+        drawn = [draw(ax, case) for ax, case in zip(axes[0], cases)]
+        if any(drawn):
+            fig.tight_layout()
+            fig.savefig(plots / name, dpi=110)
+            names.append(name)
+        plt.close(fig)
+    return names
+
+
+def _accuracy_vs_params(ax, case) -> bool:
+    rows = [x for x in case["rows"] if x["params"] and x["test_acc"] is not None]
+    for i, x in enumerate(rows):
+        ax.errorbar(x["params"], 100 * x["test_acc"], yerr=100 * (x["test_acc_sd"] or 0), fmt="o", capsize=3, color=f"C{i % 10}", label=x["method"])
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters (log)", ylabel="test accuracy (%)", title=f"{case['name']}: accuracy vs trainable parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return bool(rows)
+
+
+def _accuracy_per_layer(ax, case) -> bool:
+    drawn = False
+    for kind, rows in case["per_layer"].items():
+        xs = list(range(len(rows)))
+        for key, style in (("val_acc", "-o"), ("test_acc", "--x")):
+            ax.errorbar(xs, [100 * x[key] for x in rows], yerr=[100 * (x[f"{key}_sd"] or 0) for x in rows], fmt=style, capsize=3,
+                        label=f"{kind} ({key.split('_')[0]})")
+        ax.set_xticks(xs, [x["method"] for x in rows], rotation=45, ha="right", fontsize=7)
+        drawn = True
+    ax.set(xlabel="cached layer (shallow to deep)", ylabel="accuracy (%)", title=f"{case['name']}: accuracy per layer (mean ± sd over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return drawn
+
+
+def _time_vs_accuracy(ax, case) -> bool:
+    rows = [x for x in case["rows"] if x.get("wall_s") and x["test_acc"] is not None]
+    for i, x in enumerate(rows):
+        ax.errorbar(x["wall_s"], 100 * x["test_acc"], yerr=100 * (x["test_acc_sd"] or 0), fmt="s", capsize=3, color=f"C{i % 10}", label=x["method"])
+    ax.set_xscale("log")
+    ax.set(xlabel="training wall time, s (log)", ylabel="test accuracy (%)", title=f"{case['name']}: training time vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return bool(rows)

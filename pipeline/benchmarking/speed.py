@@ -1,0 +1,156 @@
+"""Speed and scale, measured side by side in one run on one case's store.
+
+1. extract (store writes on a background thread) vs a bare loop of the same DataLoader and
+   forward over the same images, storing nothing; runs alternate (bare, extract, bare, ...)
+   so drift on a shared machine hits both, and the median of the per-round ratios is kept;
+2. the cache reader (shuffled multi-layer mini-batches) vs plain zarr reading the same
+   chunks in the same order vs the raw bytes of the shard files (all from the OS page
+   cache, as training reads after its first epoch);
+3. one epoch of 1 InCA adapter vs N fused InCA adapters (a learning-rate grid) vs mixed
+   adapters (linear + InCA on every layer) in one pass;
+4. one epoch from the cache vs the same adapter with the backbone in the loop (decode +
+   preprocess + frozen forward every step), per sample; and a sweep of K configurations:
+   extract once + K cached trainings vs K online trainings, from the measured rates.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache import open_store
+from pipeline.config import ExtractConfig, TrainConfig, build
+from pipeline.data import open_split
+from pipeline.data.loader import make_loader
+from pipeline.extract import _workers, plan_extraction, run_extract
+
+
+def measure_speed(cfg: ExtractConfig, store: str, settings: dict, epochs: int, batch_size: int) -> dict:
+    sample_cfg = replace(cfg, data=replace(cfg.data, splits=(cfg.data.splits[0],), limit=settings["images"]))
+    out = {"extract": extract_vs_bare(sample_cfg, settings["rounds"]), "read": read_rates(store, batch_size)}
+    reader = open_store(store)
+    layer = settings["layer"] or [n for n, s in reader.layers.items() if not s.is_kv][-1]
+    inca = {"kind": "inca", "layers": [layer], "hparams": {"num_heads": 4, "dim": 64, "num_queries": 2}}
+    n = settings["fused"]
+    one = cached_epoch(store, [{**inca, "lr": 1e-3}], batch_size)
+    fused = cached_epoch(store, [{**inca, "lr": [float(x) for x in np.geomspace(1e-4, 1e-2, n)]}], batch_size)
+    layers = [l for l, s in reader.layers.items() if not s.is_kv]
+    mixed = cached_epoch(store, [{"kind": "linear", "layers": layers, "lr": [1e-3, 3e-3]}, {**inca, "layers": layers, "lr": [1e-3, 3e-3]}], batch_size)
+    online_s, online_n = online_epoch(store, layer, batch_size, settings["images"])
+    n_train = reader.num_samples(reader.splits[0])
+    cached_per_sample, online_per_sample = one["seconds"] / one["samples"], online_s / online_n
+    extract_s = n_train / out["extract"]["extract_img_s"]
+    k = settings["sweep_configs"]
+    out["train"] = {
+        "layer": layer, "train_samples": one["samples"], "one_epoch_s": one["seconds"], "fused_n": n,
+        "fused_epoch_s": fused["seconds"], "mixed_n": 4 * len(layers), "mixed_epoch_s": mixed["seconds"],
+        "online_samples": online_n, "online_s": online_s, "online_over_cached_per_sample": online_per_sample / cached_per_sample,
+        "sweep_k": k, "sweep_epochs": epochs, "extract_once_s": extract_s,
+        "sweep_cached_s": extract_s + k * epochs * cached_per_sample * n_train,
+        "sweep_online_s": k * epochs * online_per_sample * n_train,
+    }
+    return out
+
+
+def extract_vs_bare(cfg: ExtractConfig, rounds: int) -> dict:
+    plan = plan_extraction(cfg)
+    work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    try:
+        bare, ext = [], []
+        for _ in range(rounds):
+            bare.append(bare_forward(plan))
+            shutil.rmtree(work / "store.zarr", ignore_errors=True)
+            done = run_extract(replace(cfg, store=replace(cfg.store, path=str(work / "store.zarr"))))
+            ext.append(done.streamed / done.stream_seconds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = [e / b for e, b in zip(ext, bare)]
+    return {"images": sum(len(s) for s in plan.sources.values()), "image_size": list(plan.backbone.image_size),
+            "bare_img_s": max(bare), "extract_img_s": max(ext), "ratio_median": float(np.median(ratios)), "round_ratios": ratios}
+
+
+def bare_forward(plan) -> float:
+    """img/s of the same loader + forward, nothing stored."""
+    n, seconds = 0, 0.0
+    for source in plan.sources.values():
+        loader = make_loader(source, plan.backbone.transform(), np.arange(len(source)), plan.backbone.image_size,
+                             plan.cfg.runtime.batch_size, _workers(plan.cfg, False), False)
+        t0 = time.perf_counter()
+        for _, images, _ in loader:
+            plan.taps(images)
+            n += len(images)
+        seconds += time.perf_counter() - t0
+    return n / seconds
+
+
+def read_rates(store: str, batch_size: int) -> dict:
+    reader = open_store(store)
+    split = reader.splits[0]
+    layers = list(reader.layers)
+    n = reader.num_samples(split)
+    decoded = sum(s.tokens * s.dim * 4 for s in reader.layers.values()) * n / 1e6  # float32 MB out
+    t0 = time.perf_counter()
+    for _ in reader.batches(split, layers, batch_size, seed=0):
+        pass
+    ours = time.perf_counter() - t0
+    order = np.random.default_rng([0, 0]).permutation(reader.plan.n_chunks(n))
+    t0 = time.perf_counter()
+    for c in order:
+        a, b = reader.plan.chunk_range(int(c), n)
+        for layer in layers:
+            reader.zarr_array(split, layer)[a:b]
+    plain = time.perf_counter() - t0
+    files = [f for f in (Path(store) / split / "layers").rglob("*") if f.is_file()]
+    on_disk = sum(f.stat().st_size for f in files) / 1e6
+    t0 = time.perf_counter()
+    for f in files:
+        f.read_bytes()
+    raw = time.perf_counter() - t0
+    return {"samples": n, "layers": len(layers), "decoded_mb": decoded, "on_disk_mb": on_disk,
+            "reader_mb_s": decoded / ours, "plain_zarr_mb_s": decoded / plain, "raw_mb_s": on_disk / raw,
+            "reader_samples_s": n / ours, "reader_over_plain": plain / ours}
+
+
+def cached_epoch(store: str, adapters: list[dict], batch_size: int, epochs: int = 2) -> dict:
+    """Seconds of one training pass (reading + every adapter's steps; validation excluded),
+    the faster of `epochs` so that one-off warm-up does not count."""
+    from pipeline.train import run_train
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = build(TrainConfig, {"store": store, "output": out, "epochs": epochs, "batch_size": batch_size, "warmup_epochs": 0,
+                                  "val_fraction": 0.02, "save_top": 0, "adapters": adapters})
+        result = run_train(cfg)
+    samples = round(open_store(store).num_samples(cfg.train_split) * (1 - cfg.val_fraction))
+    return {"seconds": min(result["summary"]["epoch_seconds"]), "samples": samples}
+
+
+def online_epoch(store: str, layer: str, batch_size: int, samples: int) -> tuple[float, int]:
+    """Seconds for `samples` training samples of the same InCA adapter with decode + preprocess
+    + backbone forward per step (training without a cache)."""
+    from pipeline.adapters import build_adapter
+    from pipeline.backbones.taps import LayerTaps
+    from pipeline.training.frozen_backbone import backbone_of, extract_config_of
+
+    reader = open_store(store)
+    ecfg = extract_config_of(reader.manifest)
+    backbone = backbone_of(reader.manifest, store)
+    taps = LayerTaps(backbone.model, (layer,), False, backbone.image_size)
+    source = open_split(ecfg.data, ecfg.data.splits[0])
+    idx = np.random.default_rng(0).permutation(len(source))[:samples]
+    loader = make_loader(source, backbone.transform(), idx, backbone.image_size, batch_size, 1, False)
+    adapter = build_adapter("inca", reader.layers, len(reader.classes), layer=layer, num_heads=4, dim=64, num_queries=2)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-3)
+    labels = torch.from_numpy(source.labels)
+    t0 = time.perf_counter()
+    for i, images, _ in loader:
+        loss = torch.nn.functional.cross_entropy(adapter(taps(images)), labels[i])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - t0, len(idx)

@@ -1,0 +1,46 @@
+"""Resumable benchmark work: each unit's result is a JSON file keyed by what produced it.
+
+A unit (one method's grid for one seed, one fine-tuning run, one speed measurement) is
+recomputed only when its key changes: the key holds the unit's settings and the store's
+fingerprint, so a rerun after an interruption picks up where it stopped, and a changed
+config or store redoes exactly the units it touches. Files are written whole, then renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+def key_hash(key: Any) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Units:
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.reused = 0
+        self.computed = 0
+
+    def get(self, name: str, key: Any, compute: Callable[[], Any]) -> Any:
+        path = self.directory / f"{name}.json"
+        digest = key_hash(key)
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("key_hash") == digest:
+                self.reused += 1
+                return saved["result"]
+            log.info("unit %s: settings changed since it was computed; recomputing", name)
+        result = compute()
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"key_hash": digest, "key": key, "result": result}, indent=1, default=str))
+        os.replace(tmp, path)
+        self.computed += 1
+        return result

@@ -1,0 +1,130 @@
+"""The `bench` command on a tiny ViT: every method reported, chosen on validation, resumable."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import yaml
+
+from pipeline.config import BenchConfig, ConfigError, build, load_config
+from tests.conftest import write_image_folder
+
+METHODS = [
+    {"kind": "linear", "layers": "all", "lr": [1e-3, 1e-2]},
+    {"kind": "inca", "layers": "all", "hparams": {"num_queries": 1, "num_heads": 2, "dim": 16}, "lr": [1e-3, 3e-3]},
+    {"kind": "losa", "hparams": {"rank": 4}},
+    {"kind": "vqt", "hparams": {"num_queries": 1}},
+]
+
+
+def _bench_yaml(tmp, sklearn_C=(0.1, 1.0)) -> str:
+    extract = {
+        "backbone": {"name": "test_vit", "weights": "none", "layers": [0, 1, 2, 3, 4, 5]},
+        "data": {"kind": "image_folder", "root": str(tmp / "images"), "splits": ["train", "val"]},
+        "store": {"path": str(tmp / "store.zarr"), "samples_per_chunk": 4, "chunks_per_shard": 2},
+        "preprocess": {"image_size": 64},
+        "runtime": {"batch_size": 8, "num_workers": 0},
+    }
+    (tmp / "extract.yaml").write_text(yaml.safe_dump(extract))
+    bench = {
+        "output": str(tmp / "out"), "report": str(tmp / "report" / "BENCHMARKS.md"), "seeds": [0, 1], "epochs": 2, "batch_size": 8,
+        "cases": [{"name": "tiny", "extract": str(tmp / "extract.yaml"), "test_split": "val", "methods": METHODS,
+                   "sklearn": {"C": list(sklearn_C)}, "finetune": {"image_size": 32, "epochs": 1, "batch_size": 8, "seeds": [0]},
+                   "storage_options": [["store.dtype=int8"], ["store.tokens=mean"]]}],
+        "speed": {"case": "tiny", "images": 8, "rounds": 1, "fused": 2, "sweep_configs": 2},
+    }
+    path = tmp / "bench.yaml"
+    path.write_text(yaml.safe_dump(bench))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    from pipeline.bench import run_bench
+
+    tmp = tmp_path_factory.mktemp("bench")
+    write_image_folder(tmp / "images", per_class=8)
+    path = _bench_yaml(tmp)
+    result = run_bench(load_config(BenchConfig, path), path)
+    return tmp, path, result
+
+
+@pytest.mark.slow
+def test_report_has_every_method_table_and_plot(bench):
+    tmp, _, result = bench
+    text = (tmp / "report" / "BENCHMARKS.md").read_text()
+    for method in ("linear probe, last layer (blocks.5)", "linear probe, best layer", "InCA, top-1 over layers", "InCA, top-k ensemble",
+                   "LoSA", "VQT", "sklearn LogisticRegression", "full fine-tuning (paragon)"):
+        assert f"| {method}" in text, method
+    for section in ("## Protocol", "### inca per layer", "### Storage options", "## Speed and scale", " cores ("):
+        assert section in text
+    for plot in ("accuracy_vs_params.png", "accuracy_per_layer.png", "time_vs_accuracy.png"):
+        assert (tmp / "report" / "benchmark_plots" / plot).read_bytes()[:4] == b"\x89PNG"
+    rows = {r["method"]: r for r in result["cases"][0]["rows"]}
+    assert all(r["seeds"] == 2 for m, r in rows.items() if not m.startswith("full fine-tuning"))
+    solo = [r for r in rows.values() if r["kind"] in ("linear", "inca", "losa", "vqt")]
+    assert all(r["wall_s"] > 0 and r["peak_mb"] is not None for r in solo)
+    assert rows["full fine-tuning (paragon)"]["pct_backbone"] == 100.0
+
+
+@pytest.mark.slow
+def test_choices_are_made_on_mean_validation_never_test(bench):
+    tmp, _, result = bench
+    grids = [json.loads((tmp / "out" / "units" / f"tiny.inca.seed{s}.json").read_text())["result"] for s in (0, 1)]
+    mean_val = {}
+    for grid in grids:
+        for row in grid["rows"]:
+            mean_val.setdefault(row["adapter"], []).append(row["val_acc"])
+    best_val = max(statistics.fmean(v) for v in mean_val.values())
+    top1 = next(r for r in result["cases"][0]["rows"] if r["method"].startswith("InCA, top-1"))
+    assert statistics.fmean(mean_val[top1["config"]]) == best_val
+    assert top1["test_acc"] == statistics.fmean(r["test_acc"] for g in grids for r in g["rows"] if r["adapter"] == top1["config"])
+    # The solo rerun of the chosen config (a fresh process, seed 0) reproduces the fused grid's member.
+    seed0 = next(r for r in grids[0]["rows"] if r["adapter"] == top1["config"])
+    assert top1["solo_test_acc"] == pytest.approx(seed0["test_acc"])
+
+
+@pytest.mark.slow
+def test_storage_options_price_disk_and_accuracy(bench):
+    _, _, result = bench
+    options = {o["option"]: o for o in result["cases"][0]["storage_options"]}
+    assert set(options) == {"as extracted", "dtype=int8", "tokens=mean"}
+    assert options["dtype=int8"]["kb_raw"] < options["as extracted"]["kb_raw"]
+    assert options["tokens=mean"]["layer_shapes"]["blocks.5"] == [2, 64]  # CLS + the mean of the patches
+    assert all(set(o["accuracy"]) == {"linear", "inca"} for o in options.values())
+
+
+@pytest.mark.slow
+def test_rerun_reuses_every_unit_and_a_changed_setting_redoes_only_its_units(bench, monkeypatch):
+    from pipeline import bench as bench_module
+    from pipeline.benchmarking import methods
+
+    tmp, path, first = bench
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished unit was recomputed")
+
+    monkeypatch.setattr(methods, "train_grid", must_not_train)
+    monkeypatch.setattr(bench_module, "run_measured", must_not_train)
+    again = bench_module.run_bench(load_config(BenchConfig, path), path)
+    assert again["units_computed"] == 0 and again["units_reused"] == first["units_computed"] + first["units_reused"]
+    assert again["cases"] == first["cases"]
+
+    # Another sklearn grid: only the sklearn units (per seed + its solo timing) run again.
+    monkeypatch.setattr(bench_module, "run_measured", lambda fn, *args: {"result": fn(*args), "wall_s": 1.0, "peak_mb": 0.0, "gpu_peak_mb": None})
+    path = _bench_yaml(tmp, sklearn_C=(0.5,))
+    changed = bench_module.run_bench(load_config(BenchConfig, path), path)
+    assert changed["units_computed"] == 3  # 2 seeds + the solo fit
+    assert "C chosen on val: [0.5, 0.5]" in (tmp / "out" / "BENCHMARKS.md").read_text()
+
+
+def test_bench_config_lists_every_problem():
+    with pytest.raises(ConfigError) as e:
+        build(BenchConfig, {"output": "x", "seeds": [], "speed": {"case": "nope"}, "cases": [
+            {"name": "a b", "extract": "e.yaml", "test_split": "val", "storage_options": [["dtype int8"]],
+             "methods": [{"kind": "linear"}, {"kind": "linear", "lr": 0.1}]}]})
+    text = str(e.value)
+    for fragment in ("cases[0].name: got 'a b'", "kind 'linear' is listed twice", "storage_options[0]", "seeds: got []", "speed.case: got 'nope'"):
+        assert fragment in text, fragment
