@@ -22,7 +22,8 @@ import zarr
 from cache.codecs import decode
 from cache.errors import StoreError
 from cache.layout import ChunkPlan
-from cache.schema import FORMAT_VERSION, MANIFEST_KEY, LayerSpec
+from cache.location import StoreLocation, as_location
+from cache.schema import CREATING_KEY, FORMAT_VERSION, MANIFEST_KEY, LayerSpec
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,24 @@ class Batch:
 
 
 class CacheReader:
-    def __init__(self, path: str | Path, allow_partial: bool = False):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise StoreError(f"store {str(self.path)!r} does not exist; run `python -m pipeline extract` first")
+    def __init__(self, path: str | Path | StoreLocation, allow_partial: bool = False, storage_options: Optional[dict] = None):
+        """path: a local path or an fsspec URL (s3://bucket/prefix); storage_options go to fsspec."""
+        self.location = as_location(path, storage_options)
+        self.path = str(self.location)
+        if not self.location.exists():
+            raise StoreError(f"store {self.path!r} does not exist; run `python -m pipeline extract` first")
         try:
-            self.root = zarr.open_group(str(self.path), mode="r")
+            self.root = self.location.open_group("r")
         except Exception as e:
-            raise StoreError(f"{str(self.path)!r} is not a zarr store: {e}") from e
+            raise StoreError(f"{self.path!r} is not a zarr store: {e}") from e
         manifest = self.root.attrs.get(MANIFEST_KEY)
+        if CREATING_KEY in self.root.attrs:
+            raise StoreError(f"store {self.path!r} is still being created, or its creation was interrupted; "
+                             "rerun the extract command to finish it")
         if manifest is None:
-            raise StoreError(f"{str(self.path)!r} is a zarr store but not a feature cache (no {MANIFEST_KEY!r} manifest)")
+            raise StoreError(f"{self.path!r} is a zarr store but not a feature cache (no {MANIFEST_KEY!r} manifest)")
         if manifest["format_version"] != FORMAT_VERSION:
-            raise StoreError(f"{str(self.path)!r} has format version {manifest['format_version']}, this reader reads {FORMAT_VERSION}")
+            raise StoreError(f"{self.path!r} has format version {manifest['format_version']}, this reader reads {FORMAT_VERSION}")
         self.manifest = manifest
         self.allow_partial = allow_partial
         self.layers = {d["name"]: LayerSpec.from_json(d) for d in manifest["layers"]}
@@ -56,7 +62,7 @@ class CacheReader:
         if not allow_partial and not self.is_complete():
             missing = {s: len(self.missing_chunks(s)) for s in self.splits}
             raise StoreError(
-                f"store {str(self.path)!r} is incomplete (missing chunks per split: {missing}); "
+                f"store {self.path!r} is incomplete (missing chunks per split: {missing}); "
                 "rerun the same extract command to finish it, or open with allow_partial=True"
             )
 
@@ -93,13 +99,13 @@ class CacheReader:
 
     def _split(self, split: str) -> dict:
         if split not in self.manifest["splits"]:
-            raise KeyError(f"split {split!r} is not in store {str(self.path)!r}; it has {self.splits}")
+            raise KeyError(f"split {split!r} is not in store {self.path!r}; it has {self.splits}")
         return self.manifest["splits"][split]
 
     def _check_layers(self, layers: Sequence[str]) -> None:
         unknown = [l for l in layers if l not in self.layers]
         if unknown:
-            raise KeyError(f"layers {unknown} are not in store {str(self.path)!r}; it has {list(self.layers)}")
+            raise KeyError(f"layers {unknown} are not in store {self.path!r}; it has {list(self.layers)}")
 
     # -- arrays -------------------------------------------------------------------------
     def zarr_array(self, split: str, layer: str) -> zarr.Array:
@@ -157,7 +163,7 @@ class CacheReader:
         n = self.num_samples(split)
         done = np.flatnonzero(self.root[f"{split}/chunk_done"][:] != 0)
         if len(done) < self.plan.n_chunks(n) and not self.allow_partial:
-            raise StoreError(f"split {split!r} of {str(self.path)!r} is incomplete")
+            raise StoreError(f"split {split!r} of {self.path!r} is incomplete")
         order = np.random.default_rng([seed, epoch]).permutation(done) if shuffle else done
         windows = [order[i : i + buffer_chunks] for i in range(0, len(order), buffer_chunks)]
         # Each window is read and permuted on a worker thread with its own seeded generator,
@@ -228,6 +234,6 @@ class CacheReader:
         return joined if perm is None else joined[perm]
 
 
-def open_store(path: str | Path, allow_partial: bool = False) -> CacheReader:
-    """Open a store read-only; refuses an incomplete one unless allow_partial."""
-    return CacheReader(path, allow_partial=allow_partial)
+def open_store(path: str | Path | StoreLocation, allow_partial: bool = False, storage_options: Optional[dict] = None) -> CacheReader:
+    """Open a store (a local path or an fsspec URL) read-only; refuses an incomplete one unless allow_partial."""
+    return CacheReader(path, allow_partial=allow_partial, storage_options=storage_options)

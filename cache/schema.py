@@ -29,6 +29,9 @@ from typing import Optional
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "feature_cache"
+# The root's only attribute while a store on an object store is being created (no rename
+# there: see cache/writer.py); never present in a finished store.
+CREATING_KEY = "feature_cache_creating"
 
 # Layers named KV_PREFIX + block index hold keys/values, not features (see the layout above).
 KV_PREFIX = "kv."

@@ -9,8 +9,8 @@ import numpy as np
 from cache.reader import CacheReader
 
 
-def summarize(path: str | Path) -> dict:
-    reader = CacheReader(path, allow_partial=True)
+def summarize(path: str | Path, storage_options: dict | None = None) -> dict:
+    reader = CacheReader(path, allow_partial=True, storage_options=storage_options)
     m = reader.manifest
     splits = {}
     for split in reader.splits:
@@ -24,7 +24,7 @@ def summarize(path: str | Path) -> dict:
         }
     layers = []
     for name, spec in reader.layers.items():
-        disk = sum(_bytes_under(Path(path) / s / "layers" / name) for s in reader.splits)
+        disk = sum(reader.location.size_bytes(f"{s}/layers/{name}") for s in reader.splits)
         layers.append({**spec.to_json(), "dtype": reader.dtype, "bytes_on_disk": disk})
     return {
         "path": str(path),
@@ -38,7 +38,7 @@ def summarize(path: str | Path) -> dict:
         "classes": m.get("classes", []),
         "splits": splits,
         "layers": layers,
-        "bytes_on_disk": _bytes_under(Path(path)),
+        "bytes_on_disk": reader.location.size_bytes(),
         "package_version": m.get("package_version"),
         "created_at": m.get("created_at"),
         "skipped_ids": m.get("skipped", {}),
@@ -48,7 +48,3 @@ def summarize(path: str | Path) -> dict:
 def _done_mask(reader: CacheReader, split: str, done: np.ndarray) -> np.ndarray:
     n = reader.num_samples(split)
     return np.repeat(done != 0, reader.plan.samples_per_chunk)[:n]
-
-
-def _bytes_under(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0

@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -120,7 +119,7 @@ def run_extract(cfg: ExtractConfig, dry_run: bool = False, overwrite: bool = Fal
             log.info("split %s: complete, nothing to do", split)
     manifest = writer.finalize()
     skipped = sum(len(v) for v in manifest["skipped"].values())
-    log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, _disk_mb(Path(cfg.store.path)), skipped, time.perf_counter() - t0)
+    log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, writer.location.size_bytes() / 1e6, skipped, time.perf_counter() - t0)
     plan.taps.close()
     return plan
 
@@ -143,6 +142,7 @@ def open_writer(plan: ExtractPlan, overwrite: bool = False) -> StoreWriter:
             "config": to_dict(cfg),
         },
         overwrite=overwrite,
+        storage_options=cfg.store.storage_options,
     )
 
 
@@ -233,7 +233,3 @@ def _fmt_preprocess(dc: dict) -> str:
 
 def _jsonable(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _disk_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6

@@ -55,7 +55,7 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    reader = open_store(cfg.store)
+    reader = open_store(cfg.store, storage_options=cfg.storage_options)
     _check_layers(cfg, reader)
     fingerprint = hashlib.sha256(json.dumps(reader.fingerprint, sort_keys=True, default=str).encode()).hexdigest()
     trials = make_trials(cfg, {"store": fingerprint, "train": cfg.train_settings()})

@@ -66,7 +66,7 @@ def run_train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    reader = open_store(cfg.store)
+    reader = open_store(cfg.store, storage_options=cfg.storage_options)
     splits = _splits(cfg, reader)
     members = expand(cfg.adapters, reader.layers, cfg.seed)
     backbone_modules = _backbone_modules(reader) if any(m.kind == "vqt" for m in members) else None

@@ -7,7 +7,9 @@ Only fields that change what is stored enter the store's fingerprint (see
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
+
+from cache.location import option_problems
 
 
 DATA_KINDS = ("image_folder", "npz", "idx", "torchvision")
@@ -116,7 +118,11 @@ class CompressorConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
+    # A local directory, or an fsspec URL such as s3://bucket/prefix (kept as the string it is).
     path: str
+    # For a URL: passed to fsspec, e.g. {endpoint_url: "http://host:9000"}. Credentials belong
+    # in the environment (AWS_ACCESS_KEY_ID, ...): this config is saved in the store.
+    storage_options: dict[str, Any] = field(default_factory=dict)
     dtype: Literal["float16", "bfloat16", "float32", "int8"] = "float16"
     # all: every token; cls: prefix token 0; mean: mean of patch tokens; cls_mean: both;
     # grid: prefix tokens + patch tokens average-pooled to grid_size x grid_size.
@@ -130,7 +136,7 @@ class StoreConfig:
     compressor: CompressorConfig = field(default_factory=CompressorConfig)
 
     def problems(self) -> list[str]:
-        out = []
+        out = option_problems(self.path, self.storage_options)
         if self.chunk_mb <= 0:
             out.append(f"chunk_mb: got {self.chunk_mb}, expected > 0")
         if self.samples_per_chunk is not None and self.samples_per_chunk <= 0:

@@ -49,6 +49,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from cache.location import option_problems
 from pipeline.adapters import ADAPTERS, AdapterConfigError, adapter_class, parse_hparams
 from pipeline.config.train_config import TrainingSettings
 
@@ -173,7 +174,8 @@ class SpaceEntry:
 
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig(TrainingSettings):
-    store: str
+    store: str  # a local path or an fsspec URL (s3://bucket/prefix)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # for a URL: passed to fsspec, no credentials
     output: str
     space: tuple[SpaceEntry, ...]
     search: Literal["grid", "random"] = "grid"
@@ -186,7 +188,7 @@ class SweepConfig(TrainingSettings):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingSettings) if f.name != "save_top"}
 
     def problems(self) -> list[str]:
-        out = self.training_problems()
+        out = self.training_problems() + option_problems(self.store, self.storage_options)
         if not self.space:
             out.append("space: got [], expected at least one adapter entry")
         if self.search == "random" and (self.num_trials is None or self.num_trials <= 0):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from cache.location import option_problems
 from pipeline.adapters import ADAPTERS, AdapterConfigError, adapter_class, parse_hparams
 
 
@@ -83,7 +84,8 @@ class TrainingSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(TrainingSettings):
-    store: str
+    store: str  # a local path or an fsspec URL (s3://bucket/prefix)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # for a URL: passed to fsspec, no credentials
     output: str
     adapters: tuple[AdapterEntry, ...]
     # Stop when no member's validation accuracy improved for this many epochs; null = never.
@@ -92,7 +94,7 @@ class TrainConfig(TrainingSettings):
     log_every: int = 20  # steps between metrics lines
 
     def problems(self) -> list[str]:
-        out = self.training_problems()
+        out = self.training_problems() + option_problems(self.store, self.storage_options)
         if not self.adapters:
             out.append("adapters: got [], expected at least one adapter entry")
         for key in ("ensemble_top_k", "log_every"):

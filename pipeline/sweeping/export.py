@@ -32,7 +32,8 @@ def write_best_train_config(cfg: SweepConfig, best: dict[str, dict], path: Path)
     for r in best.values():
         c = r["config"]
         entries.append(adapter_entry(Trial(r["trial"], c["kind"], c["hparams"], c["lr"], c["weight_decay"], c["seed"])))
-    data = {"store": cfg.store, "output": str(Path(cfg.output) / "best"), **cfg.train_settings(), "adapters": entries}
+    store = {"store": cfg.store, **({"storage_options": cfg.storage_options} if cfg.storage_options else {})}
+    data = {**store, "output": str(Path(cfg.output) / "best"), **cfg.train_settings(), "adapters": entries}
     header = [f"# python -m pipeline train {path}",
               f"# The best configuration per adapter kind from the sweep in {cfg.output} (by validation accuracy):"]
     header += [f"#   {kind}: val {_pct(r['metrics']['val_acc'])}, test {_pct(r['metrics']['test_acc'])} (trial {r['trial']})"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 
+from cache.location import is_url
 from cache.schema import LayerSpec
 from pipeline.config import TrainConfig, build
 from pipeline.config.sweep_config import SweepConfig
@@ -82,8 +83,10 @@ def _layers_read(trial: Trial) -> str:
 
 def _job(cfg: SweepConfig, trials: list[Trial], names: list[str]) -> Job:
     job_id = hashlib.sha256(",".join(sorted(t.id for t in trials)).encode()).hexdigest()[:12]
-    # Absolute paths: a worker's working directory need not be the driver's.
-    data = {**cfg.train_settings(), "store": str(Path(cfg.store).resolve()), "save_top": cfg.save_top,
+    # Absolute paths: a worker's working directory need not be the driver's. A store URL
+    # (s3://...) and its storage options travel as they are; each worker opens the store itself.
+    store = cfg.store if is_url(cfg.store) else str(Path(cfg.store).resolve())
+    data = {**cfg.train_settings(), "store": store, "storage_options": cfg.storage_options, "save_top": cfg.save_top,
             "output": str((Path(cfg.output) / "jobs" / job_id).resolve()),
             "adapters": [adapter_entry(t) for t in trials]}
     return Job(job_id, tuple(trials), tuple(names), build(TrainConfig, data, source=f"job {job_id}"))
