@@ -47,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. epochs=2 seeds=[0]")
 
     ins = sub.add_parser("inspect", help="describe a store: manifest, splits, layers, sizes, completeness")
-    ins.add_argument("store")
+    ins.add_argument("store", help="a local path or a URL such as s3://bucket/prefix (credentials and endpoint from the environment)")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    # S3 stores: botocore says where it found credentials and the endpoint, for every client.
+    for chatty in ("botocore", "aiobotocore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     from pipeline.config import ConfigError
     from pipeline.distributed_extract import ExtractTasksFailed
     from pipeline.sweep import SweepJobsFailed

@@ -7,8 +7,9 @@ The driver plans, prints the cost and creates (or reopens) the store. Each task 
 unstamped chunks of whole shards, so no two workers ever write the same object, and every
 chunk is stamped on its own. A task whose worker dies is retried by dask; a rerun of the same
 command redoes only what is still unstamped. The driver stamps the manifest complete last.
-The arrays equal a single-process run's, byte for byte (tested). Workers need the data and
-the store at the same paths as the driver (a shared file system).
+The arrays equal a single-process run's, byte for byte (tested). Workers need the data at
+the same paths as the driver (a shared file system) and reach the store there too, or at its
+URL on object storage (s3://..., with the config's storage_options and their own credentials).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The same extraction goes to a local directory and to s3://BUCKET/...; the S3 store must hold
 the same objects byte for byte, train to the same scores, survive interruptions like a local
-store, refuse what a local store refuses, and serve dask workers that open it themselves.
+store, refuse what a local store refuses, and serve sweep jobs that open it themselves.
 """
 
 import json
@@ -87,8 +87,8 @@ def assert_same_arrays(a, b) -> None:
     assert a.fingerprint == b.fingerprint
 
 
-def scores(store: str, out: Path, **options) -> dict:
-    cfg = build(TrainConfig, {"store": store, "output": str(out), **TRAIN, **options,
+def scores(store: str, out: Path) -> dict:
+    cfg = build(TrainConfig, {"store": store, "output": str(out), **TRAIN,
                               "adapters": [{"kind": "linear", "layers": "all", "lr": 0.03}]})
     return {r["adapter"]: (r["val_acc"], r["test_acc"]) for r in run_train(cfg)["rows"]}
 
