@@ -22,7 +22,7 @@ from pipeline.benchmarking import methods as M
 from pipeline.benchmarking.finetune import finetune
 from pipeline.benchmarking.machine import machine_info
 from pipeline.benchmarking.measured import run_measured
-from pipeline.benchmarking.report import write_benchmarks
+from pipeline.benchmarking.report import PLOTS, write_benchmarks
 from pipeline.benchmarking.sklearn_reference import deepest_layer, fit_logistic
 from pipeline.benchmarking.speed import measure_speed
 from pipeline.benchmarking.storage_options import disk_per_sample, option_label, variant_config
@@ -53,10 +53,11 @@ def run_bench(cfg: BenchConfig, config_path: str) -> dict:
               "wall_s": time.perf_counter() - t_start, "units_reused": units.reused, "units_computed": units.computed}
     report = write_benchmarks(out, result)
     if cfg.report:
-        shutil.copyfile(report, cfg.report)
-        for plot in out.glob("*.png"):
-            Path(cfg.report).parent.joinpath("benchmarks").mkdir(exist_ok=True)
-            shutil.copyfile(plot, Path(cfg.report).parent / "benchmarks" / plot.name)
+        # The copy (e.g. at the repository root) links its plots by the same relative path.
+        target = Path(cfg.report)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(report, target)
+        shutil.copytree(out / PLOTS, target.parent / PLOTS, dirs_exist_ok=True)
     log.info("bench done in %.0f s (%d units computed, %d reused); report %s", result["wall_s"], units.computed, units.reused, report)
     return result
 

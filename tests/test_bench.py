@@ -92,7 +92,7 @@ def test_storage_options_price_disk_and_accuracy(bench):
     options = {o["option"]: o for o in result["cases"][0]["storage_options"]}
     assert set(options) == {"as extracted", "dtype=int8", "tokens=mean"}
     assert options["dtype=int8"]["kb_raw"] < options["as extracted"]["kb_raw"]
-    assert options["tokens=mean"]["layer_shapes"]["blocks.5"] == [2, 64]  # CLS + the mean of the patches
+    assert options["tokens=mean"]["layer_shapes"]["blocks.5"] == [1, 64]  # the mean of the patch tokens
     assert all(set(o["accuracy"]) == {"linear", "inca"} for o in options.values())
 
 
@@ -121,10 +121,13 @@ def test_rerun_reuses_every_unit_and_a_changed_setting_redoes_only_its_units(ben
 
 
 def test_bench_config_lists_every_problem():
+    case = {"name": "a b", "extract": "e.yaml", "test_split": "val", "storage_options": [["dtype int8"]],
+            "methods": [{"kind": "linear"}, {"kind": "linear", "lr": 0.1}]}
     with pytest.raises(ConfigError) as e:
-        build(BenchConfig, {"output": "x", "seeds": [], "speed": {"case": "nope"}, "cases": [
-            {"name": "a b", "extract": "e.yaml", "test_split": "val", "storage_options": [["dtype int8"]],
-             "methods": [{"kind": "linear"}, {"kind": "linear", "lr": 0.1}]}]})
-    text = str(e.value)
-    for fragment in ("cases[0].name: got 'a b'", "kind 'linear' is listed twice", "storage_options[0]", "seeds: got []", "speed.case: got 'nope'"):
-        assert fragment in text, fragment
+        build(BenchConfig, {"output": "x", "cases": [case]})
+    for fragment in ("cases[0].name: got 'a b'", "kind 'linear' is listed twice", "cases[0].storage_options[0]: got ['dtype int8']"):
+        assert fragment in str(e.value), fragment
+    with pytest.raises(ConfigError) as e:
+        build(BenchConfig, {"output": "x", "seeds": [], "epochs": 0, "speed": {"case": "nope"}, "cases": [{**case, "name": "ok", "storage_options": [], "methods": [{"kind": "linear"}]}]})
+    for fragment in ("seeds: got []", "epochs: got 0", "speed.case: got 'nope', expected one of the cases ['ok']"):
+        assert fragment in str(e.value), fragment

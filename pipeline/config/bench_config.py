@@ -66,6 +66,7 @@ class BenchCase:
     # Other stores of the same images to price: each a list of extract overrides
     # (e.g. [store.dtype=int8]); the chosen linear and InCA configs are retrained on each.
     storage_options: tuple[tuple[str, ...], ...] = ()
+    notes: str = ""  # printed under the case's heading: what was cut for time, caveats of the weights
 
     def problems(self) -> list[str]:
         out = []
