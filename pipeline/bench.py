@@ -25,7 +25,7 @@ from pipeline.benchmarking.measured import run_measured
 from pipeline.benchmarking.report import PLOTS, write_benchmarks
 from pipeline.benchmarking.sklearn_reference import deepest_layer, fit_logistic
 from pipeline.benchmarking.speed import measure_speed
-from pipeline.benchmarking.storage_options import disk_per_sample, option_label, variant_config
+from pipeline.benchmarking.store_variants import disk_per_sample, option_label, variant_config
 from pipeline.benchmarking.units import Units, key_hash
 from pipeline.config import ExtractConfig, load_config, to_dict
 from pipeline.config.bench_config import BenchCase, BenchConfig
@@ -71,7 +71,7 @@ def _print_cost(cfg: BenchConfig, extract_cfgs: dict) -> None:
               f"   stage two: {len(case.methods)} adapter method(s) x {len(cfg.seeds)} seeds = {runs} grid runs of {cfg.epochs} epochs"
               + (f"; sklearn x {len(cfg.seeds)}" if case.sklearn else "")
               + (f"; full fine-tuning {fine.epochs} epochs at {fine.image_size} px x {len(fine.seeds or cfg.seeds)} seeds" if fine else "")
-              + (f"; {len(case.storage_options)} storage option store(s) to extract and train" if case.storage_options else ""),
+              + (f"; {len(case.store_variants)} storage option store(s) to extract and train" if case.store_variants else ""),
               flush=True)
 
 
@@ -115,8 +115,8 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
     if case.finetune is not None:
         result["rows"].append(_finetune_row(cfg, case, ecfg, units))
     # The store as extracted is the baseline each storage option is compared with.
-    options = ((),) + case.storage_options if case.storage_options else ()
-    result["storage_options"] = [_storage_option(cfg, case, ecfg, option, chosen, units, out) for option in options]
+    options = ((),) + case.store_variants if case.store_variants else ()
+    result["store_variants"] = [_store_variant(cfg, case, ecfg, option, chosen, units, out) for option in options]
     return result
 
 
@@ -164,7 +164,7 @@ def _finetune_row(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units:
             "gpu_peak_mb": runs[0]["gpu_peak_mb"], "device": first["device"], **M.spread([r["result"] for r in runs])}
 
 
-def _storage_option(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, option: tuple[str, ...], chosen: dict, units: Units, out: Path) -> dict:
+def _store_variant(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, option: tuple[str, ...], chosen: dict, units: Units, out: Path) -> dict:
     vcfg = variant_config(ecfg, option) if option else ecfg
     if option:
         log.info("case %s: storage option %s", case.name, option_label(option))

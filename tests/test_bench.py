@@ -32,7 +32,7 @@ def _bench_yaml(tmp, sklearn_C=(0.1, 1.0)) -> str:
         "output": str(tmp / "out"), "report": str(tmp / "report" / "BENCHMARKS.md"), "seeds": [0, 1], "epochs": 2, "batch_size": 8,
         "cases": [{"name": "tiny", "extract": str(tmp / "extract.yaml"), "test_split": "val", "methods": METHODS,
                    "sklearn": {"C": list(sklearn_C)}, "finetune": {"image_size": 32, "epochs": 1, "batch_size": 8, "seeds": [0]},
-                   "storage_options": [["store.dtype=int8"], ["store.tokens=mean"]]}],
+                   "store_variants": [["store.dtype=int8"], ["store.tokens=mean"]]}],
         "speed": {"case": "tiny", "images": 8, "rounds": 1, "fused": 2, "sweep_configs": 2},
     }
     path = tmp / "bench.yaml"
@@ -87,9 +87,9 @@ def test_choices_are_made_on_mean_validation_never_test(bench):
 
 
 @pytest.mark.slow
-def test_storage_options_price_disk_and_accuracy(bench):
+def test_store_variants_price_disk_and_accuracy(bench):
     _, _, result = bench
-    options = {o["option"]: o for o in result["cases"][0]["storage_options"]}
+    options = {o["option"]: o for o in result["cases"][0]["store_variants"]}
     assert set(options) == {"as extracted", "dtype=int8", "tokens=mean"}
     assert options["dtype=int8"]["kb_raw"] < options["as extracted"]["kb_raw"]
     assert options["tokens=mean"]["layer_shapes"]["blocks.5"] == [1, 64]  # the mean of the patch tokens
@@ -121,13 +121,13 @@ def test_rerun_reuses_every_unit_and_a_changed_setting_redoes_only_its_units(ben
 
 
 def test_bench_config_lists_every_problem():
-    case = {"name": "a b", "extract": "e.yaml", "test_split": "val", "storage_options": [["dtype int8"]],
+    case = {"name": "a b", "extract": "e.yaml", "test_split": "val", "store_variants": [["dtype int8"]],
             "methods": [{"kind": "linear"}, {"kind": "linear", "lr": 0.1}]}
     with pytest.raises(ConfigError) as e:
         build(BenchConfig, {"output": "x", "cases": [case]})
-    for fragment in ("cases[0].name: got 'a b'", "kind 'linear' is listed twice", "cases[0].storage_options[0]: got ['dtype int8']"):
+    for fragment in ("cases[0].name: got 'a b'", "kind 'linear' is listed twice", "cases[0].store_variants[0]: got ['dtype int8']"):
         assert fragment in str(e.value), fragment
     with pytest.raises(ConfigError) as e:
-        build(BenchConfig, {"output": "x", "seeds": [], "epochs": 0, "speed": {"case": "nope"}, "cases": [{**case, "name": "ok", "storage_options": [], "methods": [{"kind": "linear"}]}]})
+        build(BenchConfig, {"output": "x", "seeds": [], "epochs": 0, "speed": {"case": "nope"}, "cases": [{**case, "name": "ok", "store_variants": [], "methods": [{"kind": "linear"}]}]})
     for fragment in ("seeds: got []", "epochs: got 0", "speed.case: got 'nope', expected one of the cases ['ok']"):
         assert fragment in str(e.value), fragment

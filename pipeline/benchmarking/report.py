@@ -92,7 +92,7 @@ def _case_section(case: dict, cfg: dict) -> list[str]:
                   "| layer | val acc | test acc | configuration |", "|---|---:|---:|---|"]
         lines += [f"| {x['method']} | {_pct(x['val_acc'], x['val_acc_sd'])} | {_pct(x['test_acc'], x['test_acc_sd'])} | {x['config']} |" for x in rows]
         lines += [""]
-    if case.get("storage_options"):
+    if case.get("store_variants"):
         lines += _storage_section(case)
     return lines
 
@@ -131,13 +131,13 @@ def _verdicts(case: dict) -> list[str]:
 
 
 def _storage_section(case: dict) -> list[str]:
-    base = case["storage_options"][0]
+    base = case["store_variants"][0]
     lines = [f"### Storage options: disk per sample and the accuracy each costs ({case['name']})", "",
              "Each option is a separate extraction of the same images; the chosen linear (last layer) and InCA "
              "configurations are retrained on it with the same seeds.", "",
              "| option | dtype | tokens | KB / sample on disk | KB / sample raw | vs as extracted (disk) | linear test | InCA test |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    for o in case["storage_options"]:
+    for o in case["store_variants"]:
         acc = {k: _pct(v["test_acc"], v["test_acc_sd"]) for k, v in o["accuracy"].items()}
         lines.append(f"| {o['option']} | {o['dtype']} | {o['tokens']} | {o['kb_on_disk']:.1f} | {o['kb_raw']:.1f} | "
                      f"{o['kb_on_disk'] / base['kb_on_disk']:.2f}x | {acc.get('linear', '-')} | {acc.get('inca', '-')} |")

@@ -65,7 +65,7 @@ class BenchCase:
     finetune: Optional[FinetuneSettings] = None
     # Other stores of the same images to price: each a list of extract overrides
     # (e.g. [store.dtype=int8]); the chosen linear and InCA configs are retrained on each.
-    storage_options: tuple[tuple[str, ...], ...] = ()
+    store_variants: tuple[tuple[str, ...], ...] = ()
     notes: str = ""  # printed under the case's heading: what was cut for time, caveats of the weights
 
     def problems(self) -> list[str]:
@@ -79,9 +79,9 @@ class BenchCase:
             out.append(f"methods: kind {kind!r} is listed twice; put its grid in one entry (lists of values)")
         if self.ensemble_top_k <= 0:
             out.append(f"ensemble_top_k: got {self.ensemble_top_k}, expected > 0")
-        for i, option in enumerate(self.storage_options):
+        for i, option in enumerate(self.store_variants):
             if not option or any("=" not in o for o in option):
-                out.append(f"storage_options[{i}]: got {list(option)}, expected a list of dotted.key=value overrides")
+                out.append(f"store_variants[{i}]: got {list(option)}, expected a list of dotted.key=value overrides")
         return out
 
 
