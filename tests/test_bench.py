@@ -131,3 +131,23 @@ def test_bench_config_lists_every_problem():
         build(BenchConfig, {"output": "x", "seeds": [], "epochs": 0, "speed": {"case": "nope"}, "cases": [{**case, "name": "ok", "store_variants": [], "methods": [{"kind": "linear"}]}]})
     for fragment in ("seeds: got []", "epochs: got 0", "speed.case: got 'nope', expected one of the cases ['ok']"):
         assert fragment in str(e.value), fragment
+
+
+def allocate_mb(mb: int) -> float:
+    import numpy as np
+
+    return float(np.ones(mb * 2**20 // 8).sum())
+
+
+def test_measured_peak_is_the_childs_own_not_its_parents():
+    """ru_maxrss survives exec, so a child spawned by a big parent would report the parent's
+    peak; the measured peak must be what the function itself allocated."""
+    import numpy as np
+
+    from pipeline.benchmarking.measured import run_measured
+
+    held = np.ones(1200 * 2**20 // 8)  # the parent holds 1.2 GB, more than the child will
+    measured = run_measured(allocate_mb, 300)
+    assert measured["result"] == 300 * 2**20 // 8
+    assert 280 < measured["peak_mb"] < 420, measured["peak_mb"]
+    assert held[0] == 1.0

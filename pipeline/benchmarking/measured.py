@@ -1,17 +1,17 @@
 """Run a function in a fresh process and report its wall time and peak memory.
 
 A fresh process per measurement gives each method its own peak: the peak resident set size
-(ru_maxrss) minus the resident size just before the function starts. The function's own
-module is imported by then (it is unpickled first), and the modules here import what they
-use at the top, so the libraries' ~0.8 GB (a CUDA build of torch, timm, zarr, dask) are in
-the baseline and one method's allocations never hide in another's. On a
-GPU the CUDA allocator's peak is reported too.
+(the kernel's high-water mark, VmHWM) minus the resident size just before the function
+starts. Not ru_maxrss: Linux carries it across exec, so a spawned child would report its
+parent's peak whenever that was higher. The high-water mark is reset to the current size
+at the baseline, so the libraries loaded by then (the function's module is unpickled first,
+and the modules here import what they use at the top: ~0.8 GB for a CUDA build of torch,
+timm, zarr, dask) are not counted. On a GPU the CUDA allocator's peak is reported too.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable
@@ -36,18 +36,27 @@ def _measure(fn: Callable[..., Any], args: tuple, threads: int) -> dict:
     # (as in a normal main process) to receive the sources' local image loaders.
     multiprocessing.set_start_method("fork", force=True)
     torch.set_num_threads(threads)
-    baseline = _rss_mb()
+    _reset_peak()
+    baseline = _status_mb("VmRSS")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = fn(*args)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"result": result, "wall_s": wall, "peak_mb": max(0.0, peak - baseline), "gpu_peak_mb": gpu}
+    return {"result": result, "wall_s": wall, "peak_mb": max(0.0, _status_mb("VmHWM") - baseline), "gpu_peak_mb": gpu}
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def _reset_peak() -> None:
+    """Set the high-water mark to the current resident size ("5" to clear_refs, Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the mark then also holds the imports' peak, which stays near the baseline
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(l for l in f if l.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB
