@@ -49,9 +49,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from cache.location import option_problems
 from pipeline.adapters import ADAPTERS, AdapterConfigError, adapter_class, parse_hparams
-from pipeline.config.train_config import TrainingSettings
+from pipeline.config.train_config import StoreJob, TrainingSettings
 
 
 @dataclass(frozen=True)
@@ -173,10 +172,7 @@ class SpaceEntry:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SweepConfig(TrainingSettings):
-    store: str  # a local path or an fsspec URL (s3://bucket/prefix)
-    storage_options: dict[str, Any] = field(default_factory=dict)  # for a URL: passed to fsspec, no credentials
-    output: str
+class SweepConfig(StoreJob):
     space: tuple[SpaceEntry, ...]
     search: Literal["grid", "random"] = "grid"
     num_trials: Optional[int] = None  # random search: samples per space entry
@@ -188,7 +184,7 @@ class SweepConfig(TrainingSettings):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingSettings) if f.name != "save_top"}
 
     def problems(self) -> list[str]:
-        out = self.training_problems() + option_problems(self.store, self.storage_options)
+        out = self.job_problems()
         if not self.space:
             out.append("space: got [], expected at least one adapter entry")
         if self.search == "random" and (self.num_trials is None or self.num_trials <= 0):

@@ -83,10 +83,19 @@ class TrainingSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(TrainingSettings):
+class StoreJob(TrainingSettings):
+    """A job that trains from one store into one output folder (train, and each sweep)."""
+
     store: str  # a local path or an fsspec URL (s3://bucket/prefix)
     storage_options: dict[str, Any] = field(default_factory=dict)  # for a URL: passed to fsspec, no credentials
     output: str
+
+    def job_problems(self) -> list[str]:
+        return self.training_problems() + option_problems(self.store, self.storage_options)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(StoreJob):
     adapters: tuple[AdapterEntry, ...]
     # Stop when no member's validation accuracy improved for this many epochs; null = never.
     early_stopping_patience: Optional[int] = None
@@ -94,7 +103,7 @@ class TrainConfig(TrainingSettings):
     log_every: int = 20  # steps between metrics lines
 
     def problems(self) -> list[str]:
-        out = self.training_problems() + option_problems(self.store, self.storage_options)
+        out = self.job_problems()
         if not self.adapters:
             out.append("adapters: got [], expected at least one adapter entry")
         for key in ("ensemble_top_k", "log_every"):
