@@ -23,7 +23,8 @@ from pipeline.benchmarking.finetune import finetune
 from pipeline.benchmarking.machine import machine_info
 from pipeline.benchmarking.measured import run_measured
 from pipeline.benchmarking.report import PLOTS, write_benchmarks
-from pipeline.benchmarking.sklearn_reference import deepest_layer, fit_logistic
+from pipeline.adapters.base import last_layer_name
+from pipeline.benchmarking.sklearn_reference import fit_logistic
 from pipeline.benchmarking.speed import measure_speed
 from pipeline.benchmarking.store_variants import disk_per_sample, option_label, variant_config
 from pipeline.benchmarking.units import Units, key_hash
@@ -81,7 +82,7 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
     store = ecfg.store.path
     reader = open_store(store)
     store_key = key_hash(reader.fingerprint)
-    last = deepest_layer(store)
+    last = last_layer_name(reader.layers)
     result = {"name": case.name, "backbone": ecfg.backbone.name, "weights": ecfg.backbone.weights,
               "image_size": list(reader.manifest["fingerprint"]["preprocessing"]["input_size"][1:]),
               "backbone_params": reader.manifest.get("backbone_parameters"), "store": disk_per_sample(store),
@@ -111,7 +112,7 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
         if entry.kind in ("inca", "linear"):
             result["per_layer"][entry.kind] = M.per_layer(grids, entry.kind)
     if case.sklearn is not None:
-        result["rows"].append(_sklearn_row(cfg, case, store, store_key, units))
+        result["rows"].append(_sklearn_row(cfg, case, store, store_key, last, units))
     if case.finetune is not None:
         result["rows"].append(_finetune_row(cfg, case, ecfg, units))
     # The store as extracted is the baseline each storage option is compared with.
@@ -131,9 +132,9 @@ def _method_rows(kind: str, grids: list[dict], last: str) -> list[dict]:
     return [r for r in rows if r is not None]
 
 
-def _sklearn_row(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, units: Units) -> dict:
+def _sklearn_row(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, last: str, units: Units) -> dict:
     s = case.sklearn
-    layer = s.layer or deepest_layer(store)
+    layer = s.layer or last
     per_seed = []
     for seed in cfg.seeds:
         args = (store, layer, s.C, case.train_split, case.test_split, cfg.val_fraction, seed, s.max_iter)

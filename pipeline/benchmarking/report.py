@@ -191,14 +191,7 @@ def _plot_all(result: dict, plots: Path) -> list[str]:
 
 
 def _accuracy_vs_params(ax, case) -> bool:
-    rows = [x for x in case["rows"] if x["params"] and x["test_acc"] is not None]
-    for i, x in enumerate(rows):
-        ax.errorbar(x["params"], 100 * x["test_acc"], yerr=100 * (x["test_acc_sd"] or 0), fmt="o", capsize=3, color=f"C{i % 10}", label=x["method"])
-    ax.set_xscale("log")
-    ax.set(xlabel="trainable parameters (log)", ylabel="test accuracy (%)", title=f"{case['name']}: accuracy vs trainable parameters")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    return bool(rows)
+    return _test_accuracy_against(ax, case, "params", "o", "trainable parameters (log)", "accuracy vs trainable parameters")
 
 
 def _accuracy_per_layer(ax, case) -> bool:
@@ -217,11 +210,16 @@ def _accuracy_per_layer(ax, case) -> bool:
 
 
 def _time_vs_accuracy(ax, case) -> bool:
-    rows = [x for x in case["rows"] if x.get("wall_s") and x["test_acc"] is not None]
+    return _test_accuracy_against(ax, case, "wall_s", "s", "training wall time, s (log)", "training time vs accuracy")
+
+
+def _test_accuracy_against(ax, case, key: str, marker: str, xlabel: str, title: str) -> bool:
+    """One point per method with a value for `key` (log x) and its test accuracy ± sd."""
+    rows = [x for x in case["rows"] if x.get(key) and x["test_acc"] is not None]
     for i, x in enumerate(rows):
-        ax.errorbar(x["wall_s"], 100 * x["test_acc"], yerr=100 * (x["test_acc_sd"] or 0), fmt="s", capsize=3, color=f"C{i % 10}", label=x["method"])
+        ax.errorbar(x[key], 100 * x["test_acc"], yerr=100 * (x["test_acc_sd"] or 0), fmt=marker, capsize=3, color=f"C{i % 10}", label=x["method"])
     ax.set_xscale("log")
-    ax.set(xlabel="training wall time, s (log)", ylabel="test accuracy (%)", title=f"{case['name']}: training time vs accuracy")
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title=f"{case['name']}: {title}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return bool(rows)

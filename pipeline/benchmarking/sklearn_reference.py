@@ -18,11 +18,6 @@ from pipeline.adapters.pooling import pool_tokens
 from pipeline.train import validation_mask
 
 
-def deepest_layer(store: str) -> str:
-    reader = open_store(store)
-    return [name for name, spec in reader.layers.items() if not spec.is_kv][-1]
-
-
 def pooled_features(store: str, split: str, layer: str, keep=None) -> tuple[np.ndarray, np.ndarray]:
     reader = open_store(store)
     spec = reader.layers[layer]

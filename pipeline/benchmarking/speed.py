@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cache import open_store
+from pipeline.adapters.base import last_layer_name, layers_in_backbone_order
 from pipeline.config import ExtractConfig, TrainConfig, build
 from pipeline.data import open_split
 from pipeline.data.loader import make_loader
@@ -35,12 +36,12 @@ def measure_speed(cfg: ExtractConfig, store: str, settings: dict, epochs: int, b
     sample_cfg = replace(cfg, data=replace(cfg.data, splits=(cfg.data.splits[0],), limit=settings["images"]))
     out = {"extract": extract_vs_bare(sample_cfg, settings["rounds"]), "read": read_rates(store, batch_size)}
     reader = open_store(store)
-    layer = settings["layer"] or [n for n, s in reader.layers.items() if not s.is_kv][-1]
+    layer = settings["layer"] or last_layer_name(reader.layers)
     inca = {"kind": "inca", "layers": [layer], "hparams": {"num_heads": 4, "dim": 64, "num_queries": 2}}
     n = settings["fused"]
     one = cached_epoch(store, [{**inca, "lr": 1e-3}], batch_size)
     fused = cached_epoch(store, [{**inca, "lr": [float(x) for x in np.geomspace(1e-4, 1e-2, n)]}], batch_size)
-    layers = [l for l, s in reader.layers.items() if not s.is_kv]
+    layers = layers_in_backbone_order(reader.layers)
     mixed = cached_epoch(store, [{"kind": "linear", "layers": layers, "lr": [1e-3, 3e-3]}, {**inca, "layers": layers, "lr": [1e-3, 3e-3]}], batch_size)
     online_s, online_n = online_epoch(store, layer, batch_size, settings["images"])
     n_train = reader.num_samples(reader.splits[0])

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from cache import open_store
 from cache.summary import summarize
 from pipeline.config import ExtractConfig, apply_overrides, build, to_dict
 
@@ -32,13 +31,13 @@ def variant_config(cfg: ExtractConfig, overrides: tuple[str, ...]) -> ExtractCon
 def disk_per_sample(store: str) -> dict:
     """KB per sample on disk (compressed, every layer) and before compression."""
     summary = summarize(store)
-    reader = open_store(store)
+    dtype = summary["storage"]["dtype"]
     samples = sum(d["num_samples"] for d in summary["splits"].values())
     raw = 0
-    for spec in reader.layers.values():
-        raw += spec.tokens * spec.dim * ITEM_BYTES[reader.dtype]
-        if reader.dtype == "int8":
-            raw += spec.dim * 2  # the float16 per-channel scales
+    for layer in summary["layers"]:
+        raw += layer["tokens"] * layer["dim"] * ITEM_BYTES[dtype]
+        if dtype == "int8":
+            raw += layer["dim"] * 2  # the float16 per-channel scales
     layers_on_disk = sum(l["bytes_on_disk"] for l in summary["layers"])
     return {"samples": samples, "kb_on_disk": layers_on_disk / samples / 1e3, "kb_raw": raw / 1e3,
-            "dtype": reader.dtype, "tokens": summary["storage"]["tokens"], "layer_shapes": {n: [s.tokens, s.dim] for n, s in reader.layers.items()}}
+            "dtype": dtype, "tokens": summary["storage"]["tokens"], "layer_shapes": {l["name"]: [l["tokens"], l["dim"]] for l in summary["layers"]}}
