@@ -37,7 +37,6 @@ class Group:
     members: list[Member]
     fused: FusedAdapters
     optimizer: StackedAdamW
-    base_lr: torch.Tensor
     seconds: float = 0.0
     best_val: torch.Tensor = None  # [N]
     best_params: dict = field(default_factory=dict)
@@ -98,7 +97,7 @@ def run_train(cfg: TrainConfig) -> dict:
                 loss = per_member_cross_entropy(g(batch.features), batch.labels)
                 g.optimizer.zero_grad()
                 loss.sum().backward()
-                g.optimizer.lr = g.base_lr * factor
+                g.optimizer.set_lr_factor(factor)
                 g.optimizer.step()
                 g.seconds += time.perf_counter() - t0
                 losses[gi] += loss.detach() * len(batch.labels)
@@ -195,10 +194,9 @@ def _make_group(members: list[Member], reader: CacheReader, num_classes: int, ba
         torch.manual_seed(m.seed)  # a member's init depends on its own seed only
         adapters.append(build_adapter(m.kind, reader.layers, num_classes, backbone_modules=backbone_modules, **m.hparams))
     fused = FusedAdapters(adapters)
-    lr = torch.tensor([m.lr for m in members])
-    optimizer = StackedAdamW(fused.parameters(), lr=lr, weight_decay=[m.weight_decay for m in members])
+    optimizer = StackedAdamW(fused.parameters(), lr=[m.lr for m in members], weight_decay=[m.weight_decay for m in members])
     best_params = {name: p.detach().clone() for name, p in fused.params.items()}
-    return Group(members, fused, optimizer, lr, best_val=torch.full((len(members),), -1.0), best_params=best_params)
+    return Group(members, fused, optimizer, best_val=torch.full((len(members),), -1.0), best_params=best_params)
 
 
 def _splits(cfg: TrainConfig, reader: CacheReader) -> Splits:

@@ -9,8 +9,9 @@ broadcast over row n:
     p_n  <- p_n - lr_n / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
 
 Adam's moments are elementwise, so stacking does not couple members: with the same gradients
-each row evolves exactly as a separate AdamW would. `lr` is a plain tensor attribute so a
-schedule can rescale it between steps.
+each row evolves exactly as a separate AdamW would. lr and weight decay are held in the
+parameters' dtype (float64 members get float64 hyperparameters, as torch.optim.AdamW's Python
+floats would be); `set_lr_factor` rescales every member's base lr for a schedule.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ class StackedAdamW:
         eps: float = 1e-8,
     ):
         self.params = list(params)
-        device = self.params[0].device
-        self.lr = torch.as_tensor(lr, dtype=torch.float32, device=device)
-        self.weight_decay = torch.as_tensor(weight_decay, dtype=torch.float32, device=device)
-        members = self.params[0].shape[0]
+        first = self.params[0]
+        self.base_lr = torch.as_tensor(lr, dtype=first.dtype, device=first.device)
+        self.lr = self.base_lr.clone()
+        self.weight_decay = torch.as_tensor(weight_decay, dtype=first.dtype, device=first.device)
+        members = first.shape[0]
         for name, values in (("lr", self.lr), ("weight_decay", self.weight_decay)):
             if values.shape != (members,):
                 raise ValueError(
@@ -44,6 +46,10 @@ class StackedAdamW:
         self.steps = 0
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def set_lr_factor(self, factor: float) -> None:
+        """lr = base lr * factor for every member (the schedule's multiplier for the next step)."""
+        self.lr = self.base_lr * factor
 
     def zero_grad(self) -> None:
         for p in self.params:
