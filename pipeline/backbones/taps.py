@@ -5,6 +5,10 @@ stages from `feature_info`; negative allowed) or module names (captured with for
 CNN maps [B, C, H, W] become tokens [B, H*W, C] (row-major). ViT tokens keep timm's order:
 prefix tokens (CLS, registers) first, then patch tokens. For ViTs the block-0 input (the
 embedded tokens) can be captured too, as layer "embed".
+
+Hooks copy what a module returns at the moment it returns it: later in-place operations
+(ResNet's ReLU(inplace=True) after a BatchNorm, the residual `x += shortcut` after a block's
+last norm) would otherwise rewrite the captured tensor before the forward pass ends.
 """
 
 from __future__ import annotations
@@ -102,17 +106,17 @@ class LayerTaps:
     # -- capture ------------------------------------------------------------------------
     def _save_output(self, name: str):
         def hook(_module, _inputs, output):
-            self._captured[name] = output[0] if isinstance(output, (tuple, list)) else output
+            self._captured[name] = (output[0] if isinstance(output, (tuple, list)) else output).clone()
         return hook
 
     def _save_keys_values(self, name: str):
         def hook(_module, _inputs, qkv):
-            self._captured[name] = qkv[..., qkv.shape[-1] // 3:]  # drop the queries: [B, T, 2D]
+            self._captured[name] = qkv[..., qkv.shape[-1] // 3:].clone()  # drop the queries: [B, T, 2D]
         return hook
 
     def _save_input(self, name: str):
         def hook(_module, inputs):
-            self._captured[name] = inputs[0]
+            self._captured[name] = inputs[0].clone()
         return hook
 
     def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -136,6 +140,13 @@ class LayerTaps:
             self.model.forward_features(images)
         out.update(self._captured)
         self._captured = {}
+        never_ran = [name for name in self.hook_names if name not in out]
+        if never_ran:
+            raise ValueError(
+                f"backbone.layers: {never_ran} never run in the backbone's forward_features (the "
+                "classifier head and its pooling, e.g. 'fc' or 'global_pool', come after it); "
+                "name a module of the feature extractor instead"
+            )
         return {name: out[name] for name in ([EMBED] if self.capture_embed else []) + self.order + self.kv_names}
 
     @torch.no_grad()

@@ -1,0 +1,130 @@
+"""Every kind of layer capture equals an oracle that shares no code with the capture: the
+backbone's modules called by hand, in float64, on a CNN with in-place ops (ResNet), an
+EfficientNet and a ViT. Index layers, named modules, ViT block inputs and cached keys/values."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from pipeline.backbones.taps import LayerTaps
+
+SIZE = 64
+
+
+def model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False, num_classes=0, **({"img_size": SIZE} if "vit" in name else {}))
+    m = m.double().eval().requires_grad_(False)
+    # Non-trivial BatchNorm statistics, so a norm is not an identity at init.
+    for module in m.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def tokens(feature_map: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H*W, C], row-major, written out independently of the taps."""
+    b, c, h, w = feature_map.shape
+    return feature_map.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def capture(m, layers, block_input=False, cache_kv=False) -> dict[str, torch.Tensor]:
+    taps = LayerTaps(m, tuple(layers), block_input, (SIZE, SIZE), cache_kv)
+    try:
+        return taps(images())
+    finally:
+        taps.close()
+
+
+def assert_exact(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    for name, ref in expected.items():
+        torch.testing.assert_close(got[name], ref, rtol=1e-12, atol=1e-12, msg=lambda msg: f"layer {name}: {msg}")
+
+
+def test_resnet_named_modules_before_in_place_ops_and_stage_indices():
+    """layer2.0.bn1 is followed by an in-place ReLU and layer4.0.bn2 by the in-place residual
+    add; both must be stored as the norm returned them."""
+    m = model("test_resnet")
+    x = images()
+    stem_bn = m.bn1(m.conv1(x))
+    act1 = F.relu(stem_bn)
+    layer1 = m.layer1(m.maxpool(act1))
+    layer2 = m.layer2(layer1)
+    layer3 = m.layer3(layer2)
+    layer4 = m.layer4(layer3)
+    block2, block4 = m.layer2[0], m.layer4[0]
+    expected = {
+        "bn1": tokens(stem_bn),
+        "layer2.0.bn1": tokens(block2.bn1(block2.conv1(layer1))),
+        "layer4.0.bn2": tokens(block4.bn2(block4.conv2(F.relu(block4.bn1(block4.conv1(layer3)))))),
+        "layer3": tokens(layer3),
+    }
+    assert_exact(capture(m, list(expected)), expected)
+    # Stage indices (timm's feature_info order: act1, layer1..layer4) without named modules:
+    # forward_intermediates, checked against the same hand computation.
+    indexed = capture(m, [0, 1, 2, 4])
+    assert_exact(indexed, {"act1": tokens(act1), "layer1": tokens(layer1), "layer2": tokens(layer2), "layer4": tokens(layer4)})
+
+
+def test_efficientnet_named_modules_and_stage_indices():
+    m = model("test_efficientnet")
+    x = images()
+    stem = m.bn1(m.conv_stem(x))
+    stages = []
+    for stage in m.blocks:
+        stages.append(stage(stages[-1] if stages else stem))
+    inner = m.blocks[1][0]
+    expected = {
+        "bn1": tokens(stem),
+        "blocks.1.0.conv_exp": tokens(inner.conv_exp(stages[0])),
+        "blocks.1.0.bn1": tokens(inner.bn1(inner.conv_exp(stages[0]))),
+        "blocks.2": tokens(stages[2]),
+        "conv_head": tokens(m.conv_head(stages[-1])),
+    }
+    assert_exact(capture(m, list(expected)), expected)
+    # Index layers follow feature_info; compare each to the stage it names.
+    names = [f["module"] for f in m.feature_info]
+    by_module = {"bn1": stem, **{f"blocks.{i}": s for i, s in enumerate(stages)}}
+    got = capture(m, [1, -1])
+    assert_exact(got, {names[1]: tokens(by_module[names[1]]), names[-1]: tokens(by_module[names[-1]])})
+
+
+def test_vit_blocks_named_modules_block_input_and_keys_values():
+    m = model("test_vit")
+    x = images()
+    h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+    inputs, outputs = [], []
+    for block in m.blocks:
+        inputs.append(h)
+        h = block(h)
+        outputs.append(h)
+    block2 = m.blocks[2]
+    width = m.embed_dim
+    expected = {
+        "embed": inputs[0],
+        "blocks.0": outputs[0],
+        "blocks.5": outputs[5],
+        "blocks.2.attn": block2.attn(block2.norm1(inputs[2])),
+        **{f"kv.{i}": F.linear(b.norm1(inputs[i]), b.attn.qkv.weight[width:], b.attn.qkv.bias[width:])
+           for i, b in enumerate(m.blocks)},
+    }
+    got = capture(m, [0, -1, "blocks.2.attn"], block_input=True, cache_kv=True)
+    assert_exact(got, expected)
+    # Index layers alone (forward_intermediates, the fast path) agree with the same oracle.
+    assert_exact(capture(m, [0, -1]), {"blocks.0": outputs[0], "blocks.5": outputs[5]})
+
+
+@pytest.mark.parametrize("name", ["fc", "global_pool", "head"])
+def test_a_module_the_forward_never_runs_is_refused_by_name(name):
+    m = model("test_resnet") if name != "head" else model("test_vit")
+    with pytest.raises(ValueError, match=rf"\['{name}'\] never run in the backbone's forward_features"):
+        LayerTaps(m, (name,), False, (SIZE, SIZE))
