@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cache.codecs import encode
+from cache.errors import StoreError
 from cache.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ class BackgroundWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"background writer for split {self.split!r} failed") from self._error
+            # The writer thread's own exception, so callers can tell a full disk (OSError) or a
+            # refused value (StoreError) from a bug.
+            raise self._error
 
     def _run(self) -> None:
         try:
@@ -82,6 +85,16 @@ class BackgroundWriter:
 
     def _absorb(self, indices: np.ndarray, features: dict[str, torch.Tensor], valid: np.ndarray) -> None:
         encoded = {name: encode(t, self.writer.dtype) for name, t in features.items()}
+        for name, (values, scales) in encoded.items():
+            # A stored inf or NaN would poison every adapter trained on it, so it never enters
+            # the store (fp16 overflows above 65504; a backbone may overflow under autocast).
+            bad = ~np.isfinite(values.reshape(len(values), -1).astype(np.float32)).all(axis=1)
+            if scales is not None:
+                bad |= ~np.isfinite(scales.astype(np.float32)).all(axis=1)
+            bad &= valid
+            if bad.any():
+                raise StoreError(f"split {self.split!r}, layer {name!r}: non-finite values for samples {indices[bad][:5].tolist()} "
+                                 f"as {self.writer.dtype} (an overflow?); try store.dtype=float32 or bfloat16")
         chunk_of = indices // self.plan.samples_per_chunk
         touched_shards = set()
         for chunk in np.unique(chunk_of):

@@ -6,27 +6,40 @@
 - int8: per-sample, per-channel symmetric quantisation: scale[n, d] = max_t |x[n, t, d]| / 127
   (stored as float16 in scales/<layer>), q = round(x / scale). Worth it for full token maps,
   where it halves fp16's size; for pooled layers (T = 1, 2) the scales cost more than they save.
+
+Every array's codecs end with crc32c (zarr v3's core checksum codec, after the compressor), so
+a flipped bit or a truncated object is refused on read instead of decoding to other values.
+Layer arrays are filled with NaN (the bfloat16 NaN bits; int8 layers through their scales),
+so a chunk that is absent reads as non-finite, never as plausible zeros.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 ZARR_DTYPE = {"float16": "float16", "bfloat16": "uint16", "float32": "float32", "int8": "int8"}
+BFLOAT16_NAN_BITS = 0x7FC0
 
 
-def compressors_for(name: str, level: int) -> list:
+def checked_codecs(name: str, level: int) -> list:
+    """The bytes-to-bytes codecs of an array: the compressor, then a crc32c of its output."""
     if name == "none":
-        return []
-    if name == "zstd":
-        return [ZstdCodec(level=level)]
-    if name == "lz4":
-        from zarr.codecs import BloscCodec
+        compressors = []
+    elif name == "zstd":
+        compressors = [ZstdCodec(level=level)]
+    elif name == "lz4":
+        compressors = [BloscCodec(cname="lz4", clevel=max(1, min(level, 9)), shuffle="shuffle")]
+    else:
+        raise ValueError(f"store.compressor.name: got {name!r}, expected zstd, lz4 or none")
+    return compressors + [Crc32cCodec()]
 
-        return [BloscCodec(cname="lz4", clevel=max(1, min(level, 9)), shuffle="shuffle")]
-    raise ValueError(f"store.compressor.name: got {name!r}, expected zstd, lz4 or none")
+
+def fill_value(dtype: str):
+    """What an unwritten element of a layer array reads as: NaN, or 0 for int8 (whose NaN
+    scales make the decoded value NaN)."""
+    return {"float16": float("nan"), "float32": float("nan"), "bfloat16": BFLOAT16_NAN_BITS, "int8": 0}[dtype]
 
 
 def encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -56,4 +69,4 @@ def decode(stored: np.ndarray, dtype: str, scales: np.ndarray | None = None, out
     return t.to(out)
 
 
-__all__ = ["ZARR_DTYPE", "compressors_for", "encode", "decode"]
+__all__ = ["ZARR_DTYPE", "checked_codecs", "fill_value", "encode", "decode"]

@@ -5,6 +5,10 @@ Batches are chunk-aware: each epoch shuffles the order of chunks, reads a window
 the window and cuts mini-batches; leftovers carry into the next window, so every valid
 sample appears exactly once per epoch. A thread pool reads the next windows ahead while
 the consumer trains (zstd decoding releases the GIL).
+
+Nothing damaged reads as a value (cache/integrity.py): every read checks that the objects of
+its stamped chunks exist, decodes through crc32c, and refuses non-finite features, raising a
+StoreError that names the array and the chunk.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import zarr
 
 from cache.codecs import decode
 from cache.errors import StoreError
+from cache.integrity import ObjectIndex, read_region, require_finite
 from cache.layout import ChunkPlan
 from cache.location import StoreLocation, as_location
+from cache.sample_ids import read_sample_ids
 from cache.schema import CREATING_KEY, FORMAT_VERSION, MANIFEST_KEY, LayerSpec
 
 log = logging.getLogger(__name__)
@@ -53,8 +59,10 @@ class CacheReader:
         if manifest is None:
             raise StoreError(f"{self.path!r} is a zarr store but not a feature cache (no {MANIFEST_KEY!r} manifest)")
         if manifest["format_version"] != FORMAT_VERSION:
-            raise StoreError(f"{self.path!r} has format version {manifest['format_version']}, this reader reads {FORMAT_VERSION}")
+            raise StoreError(f"{self.path!r} has format version {manifest['format_version']}, this reader reads {FORMAT_VERSION} "
+                             "(checksummed objects); extract it again with --overwrite")
         self.manifest = manifest
+        self.objects = ObjectIndex(self.path)
         self.allow_partial = allow_partial
         self.layers = {d["name"]: LayerSpec.from_json(d) for d in manifest["layers"]}
         self.plan = ChunkPlan(manifest["samples_per_chunk"], manifest["chunks_per_shard"])
@@ -86,16 +94,31 @@ class CacheReader:
         return bool(self.manifest.get("complete")) or all(not self.missing_chunks(s) for s in self.splits)
 
     def missing_chunks(self, split: str) -> list[int]:
-        return [int(i) for i in np.flatnonzero(self.root[f"{split}/chunk_done"][:] == 0)]
+        return [int(i) for i in np.flatnonzero(~self._done(split))]
 
     def labels(self, split: str) -> np.ndarray:
-        return self.root[f"{split}/labels"][:]
+        return self._whole(split, "labels")
 
     def valid(self, split: str) -> np.ndarray:
-        return self.root[f"{split}/valid"][:]
+        """[N] bool, False for skipped samples; its objects must exist for every stamped chunk
+        (a missing one would read as all-False: samples silently dropped)."""
+        return self._whole(split, "valid")
 
     def sample_ids(self, split: str) -> np.ndarray:
-        return self.root[f"{split}/sample_ids"][:]
+        return np.asarray(read_sample_ids(self.root[split]), dtype=object)
+
+    def _whole(self, split: str, name: str) -> np.ndarray:
+        arr = self.root[f"{split}/{name}"]
+        n = self.num_samples(split)
+        done = self._done(split)
+        for c in np.flatnonzero(done):
+            start, stop = self.plan.chunk_range(int(c), n)
+            self.objects.require(arr, start, stop, int(c))
+        return read_region(arr, 0, n, self.path)
+
+    def _done(self, split: str) -> np.ndarray:
+        """[n_chunks] bool: the chunks stamped complete."""
+        return read_region(self.root[f"{split}/chunk_done"], 0, self.plan.n_chunks(self.num_samples(split)), self.path) != 0
 
     def _split(self, split: str) -> dict:
         if split not in self.manifest["splits"]:
@@ -128,15 +151,34 @@ class CacheReader:
         return arr.astype(dtype)
 
     def read(self, split: str, layers: Sequence[str], start: int, stop: int, out: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Samples [start, stop) of each layer, decoded."""
+        """Samples [start, stop) of each layer, decoded; skipped (invalid) samples included."""
         self._check_layers(layers)
         g = self.root[split]
+        computed = self._whole(split, "valid")[start:stop]  # skipped samples were never computed
         result = {}
         for name in layers:
-            stored = g[f"layers/{name}"][start:stop]
-            scales = g[f"scales/{name}"][start:stop] if self.dtype == "int8" else None
+            stored = self._checked(g[f"layers/{name}"], start, stop)
+            scales = self._checked(g[f"scales/{name}"], start, stop) if self.dtype == "int8" else None
             result[name] = decode(stored, self.dtype, scales, out)
+            for c, (a, b) in self._chunks_in(split, start, stop):
+                require_finite(result[name][a - start : b - start][computed[a - start : b - start]], f"{split}/layers/{name}", a, b, self.path, c)
         return result
+
+    def _chunks_in(self, split: str, start: int, stop: int) -> list[tuple[int, tuple[int, int]]]:
+        """(chunk, (first, end)) of every chunk overlapping samples [start, stop), clipped to it."""
+        n, per = self.num_samples(split), self.plan.samples_per_chunk
+        out = []
+        for c in range(start // per, -(-stop // per)):
+            a, b = self.plan.chunk_range(c, n)
+            out.append((c, (max(a, start), min(b, stop))))
+        return out
+
+    def _checked(self, arr: zarr.Array, start: int, stop: int, chunk: int | None = None) -> np.ndarray:
+        """arr[start:stop] once the objects of its chunks are known to exist (named per chunk)."""
+        split = arr.path.split("/")[0]
+        for c, (a, b) in [(chunk, (start, stop))] if chunk is not None else self._chunks_in(split, start, stop):
+            self.objects.require(arr, a, b, c)
+        return read_region(arr, start, stop, self.path, chunk)
 
     # -- mini-batches -------------------------------------------------------------------
     def batches(
@@ -161,7 +203,7 @@ class CacheReader:
         """
         self._check_layers(layers)
         n = self.num_samples(split)
-        done = np.flatnonzero(self.root[f"{split}/chunk_done"][:] != 0)
+        done = np.flatnonzero(self._done(split))
         if len(done) < self.plan.n_chunks(n) and not self.allow_partial:
             raise StoreError(f"split {split!r} of {self.path!r} is incomplete")
         order = np.random.default_rng([seed, epoch]).permutation(done) if shuffle else done
@@ -213,7 +255,7 @@ class CacheReader:
         for c in sorted(int(c) for c in chunks):
             start, stop = self.plan.chunk_range(c, n)
             keep = np.flatnonzero(usable[start:stop])
-            rows.append((start, stop, None if len(keep) == stop - start else keep))
+            rows.append((c, start, stop, None if len(keep) == stop - start else keep))
             idx_parts.append(start + keep)
         idx = np.concatenate(idx_parts)
         perm = np.random.default_rng(perm_seed).permutation(len(idx)) if perm_seed is not None else None
@@ -222,16 +264,23 @@ class CacheReader:
             stored = self._gather(g[f"layers/{name}"], rows, perm)
             scales = self._gather(g[f"scales/{name}"], rows, perm) if self.dtype == "int8" else None
             feats[name] = decode(stored, self.dtype, scales, out)
+            if not torch.isfinite(feats[name]).all():  # find the chunk to name it
+                self._name_non_finite(g, f"{split}/layers/{name}", name, rows)
         return feats, (idx[perm] if perm is not None else idx)
 
-    @staticmethod
-    def _gather(arr: zarr.Array, rows, perm: Optional[np.ndarray]) -> np.ndarray:
+    def _gather(self, arr: zarr.Array, rows, perm: Optional[np.ndarray]) -> np.ndarray:
         parts = []
-        for start, stop, keep in rows:
-            block = arr[start:stop]
+        for chunk, start, stop, keep in rows:
+            block = self._checked(arr, start, stop, chunk)
             parts.append(block if keep is None else block[keep])
         joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return joined if perm is None else joined[perm]
+
+    def _name_non_finite(self, g: zarr.Group, path: str, name: str, rows) -> None:
+        for chunk, start, stop, keep in rows:
+            scales = g[f"scales/{name}"][start:stop] if self.dtype == "int8" else None
+            values = decode(g[f"layers/{name}"][start:stop], self.dtype, scales)
+            require_finite(values if keep is None else values[keep], path, start, stop, self.path, chunk)
 
 
 def open_store(path: str | Path | StoreLocation, allow_partial: bool = False, storage_options: Optional[dict] = None) -> CacheReader:

@@ -15,11 +15,15 @@ The store layout (zarr v3, readable by any v3 implementation):
                                  k_norm), so VQT need not recompute them every epoch.
     <root>/<split>/labels        array [N] int64
     <root>/<split>/valid         array [N] bool: False where the image could not be read
-    <root>/<split>/sample_ids    array [N] string: the file path relative to the split root,
-                                 or "<split>:<index>" for array datasets
+    <root>/<split>/sample_ids    array [total bytes] uint8: the sample ids' UTF-8 bytes, concatenated;
+    <root>/<split>/sample_id_offsets  array [N + 1] int64: id i = sample_ids[off[i]:off[i + 1]]. An
+                                 id is the file path relative to the split root, or "<split>:<index>"
+                                 for array datasets (core v3 types: any implementation reads them)
     <root>/<split>/chunk_done    array [n_chunks] uint8, chunked one element per chunk so that
                                  every completion stamp is its own object: 1 once that chunk's
                                  samples are written in every array above.
+
+Every array's codecs end with crc32c; layer arrays are filled with NaN (see cache/codecs.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-FORMAT_VERSION = 1
+# 2: crc32c on every object, NaN-filled layers, sample ids as UTF-8 bytes + offsets.
+FORMAT_VERSION = 2
 MANIFEST_KEY = "feature_cache"
 # The root's only attribute while a store on an object store is being created (no rename
 # there: see cache/writer.py); never present in a finished store.

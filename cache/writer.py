@@ -14,6 +14,13 @@ Safety rules:
 - An existing store is reused only if its fingerprint equals the wanted one; otherwise the
   differences are listed and nothing is touched (unless overwrite=True). A place that holds
   anything but a feature cache (or our creation marker) is never touched, even with overwrite.
+- One writer at a time: create, resume, overwrite and finalize happen under the store's
+  lease (cache/lease.py). A complete store with the wanted fingerprint is opened read-only
+  and nothing is written, so a rerun changes nothing (and works on a read-only store).
+- Under the lease, what killed writers left behind is removed: hidden `.NAME.creating-PID`
+  and `.NAME.old-PID` siblings, and zarr's `*.partial` temporary files inside the store.
+- Every object carries a crc32c checksum (cache/codecs.py); float layers are filled with NaN,
+  so a chunk that was never written can never read back as plausible zeros.
 """
 
 from __future__ import annotations
@@ -27,24 +34,43 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from cache.codecs import ZARR_DTYPE, compressors_for
+from cache.codecs import ZARR_DTYPE, checked_codecs, fill_value
 from cache.errors import StoreError, StoreMismatchError
 from cache.fingerprint import differences
 from cache.layout import ChunkPlan
+from cache.lease import StoreLease
+from cache.local_files import replace_dir
 from cache.location import StoreLocation, as_location
+from cache.sample_ids import read_sample_ids, write_sample_ids
 from cache.schema import CREATING_KEY, FORMAT_VERSION, MANIFEST_KEY, LayerSpec
 
 log = logging.getLogger(__name__)
 
 
 class StoreWriter:
-    def __init__(self, location: StoreLocation, group: zarr.Group):
+    def __init__(self, location: StoreLocation, group: zarr.Group, lease: StoreLease | None = None):
         self.location = location
         self.root = group
+        self.lease = lease  # None: a complete store opened read-only, or a worker of the lease's holder
         self.manifest = dict(group.attrs[MANIFEST_KEY])
         self.layers = [LayerSpec.from_json(d) for d in self.manifest["layers"]]
         self.plan = ChunkPlan(self.manifest["samples_per_chunk"], self.manifest["chunks_per_shard"])
         self.dtype = self.manifest["storage"]["dtype"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def close(self) -> None:
+        """Give the lease back (finalize does too); safe to call twice."""
+        if self.lease is not None:
+            self.lease.release()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -59,20 +85,41 @@ class StoreWriter:
         extra: dict,
         overwrite: bool = False,
         storage_options: dict | None = None,
+        lease: bool = True,
     ) -> "StoreWriter":
         """Open a store made with this exact fingerprint, or create it.
 
         path: a local path or an fsspec URL (storage_options go to fsspec; see cache.location).
         splits: split -> (sample ids, labels), written once at creation.
         extra: manifest entries that do not identify the content (resolved config, classes...).
+        lease: False only for workers of a writer that holds the lease (distributed extraction);
+            they never create and never finalize.
         """
         location = as_location(path, storage_options)
         attrs = _root_attributes(location)
+        if MANIFEST_KEY in attrs and not _store_differences(attrs[MANIFEST_KEY], fingerprint) and attrs[MANIFEST_KEY].get("complete"):
+            log.info("store %s is complete with this fingerprint: nothing to write", location)
+            return cls(location, location.open_group("r"))
+        if not lease:
+            if MANIFEST_KEY not in attrs or _store_differences(attrs[MANIFEST_KEY], fingerprint):
+                raise StoreError(f"store {str(location)!r} is not the store its driver created (missing, or made differently)")
+            return cls(location, location.open_group("r+"))
+        held = StoreLease(location).acquire()
+        try:
+            return cls._open_leased(location, held, fingerprint, layers, splits, plan, compressor, extra, overwrite)
+        except BaseException:
+            held.release()
+            raise
+
+    @classmethod
+    def _open_leased(cls, location, held, fingerprint, layers, splits, plan, compressor, extra, overwrite) -> "StoreWriter":
+        _remove_litter(location)
+        attrs = _root_attributes(location)  # again: it may have changed before the lease was ours
         if MANIFEST_KEY in attrs:
-            diff = differences(attrs[MANIFEST_KEY]["fingerprint"], fingerprint)
+            diff = _store_differences(attrs[MANIFEST_KEY], fingerprint)
             if not diff:
                 log.info("resuming store %s", location)
-                return cls(location, location.open_group("r+"))
+                return cls(location, location.open_group("r+"), held)
             if not overwrite:
                 raise StoreMismatchError(str(location), diff, "Use another store.path, or --overwrite to replace it.")
             log.warning("--overwrite: replacing store %s (%d difference(s))", location, len(diff))
@@ -98,7 +145,7 @@ class StoreWriter:
         else:
             _create_in_place(location, manifest, layers, splits, plan, compressor)
         log.info("created store %s", location)
-        return cls(location, location.open_group("r+"))
+        return cls(location, location.open_group("r+"), held)
 
     # -- writing ------------------------------------------------------------------------
     def missing_chunks(self, split: str) -> list[int]:
@@ -121,20 +168,68 @@ class StoreWriter:
             done[c] = 1  # one object per chunk: concurrent writers never clash
 
     def finalize(self) -> dict:
-        """Stamp the whole store complete (once every chunk is), listing skipped samples."""
-        missing = {s: len(self.missing_chunks(s)) for s in self.manifest["splits"]}
-        if any(missing.values()):
-            raise StoreError(f"cannot finalize {self.location}: chunks still missing per split: {missing}")
-        skipped = {}
-        for split in self.manifest["splits"]:
-            valid = self.root[f"{split}/valid"][:]
-            ids = self.root[f"{split}/sample_ids"][:]
-            bad = [str(ids[i]) for i in np.flatnonzero(~valid)]
-            if bad:
-                skipped[split] = bad
-        self.manifest.update(complete=True, skipped=skipped, completed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        self.root.attrs[MANIFEST_KEY] = self.manifest
-        return self.manifest
+        """Stamp the whole store complete (once every chunk is), listing skipped samples, and
+        give the lease back. A store that was complete already is left untouched."""
+        try:
+            if self.complete:
+                return self.manifest
+            missing = {s: len(self.missing_chunks(s)) for s in self.manifest["splits"]}
+            if any(missing.values()):
+                raise StoreError(f"cannot finalize {self.location}: chunks still missing per split: {missing}")
+            self._check_arrays_match_manifest()
+            skipped = {}
+            for split in self.manifest["splits"]:
+                valid = self.root[f"{split}/valid"][:]
+                ids = read_sample_ids(self.root[split])
+                bad = [ids[i] for i in np.flatnonzero(~valid)]
+                if bad:
+                    skipped[split] = bad
+            self.manifest.update(complete=True, skipped=skipped, completed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            self.root.attrs[MANIFEST_KEY] = self.manifest
+            return self.manifest
+        finally:
+            self.close()
+
+    def _check_arrays_match_manifest(self) -> None:
+        """The manifest about to be stamped must describe the arrays that are there: the same
+        fingerprint at the root (no other writer replaced the store) and every layer array of
+        every split with the manifest's shape and encoding."""
+        on_disk = _root_attributes(self.location).get(MANIFEST_KEY, {})
+        problems = _store_differences(on_disk, self.manifest["fingerprint"]) if on_disk else ["the root manifest is gone"]
+        for split, info in self.manifest["splits"].items():
+            for spec in self.layers:
+                key = f"{split}/layers/{spec.name}"
+                try:
+                    arr = self.root[key]
+                except KeyError:
+                    problems.append(f"{key}: missing")
+                    continue
+                if arr.shape != (info["num_samples"], spec.tokens, spec.dim) or arr.attrs.get("encoding") != self.dtype:
+                    problems.append(f"{key}: {arr.shape} {arr.attrs.get('encoding')}, manifest says "
+                                    f"{(info['num_samples'], spec.tokens, spec.dim)} {self.dtype}")
+        if problems:
+            raise StoreError(f"refusing to stamp {self.location} complete: its arrays do not match its manifest: " + "; ".join(problems))
+
+
+def _store_differences(manifest: dict, fingerprint: dict) -> list[str]:
+    """What differs between a store's manifest and the wanted fingerprint, format included."""
+    diff = []
+    if manifest.get("format_version") != FORMAT_VERSION:
+        diff.append(f"format_version: store has {manifest.get('format_version')}, this code writes {FORMAT_VERSION}")
+    return diff + differences(manifest.get("fingerprint", {}), fingerprint)
+
+
+def _remove_litter(location: StoreLocation) -> None:
+    """What killed writers left (the caller holds the lease, so none of it is in use)."""
+    if not location.is_local:
+        return
+    path = location.path
+    for stale in list(path.parent.glob(f".{path.name}.creating-*")) + list(path.parent.glob(f".{path.name}.old-*")):
+        log.info("removing %s, left by an interrupted run", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    if path.is_dir() and (path / "zarr.json").exists():
+        for partial in path.rglob("*.partial"):
+            partial.unlink(missing_ok=True)
 
 
 def _root_attributes(location: StoreLocation) -> dict:
@@ -150,7 +245,7 @@ def _create_beside(path: Path, manifest: dict, layers, splits, plan: ChunkPlan, 
     tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     _create(zarr.open_group(str(tmp), mode="w"), manifest, layers, splits, plan, compressor)
-    _replace(tmp, path)
+    replace_dir(tmp, path)
 
 
 def _create_in_place(location: StoreLocation, manifest: dict, layers, splits, plan: ChunkPlan, compressor: tuple[str, int]) -> None:
@@ -168,7 +263,7 @@ def _create_in_place(location: StoreLocation, manifest: dict, layers, splits, pl
 
 def _create(root: zarr.Group, manifest: dict, layers: list[LayerSpec], splits, plan: ChunkPlan, compressor: tuple[str, int]) -> None:
     """Every array of the layout in an empty root group, then the manifest as its attributes."""
-    codecs = compressors_for(*compressor)
+    codecs = checked_codecs(*compressor)
     dtype = manifest["storage"]["dtype"]
     c, s = plan.samples_per_chunk, plan.samples_per_shard
     for split, (ids, labels) in splits.items():
@@ -178,27 +273,19 @@ def _create(root: zarr.Group, manifest: dict, layers: list[LayerSpec], splits, p
             g.create_array(
                 f"layers/{spec.name}", shape=(n, spec.tokens, spec.dim), dtype=ZARR_DTYPE[dtype],
                 chunks=(c, spec.tokens, spec.dim), shards=(s, spec.tokens, spec.dim),
-                compressors=codecs, fill_value=0, dimension_names=("sample", "token", "channel"),
+                compressors=codecs, fill_value=fill_value(dtype), dimension_names=("sample", "token", "channel"),
                 attributes={"encoding": dtype, **spec.to_json()},
             )
             if dtype == "int8":
                 g.create_array(
                     f"scales/{spec.name}", shape=(n, spec.dim), dtype="float16", chunks=(c, spec.dim),
-                    shards=(s, spec.dim), compressors=codecs, fill_value=0, dimension_names=("sample", "channel"),
+                    shards=(s, spec.dim), compressors=codecs, fill_value=float("nan"), dimension_names=("sample", "channel"),
                 )
-        g.create_array("valid", shape=(n,), dtype="bool", chunks=(c,), shards=(s,), fill_value=False, dimension_names=("sample",))
-        g.create_array("labels", shape=(n,), dtype="int64", chunks=(s,), fill_value=-1, dimension_names=("sample",))[:] = labels
-        g.create_array("sample_ids", shape=(n,), dtype=str, chunks=(s,), dimension_names=("sample",))[:] = np.asarray(ids, dtype=object)
-        g.create_array("chunk_done", shape=(plan.n_chunks(n),), dtype="uint8", chunks=(1,), fill_value=0)
+        g.create_array("valid", shape=(n,), dtype="bool", chunks=(c,), shards=(s,), compressors=codecs, fill_value=False,
+                       dimension_names=("sample",))
+        g.create_array("labels", shape=(n,), dtype="int64", chunks=(s,), compressors=codecs, fill_value=-1,
+                       dimension_names=("sample",))[:] = labels
+        write_sample_ids(g, ids, codecs)
+        g.create_array("chunk_done", shape=(plan.n_chunks(n),), dtype="uint8", chunks=(1,), compressors=checked_codecs("none", 0),
+                       fill_value=0)
     root.attrs.put({MANIFEST_KEY: manifest})
-
-
-def _replace(new: Path, path: Path) -> None:
-    """Move the finished new store into place; an old one is removed only after that."""
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.rename(path, old)
-        os.rename(new, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(new, path)

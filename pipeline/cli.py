@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="stage two: train many adapters from a store in one pass per epoch")
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. epochs=3")
+    tr.add_argument("--overwrite", action="store_true", help="replace a used output folder (once this run has finished)")
 
     sw = sub.add_parser("sweep", help="hyperparameter search: many fused train jobs from a store, run on dask")
     sw.add_argument("config")
@@ -50,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("store", help="a local path or a URL such as s3://bucket/prefix (credentials and endpoint from the environment)")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
 
+    ve = sub.add_parser("verify", help="read every stamped chunk of a store; report damaged or missing objects")
+    ve.add_argument("store", help="a local path or a URL such as s3://bucket/prefix")
+    ve.add_argument("--repair", action="store_true",
+                    help="unstamp the damaged chunks, so that the same extract command recomputes exactly those")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     # S3 stores: botocore says where it found credentials and the endpoint, for every client.
@@ -70,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "verify":
+            return _verify(args)
         if args.command == "bench":
             return _bench(args)
     except (ConfigError, StoreError, ValueError, FileNotFoundError, KeyError, SweepJobsFailed, ExtractTasksFailed) as e:
@@ -99,7 +107,7 @@ def _train(args) -> int:
     from pipeline.train import run_train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    run_train(cfg)
+    run_train(cfg, overwrite=args.overwrite)
     print((Path(cfg.output) / "results.md").read_text())
     return 0
 
@@ -137,6 +145,30 @@ def _predict(args) -> int:
     rows = run_predict(adapters, images, args.batch_size)
     write_predictions(rows, args.out)
     print(f"{len(rows)} images, {len(adapters)} task(s) -> {args.out}")
+    return 0
+
+
+def _verify(args) -> int:
+    from cache.verify import verify_store
+
+    reports = verify_store(args.store, repair=args.repair)
+    bad_chunks = sum(len(r.bad) for r in reports)
+    for r in reports:
+        state = "ok" if not r.bad and not r.unrecoverable else f"{len(r.bad)} bad chunk(s), {len(r.unrecoverable)} damaged array(s)"
+        print(f"split {r.split}: {r.stamped}/{r.chunks} chunks stamped, {len(r.checked_arrays)} chunked arrays read: {state}")
+        for chunk, problems in sorted(r.bad.items()):
+            print(f"  chunk {chunk}: " + "; ".join(problems))
+        for problem in r.unrecoverable:
+            print(f"  {problem}")
+    if any(r.unrecoverable for r in reports):
+        raise StoreError(f"{args.store}: labels or sample ids are damaged; they are written once at creation, so extract the store "
+                         "again with --overwrite")
+    if bad_chunks and args.repair:
+        print(f"unstamped {bad_chunks} chunk(s); run the same extract command to recompute exactly those")
+        return 0
+    if bad_chunks:
+        print(f"{bad_chunks} damaged chunk(s); `verify --repair`, then the same extract command, recomputes them")
+        return 1
     return 0
 
 

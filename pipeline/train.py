@@ -26,6 +26,7 @@ from pipeline.adapters import FusedAdapters, StackedAdamW, build_adapter, per_me
 from pipeline.config import TrainConfig, to_dict
 from pipeline.training.evaluate import accuracy, ensemble_accuracy, split_logits
 from pipeline.training.members import Member, expand, group_by_shape
+from pipeline.training.output import staged_output
 from pipeline.training.report import write_report
 from pipeline.training.schedule import warmup_cosine
 
@@ -60,10 +61,19 @@ class Splits:
     test: Optional[str]
 
 
-def run_train(cfg: TrainConfig) -> dict:
+def run_train(cfg: TrainConfig, overwrite: bool = False) -> dict:
+    """Train into cfg.output, which must be unused unless `overwrite` (then it is replaced
+    once this run has finished); an interrupted run leaves it as it was."""
     t_start = time.perf_counter()
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(cfg.output)
+    with staged_output(final, overwrite) as out:
+        results = _train(cfg, out, final)
+    log.info("done in %.1f s; results in %s", time.perf_counter() - t_start, final)
+    return results
+
+
+def _train(cfg: TrainConfig, out: Path, final: Path) -> dict:
+    """The run, writing into `out` (the staging folder that becomes `final`)."""
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     reader = open_store(cfg.store, storage_options=cfg.storage_options)
     splits = _splits(cfg, reader)
@@ -114,9 +124,7 @@ def run_train(cfg: TrainConfig) -> dict:
             log.info("early stop after epoch %d: no member improved for %d epochs", epoch + 1, stale)
             break
     metrics.close()
-    results = _finish(cfg, groups, reader, splits, layers, out, epoch_seconds)
-    log.info("done in %.1f s; results in %s", time.perf_counter() - t_start, out)
-    return results
+    return _finish(cfg, groups, reader, splits, layers, out, final, epoch_seconds)
 
 
 def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, metrics) -> bool:
@@ -140,7 +148,7 @@ def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, m
     return improved
 
 
-def _finish(cfg: TrainConfig, groups, reader: CacheReader, splits: Splits, layers, out: Path, epoch_seconds: list[float]) -> dict:
+def _finish(cfg: TrainConfig, groups, reader: CacheReader, splits: Splits, layers, out: Path, final: Path, epoch_seconds: list[float]) -> dict:
     # Every member ends at its best validation epoch.
     with torch.no_grad():
         for g in groups:
@@ -180,9 +188,9 @@ def _finish(cfg: TrainConfig, groups, reader: CacheReader, splits: Splits, layer
     }
     saved = []
     for rank, i in enumerate(order[: cfg.save_top]):
-        directory = out / "adapters" / f"{rank + 1:02d}_{_slug(rows[i]['adapter'])}"
-        save_adapter(adapters[i], directory, reader.fingerprint, class_names=reader.classes)
-        saved.append(str(directory))
+        name = f"{rank + 1:02d}_{_slug(rows[i]['adapter'])}"
+        save_adapter(adapters[i], out / "adapters" / name, reader.fingerprint, class_names=reader.classes)
+        saved.append(str(final / "adapters" / name))
     summary["saved"] = saved
     write_report(out, rows, summary, list(reader.layers))
     return {"rows": rows, "summary": summary}

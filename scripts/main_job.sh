@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m pipeline extract configs/fashion_mnist_lite0.yaml "$@"
 .venv/bin/python -m pipeline inspect stores/fashion_mnist_lite0.zarr
-.venv/bin/python -m pipeline train configs/train_fashion_mnist_lite0.yaml
+.venv/bin/python -m pipeline train configs/train_fashion_mnist_lite0.yaml --overwrite  # a rerun replaces the last run whole

@@ -16,6 +16,7 @@ from pipeline.config import ExtractConfig, apply_overrides, build
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+BUCKET = "featurecache-test"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -65,3 +66,31 @@ def tiny_config(tmp_path: Path, data_root: Path, *overrides: str, **sections) ->
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}
     return build(ExtractConfig, apply_overrides(data, list(overrides)))
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on localhost, fake credentials and its endpoint in the environment.
+    One per session: moto keeps its buckets in process-wide state, shared by every server."""
+    import logging
+    import os
+
+    s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[dev]' installs it)")
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[dev]' installs it)")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            env.delenv(name, raising=False)
+        env.setenv("AWS_CONFIG_FILE", os.devnull)  # never a developer's real profile
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        yield fs
+    server.stop()

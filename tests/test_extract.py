@@ -78,19 +78,31 @@ def test_store_layout_is_plain_zarr_v3(tmp_path, image_folder):
     assert arr.metadata.zarr_format == 3
     assert arr.shape == (12, 17, 64) and arr.chunks == (4, 17, 64) and arr.shards == (8, 17, 64)
     assert arr.metadata.dimension_names == ("sample", "token", "channel")
-    assert list(root["train/sample_ids"][:3]) == ["cat/cat_000.jpg", "cat/cat_001.jpg", "cat/cat_002.jpg"]
+    # Sample ids in core v3 types: UTF-8 bytes and [N + 1] offsets.
+    data, offsets = root["train/sample_ids"][:].tobytes(), root["train/sample_id_offsets"][:]
+    ids = [data[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:])]
+    assert ids[:3] == ["cat/cat_000.jpg", "cat/cat_001.jpg", "cat/cat_002.jpg"] and len(ids) == 12
+    assert [c.to_dict()["name"] for c in arr.metadata.codecs[0].codecs][-1] == "crc32c"  # inside each shard: the checksum last
     assert root["train/labels"][:].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     manifest = root.attrs["feature_cache"]
     assert manifest["complete"] and manifest["classes"] == ["cat", "dog", "eel"]
     assert manifest["config"]["backbone"]["name"] == "test_vit"
 
 
-def test_rerun_of_complete_store_does_nothing(tmp_path, image_folder):
+def test_rerun_of_complete_store_writes_nothing(tmp_path, image_folder, monkeypatch):
+    """Not a byte, not the root zarr.json, not a lease: so a rerun works on a read-only store."""
+    import cache.lease
+
     cfg = tiny_config(tmp_path, image_folder)
     run_extract(cfg)
-    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "store.zarr").rglob("*") if p.is_file() and p.name != "zarr.json"}
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file() and "images" not in p.parts}
+
+    def no_lease(self):
+        raise AssertionError("a rerun of a complete store took the writer's lease")
+
+    monkeypatch.setattr(cache.lease.StoreLease, "acquire", no_lease)
     run_extract(cfg)
-    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "store.zarr").rglob("*") if p.is_file() and p.name != "zarr.json"}
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file() and "images" not in p.parts}
     assert files == after
 
 

@@ -1,12 +1,14 @@
 """predict: several tasks from one backbone pass equal the adapters applied to cached features."""
 
 import csv
+import json
 
 import pytest
 import torch
 
 from cache import open_store
 from pipeline.adapters import load_adapter
+from pipeline.backbones.build import build_backbone
 from pipeline.cli import main
 from pipeline.extract import run_extract
 from pipeline.train import run_train
@@ -50,3 +52,28 @@ def test_adapter_refuses_another_store(tmp_path):
     run_extract(other)
     with pytest.raises(Exception, match="different feature store"):
         load_adapter(next((tmp_path / "run" / "adapters").iterdir()), open_store(other.store.path).fingerprint)
+
+
+def test_predict_of_vqt_trained_on_a_store_with_cached_keys_values(tmp_path):
+    """backbone.cache_kv: predict captures the keys/values as extraction did (it used to fail
+    with "layer 'kv.0': no such module"), and equals VQT on the cached features."""
+    images = colour_folder(tmp_path / "images", per_class=4)
+    cfg = tiny_config(tmp_path, images, "backbone.layers=[0, 1, 2, 3, 4, 5]", "backbone.cache_kv=true")
+    run_extract(cfg)
+    run_train(train_config(cfg.store.path, tmp_path / "vqt", [{"kind": "vqt", "hparams": {"num_queries": 1}}], epochs=1, save_top=1))
+    (directory,) = (tmp_path / "vqt" / "adapters").iterdir()
+    reader = open_store(cfg.store.path)
+    adapter = load_adapter(directory, reader.fingerprint, backbone_modules=build_backbone(cfg.backbone, cfg.preprocess).model).eval()
+    assert adapter.kv_cached and any(l.startswith("kv.") for l in adapter.required_layers())
+    out = tmp_path / "preds.json"
+    assert main(["predict", "--adapters", str(directory), str(images / "val"), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    ids = [str(s) for s in reader.sample_ids("val")]
+    with torch.no_grad():
+        probs = adapter(reader.read("val", adapter.required_layers(), 0, len(ids))).softmax(-1)
+    by_id = dict(zip(ids, probs))
+    assert len(rows) == len(ids) == 12
+    for row in rows:
+        p = by_id["/".join(row["image"].split("/")[-2:])]
+        assert row["vqt"] == reader.classes[int(p.argmax())]
+        assert row["vqt_prob"] == pytest.approx(float(p.max()), abs=1e-4)

@@ -6,7 +6,6 @@ store, refuse what a local store refuses, and serve sweep jobs that open it them
 """
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -19,36 +18,10 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, SweepConfig, TrainConfig, build, load_config
 from pipeline.extract import run_extract
 from pipeline.train import run_train
-from tests.conftest import tiny_config
+from tests.conftest import BUCKET, tiny_config
 from tests.test_train import colour_folder
 
-s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[dev]' installs it)")
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[dev]' installs it)")
-
-BUCKET = "featurecache-test"
 TRAIN = {"val_fraction": 0.25, "epochs": 2, "batch_size": 8, "warmup_epochs": 0.5}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on localhost, fake credentials and its endpoint in the environment."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as env:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            env.delenv(name, raising=False)
-        env.setenv("AWS_CONFIG_FILE", os.devnull)  # never a developer's real profile
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        env.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
-        fs.mkdir(BUCKET)
-        yield fs
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -190,7 +190,9 @@ def test_killed_worker_job_is_retried(store, tmp_path):
 
     def kill_a_worker_mid_job(client, pids):
         while not killed and not finished.is_set():
-            started = {p.parent.name for p in (out / "jobs").glob("*/config.json")} if (out / "jobs").exists() else set()
+            # A running job writes into its staging folder, jobs/.<job id>.partial-<pid>.
+            staging = (out / "jobs").glob(".*.partial-*/config.json") if (out / "jobs").exists() else []
+            started = {p.parent.name[1:].rsplit(".partial-", 1)[0] for p in staging}
             for address, keys in client.processing().items():
                 if any(str(k).removeprefix("sweep-job-") in started for k in keys):
                     os.kill(pids[address], signal.SIGKILL)

@@ -30,7 +30,7 @@ def train_settings(bench, case, seed: int) -> dict:
 def train_grid(store: str, entry: AdapterEntry, settings: dict, output: str) -> dict:
     """Every grid point of `entry` for one seed, fused; rows + the run's top-k ensemble."""
     cfg = build(TrainConfig, {**settings, "store": store, "output": output, "save_top": 0, "adapters": [to_dict(entry)]})
-    result = run_train(cfg)
+    result = run_train(cfg, overwrite=True)  # the bench's own run folder: a recomputed unit replaces it
     summary = result["summary"]
     return {"rows": result["rows"], "ensemble": summary["ensemble"], "epoch_seconds": summary["epoch_seconds"]}
 

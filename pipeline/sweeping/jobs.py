@@ -99,7 +99,7 @@ def run_job(cfg: TrainConfig, workers_per_host: Optional[dict[str, int]]) -> lis
     None in-process.
     """
     share_cores(workers_per_host)
-    return run_train(cfg)["rows"]
+    return run_train(cfg, overwrite=True)["rows"]  # the job's own folder: a retried job replaces it
 
 
 def trial_rows(job: Job, rows: list[dict]) -> list[dict]:

@@ -1,0 +1,155 @@
+"""One writer at a time: an exclusive lease on a store, held from create/resume to finalize.
+
+Two extractions writing one store would mix two backbones' arrays under one manifest, and an
+--overwrite under a running extraction would inherit the old process's split, stamped. So
+every writer takes the lease first; a second one gets one line naming the holder.
+
+- Local stores: the lease is a sibling file `.NAME.lease` held with flock(LOCK_EX). The
+  kernel drops the lock when its holder dies (kill -9 included), so a stale lease is simply
+  free: nothing to detect, nothing to clean up by hand. The file records the holder (host,
+  pid, start time) for the refusal message and is removed on release. After locking, the
+  holder checks that the path still names the file it locked (a releaser may have unlinked it
+  in between) and retries otherwise.
+- Object stores: the lease is the object `NAME.lease` beside the prefix, created with a
+  conditional PUT (If-None-Match: *), so of two writers exactly one succeeds. There is no
+  kernel to release it: a lease whose holder ran on this host under a pid that is no longer
+  alive is taken over; any other is refused with its holder named (delete the object if that
+  process is gone). A server without conditional writes is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from typing import Optional
+
+from cache.errors import StoreError
+from cache.local_files import pid_alive
+from cache.location import StoreLocation
+
+log = logging.getLogger(__name__)
+
+
+def _holder() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _describe(holder: Optional[dict]) -> str:
+    if not holder:
+        return "another process (holder unknown)"
+    return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('started_at')})"
+
+
+class StoreLease:
+    """Context manager; `release()` is idempotent."""
+
+    def __init__(self, location: StoreLocation):
+        self.location = location
+        self._fd: Optional[int] = None
+        self._remote_key: Optional[str] = None
+
+    # -- local ----------------------------------------------------------------------------
+    @property
+    def local_path(self):
+        path = self.location.path
+        return path.parent / f".{path.name}.lease"
+
+    def _acquire_local(self) -> None:
+        import fcntl
+
+        path = self.local_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise StoreError(f"store {str(self.location)!r} is being written by {_describe(self._read_local())}; "
+                                 "wait for it to finish (one writer at a time)") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a file its releaser had just unlinked: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(_holder()).encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    def _read_local(self) -> Optional[dict]:
+        try:
+            return json.loads(self.local_path.read_text() or "null")
+        except (OSError, ValueError):
+            return None
+
+    # -- object stores --------------------------------------------------------------------
+    def _acquire_remote(self) -> None:
+        fs, root = self.location._fs()
+        key = root.rstrip("/") + ".lease"
+        body = json.dumps(_holder()).encode()
+        for _ in range(2):
+            try:
+                fs.pipe_file(key, body, mode="create")
+                self._remote_key = key
+                return
+            except FileExistsError:
+                pass
+            except Exception as e:  # the server answered something other than "exists"
+                if "PreconditionFailed" not in repr(e) and "412" not in repr(e):
+                    raise StoreError(f"store {str(self.location)!r}: cannot take the writer's lease with a conditional "
+                                     f"create (If-None-Match) on this server ({type(e).__name__}: {e}); refusing to write "
+                                     "without one") from e
+            holder = self._read_remote(fs, key)
+            if holder and holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1))):
+                log.warning("store %s: taking over the lease of %s, which is no longer running", self.location, _describe(holder))
+                fs.rm_file(key)
+                continue
+            raise StoreError(f"store {str(self.location)!r} is being written by {_describe(holder)}; wait for it to finish, "
+                             f"or delete {key} if that process is gone (one writer at a time)")
+        raise StoreError(f"store {str(self.location)!r}: another writer took the lease while a stale one was replaced")
+
+    @staticmethod
+    def _read_remote(fs, key: str) -> Optional[dict]:
+        try:
+            fs.invalidate_cache(key)
+            return json.loads(fs.cat_file(key))
+        except (OSError, ValueError):
+            return None
+
+    # -- both -----------------------------------------------------------------------------
+    def acquire(self) -> "StoreLease":
+        if self.location.is_local:
+            self._acquire_local()
+        else:
+            self._acquire_remote()
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            try:
+                self.local_path.unlink(missing_ok=True)  # unlink while still holding the lock
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
+        if self._remote_key is not None:
+            fs, _ = self.location._fs()
+            fs.rm_file(self._remote_key)
+            self._remote_key = None
+
+    def __enter__(self) -> "StoreLease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

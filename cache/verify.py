@@ -1,0 +1,112 @@
+"""Read every stamped chunk of every array of a store and report what is damaged.
+
+    python -m pipeline verify STORE [--repair]
+
+A chunk is bad when an object holding it is missing, fails its crc32c or does not decode, or
+(layers) holds non-finite values for a sample that was computed. `repair` unstamps the bad
+chunks and marks the store incomplete, under the writer's lease, so that the same extract
+command recomputes exactly those chunks and nothing else. Arrays written once at creation
+(labels, sample ids) cannot be recomputed chunk by chunk: their damage is reported with the
+advice to extract again with --overwrite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cache.codecs import decode
+from cache.errors import StoreError
+from cache.integrity import read_region
+from cache.lease import StoreLease
+from cache.reader import CacheReader
+from cache.schema import MANIFEST_KEY
+
+
+@dataclass
+class SplitReport:
+    split: str
+    chunks: int
+    stamped: int
+    bad: dict[int, list[str]] = field(default_factory=dict)  # chunk -> what is wrong with it
+    unrecoverable: list[str] = field(default_factory=list)  # damage a chunk rerun cannot mend
+    checked_arrays: list[str] = field(default_factory=list)
+
+
+def verify_store(path: str, repair: bool = False, storage_options: dict | None = None) -> list[SplitReport]:
+    reader = CacheReader(path, allow_partial=True, storage_options=storage_options)
+    reports = [_verify_split(reader, split) for split in reader.splits]
+    if repair and any(r.bad for r in reports):
+        _unstamp(reader, {r.split: sorted(r.bad) for r in reports if r.bad})
+    return reports
+
+
+def _verify_split(reader: CacheReader, split: str) -> SplitReport:
+    g = reader.root[split]
+    n = reader.num_samples(split)
+    n_chunks = reader.plan.n_chunks(n)
+    stamps = g["chunk_done"]
+    done = np.zeros(n_chunks, dtype=bool)
+    report = SplitReport(split, n_chunks, 0)
+    for c in range(n_chunks):  # one object per stamp: a damaged stamp is a damaged chunk
+        try:
+            done[c] = bool(stamps[c])
+        except Exception as e:
+            report.bad.setdefault(c, []).append(f"chunk_done: its stamp cannot be read ({type(e).__name__})")
+    report.stamped = int(done.sum())
+
+    for name in ("labels", "sample_ids", "sample_id_offsets"):
+        try:
+            reader.objects.require(g[name], 0, max(g[name].shape[0], 1))
+            read_region(g[name], 0, g[name].shape[0], reader.path)
+        except Exception as e:
+            report.unrecoverable.append(f"{name}: {_reason(e)}")
+
+    arrays = ["valid"] + [f"layers/{l}" for l in reader.layers]
+    if reader.dtype == "int8":
+        arrays += [f"scales/{l}" for l in reader.layers]
+    report.checked_arrays = arrays
+    valid = np.ones(n, dtype=bool)
+    for path in arrays:
+        arr = g[path]
+        for c in np.flatnonzero(done):
+            start, stop = reader.plan.chunk_range(int(c), n)
+            try:
+                values = reader._checked(arr, start, stop, int(c))
+            except StoreError as e:
+                report.bad.setdefault(int(c), []).append(f"{path}: {_reason(e)}")
+                continue
+            if path == "valid":
+                valid[start:stop] = values
+            elif path.startswith("layers/"):
+                scales = g[f"scales/{path[7:]}"][start:stop] if reader.dtype == "int8" else None
+                try:
+                    decoded = decode(values, reader.dtype, scales)
+                except Exception:
+                    continue  # the scales' own damage is reported under scales/
+                if not np.isfinite(decoded[valid[start:stop]].numpy()).all():
+                    report.bad.setdefault(int(c), []).append(f"{path}: non-finite values")
+    return report
+
+
+def _reason(e: Exception) -> str:
+    text = str(e)
+    if "is missing" in text:
+        return "object missing"
+    if "cannot be decoded" in text:
+        return "checksum or decoding failed"
+    return f"{type(e).__name__}: {text[:100]}"
+
+
+def _unstamp(reader: CacheReader, bad: dict[str, list[int]]) -> None:
+    with StoreLease(reader.location):
+        root = reader.location.open_group("r+")
+        manifest = dict(root.attrs[MANIFEST_KEY])
+        manifest.update(complete=False)
+        manifest.pop("completed_at", None)
+        root.attrs[MANIFEST_KEY] = manifest  # first: from here on no reader takes the store as whole
+        for split, chunks in bad.items():
+            stamps = root[f"{split}/chunk_done"]
+            for c in chunks:
+                stamps[c] = 0

@@ -1,0 +1,49 @@
+"""A run's output folder is never mixed: one run's files, complete, or nothing.
+
+A run writes into a hidden staging folder beside its output (`.NAME.partial-PID`) and renames
+it into place when it finishes, so an interrupted run leaves no half-written results under the
+real name. A used output folder (anything in it) is refused unless `overwrite`, which replaces
+it whole once the new run has finished; stagings left by killed runs are removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from cache.local_files import pid_alive, replace_dir
+
+
+
+class OutputInUse(ValueError):
+    """The output folder holds another run's files."""
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputInUse(f"output {str(out)!r} already holds files (another run's?); choose another output, "
+                          "or pass --overwrite to replace it when this run finishes")
+
+
+@contextmanager
+def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yields the staging folder to write into; on success it becomes `out`."""
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    check_output(out, overwrite)  # again: another run may have finished into it meanwhile
+    replace_dir(stage, out)

@@ -1,0 +1,124 @@
+"""Stored bytes are checked: damage is a StoreError naming the array and chunk, never a value;
+`verify --repair` unstamps exactly the damaged chunks and the same extract recomputes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from cache import StoreError, open_store
+from cache.verify import verify_store
+from pipeline.cli import main
+from pipeline.extract import run_extract
+from tests.conftest import tiny_config
+
+LAYER = "blocks.0"
+
+
+@pytest.fixture
+def store(tmp_path, image_folder):
+    def make(*overrides):
+        cfg = tiny_config(tmp_path, image_folder, "backbone.layers=[0]", "backbone.block_input=false", *overrides)
+        run_extract(cfg)
+        return cfg
+
+    return make
+
+
+def shard_files(cfg, array="layers/" + LAYER, split="train") -> list[Path]:
+    return sorted(p for p in (Path(cfg.store.path) / split / array / "c").rglob("*") if p.is_file())
+
+
+def all_bytes(path) -> dict:
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def read_everything(cfg):
+    reader = open_store(cfg.store.path)
+    for split in reader.splits:
+        reader.read(split, list(reader.layers), 0, reader.num_samples(split))
+        for _ in reader.batches(split, list(reader.layers), 5):
+            pass
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+def test_every_single_bit_flip_is_refused(store, compressor):
+    """Bit flips spread over a whole shard (data, checksums, shard index): each one is a
+    StoreError on read; not one reads back as other values."""
+    cfg = store(f"store.compressor.name={compressor}")
+    reader = open_store(cfg.store.path)
+    clean = reader.read("train", [LAYER], 0, 12)[LAYER]
+    shard = shard_files(cfg)[0]
+    original = shard.read_bytes()
+    positions = np.linspace(0, len(original) * 8 - 1, 60).astype(int)
+    for bit in positions:
+        damaged = bytearray(original)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        shard.write_bytes(bytes(damaged))
+        with pytest.raises(StoreError, match=rf"train/layers/{LAYER}.*(cannot be decoded|missing|non-finite)"):
+            open_store(cfg.store.path).read("train", [LAYER], 0, 12)
+    shard.write_bytes(original)
+    assert open_store(cfg.store.path).read("train", [LAYER], 0, 12)[LAYER].equal(clean)
+
+
+def test_a_deleted_shard_is_refused_and_repair_recomputes_exactly_it(store, tmp_path, capsys):
+    cfg = store()
+    path = tmp_path / "store.zarr"
+    before = all_bytes(path)
+    shards = shard_files(cfg)
+    assert len(shards) == 2  # 12 samples, 4 per chunk, 2 chunks per shard
+    shards[1].unlink()
+    with pytest.raises(StoreError, match=rf"train/layers/{LAYER} chunk 2 .*is missing"):
+        read_everything(cfg)
+
+    assert main(["verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "split train: 3/3 chunks stamped" in out and "chunk 2: layers/blocks.0: object missing" in out
+    assert "split val: 3/3 chunks stamped, 2 chunked arrays read: ok" in out
+
+    assert main(["verify", str(path), "--repair"]) == 0
+    assert open_store(path, allow_partial=True).missing_chunks("train") == [2]
+    val_split = {p: path.joinpath(p).stat().st_mtime_ns for p in before if p.parts[0] == "val"}
+    run_extract(cfg)
+    after = all_bytes(path)
+    assert after.keys() == before.keys()
+    for key in before:
+        if key != Path("zarr.json"):  # the root's manifest has a new completion time
+            assert after[key] == before[key], key
+    assert {p: path.joinpath(p).stat().st_mtime_ns for p in val_split} == val_split  # nothing else was rewritten
+    assert main(["verify", str(path)]) == 0
+
+
+def test_a_deleted_valid_shard_does_not_drop_samples_silently(store):
+    cfg = store()
+    shard_files(cfg, "valid")[0].unlink()
+    with pytest.raises(StoreError, match=r"train/valid chunk 0 .*is missing"):
+        open_store(cfg.store.path).valid("train")
+    report = {r.split: r for r in verify_store(cfg.store.path)}
+    assert sorted(report["train"].bad) == [0, 1]
+
+
+def test_values_that_decode_to_nan_are_refused(store):
+    cfg = store()
+    arr = zarr.open_group(cfg.store.path, mode="r+")[f"train/layers/{LAYER}"]
+    arr[5, 3, 7] = np.nan  # a valid write (correct checksum) of a value no backbone gave
+    with pytest.raises(StoreError, match=rf"train/layers/{LAYER} chunk 1 .*non-finite"):
+        read_everything(cfg)
+    with pytest.raises(StoreError, match="non-finite"):
+        open_store(cfg.store.path).read("train", [LAYER], 4, 8)
+    report = {r.split: r for r in verify_store(cfg.store.path)}
+    assert list(report["train"].bad) == [1] and report["train"].bad[1] == [f"layers/{LAYER}: non-finite values"]
+
+
+def test_damaged_labels_cannot_be_repaired_by_chunks(store, tmp_path, capsys):
+    cfg = store()
+    f = shard_files(cfg, "labels", "val")[0]
+    f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
+    assert main(["verify", cfg.store.path, "--repair"]) == 2
+    captured = capsys.readouterr()
+    assert "labels: checksum or decoding failed" in captured.out
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "--overwrite" in last

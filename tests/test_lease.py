@@ -1,0 +1,128 @@
+"""One writer at a time, tested with real processes: a second extract (or --overwrite) while
+another holds the store's lease gets one line naming the holder; a killed holder's lease is
+free again at once, and what its run left behind is cleaned up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cache import StoreError
+from cache.lease import StoreLease
+from cache.location import as_location
+from tests.conftest import BUCKET, REPO, tiny_config
+
+HOLD = """
+import sys, time
+from cache.lease import StoreLease
+from cache.location import as_location
+lease = StoreLease(as_location(sys.argv[1])).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def holder(store: Path) -> subprocess.Popen:
+    """A separate process that takes the store's lease and keeps it until killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(store)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def extract_cli(tmp_path: Path, cfg, *args: str) -> subprocess.CompletedProcess:
+    from pipeline.config import to_dict
+
+    path = tmp_path / "extract.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return subprocess.run([sys.executable, "-m", "pipeline", "extract", str(path), *args], cwd=REPO, capture_output=True, text=True)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_frees_the_store(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder)
+    store = Path(cfg.store.path)
+    proc = holder(store)
+    try:
+        line = error_line(extract_cli(tmp_path, cfg))
+        assert f"is being written by pid {proc.pid} on host {socket.gethostname()}" in line
+        assert not store.exists()  # the refused writer created nothing
+        # --overwrite does not get past a running writer either.
+        assert f"pid {proc.pid}" in error_line(extract_cli(tmp_path, cfg, "--overwrite"))
+        # What a killed extraction leaves: a half-built hidden store and a temporary file.
+        (tmp_path / f".{store.name}.creating-999999").mkdir()
+        (tmp_path / f".{store.name}.creating-999999" / "x.partial").write_text("half")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    result = extract_cli(tmp_path, cfg)  # the kernel dropped the dead holder's lock
+    assert result.returncode == 0, result.stderr[-2000:]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert left == [], left  # no lease file, no hidden folders
+    assert not list(store.rglob("*.partial"))
+
+
+def test_a_lease_in_this_process_refuses_a_second_one(tmp_path):
+    location = as_location(tmp_path / "s.zarr")
+    with StoreLease(location):
+        recorded = json.loads((tmp_path / ".s.zarr.lease").read_text())
+        assert recorded["pid"] == os.getpid() and recorded["host"] == socket.gethostname() and recorded["started_at"]
+        with pytest.raises(StoreError, match=rf"being written by pid {os.getpid()} on host"):
+            StoreLease(location).acquire()
+    assert not (tmp_path / ".s.zarr.lease").exists()
+    with StoreLease(location):  # released: free again
+        pass
+
+
+def test_on_s3_the_lease_is_a_conditional_create_and_a_dead_local_holder_is_taken_over(s3):
+    url = f"s3://{BUCKET}/leased.zarr"
+    location = as_location(url)
+    first = StoreLease(location).acquire()
+    try:
+        with pytest.raises(StoreError, match=rf"being written by pid {os.getpid()} on host .*delete {BUCKET}/leased.zarr.lease"):
+            StoreLease(location).acquire()
+    finally:
+        first.release()
+    assert not s3.exists(f"{BUCKET}/leased.zarr.lease")
+    # A lease left by a process of this host that is gone (a pid that cannot be running).
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    s3.pipe(f"{BUCKET}/leased.zarr.lease", json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started_at": "x"}).encode())
+    with StoreLease(location):
+        assert json.loads(s3.cat(f"{BUCKET}/leased.zarr.lease"))["pid"] == os.getpid()
+    # One held on another host is never taken over.
+    s3.pipe(f"{BUCKET}/leased.zarr.lease", json.dumps({"host": "elsewhere", "pid": 1, "started_at": "x"}).encode())
+    with pytest.raises(StoreError, match="pid 1 on host elsewhere"):
+        StoreLease(location).acquire()
+
+
+def test_finalize_refuses_a_manifest_that_does_not_match_the_arrays(tmp_path, image_folder):
+    """Another writer replaced the store under an open writer: stamping complete is refused."""
+    import zarr
+
+    from pipeline.extract import extract_chunks, open_writer, plan_extraction
+
+    plan = plan_extraction(tiny_config(tmp_path, image_folder))
+    writer = open_writer(plan)
+    for split in plan.sources:
+        extract_chunks(plan, writer, split, range(plan.chunks.n_chunks(len(plan.sources[split]))))
+    root = zarr.open_group(plan.cfg.store.path, mode="r+")
+    manifest = dict(root.attrs["feature_cache"])
+    manifest["fingerprint"] = {**manifest["fingerprint"], "backbone": {"name": "another"}}
+    root.attrs["feature_cache"] = manifest
+    with pytest.raises(StoreError, match="arrays do not match its manifest: backbone"):
+        writer.finalize()
+    assert not (tmp_path / ".store.zarr.lease").exists()  # the lease was given back all the same

@@ -1,0 +1,92 @@
+"""Outputs are never mixed: a used train folder is refused (or replaced whole with
+--overwrite), an interrupted run leaves the folder as it was, and predict's task columns are
+unique."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.extract import run_extract
+from pipeline.predict import task_names
+from pipeline.train import run_train
+from pipeline.training.output import OutputInUse
+from tests.conftest import tiny_config
+from tests.test_train import colour_folder, train_config
+
+LINEAR = [{"kind": "linear", "layers": ["blocks.5"], "lr": [0.01, 0.003]}]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("outputs")
+    cfg = tiny_config(tmp, colour_folder(tmp / "images", per_class=4), "backbone.layers=[-1]")
+    run_extract(cfg)
+    return cfg.store.path, tmp / "images"
+
+
+def files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_used_output_is_refused_and_overwrite_replaces_it_whole(store, tmp_path):
+    out = tmp_path / "run"
+    run_train(train_config(store[0], out, LINEAR, epochs=1, save_top=2))
+    first = files(out)
+    with pytest.raises(OutputInUse, match="already holds files"):
+        run_train(train_config(store[0], out, [{"kind": "inca", "layers": ["blocks.5"]}], epochs=1, save_top=1))
+    assert files(out) == first  # untouched
+
+    run_train(train_config(store[0], out, [{"kind": "inca", "layers": ["blocks.5"], "hparams": {"num_heads": 2}}], epochs=1, save_top=1),
+              overwrite=True)
+    adapters = sorted(p.name for p in (out / "adapters").iterdir())
+    assert len(adapters) == 1 and adapters[0].startswith("01_inca")  # none of the old run's two adapters remain
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_an_interrupted_run_leaves_the_output_as_it_was(store, tmp_path, monkeypatch):
+    import pipeline.train
+
+    out = tmp_path / "run"
+    run_train(train_config(store[0], out, LINEAR, epochs=1, save_top=1))
+    before = files(out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.train, "write_report", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(train_config(store[0], out, LINEAR, epochs=1, save_top=1), overwrite=True)
+    assert files(out) == before
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_the_cli_refuses_a_used_output_in_one_line(store, tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"store": store[0], "output": str(tmp_path / "run"), "epochs": 1, "batch_size": 8,
+                                      "test_split": "val", "adapters": LINEAR}))
+    assert main(["train", str(config)]) == 0
+    assert main(["train", str(config)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: output ")
+    assert main(["train", str(config), "--overwrite"]) == 0
+
+
+def test_two_adapters_of_one_run_get_two_prediction_columns(store, tmp_path):
+    run_train(train_config(store[0], tmp_path / "colour", LINEAR, epochs=1, save_top=2))
+    dirs = sorted(str(p) for p in (tmp_path / "colour" / "adapters").iterdir())
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--adapters", *dirs, str(store[1] / "val"), "--out", str(out)]) == 0
+    header = next(csv.reader(out.open()))
+    names = [d.split("/")[-1] for d in dirs]
+    assert header == ["image", f"colour/{names[0]}", f"colour/{names[0]}_prob", f"colour/{names[1]}", f"colour/{names[1]}_prob"]
+
+
+def test_a_task_name_clash_is_an_error():
+    assert task_names(["a/adapters/01_x", "b/adapters/01_x"]) == ["a", "b"]
+    with pytest.raises(ValueError, match="would share the task name"):
+        task_names(["runs/a/adapters/01_x", "other/a/adapters/01_y", "runs/a/adapters/01_x"])
+    assert task_names(["x/a/adapters/01_x", "y/a"]) == ["a/01_x", "a"]
