@@ -160,7 +160,9 @@ class StoreWriter:
             g[f"layers/{name}"][start:stop] = data
             if name in scales:
                 g[f"scales/{name}"][start:stop] = scales[name]
-        g["valid"][start:stop] = valid
+        # All False is the fill value, which zarr would not store; the reader refuses a stamped
+        # chunk whose object is missing, so write it even when every sample was skipped.
+        g["valid"].with_config({"write_empty_chunks": True})[start:stop] = valid
 
     def stamp(self, split: str, chunks: list[int]) -> None:
         done = self.root[f"{split}/chunk_done"]

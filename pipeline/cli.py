@@ -140,6 +140,10 @@ def _predict(args) -> int:
     paths = args.adapters + args.images
     n = next((i for i, p in enumerate(paths) if not (Path(p) / "adapter.json").is_file()), len(paths))
     adapters, images = paths[:n], paths[n:]
+    if not adapters:
+        from pipeline.predict import check_adapter_dirs
+
+        check_adapter_dirs(paths[:1])  # the first path after --adapters must be one: say why it is not
     if not adapters or not images:
         raise ValueError(f"predict needs adapter directories (with adapter.json) then images; got adapters {adapters}, images {images}")
     rows = run_predict(adapters, images, args.batch_size)

@@ -8,9 +8,11 @@ for each split, compute only the chunks not yet stamped -> finalize the manifest
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache import BackgroundWriter, ChunkPlan, LayerSpec, StoreWriter
+from cache import BackgroundWriter, ChunkPlan, LayerSpec, StoreError, StoreWriter
 from pipeline import __version__
 from pipeline.backbones.build import Backbone, build_backbone
 from pipeline.backbones.taps import LayerTaps
@@ -76,6 +78,12 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
     taps = LayerTaps(backbone.model, cfg.backbone.layers, cfg.backbone.block_input, backbone.image_size, cfg.backbone.cache_kv)
     specs = [reduced_spec(s, cfg.store.tokens, cfg.store.grid_size) for s in taps.specs]
     sources = {split: open_split(cfg.data, split) for split in cfg.data.splits}
+    for split, source in sources.items():
+        if source.ignored:
+            shown = ", ".join(source.ignored[:5]) + (", ..." if len(source.ignored) > 5 else "")
+            log.warning("split %s: %d path(s) under %s are not ROOT/SPLIT/CLASS/<image file> and are ignored (%s); "
+                        "the store's manifest lists them under 'ignored'", split, len(source.ignored),
+                        os.path.join(cfg.data.root, split), shown)
     classes = {tuple(s.classes) for s in sources.values()}
     if len(classes) > 1:
         raise ValueError(f"data.splits: the splits disagree on their classes: {[list(c) for c in classes]}")
@@ -113,19 +121,21 @@ def run_extract(cfg: ExtractConfig, dry_run: bool = False, overwrite: bool = Fal
     if dry_run:
         return plan
     log.info("plan:\n%s", plan.report())
-    writer = open_writer(plan, overwrite)
-    for split in plan.sources:
-        if not extract_chunks(plan, writer, split, range(plan.chunks.n_chunks(len(plan.sources[split])))):
-            log.info("split %s: complete, nothing to do", split)
-    manifest = writer.finalize()
+    with store_os_errors(cfg.store.path), open_writer(plan, overwrite) as writer:  # the lease is given back on any exit
+        for split in plan.sources:
+            if not extract_chunks(plan, writer, split, range(plan.chunks.n_chunks(len(plan.sources[split])))):
+                log.info("split %s: complete, nothing to do", split)
+        manifest = writer.finalize()
+    report_skipped(manifest)
     skipped = sum(len(v) for v in manifest["skipped"].values())
     log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, writer.location.size_bytes() / 1e6, skipped, time.perf_counter() - t0)
     plan.taps.close()
     return plan
 
 
-def open_writer(plan: ExtractPlan, overwrite: bool = False) -> StoreWriter:
-    """Create the store for this plan, or reopen it when its fingerprint matches."""
+def open_writer(plan: ExtractPlan, overwrite: bool = False, lease: bool = True) -> StoreWriter:
+    """Create the store for this plan, or reopen it when its fingerprint matches, under the
+    store's writer lease (lease=False: a dask worker of the driver that holds it)."""
     cfg = plan.cfg
     return StoreWriter.open(
         cfg.store.path,
@@ -138,12 +148,49 @@ def open_writer(plan: ExtractPlan, overwrite: bool = False) -> StoreWriter:
             "classes": next(iter(plan.sources.values())).classes,
             "token_order": "prefix tokens (CLS, registers) first, then patch/feature-map tokens in row-major (H, W) order",
             "backbone_parameters": plan.backbone.num_parameters,
+            # Paths under a split's folder that are not samples (see pipeline/data/image_folder.py).
+            "ignored": {k: list(s.ignored) for k, s in plan.sources.items() if s.ignored},
             "package_version": __version__,
             "config": to_dict(cfg),
         },
         overwrite=overwrite,
         storage_options=cfg.store.storage_options,
+        lease=lease,
     )
+
+
+# What an OSError while creating or writing the store means, for a one-line StoreError.
+STORE_OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+@contextmanager
+def store_os_errors(path: str):
+    """A full disk or an unwritable store location becomes one StoreError naming the store.
+    Chunks stamped before it stay valid (data first, stamp last): a rerun computes the rest."""
+    try:
+        yield
+    except OSError as e:
+        what = STORE_OS_ERRORS.get(e.errno)
+        if what is None:
+            raise
+        at = f" at {e.filename!r}" if e.filename else ""
+        raise StoreError(f"store {str(path)!r}: {what} ({errno.errorcode[e.errno]}{at}); the chunks stamped so far are kept: "
+                         "free space or make the location writable, then rerun the same command to compute only the rest") from e
+
+
+def report_skipped(manifest: dict) -> None:
+    """Warn about a split whose every sample was skipped: nothing can be trained or scored on it."""
+    for split, ids in manifest.get("skipped", {}).items():
+        n = manifest["splits"][split]["num_samples"]
+        if len(ids) >= n:
+            log.warning("split %s: all %d sample(s) were skipped as unreadable (listed in the manifest under 'skipped'); "
+                        "`train` refuses this split", split, n)
 
 
 def extract_chunks(plan: ExtractPlan, writer: StoreWriter, split: str, chunks: Iterable[int]) -> int:

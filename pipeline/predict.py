@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 
 from cache.codecs import decode, encode
+from cache.schema import LayerSpec
 from pipeline.adapters import load_adapter, read_adapter_manifest
+from pipeline.adapters.persistence import MANIFEST_FILE
 from pipeline.backbones.build import Backbone
 from pipeline.backbones.taps import EMBED, LayerTaps
 from pipeline.backbones.tokens import reduce_tokens
 from pipeline.config import ExtractConfig, build
 from pipeline.data.image_folder import IMAGE_SUFFIXES
-from pipeline.data.source import to_rgb
+from pipeline.data.source import read_image
 from pipeline.training.frozen_backbone import verified_backbone
 
 log = logging.getLogger(__name__)
@@ -46,14 +48,27 @@ def find_images(paths: list[str]) -> list[Path]:
         elif p.is_file():
             found.append(p)
         else:
-            raise FileNotFoundError(f"image {str(p)!r} does not exist")
+            raise FileNotFoundError(f"{str(p)!r} does not exist (neither an adapter folder nor an image or a folder of images)")
     if not found:
         raise FileNotFoundError(f"no images found in {paths}")
     return found
 
 
+def check_adapter_dirs(adapter_dirs: list[str]) -> None:
+    """One FileNotFoundError naming every adapter folder that is missing or holds no adapter."""
+    problems = []
+    for d in map(Path, adapter_dirs):
+        if not d.is_dir():
+            problems.append(f"adapter folder {str(d)!r} does not exist")
+        elif not (d / MANIFEST_FILE).is_file():
+            problems.append(f"{str(d)!r} is not an adapter folder: it has no {MANIFEST_FILE} (expected runs/NAME/adapters/NN_*)")
+    if problems:
+        raise FileNotFoundError("; ".join(problems))
+
+
 def run_predict(adapter_dirs: list[str], images: list[str], batch_size: int = 32) -> list[dict]:
-    tasks = [Task(_task_name(d), Path(d), read_adapter_manifest(d)) for d in adapter_dirs]
+    check_adapter_dirs(adapter_dirs)
+    tasks = [Task(name, Path(d), read_adapter_manifest(d)) for name, d in zip(task_names(adapter_dirs), adapter_dirs)]
     files = find_images(images)
     by_backbone: dict[str, list[Task]] = {}
     for t in tasks:  # tasks on the same backbone share one forward pass
@@ -73,7 +88,11 @@ def _predict_group(tasks: list[Task], files: list[Path], rows: list[dict], batch
     for a in adapters:
         stored.update(a.layer_specs)
     needed = [name for name in (d["name"] for d in fp["layers"]) if name in stored]
-    taps = LayerTaps(backbone.model, tuple(n for n in needed if n != EMBED), EMBED in needed, backbone.image_size)
+    features = tuple(n for n in needed if n != EMBED and not stored[n].is_kv)
+    # Keys/values (VQT on a store extracted with backbone.cache_kv) come from every block's
+    # qkv projection, captured as extraction captured them.
+    wants_kv = any(stored[n].is_kv for n in needed)
+    taps = LayerTaps(backbone.model, features, EMBED in needed, backbone.image_size, cache_kv=wants_kv)
     raw = {s.name: s for s in taps.specs}
     storage = fp["storage"]
     transform = backbone.transform()
@@ -101,10 +120,11 @@ def _as_cached(x: torch.Tensor, dtype: str) -> torch.Tensor:
 
 def _backbone_for(fp: dict) -> Backbone:
     dc = fp["preprocessing"]
-    layers = [d["name"] for d in fp["layers"] if d["name"] != EMBED] or [-1]
+    specs = [LayerSpec.from_json(d) for d in fp["layers"]]
+    layers = [s.name for s in specs if s.name != EMBED and not s.is_kv] or [-1]
     cfg = build(ExtractConfig, {
         "backbone": {"name": fp["backbone"]["name"], "weights": fp["backbone"]["weights"], "layers": layers,
-                     "model_kwargs": fp["backbone"].get("model_kwargs", {})},
+                     "model_kwargs": fp["backbone"].get("model_kwargs", {}), "cache_kv": any(s.is_kv for s in specs)},
         "data": {"kind": "image_folder", "root": "-"},
         "store": {"path": "-"},
         "preprocess": {"image_size": dc["input_size"][1], "interpolation": dc["interpolation"], "mean": dc["mean"], "std": dc["std"], "crop_pct": dc["crop_pct"]},
@@ -113,16 +133,22 @@ def _backbone_for(fp: dict) -> Backbone:
 
 
 def _load(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()
-        return to_rgb(img)
+    # Decoded as extraction decodes; an unreadable file stops predict with one error naming it.
+    return read_image(path)
 
 
-def _task_name(directory: str) -> str:
-    p = Path(directory)
-    return p.parent.parent.name if p.parent.name == "adapters" else p.name
+def task_names(directories: list[str]) -> list[str]:
+    """One unique column name per adapter: its run's folder name (runs/RUN/adapters/NN_x), or
+    RUN/NN_x for adapters that share a run; a name that still clashes is an error, so no task
+    can overwrite another's column."""
+    paths = [Path(d) for d in directories]
+    runs = [p.parent.parent.name if p.parent.name == "adapters" else p.name for p in paths]
+    names = [f"{run}/{p.name}" if runs.count(run) > 1 and p.parent.name == "adapters" else run for run, p in zip(runs, paths)]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError(f"predict: adapters {[str(p) for p, n in zip(paths, names) if n in clashes]} would share the task "
+                         f"name(s) {clashes}; give each adapter once, from folders with distinct names")
+    return names
 
 
 def write_predictions(rows: list[dict], out: str) -> None:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from cache import CacheReader, open_store
 from pipeline.adapters import FusedAdapters, StackedAdamW, build_adapter, per_member_cross_entropy, save_adapter
 from pipeline.config import TrainConfig, to_dict
+from pipeline.data.valid_samples import require_valid_samples
 from pipeline.training.evaluate import accuracy, ensemble_accuracy, split_logits
 from pipeline.training.members import Member, expand, group_by_shape
 from pipeline.training.output import staged_output
@@ -213,9 +214,16 @@ def _splits(cfg: TrainConfig, reader: CacheReader) -> Splits:
         if name is not None and name not in reader.splits:
             raise KeyError(f"{key}: split {name!r} is not in store {cfg.store!r}; it has {reader.splits}")
     if cfg.val_split is not None:
-        return Splits(cfg.train_split, None, cfg.val_split, None, cfg.test_split)
-    is_val = validation_mask(reader.num_samples(cfg.train_split), cfg.val_fraction, cfg.seed)
-    return Splits(cfg.train_split, ~is_val, cfg.train_split, is_val, cfg.test_split)
+        splits = Splits(cfg.train_split, None, cfg.val_split, None, cfg.test_split)
+    else:
+        is_val = validation_mask(reader.num_samples(cfg.train_split), cfg.val_fraction, cfg.seed)
+        splits = Splits(cfg.train_split, ~is_val, cfg.train_split, is_val, cfg.test_split)
+    # A split, or the part of it in use, whose samples were all skipped at extraction would
+    # train nothing and then fail in evaluation: refuse it now, naming its key and the split.
+    require_valid_samples(reader, [("train_split", splits.train, splits.train_keep),
+                                   ("val_split" if cfg.val_split is not None else "val_fraction", splits.val, splits.val_keep),
+                                   ("test_split", splits.test, None)])
+    return splits
 
 
 def validation_mask(n: int, fraction: float, seed: int) -> np.ndarray:

@@ -17,10 +17,13 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """Every problem found in one config, one per line."""
+    """Every problem found in one config, one per line (a single problem: one line in all)."""
 
     def __init__(self, problems: list[str], source: str = "config"):
         self.problems = problems
+        if len(problems) == 1:
+            super().__init__(f"{source}: {problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
 
@@ -29,8 +32,13 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist"], str(path))
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {_yaml_problem(e)}"], str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"not UTF-8 text: byte {e.start} is {e.object[e.start:e.start + 1]!r}"], str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], str(path))
     return data
@@ -54,10 +62,26 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 break
             node = child
         else:
-            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+            try:
+                node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError as e:
+                problems.append(f"override {item!r}: the value is not valid YAML: {_yaml_problem(e)}")
     if problems:
         raise ConfigError(problems, "command-line overrides")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: where (1-based line and column), what, and what it was inside."""
+    def where(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if not problem or mark is None:
+        return " ".join(str(e).split())
+    inside = f" ({context} at {where(context_mark)})" if context and context_mark is not None else ""
+    return f"{where(mark)}: {problem}{inside}"
 
 
 def _deep_copy(d: Any) -> Any:

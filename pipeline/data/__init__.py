@@ -5,8 +5,9 @@ from __future__ import annotations
 from pipeline.config.extract_config import DataConfig
 from pipeline.data.arrays import idx_split, npz_split
 from pipeline.data.image_folder import image_folder_split
-from pipeline.data.source import CorruptImageError, SplitSource, stratified_prefix
+from pipeline.data.source import CorruptImageError, SplitSource, read_image, stratified_prefix
 from pipeline.data.torchvision_source import torchvision_split
+from pipeline.data.valid_samples import require_valid_samples
 
 
 def open_split(cfg: DataConfig, split: str) -> SplitSource:
@@ -25,4 +26,4 @@ def open_split(cfg: DataConfig, split: str) -> SplitSource:
     return source
 
 
-__all__ = ["open_split", "SplitSource", "CorruptImageError"]
+__all__ = ["open_split", "SplitSource", "CorruptImageError", "read_image", "require_valid_samples"]

@@ -1,15 +1,28 @@
-"""ImageFolder trees: ROOT/SPLIT/CLASS/*.jpg (any extension PIL reads)."""
+"""ImageFolder trees: ROOT/SPLIT/CLASS/*.jpg (any extension PIL reads).
+
+A sample is a file directly inside a class folder, with an image suffix and a name that does
+not start with "."; a symbolic link counts as its target, and a broken one is a sample that
+cannot be read (data.on_corrupt decides). Everything else under the split folder (files next
+to the class folders, folders inside class folders, hidden files and folders, other suffixes)
+is not a sample: it is listed in `SplitSource.ignored`, which extraction logs and writes to
+the manifest.
+
+The content stamp of a sample is its file's size and modification time in nanoseconds (one
+stat, no read): a file rewritten in any ordinary way changes it. It misses only a replacement
+of equal size whose mtime was preserved or reset (cp -p, rsync -a, touch -r from another file).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.source import CorruptImageError, SplitSource, to_rgb
+from pipeline.data.source import SplitSource, read_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+STAMPS_COVER = "path, label, size and mtime_ns of every image file"
 
 
 def image_folder_split(root: str | Path, split: str) -> SplitSource:
@@ -20,28 +33,39 @@ def image_folder_split(root: str | Path, split: str) -> SplitSource:
             f"data.root: split folder {str(split_dir)!r} does not exist"
             + (f"; splits present: {present}" if present else f"; {str(root)!r} is not a directory")
         )
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    classes, ignored = [], []
+    for entry in _entries(split_dir):
+        if entry.is_dir() and not entry.name.startswith("."):
+            classes.append(entry.name)
+        else:
+            ignored.append(entry.name + ("/" if entry.is_dir() else ""))
     if not classes:
         raise FileNotFoundError(f"{str(split_dir)!r} has no class folders (expected SPLIT/CLASS/*.jpg)")
-    ids, labels, sizes = [], [], []
+    ids, labels, stamps = [], [], []
     for label, cls in enumerate(classes):
-        for f in sorted((split_dir / cls).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
-                ids.append(f"{cls}/{f.name}")
-                labels.append(label)
-                sizes.append(f.stat().st_size)
+        for entry in _entries(split_dir / cls):
+            rel = f"{cls}/{entry.name}"
+            is_image_name = Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and not entry.name.startswith(".")
+            if is_image_name and entry.is_file():
+                st = entry.stat()  # follows a symbolic link: the target's size and mtime
+                stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
+            elif is_image_name and entry.is_symlink() and not os.path.exists(entry.path):
+                stamps.append("broken link")  # a sample that cannot be read; on_corrupt decides
+            else:
+                ignored.append(rel + ("/" if entry.is_dir() else ""))
+                continue
+            ids.append(rel)
+            labels.append(label)
     if not ids:
         raise FileNotFoundError(f"{str(split_dir)!r} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}")
 
-    def load(i: int) -> Image.Image:
-        path = split_dir / ids[i]
-        try:
-            with Image.open(path) as img:
-                img.load()  # decode now, so a truncated file fails here and not later
-                return to_rgb(img)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            raise CorruptImageError(f"cannot read image {str(path)!r}: {e}") from e
+    def load(i: int):
+        return read_image(split_dir / ids[i])
 
-    # File sizes stand in for content (hashing every image would cost a full read).
-    content = ",".join(map(str, sizes))
-    return SplitSource(split, ids, np.asarray(labels, dtype=np.int64), classes, load, content_hash=content)
+    return SplitSource(split, ids, np.asarray(labels, dtype=np.int64), classes, load,
+                       sample_stamps=stamps, stamps_cover=STAMPS_COVER, ignored=sorted(ignored))
+
+
+def _entries(directory: Path) -> list[os.DirEntry]:
+    with os.scandir(directory) as it:
+        return sorted(it, key=lambda e: e.name)

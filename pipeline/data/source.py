@@ -3,20 +3,86 @@
 Every source fixes its sample order at construction (sorted files, array order), so a
 resumed extraction and a fresh one see the same sample at the same index; the fingerprint
 pins that order down so a store refuses a dataset that has changed.
+
+Decoding is in one place (`read_image`, `to_rgb`), shared by extraction and `predict`: an
+image either becomes the RGB picture a viewer would show, or a CorruptImageError naming the
+file. It never becomes a plausible-looking wrong picture (a 16-bit PNG clipped to white).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
 
 
-class CorruptImageError(RuntimeError):
-    """An image that cannot be decoded; the message names the sample."""
+class CorruptImageError(ValueError):
+    """An image that cannot be decoded, or has no defined RGB meaning; the message names the sample."""
+
+
+# What Pillow raises for a file it cannot decode (its own Image.open treats SyntaxError,
+# IndexError, TypeError and struct.error from a plugin as "not this format"), plus its
+# decompression-bomb guard: more than 2 x Image.MAX_IMAGE_PIXELS pixels.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, Image.DecompressionBombError)
+
+# 16-bit grayscale (PNG, TIFF): scaled to 8 bits, value * 255 / 65535 rounded.
+GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+# Modes with an alpha channel: composited over white, as a browser shows them on a page.
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+# Modes whose values have no fixed range, so no 8-bit RGB picture can be derived without guessing.
+NO_RANGE_MODES = {"I": "32-bit integer", "F": "32-bit float", "I;16S": "signed 16-bit", "I;32": "32-bit integer",
+                  "I;32S": "signed 32-bit integer", "I;32B": "32-bit integer", "I;32BS": "signed 32-bit integer"}
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open, fully decode and convert one image file to RGB; CorruptImageError names the file."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise CorruptImageError(f"cannot read image {str(path)!r}: broken symbolic link to {os.readlink(path)!r}")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here and not later
+            return to_rgb(img)
+    except DECODE_ERRORS as e:
+        raise CorruptImageError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The RGB picture of any Pillow mode, or ValueError for a mode without one.
+
+    - RGB without transparency: as is. L, 1, P, CMYK, YCbCr, HSV, RGBX: Pillow's conversion.
+    - 16-bit grayscale (I;16*, and mode I from a PNG, which is how Pillow < 11 opens 16-bit
+      grayscale PNGs): v -> round(v * 255 / 65535), the same value in R, G and B.
+    - Alpha (RGBA, LA, PA, P or RGB/L with a transparency entry): composited over white.
+    - I (32-bit, not PNG), F (float) and other integer modes: refused, since their range is unknown.
+    """
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode in GRAY16_MODES or (mode == "I" and image.format == "PNG"):
+        return _gray16_to_rgb(image)
+    if mode in NO_RANGE_MODES:
+        raise ValueError(f"mode {mode} ({NO_RANGE_MODES[mode]} pixels) has no defined range to map to 8-bit RGB; "
+                         "save it as an 8- or 16-bit image")
+    if mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _gray16_to_rgb(image: Image.Image) -> Image.Image:
+    values = np.asarray(image).astype(np.int64)
+    if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+        raise ValueError(f"mode {image.mode}: values outside 0..65535 in a 16-bit grayscale image")
+    gray = ((2 * values + 257) // 514).astype(np.uint8)  # round(v / 257) = round(v * 255 / 65535); no ties
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1), mode="RGB")
 
 
 @dataclass
@@ -29,20 +95,31 @@ class SplitSource:
     load: Callable[[int], Image.Image]
     # What identifies the content beyond ids and labels (e.g. sha256 of an array file).
     content_hash: str = ""
+    # Per-sample content stamps (image files: size and mtime), hashed with each id and label.
+    sample_stamps: Optional[list[str]] = None
+    # What the stamps are, stated in the fingerprint (so a mismatch says what was compared).
+    stamps_cover: str = ""
+    # Paths under the split's folder that are not samples (stray files, nested folders,
+    # non-image files, hidden files), relative to the split folder; folders end in "/".
+    ignored: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
     def fingerprint(self) -> dict:
         h = hashlib.sha256()
-        for sid, label in zip(self.sample_ids, self.labels.tolist()):
-            h.update(f"{sid}\t{label}\n".encode())
+        stamps = self.sample_stamps
+        for k, (sid, label) in enumerate(zip(self.sample_ids, self.labels.tolist())):
+            h.update((f"{sid}\t{label}\n" if stamps is None else f"{sid}\t{label}\t{stamps[k]}\n").encode())
         h.update(self.content_hash.encode())
-        return {
+        out = {
             "num_samples": len(self),
             "classes": list(self.classes),
             "samples_sha256": h.hexdigest(),
         }
+        if self.stamps_cover:
+            out["content"] = self.stamps_cover
+        return out
 
     def subset(self, indices: np.ndarray) -> "SplitSource":
         base_load = self.load
@@ -54,6 +131,9 @@ class SplitSource:
             classes=self.classes,
             load=lambda i: base_load(int(idx[i])),
             content_hash=self.content_hash,
+            sample_stamps=None if self.sample_stamps is None else [self.sample_stamps[i] for i in idx],
+            stamps_cover=self.stamps_cover,
+            ignored=self.ignored,
         )
 
 
@@ -75,7 +155,3 @@ def stratified_prefix(labels: np.ndarray, limit: Optional[int]) -> np.ndarray:
                 picked.append(int(members[rank]))
         rank += 1
     return np.sort(np.asarray(picked, dtype=np.int64))
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")

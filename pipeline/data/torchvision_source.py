@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 from PIL import Image
 
-from pipeline.data.source import CorruptImageError, SplitSource, to_rgb
+from pipeline.data.source import DECODE_ERRORS, CorruptImageError, SplitSource, to_rgb
 
 
 def torchvision_split(name: str, root: str, split: str, download: bool) -> SplitSource:
@@ -30,9 +30,9 @@ def torchvision_split(name: str, root: str, split: str, download: bool) -> Split
     def load(i: int) -> Image.Image:
         try:
             image = ds[i][0]
-        except OSError as e:
-            raise CorruptImageError(f"cannot read {name}[{split}][{i}]: {e}") from e
-        return to_rgb(image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)))
+            return to_rgb(image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)))
+        except DECODE_ERRORS as e:
+            raise CorruptImageError(f"cannot read {name}[{split}][{i}]: {type(e).__name__}: {e}") from e
 
     ids = [f"{split}:{i}" for i in range(len(ds))]
     return SplitSource(split, ids, labels, classes, load, content_hash=f"torchvision:{name}")
