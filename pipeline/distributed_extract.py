@@ -36,26 +36,26 @@ def run_distributed_extract(cfg: ExtractConfig, scheduler: Optional[str] = None,
     t0 = time.perf_counter()
     plan = plan_extraction(cfg)
     log.info("plan:\n%s", plan.report())
-    writer = open_writer(plan, overwrite)
-    missing = {split: writer.missing_chunks(split) for split in plan.sources}
-    if any(missing.values()):
-        from distributed import as_completed
+    with open_writer(plan, overwrite) as writer:  # the driver holds the lease; workers write under it
+        missing = {split: writer.missing_chunks(split) for split in plan.sources}
+        if any(missing.values()):
+            from distributed import as_completed
 
-        with dask_client(scheduler, workers) as client:
-            per_host = workers_per_host(client)
-            pieces = shard_pieces(missing, plan.chunks.chunks_per_shard, 2 * sum(per_host.values()))
-            log.info("dask: %d pieces of whole shards on %d workers", len(pieces), sum(per_host.values()))
-            futures = [client.submit(extract_piece, to_dict(cfg), split, chunks, per_host, pure=False, retries=TASK_RETRIES,
-                                     key=f"extract-{split}-{chunks[0]}") for split, chunks in pieces]
-            failed = []
-            for future in as_completed(futures):
-                try:
-                    future.result()
-                except Exception as e:  # report every failed piece, not just the first
-                    failed.append(f"{future.key}: {e}")
-            if failed:
-                raise ExtractTasksFailed(f"{len(failed)} of {len(pieces)} pieces failed; rerun to finish: " + "; ".join(failed))
-    writer.finalize()
+            with dask_client(scheduler, workers) as client:
+                per_host = workers_per_host(client)
+                pieces = shard_pieces(missing, plan.chunks.chunks_per_shard, 2 * sum(per_host.values()))
+                log.info("dask: %d pieces of whole shards on %d workers", len(pieces), sum(per_host.values()))
+                futures = [client.submit(extract_piece, to_dict(cfg), split, chunks, per_host, pure=False, retries=TASK_RETRIES,
+                                         key=f"extract-{split}-{chunks[0]}") for split, chunks in pieces]
+                failed = []
+                for future in as_completed(futures):
+                    try:
+                        future.result()
+                    except Exception as e:  # report every failed piece, not just the first
+                        failed.append(f"{future.key}: {e}")
+                if failed:
+                    raise ExtractTasksFailed(f"{len(failed)} of {len(pieces)} pieces failed; rerun to finish: " + "; ".join(failed))
+        writer.finalize()
     log.info("store complete: %s (%.1f s)", cfg.store.path, time.perf_counter() - t0)
     plan.taps.close()
     return plan
@@ -91,6 +91,6 @@ def extract_piece(cfg_data: dict, split: str, chunks: list[int], per_host: Optio
         cfg = replace(cfg, runtime=replace(cfg.runtime, num_workers=0))
     plan = plan_extraction(cfg)
     try:
-        return extract_chunks(plan, open_writer(plan), split, chunks)
+        return extract_chunks(plan, open_writer(plan, lease=False), split, chunks)  # the driver holds the lease
     finally:
         plan.taps.close()
