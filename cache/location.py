@@ -51,9 +51,9 @@ SAFE_OPTIONS: dict[str, Any] = {
         "s3": {"addressing_style": None, "use_accelerate_endpoint": None, "use_dualstack_endpoint": None,
                "payload_signing_enabled": None, "us_east_1_regional_endpoint": None},
     },
-    "s3_additional_kwargs": {
-        "ServerSideEncryption": None, "SSEKMSKeyId": None, "BucketKeyEnabled": None, "ACL": None,
-        "StorageClass": None, "RequestPayer": None, "ExpectedBucketOwner": None,
+    "s3_additional_kwargs": {  # none that botocore's S3 model marks sensitive (SSECustomerKey, SSEKMSKeyId...)
+        "ServerSideEncryption": None, "BucketKeyEnabled": None, "ACL": None, "StorageClass": None,
+        "RequestPayer": None, "ExpectedBucketOwner": None,
     },
 }
 
@@ -106,9 +106,10 @@ def _unsafe_options(options: Mapping[str, Any], allowed: Mapping[str, Any], wher
         if key not in allowed:
             near = difflib.get_close_matches(str(key), list(allowed), n=1)
             hint = f"did you mean {near[0]!r}? " if near else ""
-            sse_c = "SSE-C keys cannot be given in a config (use ServerSideEncryption: aws:kms with SSEKMSKeyId); " if str(key).startswith("SSECustomer") else ""
+            sse = ("S3 encryption with your own key cannot be configured here (ServerSideEncryption: aws:kms without a key id uses the bucket's default key); "
+                   if str(key).startswith(("SSECustomer", "SSEKMS")) else "")
             out.append(f"{where}.{key}: not an allowed storage option (configs are saved in the store's manifest and beside every run, "
-                       f"so only options that are never secret are taken); {sse_c}{hint}allowed here: {sorted(allowed)}")
+                       f"so only options that are never secret are taken); {sse}{hint}allowed here: {sorted(allowed)}")
         elif isinstance(allowed[key], Mapping):
             if isinstance(value, Mapping):
                 out += _unsafe_options(value, allowed[key], f"{where}.{key}")

@@ -1,5 +1,11 @@
 """The dask side shared by the distributed jobs (sweeps, extraction): a client for an existing
-cluster or a local one, and how many torch threads each worker may use."""
+cluster or a local one, and how many torch threads each worker may use.
+
+A local cluster (`--workers N`) listens on 127.0.0.1 only, its scheduler, workers and dashboard
+alike: none of them asks for a password, and whoever reaches the scheduler runs code on the
+workers. FEATURECACHE_DASK_HOST (or the `host` argument) names another interface to listen on,
+e.g. 0.0.0.0 to reach it from elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -14,25 +20,37 @@ import torch
 log = logging.getLogger(__name__)
 
 
+HOST_ENV = "FEATURECACHE_DASK_HOST"
+DEFAULT_HOST = "127.0.0.1"
+
+
 @contextmanager
-def dask_client(scheduler: Optional[str], workers: int):
+def dask_client(scheduler: Optional[str], workers: int, host: Optional[str] = None):
     from distributed import Client
 
     if scheduler:
         with Client(scheduler) as client:
             yield client
         return
-    with local_cluster(workers) as cluster, Client(cluster) as client:
+    with local_cluster(workers, host) as cluster, Client(cluster) as client:
         yield client
 
 
+def cluster_host(host: Optional[str] = None) -> str:
+    """The interface a local cluster listens on: `host`, else $FEATURECACHE_DASK_HOST, else 127.0.0.1."""
+    return host or os.environ.get(HOST_ENV) or DEFAULT_HOST
+
+
 @contextmanager
-def local_cluster(workers: int):
+def local_cluster(workers: int, host: Optional[str] = None):
     """The default cluster: `workers` worker processes on this machine, one thread each (a
-    job is CPU-bound torch, so parallelism comes from processes)."""
+    job is CPU-bound torch, so parallelism comes from processes), listening on `cluster_host(host)`."""
     import dask
     from distributed import LocalCluster
 
+    host = cluster_host(host)
+    # dask's dashboard_address ":0" would listen on every interface whatever `host` says.
+    dashboard = f"[{host}]:0" if ":" in host else f"{host}:0"
     # Worker progress bars would interleave on this terminal; the driver logs progress. The
     # cluster's start/stop chatter (INFO) is muted while it lives; warnings, such as a
     # worker restarted after dying, still show.
@@ -47,7 +65,8 @@ def local_cluster(workers: int):
         # jobs' adapter steps ran ~1.4x slower than in a plain process (measured here).
         environ = "distributed.nanny.pre-spawn-environ"
         with dask.config.set({f"{environ}.TQDM_DISABLE": "1", f"{environ}.MALLOC_TRIM_THRESHOLD_": None}):
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host=host,
+                                   dashboard_address=dashboard)
         with cluster:
             yield cluster
     finally:
@@ -80,3 +99,17 @@ def share_cores(per_host: Optional[dict[str, int]]) -> None:
 
     sharing = per_host.get(get_address_host(get_worker().address), 1)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
+
+
+@contextmanager
+def torch_threads(threads: Optional[int]):
+    """Run the body with torch's intra-op thread count set to `threads` (None: as it is), then
+    put the old count back. CPU kernels (oneDNN's convolutions, say) pick their blocking by the
+    thread count, so two processes round the same input alike only with the same count."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -11,7 +11,8 @@ import torch
 from timm.data import create_transform, resolve_model_data_config
 
 from pipeline.backbones.weights import load_weights, state_dict_sha256, wants_timm_pretrained
-from pipeline.config.extract_config import BackboneConfig, PreprocessConfig
+from pipeline.config.extract_config import BackboneConfig, PreprocessConfig, model_kwargs_problems
+from pipeline.config.loader import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ def _create(cfg: BackboneConfig, pre: PreprocessConfig) -> torch.nn.Module:
     if cfg.name not in timm.list_models(pretrained=False) and not timm.is_model(cfg.name):
         near = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
         raise ValueError(f"backbone.name: {cfg.name!r} is not a timm model" + (f"; did you mean {near}?" if near else ""))
+    # Checked again here: a config rebuilt from a store's manifest or an adapter's fingerprint,
+    # or made in code, reaches timm only with arguments that cannot load or fetch files.
+    problems = model_kwargs_problems(cfg.model_kwargs, "backbone.model_kwargs")
+    if problems:
+        raise ConfigError(problems, f"the model_kwargs of backbone {cfg.name!r}")
     kwargs = dict(cfg.model_kwargs)
     pretrained = wants_timm_pretrained(cfg.weights)
     # "none" means random weights; seed them so that a rerun (resume) builds the same model.

@@ -6,6 +6,7 @@ Only fields that change what is stored enter the store's fingerprint (see
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -13,6 +14,31 @@ from cache.location import option_problems
 
 
 DATA_KINDS = ("image_folder", "npz", "idx", "torchvision")
+
+# The timm.create_model arguments a config may give: ones that only choose the architecture
+# (timm passes them to the model's constructor, which refuses those it does not take). Others,
+# such as pretrained_cfg, pretrained_cfg_overlay, checkpoint_path, cache_dir or
+# pretrained_strict, make timm load or fetch files; the backbone is rebuilt from a store's
+# saved config and from an adapter's fingerprint, which must never do that, so they are refused.
+MODEL_KWARGS = (
+    "img_size", "in_chans", "num_classes", "global_pool", "patch_size", "embed_dim", "depth", "num_heads",
+    "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "reg_tokens", "no_embed_class",
+    "pos_embed", "pre_norm", "final_norm", "fc_norm", "dynamic_img_size", "dynamic_img_pad", "act_layer",
+    "norm_layer", "output_stride", "channel_multiplier", "depth_multiplier", "drop_rate", "pos_drop_rate",
+    "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "drop_block_rate",
+)
+
+
+def model_kwargs_problems(model_kwargs: dict, where: str = "model_kwargs") -> list[str]:
+    """One problem per argument outside MODEL_KWARGS, naming it and listing the allowed ones."""
+    out = []
+    for key in model_kwargs:
+        if key not in MODEL_KWARGS:
+            near = difflib.get_close_matches(str(key), MODEL_KWARGS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            out.append(f"{where}.{key}: got {model_kwargs[key]!r}, but only timm.create_model arguments that choose the "
+                       f"architecture are taken (none that loads or fetches files){hint}; allowed: {list(MODEL_KWARGS)}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -31,7 +57,8 @@ class BackboneConfig:
     # ViTs: also store each block's keys/values of its input tokens (layers "kv.<i>", 2x the
     # width of a block's tokens), so stage-two VQT skips their projection every epoch.
     cache_kv: bool = False
-    # Passed to timm.create_model (e.g. {drop_path_rate: 0.0}); img_size is set from preprocess.
+    # Passed to timm.create_model (e.g. {drop_path_rate: 0.0}); only MODEL_KWARGS; img_size is
+    # set from preprocess.
     model_kwargs: dict[str, Union[int, float, str, bool]] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
@@ -40,7 +67,7 @@ class BackboneConfig:
             out.append("name: got '', expected a timm model name")
         if not self.layers:
             out.append("layers: got [], expected at least one layer index or module name")
-        return out
+        return out + model_kwargs_problems(self.model_kwargs)
 
 
 @dataclass(frozen=True)

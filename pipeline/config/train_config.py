@@ -87,11 +87,11 @@ class StoreJob(TrainingSettings):
     """A job that trains from one store into one output folder (train, and each sweep)."""
 
     store: str  # a local path or an fsspec URL (s3://bucket/prefix)
-    storage_options: dict[str, Any] = field(default_factory=dict)  # for a URL: passed to fsspec, no credentials
+    storage_options: dict[str, Any] = field(default_factory=dict)  # for a URL: passed to fsspec; cache.location.SAFE_OPTIONS only
     output: str
 
     def job_problems(self) -> list[str]:
-        return self.training_problems() + option_problems(self.store, self.storage_options)
+        return self.training_problems() + option_problems(self.store, self.storage_options, path_key="store")
 
 
 @dataclass(frozen=True, kw_only=True)
