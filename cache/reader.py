@@ -107,10 +107,12 @@ class CacheReader:
     def sample_ids(self, split: str) -> np.ndarray:
         return np.asarray(read_sample_ids(self.root[split]), dtype=object)
 
-    def _whole(self, split: str, name: str) -> np.ndarray:
+    def _whole(self, split: str, name: str, done: Optional[np.ndarray] = None) -> np.ndarray:
+        """The whole array, once the objects of every stamped chunk (`done`, read if not given)
+        are known to exist."""
         arr = self.root[f"{split}/{name}"]
         n = self.num_samples(split)
-        done = self._done(split)
+        done = self._done(split) if done is None else done
         for c in np.flatnonzero(done):
             start, stop = self.plan.chunk_range(int(c), n)
             self.objects.require(arr, start, stop, int(c))
@@ -203,7 +205,8 @@ class CacheReader:
         """
         self._check_layers(layers)
         n = self.num_samples(split)
-        done = np.flatnonzero(self._done(split))
+        stamped = self._done(split)  # read once per epoch: the stamps are one object per chunk
+        done = np.flatnonzero(stamped)
         if len(done) < self.plan.n_chunks(n) and not self.allow_partial:
             raise StoreError(f"split {split!r} of {self.path!r} is incomplete")
         order = np.random.default_rng([seed, epoch]).permutation(done) if shuffle else done
@@ -211,9 +214,10 @@ class CacheReader:
         # Each window is read and permuted on a worker thread with its own seeded generator,
         # so the consumer's thread only slices batches.
         perm_seeds = [[seed, epoch, w] if shuffle else None for w in range(len(windows))]
-        labels_all = self.labels(split)
+        labels_all = self._whole(split, "labels", stamped)
         # Skipped (corrupt) samples never reach training; read the mask once per epoch.
-        usable = self.valid(split) if keep is None else self.valid(split) & keep
+        valid = self._whole(split, "valid", stamped)
+        usable = valid if keep is None else valid & keep
 
         def submit(pool, w):
             return pool.submit(self._read_window, split, layers, windows[w], usable, out, perm_seeds[w])
