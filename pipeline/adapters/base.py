@@ -9,13 +9,15 @@ modules an adapter borrows (VQT) are held outside the module tree, so `state_dic
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from cache.schema import LayerSpec
 from pipeline.adapters.errors import AdapterConfigError, did_you_mean
+from pipeline.adapters.standardize import Standardizer
 
 
 def layers_in_backbone_order(layers: Mapping[str, LayerSpec]) -> list[str]:
@@ -38,6 +40,9 @@ class Adapter(nn.Module):
     kind: ClassVar[str]  # set by @register_adapter
     Hparams: ClassVar[type]  # frozen dataclass of architecture hyperparameters
     requires_backbone_modules: ClassVar[bool] = False
+    # False for kinds whose inputs must stay as the backbone made them (VQT feeds them to
+    # frozen blocks), so standardising them would change what the blocks compute.
+    supports_standardize: ClassVar[bool] = True
 
     def __init__(self, num_classes: int, hparams: Any):
         super().__init__()
@@ -46,6 +51,24 @@ class Adapter(nn.Module):
         self.num_classes = num_classes
         self.hparams = hparams
         self.layer_specs: dict[str, LayerSpec] = {}
+        # A fixed affine on the cached features (standardize.py), outside the module tree:
+        # not trained, not stacked by fused training, saved beside the weights.
+        self.standardizer: Standardizer | None = None
+
+    def standardize_with(self, standardizer: Standardizer | None) -> None:
+        if standardizer is not None and not self.supports_standardize:
+            raise AdapterConfigError(f"adapter {self.kind!r} runs frozen backbone modules on the cached tokens, which must "
+                                     "stay as the backbone made them; set standardize: false for it")
+        self.standardizer = standardizer
+
+    def standardized(self, features: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The features as the adapter computes on them: every forward starts here."""
+        return features if self.standardizer is None else self.standardizer(features)
+
+    def _apply(self, fn: Callable, recurse: bool = True):
+        if self.standardizer is not None:
+            self.standardizer.apply_fn(fn)
+        return super()._apply(fn, recurse)
 
     def use_layers(self, available: Mapping[str, LayerSpec], names: Iterable[str]) -> None:
         """Record which cached layers this adapter reads, failing clearly on missing ones."""
