@@ -16,8 +16,9 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from cache.codecs import encode
+from cache.codecs import decode, encode
 from cache.errors import StoreError
+from cache.stats import sums
 from cache.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class BackgroundWriter:
         self.split = split
         self.n = writer.manifest["splits"][split]["num_samples"]
         self.plan = writer.plan
+        self.specs = {spec.name: spec for spec in writer.layers}
         self.pending_by_shard: dict[int, set[int]] = defaultdict(set)
         for c in missing_chunks:
             self.pending_by_shard[self.plan.shard_of(c)].add(c)
@@ -145,6 +147,11 @@ class BackgroundWriter:
             scales = {n: np.concatenate([b["scales"][n] for b in bufs]) for n in bufs[0]["scales"]}
             self.writer.write(self.split, bufs[0]["start"], layers, scales, np.concatenate([b["valid"] for b in bufs]))
             self.bytes_written += sum(a.nbytes for a in layers.values())
+        for c in chunks:  # from the values as stored, decoded as the reader decodes them
+            buf = self.buffers[c]
+            self.writer.write_stats(self.split, c, {
+                n: sums(decode(v, self.writer.dtype, buf["scales"].get(n)), buf["valid"], self.specs[n])
+                for n, v in buf["layers"].items()})
         self.writer.stamp(self.split, chunks)
         self.chunks_written += len(chunks)
         for c in chunks:

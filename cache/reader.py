@@ -29,6 +29,7 @@ from cache.integrity import ObjectIndex, read_region, require_finite
 from cache.layout import ChunkPlan
 from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids
+from cache.stats import summarize, sums
 from cache.schema import CREATING_KEY, FORMAT_VERSION, MANIFEST_KEY, LayerSpec
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class CacheReader:
             raise StoreError(f"{self.path!r} is a zarr store but not a feature cache (no {MANIFEST_KEY!r} manifest)")
         if manifest["format_version"] != FORMAT_VERSION:
             raise StoreError(f"{self.path!r} has format version {manifest['format_version']}, this reader reads {FORMAT_VERSION} "
-                             "(checksummed objects); extract it again with --overwrite")
+                             "(checksummed objects, per-chunk feature statistics); extract it again with --overwrite")
         self.manifest = manifest
         self.objects = ObjectIndex(self.path)
         self.allow_partial = allow_partial
@@ -181,6 +182,37 @@ class CacheReader:
         for c, (a, b) in [(chunk, (start, stop))] if chunk is not None else self._chunks_in(split, start, stop):
             self.objects.require(arr, a, b, c)
         return read_region(arr, start, stop, self.path, chunk)
+
+    # -- statistics ---------------------------------------------------------------------
+    def feature_stats(self, split: str, layers: Sequence[str], keep: Optional[np.ndarray] = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer, the per-channel means and stds (float64) of the valid samples of `split`
+        (cache/stats.py), from the sums stage one stored per chunk. keep: a bool mask [N] of
+        the samples to describe (e.g. train minus its validation carve): the left-out samples'
+        sums are read from their features and subtracted, so the result is that of `keep` alone."""
+        self._check_layers(layers)
+        n_chunks = self.plan.n_chunks(self.num_samples(split))
+        done = self._done(split)
+        if not done.all():
+            raise StoreError(f"split {split!r} of {self.path!r} is incomplete: its feature statistics need every chunk")
+        valid = self._whole(split, "valid", done)
+        totals = {}
+        for name in layers:
+            arr = self.root[f"{split}/stats/{name}"]
+            for c in range(n_chunks):
+                self.objects.require(arr, c, c + 1, c)
+            rows = read_region(arr, 0, n_chunks, self.path)
+            require_finite(rows, arr.path, 0, n_chunks, self.path)
+            totals[name] = rows.sum(axis=0)
+        samples = int(valid.sum())
+        if keep is not None:
+            left_out = valid & ~keep
+            samples -= int(left_out.sum())
+            for batch in self.batches(split, list(layers), 1024, shuffle=False, keep=left_out):
+                for name in layers:
+                    totals[name] = totals[name] - sums(batch.features[name], np.ones(len(batch.labels), bool), self.layers[name])
+        if samples == 0:
+            raise StoreError(f"split {split!r} of {self.path!r}: no valid sample to compute feature statistics from")
+        return {name: summarize(totals[name], samples, self.layers[name]) for name in layers}
 
     # -- mini-batches -------------------------------------------------------------------
     def batches(

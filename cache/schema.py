@@ -13,6 +13,9 @@ The store layout (zarr v3, readable by any v3 implementation):
                                  keys then values that ViT block i computes from its input
                                  tokens (its qkv projection without the query part, before any
                                  k_norm), so VQT need not recompute them every epoch.
+    <root>/<split>/stats/<name>  array [n_chunks, 6, D] float64, one object per chunk: the sums of
+                                 that chunk's valid samples (cache/stats.py: prefix, patch and pooled
+                                 sums and sums of squares), for exact per-channel means and stds
     <root>/<split>/labels        array [N] int64
     <root>/<split>/valid         array [N] bool: False where the image could not be read
     <root>/<split>/sample_ids    array [total bytes] uint8: the sample ids' UTF-8 bytes, concatenated;
@@ -32,7 +35,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 # 2: crc32c on every object, NaN-filled layers, sample ids as UTF-8 bytes + offsets.
-FORMAT_VERSION = 2
+# 3: per-chunk feature sums (stats/<layer>).
+FORMAT_VERSION = 3
 MANIFEST_KEY = "feature_cache"
 # The root's only attribute while a store on an object store is being created (no rename
 # there: see cache/writer.py); never present in a finished store.

@@ -87,6 +87,17 @@ def _verify_split(reader: CacheReader, split: str) -> SplitReport:
                     continue  # the scales' own damage is reported under scales/
                 if not np.isfinite(decoded[valid[start:stop]].numpy()).all():
                     report.bad.setdefault(int(c), []).append(f"{path}: non-finite values")
+    for layer in reader.layers:  # feature sums: one object per chunk, indexed by chunk
+        path = f"stats/{layer}"
+        report.checked_arrays.append(path)
+        for c in np.flatnonzero(done):
+            try:
+                rows = reader._checked(g[path], int(c), int(c) + 1, int(c))
+            except StoreError as e:
+                report.bad.setdefault(int(c), []).append(f"{path}: {_reason(e)}")
+                continue
+            if not np.isfinite(rows).all():
+                report.bad.setdefault(int(c), []).append(f"{path}: non-finite values")
     return report
 
 

@@ -42,6 +42,7 @@ from cache.lease import StoreLease
 from cache.local_files import replace_dir
 from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids, write_sample_ids
+from cache.stats import STATS_ROWS
 from cache.schema import CREATING_KEY, FORMAT_VERSION, MANIFEST_KEY, LayerSpec
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,12 @@ class StoreWriter:
         # chunk whose object is missing, so write it even when every sample was skipped.
         g["valid"].with_config({"write_empty_chunks": True})[start:stop] = valid
 
+    def write_stats(self, split: str, chunk: int, stats: dict[str, np.ndarray]) -> None:
+        """One chunk's feature sums per layer ([len(STATS_ROWS), D] float64, cache/stats.py);
+        written with its features, before its stamp."""
+        for name, rows in stats.items():
+            self.root[f"{split}/stats/{name}"][chunk] = rows
+
     def stamp(self, split: str, chunks: list[int]) -> None:
         done = self.root[f"{split}/chunk_done"]
         for c in chunks:
@@ -283,6 +290,12 @@ def _create(root: zarr.Group, manifest: dict, layers: list[LayerSpec], splits, p
                     f"scales/{spec.name}", shape=(n, spec.dim), dtype="float16", chunks=(c, spec.dim),
                     shards=(s, spec.dim), compressors=codecs, fill_value=float("nan"), dimension_names=("sample", "channel"),
                 )
+            # One object per chunk, like the stamps: writers of different chunks never share one.
+            g.create_array(
+                f"stats/{spec.name}", shape=(plan.n_chunks(n), len(STATS_ROWS), spec.dim), dtype="float64",
+                chunks=(1, len(STATS_ROWS), spec.dim), compressors=codecs, fill_value=float("nan"),
+                dimension_names=("chunk", "sum", "channel"), attributes={"rows": list(STATS_ROWS)},
+            )
         g.create_array("valid", shape=(n,), dtype="bool", chunks=(c,), shards=(s,), compressors=codecs, fill_value=False,
                        dimension_names=("sample",))
         g.create_array("labels", shape=(n,), dtype="int64", chunks=(s,), compressors=codecs, fill_value=-1,
