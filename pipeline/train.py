@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cache import CacheReader, open_store
 from pipeline.adapters import FusedAdapters, StackedAdamW, build_adapter, per_member_cross_entropy, save_adapter
+from pipeline.adapters.standardize import Standardizer
 from pipeline.config import TrainConfig, to_dict
 from pipeline.data.valid_samples import require_valid_samples
 from pipeline.training.evaluate import accuracy, ensemble_accuracy, split_logits
@@ -81,25 +82,29 @@ def _train(cfg: TrainConfig, out: Path, final: Path) -> dict:
     members = expand(cfg.adapters, reader.layers, cfg.seed)
     backbone_modules = _backbone_modules(reader) if any(m.kind == "vqt" for m in members) else None
     num_classes = len(reader.classes)
-    groups = [_make_group(ms, reader, num_classes, backbone_modules) for ms in group_by_shape(members)]
+    standardizer = _standardizer(reader, splits, members)
+    groups = [_make_group(ms, reader, num_classes, backbone_modules, standardizer) for ms in group_by_shape(members)]
     layers = sorted({l for g in groups for l in g.fused.template.required_layers()}, key=list(reader.layers).index)
     n_train = int(_count(reader, splits.train, splits.train_keep))
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    if epochs > cfg.epochs:
+        log.info("min_steps=%d: %d epochs instead of %d (%d steps per epoch)", cfg.min_steps, epochs, cfg.epochs, steps_per_epoch)
+    total_steps = steps_per_epoch * epochs
     log.info(
         "plan: %d adapters in %d fused groups, %d trainable parameters in all; %d train samples x %d epochs "
         "(%d steps); reading %d layers (%.1f MB per epoch); val %s (%d), test %s",
         len(members), len(groups), sum(g.fused.template.num_trainable_parameters() * len(g.members) for g in groups),
-        n_train, cfg.epochs, total_steps, len(layers),
+        n_train, epochs, total_steps, len(layers),
         n_train * sum(reader.layers[l].tokens * reader.layers[l].dim * 4 for l in layers) / 1e6,
         splits.val, int(_count(reader, splits.val, splits.val_keep)), splits.test,
     )
     metrics = (out / "metrics.jsonl").open("w")
     step, stale, epoch_seconds = 0, 0, []
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         losses = [torch.zeros(len(g.members)) for g in groups]
         bar = tqdm(reader.batches(splits.train, layers, cfg.batch_size, seed=cfg.seed, epoch=epoch, keep=splits.train_keep),
-                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True)
+                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", dynamic_ncols=True)
         seen, t_epoch = 0, time.perf_counter()
         for batch in bar:
             factor = warmup_cosine(step, total_steps, int(cfg.warmup_epochs * steps_per_epoch))
@@ -197,11 +202,28 @@ def _finish(cfg: TrainConfig, groups, reader: CacheReader, splits: Splits, layer
     return {"rows": rows, "summary": summary}
 
 
-def _make_group(members: list[Member], reader: CacheReader, num_classes: int, backbone_modules) -> Group:
+def _standardizer(reader: CacheReader, splits: Splits, members: list[Member]) -> Optional[Standardizer]:
+    """The per-channel affine of the layers that standardised members read, from the
+    statistics of the training samples only (a validation carve is left out)."""
+    layers = set()
+    for m in members:
+        if m.standardize:
+            layers.update(build_adapter(m.kind, reader.layers, len(reader.classes), **m.hparams).required_layers())
+    if not layers:
+        return None
+    layers = sorted(layers, key=list(reader.layers).index)
+    log.info("standardize: per-channel statistics of %d layer(s) over the training samples", len(layers))
+    return Standardizer.from_stats(reader.feature_stats(splits.train, layers, keep=splits.train_keep), reader.layers)
+
+
+def _make_group(members: list[Member], reader: CacheReader, num_classes: int, backbone_modules, standardizer: Optional[Standardizer]) -> Group:
     adapters = []
     for m in members:
         torch.manual_seed(m.seed)  # a member's init depends on its own seed only
-        adapters.append(build_adapter(m.kind, reader.layers, num_classes, backbone_modules=backbone_modules, **m.hparams))
+        adapter = build_adapter(m.kind, reader.layers, num_classes, backbone_modules=backbone_modules, **m.hparams)
+        if m.standardize:
+            adapter.standardize_with(standardizer)
+        adapters.append(adapter)
     fused = FusedAdapters(adapters)
     optimizer = StackedAdamW(fused.parameters(), lr=[m.lr for m in members], weight_decay=[m.weight_decay for m in members])
     best_params = {name: p.detach().clone() for name, p in fused.params.items()}

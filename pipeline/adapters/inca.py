@@ -112,7 +112,7 @@ class InCA(Adapter):
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         heads, queries = self.hparams.num_heads, self.hparams.num_queries
-        tokens = features[self.layer]
+        tokens = self.standardized(features)[self.layer]
         # No affine: parameter-free, so shared by fused members (see the module docstring).
         normed = F.layer_norm(tokens, tokens.shape[-1:], eps=self.norm_in.eps)  # [B, T, D]
         gamma, beta = self.norm_in.weight, self.norm_in.bias

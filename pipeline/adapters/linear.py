@@ -3,9 +3,9 @@
     z      = pool(X)          X = cached tokens [B, T, D] of `layer`; pool as in pooling.py
     logits = z W^T + b        W: [C, D] (or [C, 2D] for pool="cls_mean")
 
-No normalisation layer sits before the head: the probe measures how linearly separable the
-frozen features are as they are, and a BatchNorm would also make the output depend on the
-batch (and carry running statistics that vmap-fused training cannot update in place).
+No normalisation layer sits before the head: a BatchNorm would make the output depend on the
+batch (and carry running statistics that vmap-fused training cannot update in place). The
+trainer standardises X per channel instead, with fixed train-split statistics (standardize.py).
 """
 
 from __future__ import annotations
@@ -47,5 +47,6 @@ class LinearProbe(Adapter):
         self.head = nn.Linear(pooled_width(self.spec, self.hparams.pool), num_classes)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        features = self.standardized(features)
         pooled = pool_tokens(features[self.spec.name], self.spec, self.hparams.pool)
         return self.head(pooled)

@@ -3,7 +3,8 @@
 A saved adapter is a directory with two files:
 
     adapter.safetensors   the adapter's state_dict: its trainable state only (borrowed frozen
-                          backbone modules are outside the module tree, see base.py)
+                          backbone modules are outside the module tree, see base.py), and the
+                          fixed standardisation of its inputs if it has one ("standardize.*")
     adapter.json          {"format_version", "kind", "num_classes", "hparams",
                            "layers": [LayerSpec.to_json(), ...], "store_fingerprint",
                            "class_names"}
@@ -29,6 +30,7 @@ from torch import nn
 from cache.schema import LayerSpec
 from pipeline.adapters.base import Adapter
 from pipeline.adapters.registry import BackboneModules, build_adapter
+from pipeline.adapters.standardize import Standardizer
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ def save_adapter(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().cpu().contiguous() for name, t in adapter.state_dict().items()}
+    if adapter.standardizer is not None:
+        state.update({name: t.detach().cpu().contiguous() for name, t in adapter.standardizer.state().items()})
     save_file(state, str(directory / WEIGHTS_FILE))
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -94,7 +98,9 @@ def load_adapter(
         backbone_modules=backbone_modules,
         **manifest["hparams"],
     )
-    adapter.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
+    own, standardizer = Standardizer.split_state(load_file(str(Path(directory) / WEIGHTS_FILE)))
+    adapter.load_state_dict(own)
+    adapter.standardize_with(standardizer)
     return adapter
 
 

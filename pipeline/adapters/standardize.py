@@ -45,8 +45,9 @@ class Standardizer:
             means = [s[f"{kind}_mean"].expand(n, -1) for kind, n in rows if n]
             stds = [s[f"{kind}_std"].expand(n, -1) for kind, n in rows if n]
             std = torch.cat(stds)
-            shift[name] = torch.cat(means).float()
-            scale[name] = torch.where(std > 0, 1.0 / std, torch.ones_like(std)).float()
+            # In the adapters' dtype (the default one, as their parameters are made).
+            shift[name] = torch.cat(means).to(torch.get_default_dtype())
+            scale[name] = torch.where(std > 0, 1.0 / std, torch.ones_like(std)).to(torch.get_default_dtype())
         return cls(shift, scale)
 
     def __call__(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

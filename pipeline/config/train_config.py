@@ -25,6 +25,10 @@ class AdapterEntry:
     lr: Union[float, tuple[float, ...]] = 1e-3
     weight_decay: Union[float, tuple[float, ...]] = 1e-4
     seeds: Optional[tuple[int, ...]] = None  # null: the run's seed
+    # Standardise the cached features per channel with the train split's statistics (a fixed
+    # affine, see pipeline/adapters/standardize.py). null: on for every kind that supports it
+    # (all but VQT, whose inputs feed frozen blocks): the benchmark shows it helps.
+    standardize: Optional[bool] = None
 
     def problems(self) -> list[str]:
         if self.kind not in ADAPTERS:
@@ -45,6 +49,9 @@ class AdapterEntry:
             parse_hparams(self.kind, self.hparams)
         except AdapterConfigError as e:
             out.append(f"hparams: {e}")
+        if self.standardize and not adapter_class(self.kind).supports_standardize:
+            out.append(f"standardize: adapter {self.kind!r} feeds the cached tokens to frozen backbone modules, which "
+                       "expect them as the backbone made them; set standardize: false or leave it out")
         for key in ("lr", "weight_decay"):
             values = getattr(self, key)
             values = values if isinstance(values, tuple) else (values,)
@@ -63,6 +70,9 @@ class TrainingSettings:
     val_fraction: float = 0.1
     test_split: Optional[str] = None
     epochs: int = 10
+    # At least this many optimiser steps: on a small split, epochs are raised until there are
+    # (e.g. 900 samples at batch 128 are 8 steps an epoch: 10 epochs would be 80 steps).
+    min_steps: int = 0
     batch_size: int = 256
     warmup_epochs: float = 1.0
     seed: int = 0
@@ -75,6 +85,8 @@ class TrainingSettings:
         for key in ("epochs", "batch_size"):
             if getattr(self, key) <= 0:
                 out.append(f"{key}: got {getattr(self, key)}, expected > 0")
+        if self.min_steps < 0:
+            out.append(f"min_steps: got {self.min_steps}, expected >= 0")
         if self.warmup_epochs < 0:
             out.append(f"warmup_epochs: got {self.warmup_epochs}, expected >= 0")
         if self.save_top < 0:

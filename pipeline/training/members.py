@@ -19,11 +19,12 @@ class Member:
     lr: float
     weight_decay: float
     seed: int
+    standardize: bool = False  # read standardised features (see pipeline/adapters/standardize.py)
 
     @property
     def shape_key(self) -> str:
         """Members with equal keys have identical architectures: they can share one fused pass."""
-        return json.dumps([self.kind, self.hparams], sort_keys=True, default=str)
+        return json.dumps([self.kind, self.hparams, self.standardize], sort_keys=True, default=str)
 
     @property
     def layer_label(self) -> str:
@@ -36,12 +37,15 @@ class Member:
 def expand(entries: tuple[AdapterEntry, ...], layers: Mapping[str, LayerSpec], default_seed: int) -> list[Member]:
     members: list[Member] = []
     for entry in entries:
-        fields = adapter_class(entry.kind).Hparams.__dataclass_fields__
+        cls = adapter_class(entry.kind)
+        fields = cls.Hparams.__dataclass_fields__
+        standardize = cls.supports_standardize if entry.standardize is None else entry.standardize
         for arch in _architectures(entry, fields, layers):
             for lr in _tuple(entry.lr):
                 for wd in _tuple(entry.weight_decay):
                     for seed in entry.seeds or (default_seed,):
-                        members.append(Member(_name(entry.kind, arch, lr, wd, seed, entry), entry.kind, arch, lr, wd, seed))
+                        raw = cls.supports_standardize and not standardize
+                        members.append(Member(_name(entry.kind, arch, lr, wd, seed, entry, raw), entry.kind, arch, lr, wd, seed, standardize))
     names = [m.name for m in members]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -67,7 +71,7 @@ def _tuple(v) -> tuple:
     return v if isinstance(v, tuple) else (v,)
 
 
-def _name(kind: str, arch: dict, lr: float, wd: float, seed: int, entry: AdapterEntry) -> str:
+def _name(kind: str, arch: dict, lr: float, wd: float, seed: int, entry: AdapterEntry, raw: bool) -> str:
     parts = [kind]
     if "layer" in arch:
         parts.append(f"@{arch['layer']}")
@@ -77,6 +81,8 @@ def _name(kind: str, arch: dict, lr: float, wd: float, seed: int, entry: Adapter
     if extras:
         parts.append("[" + ",".join(extras) + "]")
     parts.append(f" lr={lr:g} wd={wd:g}")
+    if raw:  # the kind's default is standardised features: say when these are not
+        parts.append(" raw")
     if entry.seeds:
         parts.append(f" seed={seed}")
     return "".join(parts)
