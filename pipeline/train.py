@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 from cache import CacheReader, open_store
 from pipeline.adapters import FusedAdapters, StackedAdamW, build_adapter, per_member_cross_entropy, save_adapter
+from pipeline.adapters.pooling import pool_tokens
 from pipeline.adapters.standardize import Standardizer
+from pipeline.training.convex_probe import fit_logistic_lbfgs, fold_standardization, standardize, standardize_fit
 from pipeline.config import TrainConfig, to_dict
 from pipeline.data.valid_samples import require_valid_samples
 from pipeline.training.evaluate import accuracy, ensemble_accuracy, split_logits
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 class Group:
     members: list[Member]
     fused: FusedAdapters
-    optimizer: StackedAdamW
+    optimizer: Optional[StackedAdamW]  # None: solved, not trained (lbfgs)
     seconds: float = 0.0
     best_val: torch.Tensor = None  # [N]
     best_params: dict = field(default_factory=dict)
@@ -83,11 +85,13 @@ def _train(cfg: TrainConfig, out: Path, final: Path) -> dict:
     backbone_modules = _backbone_modules(reader) if any(m.kind == "vqt" for m in members) else None
     num_classes = len(reader.classes)
     standardizer = _standardizer(reader, splits, members)
-    groups = [_make_group(ms, reader, num_classes, backbone_modules, standardizer) for ms in group_by_shape(members)]
+    groups = [_make_group(ms, reader, num_classes, backbone_modules, standardizer, splits) for ms in group_by_shape(members)]
     layers = sorted({l for g in groups for l in g.fused.template.required_layers()}, key=list(reader.layers).index)
+    trained = [g for g in groups if g.optimizer is not None]  # solved groups (lbfgs) are done already
+    train_layers = [l for l in layers if any(l in g.fused.template.required_layers() for g in trained)]
     n_train = int(_count(reader, splits.train, splits.train_keep))
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch)) if trained else 0
     if epochs > cfg.epochs:
         log.info("min_steps=%d: %d epochs instead of %d (%d steps per epoch)", cfg.min_steps, epochs, cfg.epochs, steps_per_epoch)
     total_steps = steps_per_epoch * epochs
@@ -95,20 +99,22 @@ def _train(cfg: TrainConfig, out: Path, final: Path) -> dict:
         "plan: %d adapters in %d fused groups, %d trainable parameters in all; %d train samples x %d epochs "
         "(%d steps); reading %d layers (%.1f MB per epoch); val %s (%d), test %s",
         len(members), len(groups), sum(g.fused.template.num_trainable_parameters() * len(g.members) for g in groups),
-        n_train, epochs, total_steps, len(layers),
-        n_train * sum(reader.layers[l].tokens * reader.layers[l].dim * 4 for l in layers) / 1e6,
+        n_train, epochs, total_steps, len(train_layers),
+        n_train * sum(reader.layers[l].tokens * reader.layers[l].dim * 4 for l in train_layers) / 1e6,
         splits.val, int(_count(reader, splits.val, splits.val_keep)), splits.test,
     )
     metrics = (out / "metrics.jsonl").open("w")
     step, stale, epoch_seconds = 0, 0, []
     for epoch in range(epochs):
         losses = [torch.zeros(len(g.members)) for g in groups]
-        bar = tqdm(reader.batches(splits.train, layers, cfg.batch_size, seed=cfg.seed, epoch=epoch, keep=splits.train_keep),
+        bar = tqdm(reader.batches(splits.train, train_layers, cfg.batch_size, seed=cfg.seed, epoch=epoch, keep=splits.train_keep),
                    total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", dynamic_ncols=True)
         seen, t_epoch = 0, time.perf_counter()
         for batch in bar:
             factor = warmup_cosine(step, total_steps, int(cfg.warmup_epochs * steps_per_epoch))
             for gi, g in enumerate(groups):
+                if g.optimizer is None:
+                    continue
                 t0 = time.perf_counter()
                 loss = per_member_cross_entropy(g(batch.features), batch.labels)
                 g.optimizer.zero_grad()
@@ -207,7 +213,7 @@ def _standardizer(reader: CacheReader, splits: Splits, members: list[Member]) ->
     statistics of the training samples only (a validation carve is left out)."""
     layers = set()
     for m in members:
-        if m.standardize:
+        if m.standardize and m.solver == "adamw":  # lbfgs standardises its pooled features itself
             layers.update(build_adapter(m.kind, reader.layers, len(reader.classes), **m.hparams).required_layers())
     if not layers:
         return None
@@ -216,7 +222,10 @@ def _standardizer(reader: CacheReader, splits: Splits, members: list[Member]) ->
     return Standardizer.from_stats(reader.feature_stats(splits.train, layers, keep=splits.train_keep), reader.layers)
 
 
-def _make_group(members: list[Member], reader: CacheReader, num_classes: int, backbone_modules, standardizer: Optional[Standardizer]) -> Group:
+def _make_group(members: list[Member], reader: CacheReader, num_classes: int, backbone_modules, standardizer: Optional[Standardizer],
+                splits: Splits) -> Group:
+    if members[0].solver == "lbfgs":
+        return _solved_group(members, reader, num_classes, splits)
     adapters = []
     for m in members:
         torch.manual_seed(m.seed)  # a member's init depends on its own seed only
@@ -228,6 +237,33 @@ def _make_group(members: list[Member], reader: CacheReader, num_classes: int, ba
     optimizer = StackedAdamW(fused.parameters(), lr=[m.lr for m in members], weight_decay=[m.weight_decay for m in members])
     best_params = {name: p.detach().clone() for name, p in fused.params.items()}
     return Group(members, fused, optimizer, best_val=torch.full((len(members),), -1.0), best_params=best_params)
+
+
+def _solved_group(members: list[Member], reader: CacheReader, num_classes: int, splits: Splits) -> Group:
+    """Linear probes solved exactly (convex_probe.py), one per L2 strength, largest first and
+    each warm-started from the previous; weights folded onto raw pooled features."""
+    t0 = time.perf_counter()
+    adapters = [build_adapter(m.kind, reader.layers, num_classes, **m.hparams) for m in members]
+    probe = adapters[0]
+    pooled, labels = [], []
+    for batch in reader.batches(splits.train, [probe.spec.name], 1024, shuffle=False, keep=splits.train_keep):
+        pooled.append(pool_tokens(batch.features[probe.spec.name], probe.spec, probe.hparams.pool).double())
+        labels.append(batch.labels)
+    mean, std = standardize_fit(torch.cat(pooled))
+    x, y = standardize(torch.cat(pooled), mean, std), torch.cat(labels)
+    start = None
+    for i in sorted(range(len(members)), key=lambda i: -members[i].weight_decay):
+        weight, bias, info = fit_logistic_lbfgs(x, y, num_classes, members[i].weight_decay, init=start)
+        start = (weight, bias)
+        if not info.converged:
+            log.warning("%s: L-BFGS stopped after %d iterations without converging (|grad|_max %.1e)", members[i].name, info.iterations, info.grad_max)
+        weight, bias = fold_standardization(weight, bias, mean, std)
+        with torch.no_grad():
+            adapters[i].head.weight.copy_(weight)
+            adapters[i].head.bias.copy_(bias)
+    fused = FusedAdapters(adapters)
+    best_params = {name: p.detach().clone() for name, p in fused.params.items()}
+    return Group(members, fused, None, seconds=time.perf_counter() - t0, best_val=torch.full((len(members),), -1.0), best_params=best_params)
 
 
 def _splits(cfg: TrainConfig, reader: CacheReader) -> Splits:

@@ -122,3 +122,28 @@ def test_unknown_layer_is_named(colour_store, tmp_path):
     cfg = train_config(colour_store, tmp_path, [{"kind": "linear", "layers": ["blocks.9"]}])
     with pytest.raises(ValueError, match=r"\['blocks.9'\] are not in the store"):
         run_train(cfg)
+
+
+def test_lbfgs_probe_predicts_as_sklearn_on_the_same_cache(colour_store, tmp_path):
+    """solver=lbfgs: each L2 strength's probe predicts every test sample as scikit-learn's
+    LogisticRegression with the equivalent C, fitted on the same pooled, standardised features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    l2s = [1.0, 0.01]
+    result = run_train(train_config(colour_store, tmp_path / "out", [{"kind": "linear", "layers": ["blocks.0"], "solver": "lbfgs",
+                                                                       "weight_decay": l2s}], val_split="val", save_top=2))
+    reader = open_store(colour_store)
+
+    def pooled(split):
+        x = reader.read(split, ["blocks.0"], 0, reader.num_samples(split))["blocks.0"][:, 1:].double().mean(1).numpy()
+        return x, reader.labels(split)
+
+    (x_train, y_train), (x_val, y_val) = pooled("train"), pooled("val")
+    scaler = StandardScaler().fit(x_train)
+    by_l2 = {row["weight_decay"]: row for row in result["rows"]}
+    assert sorted(by_l2) == sorted(l2s) and all(" lbfgs l2=" in row["adapter"] for row in result["rows"])
+    for l2 in l2s:
+        model = LogisticRegression(C=1 / (l2 * len(y_train)), tol=1e-10, max_iter=10000).fit(scaler.transform(x_train), y_train)
+        expected = float((model.predict(scaler.transform(x_val)) == y_val).mean())
+        assert by_l2[l2]["test_acc"] == expected

@@ -8,7 +8,7 @@ decay or seed share a shape and are trained fused (one vmapped forward/backward)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from cache.location import option_problems
 from pipeline.adapters import ADAPTERS, AdapterConfigError, adapter_class, parse_hparams
@@ -29,6 +29,11 @@ class AdapterEntry:
     # affine, see pipeline/adapters/standardize.py). null: on for every kind that supports it
     # (all but VQT, whose inputs feed frozen blocks): the benchmark shows it helps.
     standardize: Optional[bool] = None
+    # linear only: "lbfgs" solves the probe exactly (full-batch multinomial logistic regression
+    # on standardised pooled features, pipeline/training/convex_probe.py) instead of AdamW
+    # steps; then lr is unused and each weight_decay value is an L2 strength l2 of
+    # mean CE + l2/2 ||W||^2 (sklearn's C = 1 / (l2 n)), one member per value.
+    solver: Literal["adamw", "lbfgs"] = "adamw"
 
     def problems(self) -> list[str]:
         if self.kind not in ADAPTERS:
@@ -49,6 +54,10 @@ class AdapterEntry:
             parse_hparams(self.kind, self.hparams)
         except AdapterConfigError as e:
             out.append(f"hparams: {e}")
+        if self.solver == "lbfgs" and self.kind != "linear":
+            out.append(f"solver: 'lbfgs' solves the linear probe only; adapter {self.kind!r} trains with 'adamw'")
+        if self.solver == "lbfgs" and self.standardize is False:
+            out.append("standardize: the lbfgs solver always standardises the pooled features (folded into the weights)")
         if self.standardize and not adapter_class(self.kind).supports_standardize:
             out.append(f"standardize: adapter {self.kind!r} feeds the cached tokens to frozen backbone modules, which "
                        "expect them as the backbone made them; set standardize: false or leave it out")

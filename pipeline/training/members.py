@@ -20,11 +20,12 @@ class Member:
     weight_decay: float
     seed: int
     standardize: bool = False  # read standardised features (see pipeline/adapters/standardize.py)
+    solver: str = "adamw"  # "lbfgs": the probe solved exactly; weight_decay is then its L2 strength
 
     @property
     def shape_key(self) -> str:
         """Members with equal keys have identical architectures: they can share one fused pass."""
-        return json.dumps([self.kind, self.hparams, self.standardize], sort_keys=True, default=str)
+        return json.dumps([self.kind, self.hparams, self.standardize, self.solver], sort_keys=True, default=str)
 
     @property
     def layer_label(self) -> str:
@@ -40,12 +41,14 @@ def expand(entries: tuple[AdapterEntry, ...], layers: Mapping[str, LayerSpec], d
         cls = adapter_class(entry.kind)
         fields = cls.Hparams.__dataclass_fields__
         standardize = cls.supports_standardize if entry.standardize is None else entry.standardize
+        lbfgs = entry.solver == "lbfgs"
         for arch in _architectures(entry, fields, layers):
-            for lr in _tuple(entry.lr):
+            for lr in (0.0,) if lbfgs else _tuple(entry.lr):
                 for wd in _tuple(entry.weight_decay):
                     for seed in entry.seeds or (default_seed,):
                         raw = cls.supports_standardize and not standardize
-                        members.append(Member(_name(entry.kind, arch, lr, wd, seed, entry, raw), entry.kind, arch, lr, wd, seed, standardize))
+                        members.append(Member(_name(entry.kind, arch, lr, wd, seed, entry, raw), entry.kind, arch, lr, wd, seed,
+                                              standardize, entry.solver))
     names = [m.name for m in members]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -80,7 +83,7 @@ def _name(kind: str, arch: dict, lr: float, wd: float, seed: int, entry: Adapter
     extras = [f"{k}={v}" for k, v in sorted(arch.items()) if k not in ("layer", "layers")]
     if extras:
         parts.append("[" + ",".join(extras) + "]")
-    parts.append(f" lr={lr:g} wd={wd:g}")
+    parts.append(f" lbfgs l2={wd:g}" if entry.solver == "lbfgs" else f" lr={lr:g} wd={wd:g}")
     if raw:  # the kind's default is standardised features: say when these are not
         parts.append(" raw")
     if entry.seeds:
