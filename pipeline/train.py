@@ -28,7 +28,8 @@ from pipeline.adapters.standardize import Standardizer
 from pipeline.training.convex_probe import fit_logistic_lbfgs, fold_standardization, standardize, standardize_fit
 from pipeline.config import TrainConfig, to_dict
 from pipeline.data.valid_samples import require_valid_samples
-from pipeline.training.evaluate import accuracy, ensemble_accuracy, split_logits
+from pipeline.training.ensembles import calibrated_ensembles
+from pipeline.training.evaluate import accuracy, split_logits
 from pipeline.training.members import Member, expand, group_by_shape
 from pipeline.training.output import staged_output
 from pipeline.training.report import write_report
@@ -187,17 +188,24 @@ def _finish(cfg: TrainConfig, groups, reader: CacheReader, splits: Splits, layer
             })
             adapters.append(adapter)
     order = sorted(range(len(rows)), key=lambda i: -rows[i]["val_acc"])
-    k = min(cfg.ensemble_top_k, len(rows))
+    # Ensembles of temperature-calibrated members, chosen on validation (training/ensembles.py).
+    ensembles = calibrated_ensembles(val_logits, val_labels, test_logits if test_acc is not None else None,
+                                     test_labels if test_acc is not None else None, k=cfg.ensemble_top_k)
+
+    def named(report) -> dict:
+        return {**report.to_dict(), "members": [rows[i]["adapter"] for i in report.members]}
+
     summary = {
         "top1": {"adapter": rows[order[0]]["adapter"], "val_acc": rows[order[0]]["val_acc"], "test_acc": rows[order[0]]["test_acc"]},
-        "ensemble": {
-            "members": [rows[i]["adapter"] for i in order[:k]],
-            "val_acc": ensemble_accuracy(val_logits, val_labels, order[:k]),
-            "test_acc": ensemble_accuracy(test_logits, test_labels, order[:k]) if test_acc is not None else None,
-        },
+        "ensemble": named(ensembles.top_k),  # the top k by validation, calibrated probabilities averaged
+        "greedy": named(ensembles.greedy),  # Caruana's forward selection with replacement on validation
         "train_seconds_total": sum(g.seconds for g in groups),
         "epoch_seconds": epoch_seconds,  # wall time of each training pass (reading + all steps)
     }
+    # Every member's logits, for ensembles across runs (the benchmark pools its methods' grids).
+    np.savez(out / "logits.npz", members=np.array([r["adapter"] for r in rows]), val_logits=val_logits.float().numpy(),
+             val_labels=val_labels.numpy(), **({"test_logits": test_logits.float().numpy(), "test_labels": test_labels.numpy()}
+                                               if test_acc is not None else {}))
     saved = []
     for rank, i in enumerate(order[: cfg.save_top]):
         name = f"{rank + 1:02d}_{_slug(rows[i]['adapter'])}"

@@ -1,4 +1,4 @@
-"""Logits of every member on a split, and what they add up to (accuracy, top-k ensembles)."""
+"""Logits of every member on a split, and their accuracies (ensembles: training/ensembles.py)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,3 @@ def split_logits(groups: Sequence, reader: CacheReader, split: str, layers: list
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[members, n, C], [n] -> accuracy per member [members]."""
     return (logits.argmax(-1) == labels).float().mean(-1)
-
-
-def ensemble_accuracy(logits: torch.Tensor, labels: torch.Tensor, members: Sequence[int]) -> float:
-    """Average of the chosen members' softmax probabilities."""
-    probs = logits[list(members)].softmax(-1).mean(0)
-    return float((probs.argmax(-1) == labels).float().mean())

@@ -24,11 +24,13 @@ def results_markdown(rows: list[dict], summary: dict) -> str:
         share = "-" if r["pct_backbone"] is None else f"{r['pct_backbone']:.3f}"
         train = f"{r['train_s']:.1f}" + (f" (fused x{r['fused_with']})" if r["fused_with"] > 1 else "")
         lines.append(f"| {r['adapter']} | {r['kind']} | {r['layer']} | {r['params']:,} | {share} | {pct(r['val_acc'])} | {pct(r['test_acc'])} | {train} |")
-    top, ens = summary["top1"], summary["ensemble"]
+    top, ens, greedy = summary["top1"], summary["ensemble"], summary["greedy"]
     lines += [
         "",
         f"**Top-1 by validation**: {top['adapter']}: val {pct(top['val_acc'])}, test {pct(top['test_acc'])}",
-        f"**Ensemble of the top {len(ens['members'])}** (mean softmax): val {pct(ens['val_acc'])}, test {pct(ens['test_acc'])}",
+        f"**Ensemble of the top {len(ens['members'])}** (temperature-calibrated softmax averaged): val {pct(ens['val_acc'])}, test {pct(ens['test_acc'])}",
+        f"**Greedy ensemble** (calibrated; forward selection with replacement on validation, {sum(greedy['weights'])} picks of "
+        f"{len(greedy['members'])} members): val {pct(greedy['val_acc'])}, test {pct(greedy['test_acc'])}",
         f"Training time, all adapters: {summary['train_seconds_total']:.1f} s (forward/backward/step; reading excluded)",
     ]
     return "\n".join(lines) + "\n"
