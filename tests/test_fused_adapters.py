@@ -76,7 +76,9 @@ def members(kind, layers, backbone, dtype=torch.float32):
     adapters = []
     for seed in range(len(LRS)):
         torch.manual_seed(seed)
-        adapter = build_adapter(kind, layers, NUM_CLASSES, backbone_modules=backbone)
+        # VQT's query dropout draws other masks fused than alone (tests/test_vqt_recipe.py covers it).
+        extra = {"dropout": 0.0} if kind == "vqt" else {}
+        adapter = build_adapter(kind, layers, NUM_CLASSES, backbone_modules=backbone, **extra)
         adapters.append(adapter.to(dtype))
     return adapters
 

@@ -40,6 +40,9 @@ def test_cached_kv_gives_the_same_logits(kv_store):
     assert with_kv.kv_cached and not plain.kv_cached
     assert all(l.startswith("kv.") for l in with_kv.required_layers()[:-1])
     feats = reader.read("train", list(reader.layers), 0, 12)
+    # Eval mode: query dropout off, so both see the same queries.
+    with_kv.eval()
+    plain.eval()
     torch.testing.assert_close(with_kv(feats), plain(feats), atol=1e-5, rtol=1e-5)
 
 

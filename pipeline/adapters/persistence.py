@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "adapter.safetensors"
 MANIFEST_FILE = "adapter.json"
-FORMAT_VERSION = 1
+# 2: standardisation saved with the weights; VQT's normalisation and dropout hyperparameters.
+FORMAT_VERSION = 2
 
 
 class StoreMismatchError(ValueError):
@@ -87,7 +88,7 @@ def load_adapter(
     if manifest["format_version"] != FORMAT_VERSION:
         raise ValueError(
             f"{directory}: adapter format_version {manifest['format_version']}, "
-            f"this code reads {FORMAT_VERSION}"
+            f"this code reads {FORMAT_VERSION}; train it again"
         )
     _check_fingerprint(directory, manifest["store_fingerprint"], store_fingerprint)
     layers = {d["name"]: LayerSpec.from_json(d) for d in manifest["layers"]}

@@ -4,21 +4,38 @@ Block l (0 .. L-1) has its own M = num_queries query tokens Z_l [M, D]. They pas
 frozen timm block, attending to the block's input tokens X_l, which the cache holds
 (X_0 = layer "embed", X_l = layer "blocks.<l-1>"). Keys and values come from X_l only, so the
 original tokens are untouched and block l's output is exactly the cached "blocks.<l>". With
-the block's own modules (H heads of width d_h, qkv split as W_q | W_k | W_v incl. bias):
+the block's own modules (H heads of width d_h, qkv split as W_q | W_k | W_v incl. bias) and
+p = dropout:
 
-    Q   = q_norm(norm1(Z_l) W_q + b_q)
+    Z~_l = Z_l * m_l / (1 - p)     in training, m_l ~ Bernoulli(1 - p) drawn per sample, query
+                                   and channel ([B, M, D]); Z~_l = Z_l in eval
+    Q   = q_norm(norm1(Z~_l) W_q + b_q)
     K   = k_norm(norm1(X_l) W_k + b_k),   V = norm1(X_l) W_v + b_v
     A   = attn.norm(concat_h softmax(Q_h K_h^T / sqrt(d_h)) V_h)      [B, M, D]
-    Z'_l = Z_l + ls1(proj(A))
+    Z'_l = Z~_l + ls1(proj(A))
     O_l  = Z'_l + ls2(mlp(norm2(Z'_l)))                              query outputs [B, M, D]
 
-    c      = norm(X_L[:, 0]) / ||norm(X_L[:, 0])||     final CLS after the backbone's final norm,
-                                                     L2-normalised; X_L = layer "blocks.<L-1>"
-    logits = concat(c, O_0, .., O_{L-1} flattened) W_c + b_c          W_c: [C, D + L*M*D]
+    c    = norm(X_L[:, 0])          final CLS after the backbone's final norm; X_L = "blocks.<L-1>"
+    o_l  = vec(O_l)                 [B, M*D], block l's M query outputs side by side
+    n(v) = v / max(||v||_2, 1e-12)  one L2 norm over the whole vector
+
+    normalize = "per_block":  f = concat(n(c), n(o_0), .., n(o_{L-1}))   (the default)
+    normalize = "cls":        f = concat(n(c), o_0, .., o_{L-1})
+    normalize = "none":       f = concat(c, o_0, .., o_{L-1})
+    logits = f W_c + b_c                                              W_c: [C, D + L*M*D]
+
+"per_block" is the official code's NORMALIZE_FEATS (on by default there): the CLS and each
+block's flattened outputs are scaled to unit length separately, so every block weighs the same
+in the head whatever the scale of its activations; with M > 1 the M queries of a block share
+one norm. Query dropout (rate 0.1 in all the official run scripts; 0 in its config defaults)
+acts on the query tokens before each block, so the residual carries the dropped tokens too;
+each sample, and each fused member (vmap with randomness="different"), draws its own mask.
 
 Query outputs are not fed to the next block (that is what keeps the cached tokens valid).
 K and V depend on no trainable parameter, so they are computed without autograd and could be
 precomputed once per sample (benchmarks/bench_vqt_kv.py measures their share of a step).
+The cached tokens go into frozen blocks, so they must stay as the backbone made them:
+VQT refuses feature standardisation (supports_standardize = False).
 
 The frozen blocks and final norm are borrowed, not owned: they are kept outside the module
 tree, so they are neither trainable, nor in `state_dict()`, nor stacked by fused training;
@@ -29,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +58,7 @@ from cache.schema import KV_PREFIX, LayerSpec
 from pipeline.adapters.attention import attend, merge_heads, split_heads
 from pipeline.adapters.base import Adapter
 from pipeline.adapters.errors import AdapterConfigError
-from pipeline.adapters.hparams import require_at_least
+from pipeline.adapters.hparams import HparamValueError, require_at_least
 from pipeline.adapters.registry import register_adapter
 
 QUERY_INIT_STD = 0.02
@@ -53,9 +71,16 @@ class VQTHparams:
     num_queries: int = 1
     # Read keys/values cached in stage one (layers "kv.<i>") when the store has them.
     use_cached_kv: bool = True
+    # What is L2-normalised before the head (module docstring): "per_block" = the official
+    # NORMALIZE_FEATS, "cls" = the final CLS only (this adapter's behaviour before), "none".
+    normalize: Literal["per_block", "cls", "none"] = "per_block"
+    # Share of query values zeroed in training, before each block (official scripts: 0.1).
+    dropout: float = 0.1
 
     def __post_init__(self):
         require_at_least(self, "num_queries", 1)
+        if not 0.0 <= self.dropout < 1.0:  # also refuses NaN
+            raise HparamValueError("dropout", self.dropout, "a probability p with 0 <= p < 1")
 
 
 @dataclass
@@ -77,6 +102,8 @@ def block_input_layer(block_index: int) -> str:
 class VQT(Adapter):
     Hparams = VQTHparams
     requires_backbone_modules = True
+    # The cached tokens feed frozen blocks: standardising them would change what they compute.
+    supports_standardize = False
 
     def __init__(
         self,
@@ -120,16 +147,32 @@ class VQT(Adapter):
 
     def query_outputs(self, keys_values: KeysValues) -> list[torch.Tensor]:
         """O_l [B, M, D] of every block, from that block's K/V."""
+        batch = keys_values[0][0].shape[0]
         return [
-            _query_block(block, queries, k, v)
+            _query_block(block, self.dropped(queries, batch), k, v)
             for block, queries, (k, v) in zip(self.frozen.blocks, self.queries, keys_values)
         ]
 
-    def classify(self, keys_values: KeysValues, final_tokens: torch.Tensor) -> torch.Tensor:
-        """Logits from per-block K/V and the last block's output tokens (only CLS is read)."""
-        cls = F.normalize(self.frozen.norm(final_tokens[:, 0]), dim=-1)
+    def dropped(self, queries: torch.Tensor, batch: int) -> torch.Tensor:
+        """Z~_l: in training, [M, D] -> [B, M, D] with a dropout mask per sample; else as is."""
+        if not self.training or self.hparams.dropout == 0:
+            return queries
+        # Expanded first, as the official code does: every sample draws its own mask.
+        return F.dropout(queries.expand(batch, -1, -1), self.hparams.dropout, training=True)
+
+    def head_input(self, keys_values: KeysValues, final_tokens: torch.Tensor) -> torch.Tensor:
+        """f [B, D + L*M*D] from per-block K/V and the last block's tokens (only CLS is read)."""
+        cls = self.frozen.norm(final_tokens[:, 0])
         outputs = [o.flatten(1) for o in self.query_outputs(keys_values)]
-        return self.head(torch.cat([cls, *outputs], dim=-1))
+        if self.hparams.normalize != "none":
+            cls = F.normalize(cls, dim=-1)
+        if self.hparams.normalize == "per_block":
+            outputs = [F.normalize(o, dim=-1) for o in outputs]
+        return torch.cat([cls, *outputs], dim=-1)
+
+    def classify(self, keys_values: KeysValues, final_tokens: torch.Tensor) -> torch.Tensor:
+        """Logits from per-block K/V and the last block's output tokens."""
+        return self.head(self.head_input(keys_values, final_tokens))
 
     def _apply(self, fn: Callable, recurse: bool = True):
         # The borrowed modules live outside the module tree; keep them on the adapter's
@@ -162,7 +205,8 @@ def _keys_values(block: Block, tokens: torch.Tensor) -> tuple[torch.Tensor, torc
 def _query_block(
     block: Block, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> torch.Tensor:
-    """One frozen block applied to queries [M, D] attending to (k, v); returns [B, M, D]."""
+    """One frozen block applied to queries [M, D] or [B, M, D] attending to (k, v) [B, H, T, d_h];
+    returns [B, M, D]."""
     attn = block.attn
     width = attn.num_heads * attn.head_dim
     normed = block.norm1(queries)

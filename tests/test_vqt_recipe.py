@@ -1,0 +1,86 @@
+"""VQT's training recipe from the official code (andytu28/VQT): its defaults, query dropout only
+in training (a mask of its own for every sample and every fused member), hyperparameters checked
+at config time, and no feature standardisation of the tokens the frozen blocks read.
+
+What the normalisation and the dropout compute is checked against the live timm model in
+test_vqt_equivalence.py; here only when they act.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from pipeline.adapters import VQT, FusedAdapters, VQTHparams
+from pipeline.adapters.errors import AdapterConfigError
+from pipeline.adapters.hparams import HparamValueError, parse_hparams
+from pipeline.adapters.standardize import Standardizer
+from tests.test_vqt_equivalence import build_vqt, plain_run, random_images, randomized_model
+
+
+@pytest.fixture(scope="module")
+def model_and_features():
+    model = randomized_model("test_vit")
+    features, _ = plain_run(model, random_images())
+    return model, features
+
+
+def test_defaults_are_the_official_recipe():
+    hparams = VQTHparams()
+    assert hparams.normalize == "per_block"  # official NORMALIZE_FEATS = True
+    assert hparams.dropout == 0.1  # the official scripts' MODEL.H2T.DROPOUT
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5, math.nan])
+def test_dropout_outside_zero_to_one_is_refused_by_name(dropout):
+    with pytest.raises(HparamValueError, match=r"'dropout' = .* expected a probability p with 0 <= p < 1"):
+        VQTHparams(dropout=dropout)
+    with pytest.raises(AdapterConfigError, match="'dropout'"):
+        parse_hparams("vqt", VQTHparams, {"dropout": dropout})
+
+
+def test_yaml_spellings_of_the_recipe_hparams():
+    parsed = parse_hparams("vqt", VQTHparams, {"dropout": 0, "normalize": "cls"})
+    assert parsed == VQTHparams(dropout=0.0, normalize="cls")
+    for wrong in (True, "l2"):  # `normalize: true` is not one of the choices
+        with pytest.raises(AdapterConfigError, match="'per_block', 'cls', 'none'"):
+            parse_hparams("vqt", VQTHparams, {"normalize": wrong})
+
+
+def test_standardisation_is_refused(model_and_features):
+    model, features = model_and_features
+    vqt = build_vqt(model, features)
+    assert VQT.supports_standardize is False
+    with pytest.raises(AdapterConfigError, match="standardize: false"):
+        vqt.standardize_with(Standardizer({}, {}))
+
+
+def test_dropout_is_active_in_training_and_off_in_eval(model_and_features):
+    model, features = model_and_features
+    vqt = build_vqt(model, features)
+    without = build_vqt(model, features, dropout=0.0)
+    without.load_state_dict(vqt.state_dict())
+
+    with torch.no_grad():
+        vqt.train()
+        first, second = vqt(features), vqt(features)
+        assert not torch.allclose(first, second), "two training steps drew the same masks"
+        vqt.eval()
+        # Off in eval: the very computation of an adapter without dropout, bit for bit.
+        assert torch.equal(vqt(features), without.eval()(features))
+        assert torch.equal(without.train()(features), without.eval()(features))
+
+
+def test_each_fused_member_draws_its_own_mask(model_and_features):
+    model, features = model_and_features
+    vqt = build_vqt(model, features)
+    fused = FusedAdapters([vqt, copy.deepcopy(vqt)])  # identical members
+    with torch.no_grad():
+        trained = fused.train()(features)
+        evaluated = fused.eval()(features)
+    assert not torch.allclose(trained[0], trained[1]), "fused members shared one dropout mask"
+    torch.testing.assert_close(evaluated[0], evaluated[1], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(evaluated[0], vqt.eval()(features), atol=1e-12, rtol=1e-12)
