@@ -29,7 +29,7 @@ from pipeline.benchmarking.speed import measure_speed
 from pipeline.benchmarking.store_variants import disk_per_sample, option_label, variant_config
 from pipeline.benchmarking.units import Units, key_hash
 from pipeline.config import ExtractConfig, load_config, to_dict
-from pipeline.config.bench_config import BenchCase, BenchConfig
+from pipeline.config.bench_config import BenchCase, BenchConfig, method_id
 from pipeline.extract import plan_extraction, run_extract
 
 log = logging.getLogger(__name__)
@@ -78,24 +78,34 @@ def _print_cost(cfg: BenchConfig, extract_cfgs: dict) -> None:
 
 def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units, out: Path) -> dict:
     log.info("case %s: extract (a complete store is reused)", case.name)
-    run_extract(ecfg)
+    t0 = time.perf_counter()
+    plan = run_extract(ecfg)
+    extract_s = time.perf_counter() - t0
     store = ecfg.store.path
     reader = open_store(store)
     store_key = key_hash(reader.fingerprint)
+    # Stage one's cost, for the accuracy-vs-time comparison: only a run that computed the whole
+    # store measured it (a reused or resumed store leaves it unknown rather than wrong).
+    whole = plan.streamed == sum(reader.num_samples(s) for s in reader.splits)
+    extraction = units.get(f"{case.name}.extract", {"store": store_key},
+                           lambda: {"extract_s": extract_s if whole else None, "images": plan.streamed})
     last = last_layer_name(reader.layers)
     result = {"name": case.name, "backbone": ecfg.backbone.name, "weights": ecfg.backbone.weights,
               "image_size": list(reader.manifest["fingerprint"]["preprocessing"]["input_size"][1:]),
               "backbone_params": reader.manifest.get("backbone_parameters"), "store": disk_per_sample(store),
               "splits": {s: int(reader.valid(s).sum()) for s in reader.splits}, "last_layer": last,
-              "train_split": case.train_split, "test_split": case.test_split, "rows": [], "per_layer": {}}
-    chosen = {}
+              "train_split": case.train_split, "test_split": case.test_split, "rows": [], "per_layer": {},
+              "extract_s": extraction["extract_s"]}
+    chosen, all_grids = {}, []
     for entry in case.methods:
+        method = method_id(entry)
         grids = []
         for seed in cfg.seeds:
             settings = M.train_settings(cfg, case, seed)
-            grids.append(units.get(f"{case.name}.{entry.kind}.seed{seed}", {"store": store_key, "entry": to_dict(entry), "settings": settings},
-                                   lambda: M.train_grid(store, entry, settings, str(out / "runs" / case.name / f"{entry.kind}_seed{seed}"))))
-        rows = _method_rows(entry.kind, grids, last)
+            grids.append(units.get(f"{case.name}.{method}.seed{seed}", {"store": store_key, "entry": to_dict(entry), "settings": settings},
+                                   lambda: M.train_grid(store, entry, settings, str(out / "runs" / case.name / f"{method}_seed{seed}"))))
+        all_grids.append(grids)
+        rows = _method_rows(entry, grids, last)
         for row in rows:
             if row["kind"] == "ensemble":
                 row["wall_s"] = sum(sum(g["epoch_seconds"]) for g in grids) / len(grids)
@@ -103,14 +113,21 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
                 continue
             single = M.member_entry(entry, row["config"], store)
             settings = M.train_settings(cfg, case, cfg.seeds[0])
-            solo = units.get(f"{case.name}.{entry.kind}.solo.{key_hash(row['config'])}",
+            solo = units.get(f"{case.name}.{method}.solo.{key_hash(row['config'])}",
                              {"store": store_key, "entry": to_dict(single), "settings": settings},
                              lambda: run_measured(M.train_solo, store, to_dict(single), settings))
             row.update(wall_s=solo["wall_s"], peak_mb=solo["peak_mb"], gpu_peak_mb=solo["gpu_peak_mb"], solo_test_acc=solo["result"]["test_acc"])
-            chosen.setdefault(entry.kind, single)
+            if entry.kind in ("linear", "inca") and entry.solver == "adamw":
+                chosen.setdefault(entry.kind, single)
         result["rows"] += rows
         if entry.kind in ("inca", "linear"):
-            result["per_layer"][entry.kind] = M.per_layer(grids, entry.kind)
+            result["per_layer"][method] = M.per_layer(grids, entry.kind)
+    if len(all_grids) > 1:
+        pooled = M.pooled_greedy(all_grids, "greedy ensemble over every method's grid (calibrated)", case.ensemble_top_k)
+        if pooled is not None:
+            pooled["wall_s"] = sum(sum(sum(g["epoch_seconds"]) for g in grids) / len(grids) for grids in all_grids)
+            pooled["time_note"] = "every grid, fused"
+            result["rows"].append(pooled)
     if case.sklearn is not None:
         result["rows"].append(_sklearn_row(cfg, case, store, store_key, last, units))
     if case.finetune is not None:
@@ -121,12 +138,17 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
     return result
 
 
-def _method_rows(kind: str, grids: list[dict], last: str) -> list[dict]:
+def _method_rows(entry, grids: list[dict], last: str) -> list[dict]:
+    kind = entry.kind
     if kind == "linear":
-        rows = [M.choose(grids, f"linear probe, last layer ({last})", lambda r: r["layer"] == last),
-                M.choose(grids, "linear probe, best layer (chosen on val)")]
+        how = "L-BFGS, exact" if entry.solver == "lbfgs" else "AdamW"
+        rows = [M.choose(grids, f"linear probe ({how}), last layer ({last})", lambda r: r["layer"] == last),
+                M.choose(grids, f"linear probe ({how}), best layer (chosen on val)")]
     elif kind == "inca":
-        rows = [M.choose(grids, "InCA, top-1 over layers (chosen on val)"), M.ensemble(grids, "InCA, top-k ensemble")]
+        width = f"dim-{entry.hparams['dim']} bottleneck" if entry.hparams.get("dim") else "full width"
+        rows = [M.choose(grids, f"InCA ({width}), top-1 over layers (chosen on val)"),
+                M.ensemble(grids, f"InCA ({width}), top-k ensemble (calibrated)"),
+                M.ensemble(grids, f"InCA ({width}), greedy ensemble (calibrated)", "greedy")]
     else:
         rows = [M.choose(grids, {"losa": "LoSA", "vqt": "VQT"}.get(kind, kind))]
     return [r for r in rows if r is not None]
@@ -150,19 +172,35 @@ def _sklearn_row(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, 
 
 
 def _finetune_row(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units) -> dict:
+    """Each lr on the first seed, the best validation accuracy chooses one, the other seeds run at it.
+    Every run is one unit, timed alone in a fresh process; the chosen lr's first-seed run is reused."""
     s = case.finetune
-    settings = to_dict(s)
-    runs = []
-    for seed in s.seeds or cfg.seeds:
-        args = (to_dict(ecfg), settings, seed, case.train_split, case.test_split, cfg.val_fraction)
-        runs.append(units.get(f"{case.name}.finetune.seed{seed}", {"args": args}, lambda: run_measured(finetune, *args)))
-    first = runs[0]["result"]
+    seeds = s.seeds or cfg.seeds
+    fixed = {k: v for k, v in to_dict(s).items() if k not in ("lr", "seeds")}
+
+    def run(lr: float, seed: int) -> dict:
+        args = (to_dict(ecfg), {**fixed, "lr": lr}, seed, case.train_split, case.test_split, cfg.val_fraction)
+        return units.get(f"{case.name}.finetune.lr{lr:g}.seed{seed}", {"args": args}, lambda: run_measured(finetune, *args))
+
+    search = {lr: run(lr, seeds[0]) for lr in s.lrs}
+    lr = max(s.lrs, key=lambda x: search[x]["result"]["val_acc"])  # the first listed of equals
+    runs = [search[lr]] + [run(lr, seed) for seed in seeds[1:]]
+    results = [r["result"] for r in runs]
+    budget = "" if s.time_budget_s is None else f", budget {s.time_budget_s:g} s of training per run"
+    paragon = {"lr": lr, "lr_seed": seeds[0], "lr_search": [{"lr": x, "val_acc": search[x]["result"]["val_acc"]} for x in s.lrs],
+               "search_wall_s": sum(r["wall_s"] for r in search.values()), "image_size": results[0]["image_size"],
+               "crop_scale": list(s.crop_scale), "epochs_planned": s.epochs, "time_budget_s": s.time_budget_s,
+               "epochs_run": [r["epochs_run"] for r in results], "best_epoch": [r["best_epoch"] for r in results],
+               "stopped_by_budget": [r["stopped_by_budget"] for r in results], "converged": [r["converged"] for r in results],
+               "converged_rule": results[0]["converged_rule"], "history": [r["history"] for r in results]}
     return {"method": "full fine-tuning (paragon)",
-            "config": f"{s.epochs} epochs at {s.image_size} px, AdamW lr {s.lr:g} wd {s.weight_decay:g}, batch {s.batch_size}, "
-                      f"best val epoch {[r['result']['best_epoch'] for r in runs]}",
-            "kind": "finetune", "layer": None, "params": first["params"], "pct_backbone": 100.0,
+            "config": f"lr {lr:g} (chosen on val, seed {seeds[0]}, from {list(s.lrs)}), up to {s.epochs} epochs{budget}, "
+                      f"{paragon['image_size']} px, random resized crop {list(s.crop_scale)} + flip, AdamW wd {s.weight_decay:g}, "
+                      f"batch {s.batch_size}; epochs run {paragon['epochs_run']}, best val epoch {paragon['best_epoch']}, "
+                      f"converged {paragon['converged']}",
+            "kind": "finetune", "layer": None, "params": results[0]["params"], "pct_backbone": 100.0,
             "wall_s": sum(r["wall_s"] for r in runs) / len(runs), "peak_mb": max(r["peak_mb"] for r in runs),
-            "gpu_peak_mb": runs[0]["gpu_peak_mb"], "device": first["device"], **M.spread([r["result"] for r in runs])}
+            "gpu_peak_mb": runs[0]["gpu_peak_mb"], "device": results[0]["device"], "paragon": paragon, **M.spread(results)}
 
 
 def _store_variant(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, option: tuple[str, ...], chosen: dict, units: Units, out: Path) -> dict:

@@ -13,6 +13,7 @@ from tests.conftest import write_image_folder
 
 METHODS = [
     {"kind": "linear", "layers": "all", "lr": [1e-3, 1e-2]},
+    {"kind": "linear", "solver": "lbfgs", "layers": ["blocks.4", "blocks.5"], "weight_decay": [0.1, 0.001]},
     {"kind": "inca", "layers": "all", "hparams": {"num_queries": 1, "num_heads": 2, "dim": 16}, "lr": [1e-3, 3e-3]},
     {"kind": "losa", "hparams": {"rank": 4}},
     {"kind": "vqt", "hparams": {"num_queries": 1}},
@@ -31,7 +32,7 @@ def _bench_yaml(tmp, sklearn_C=(0.1, 1.0)) -> str:
     bench = {
         "output": str(tmp / "out"), "report": str(tmp / "report" / "BENCHMARKS.md"), "seeds": [0, 1], "epochs": 2, "batch_size": 8,
         "cases": [{"name": "tiny", "extract": str(tmp / "extract.yaml"), "test_split": "val", "methods": METHODS,
-                   "sklearn": {"C": list(sklearn_C)}, "finetune": {"image_size": 32, "epochs": 1, "batch_size": 8, "seeds": [0]},
+                   "sklearn": {"C": list(sklearn_C)}, "finetune": {"image_size": 32, "epochs": 2, "time_budget_s": 0, "lr": [1e-4, 1e-3], "batch_size": 8, "seeds": [0]},
                    "store_variants": [["store.dtype=int8"], ["store.tokens=mean"]]}],
         "speed": {"case": "tiny", "images": 8, "rounds": 1, "fused": 2, "sweep_configs": 2},
     }
@@ -55,30 +56,35 @@ def bench(tmp_path_factory):
 def test_report_has_every_method_table_and_plot(bench):
     tmp, _, result = bench
     text = (tmp / "report" / "BENCHMARKS.md").read_text()
-    for method in ("linear probe, last layer (blocks.5)", "linear probe, best layer", "InCA, top-1 over layers", "InCA, top-k ensemble",
-                   "LoSA", "VQT", "sklearn LogisticRegression", "full fine-tuning (paragon)"):
+    for method in ("linear probe (AdamW), last layer (blocks.5)", "linear probe (AdamW), best layer",
+                   "linear probe (L-BFGS, exact), last layer (blocks.5)", "InCA (dim-16 bottleneck), top-1 over layers",
+                   "InCA (dim-16 bottleneck), top-k ensemble (calibrated)", "InCA (dim-16 bottleneck), greedy ensemble (calibrated)",
+                   "greedy ensemble over every method's grid", "LoSA", "VQT", "sklearn LogisticRegression", "full fine-tuning (paragon)"):
         assert f"| {method}" in text, method
-    for section in ("## Protocol", "### inca per layer", "### Storage options", "## Speed and scale", " cores ("):
+    for section in ("## Protocol", "### inca_d16 per layer", "### Storage options", "## Speed and scale", " cores ("):
         assert section in text
-    for plot in ("accuracy_vs_params.png", "accuracy_per_layer.png", "time_vs_accuracy.png"):
+    for plot in ("accuracy_vs_params.png", "accuracy_per_layer.png", "time_vs_accuracy.png", "accuracy_vs_training_time.png"):
         assert (tmp / "report" / "benchmark_plots" / plot).read_bytes()[:4] == b"\x89PNG"
     rows = {r["method"]: r for r in result["cases"][0]["rows"]}
     assert all(r["seeds"] == 2 for m, r in rows.items() if not m.startswith("full fine-tuning"))
     solo = [r for r in rows.values() if r["kind"] in ("linear", "inca", "losa", "vqt")]
     assert all(r["wall_s"] > 0 and r["peak_mb"] is not None for r in solo)
     assert rows["full fine-tuning (paragon)"]["pct_backbone"] == 100.0
+    paragon = rows["full fine-tuning (paragon)"]["paragon"]
+    assert [x["lr"] for x in paragon["lr_search"]] == [1e-4, 1e-3] and paragon["epochs_run"] == [1]  # a budget of 0 s: one epoch
+    assert "the other seeds ran at it" in text and "vs full fine-tuning: **" in text and "9.2x" in text
 
 
 @pytest.mark.slow
 def test_choices_are_made_on_mean_validation_never_test(bench):
     tmp, _, result = bench
-    grids = [json.loads((tmp / "out" / "units" / f"tiny.inca.seed{s}.json").read_text())["result"] for s in (0, 1)]
+    grids = [json.loads((tmp / "out" / "units" / f"tiny.inca_d16.seed{s}.json").read_text())["result"] for s in (0, 1)]
     mean_val = {}
     for grid in grids:
         for row in grid["rows"]:
             mean_val.setdefault(row["adapter"], []).append(row["val_acc"])
     best_val = max(statistics.fmean(v) for v in mean_val.values())
-    top1 = next(r for r in result["cases"][0]["rows"] if r["method"].startswith("InCA, top-1"))
+    top1 = next(r for r in result["cases"][0]["rows"] if r["method"].startswith("InCA (dim-16 bottleneck), top-1"))
     assert statistics.fmean(mean_val[top1["config"]]) == best_val
     assert top1["test_acc"] == statistics.fmean(r["test_acc"] for g in grids for r in g["rows"] if r["adapter"] == top1["config"])
     # The solo rerun (a fresh process, seed 0) trained exactly the chosen member, alone. That
@@ -86,7 +92,7 @@ def test_choices_are_made_on_mean_validation_never_test(bench):
     # whatever CPU runs the suite, Adam may amplify rounding differently in the two runs.
     from pipeline.benchmarking.units import key_hash
 
-    solo = json.loads((tmp / "out" / "units" / f"tiny.inca.solo.{key_hash(top1['config'])}.json").read_text())
+    solo = json.loads((tmp / "out" / "units" / f"tiny.inca_d16.solo.{key_hash(top1['config'])}.json").read_text())
     assert solo["result"]["result"]["adapter"] == top1["config"]
     assert solo["result"]["result"]["fused_with"] == 1 and solo["key"]["settings"]["seed"] == 0
     assert top1["solo_test_acc"] == solo["result"]["result"]["test_acc"]
@@ -131,7 +137,7 @@ def test_bench_config_lists_every_problem():
             "methods": [{"kind": "linear"}, {"kind": "linear", "lr": 0.1}]}
     with pytest.raises(ConfigError) as e:
         build(BenchConfig, {"output": "x", "cases": [case]})
-    for fragment in ("cases[0].name: got 'a b'", "kind 'linear' is listed twice", "cases[0].store_variants[0]: got ['dtype int8']"):
+    for fragment in ("cases[0].name: got 'a b'", "'linear' is listed twice", "cases[0].store_variants[0]: got ['dtype int8']"):
         assert fragment in str(e.value), fragment
     with pytest.raises(ConfigError) as e:
         build(BenchConfig, {"output": "x", "seeds": [], "epochs": 0, "speed": {"case": "nope"}, "cases": [{**case, "name": "ok", "store_variants": [], "methods": [{"kind": "linear"}]}]})

@@ -1,25 +1,31 @@
 """The paragon: full fine-tuning of the backbone, every weight trained, from the images.
 
-Same pretrained weights as the store, a new linear head, AdamW with warm-up + cosine, the
-same seeded validation carve of the train split as the adapters; validation and test are
+Same pretrained weights and image size as the store, a new linear head, AdamW with warm-up +
+cosine over the planned epochs, the same seeded validation carve of the train split as the
+adapters. Training images get the standard augmentation (timm's random resized crop +
+horizontal flip, with the backbone's mean, std and interpolation; no auto-augment, colour
+jitter or random erasing); validation and test get the extraction's own transform (resize +
+centre crop), so they are the images the cached methods saw. Validation and test are
 measured after every epoch and the test accuracy of the best validation epoch is reported
-(as the adapters keep their best validation epoch). Augmentation: horizontal flips only.
-On a CPU the image size and epoch count are cut (the config states them); on a GPU it
-runs with bf16 autocast.
+(as the adapters keep their best validation epoch). A run stops after `epochs`, or after
+the first epoch whose cumulative training seconds (evaluation not counted) reach
+`time_budget_s`. On a GPU it runs with bf16 autocast.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import replace
 
 import numpy as np
 import torch
+from timm.data import create_transform
 from tqdm import tqdm
 
-from pipeline.backbones.build import build_backbone
+from pipeline.backbones.build import Backbone, build_backbone
 from pipeline.config import ExtractConfig, build
 from pipeline.data import open_split
 from pipeline.data.loader import make_loader
@@ -28,57 +34,96 @@ from pipeline.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
+# Converged: the last epoch's validation accuracy is within this many points of the best
+# epoch's, and its mean training loss moved by less than this fraction of the epoch before's.
+CONVERGED_VAL_POINTS = 0.5
+CONVERGED_LOSS_CHANGE = 0.05
+CONVERGED_RULE = (f"the last epoch's validation accuracy within {CONVERGED_VAL_POINTS:g} points of the best epoch's "
+                  f"and its mean training loss within {100 * CONVERGED_LOSS_CHANGE:g}% of the epoch before's")
+
 
 def finetune(extract_cfg: dict, settings: dict, seed: int, train_split: str, test_split: str, val_fraction: float) -> dict:
+    """One run at one learning rate (settings["lr"], a number) and one seed."""
     cfg = build(ExtractConfig, extract_cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone = build_backbone(cfg.backbone, replace(cfg.preprocess, image_size=settings["image_size"]))
-    model = backbone.model
     train_source, test_source = open_split(cfg.data, train_split), open_split(cfg.data, test_split)
     torch.manual_seed(seed)
+    random.seed(seed)  # timm's random resized crop draws from `random` when loading in this process
+    model = backbone.model
     model.reset_classifier(len(train_source.classes))
     model.requires_grad_(True).to(device)
-    params = sum(p.numel() for p in model.parameters())
     is_val = validation_mask(len(train_source), val_fraction, seed)
-    train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    transform = backbone.transform()
+    train_idx, val_idx, test_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val), np.arange(len(test_source))
+    train_tf, eval_tf = training_transform(backbone, settings["crop_scale"]), backbone.transform()
     workers = 4 if device.type == "cuda" else 1
 
-    def loader(source, indices):
+    def loader(source, indices, transform):
         return make_loader(source, transform, indices, backbone.image_size, settings["batch_size"], workers, device.type == "cuda")
 
     steps_per_epoch = math.ceil(len(train_idx) / settings["batch_size"])
-    total = steps_per_epoch * settings["epochs"]
+    total, warmup = steps_per_epoch * settings["epochs"], round(settings["warmup_epochs"] * steps_per_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
     rng = np.random.default_rng(seed)
-    best, step, history = None, 0, []
+    budget = settings.get("time_budget_s")
+    history, elapsed = [], 0.0
     for epoch in range(settings["epochs"]):
-        model.train()
         t0 = time.perf_counter()
-        bar = tqdm(loader(train_source, rng.permutation(train_idx)), total=steps_per_epoch, unit="batch",
-                   desc=f"fine-tune {cfg.backbone.name} seed {seed} epoch {epoch + 1}/{settings['epochs']}", dynamic_ncols=True)
-        for index, images, errors in bar:
-            ok = torch.tensor([not e for e in errors])
-            images, labels = images[ok].to(device), torch.from_numpy(train_source.labels[index[ok].numpy()]).to(device)
-            flip = torch.rand(len(images), device=device) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            for group in optimizer.param_groups:
-                group["lr"] = settings["lr"] * warmup_cosine(step, total, steps_per_epoch // 2)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        train_s = time.perf_counter() - t0
-        val, test = _accuracy(model, loader(train_source, val_idx), train_source, device), _accuracy(model, loader(test_source, np.arange(len(test_source))), test_source, device)
-        history.append({"epoch": epoch + 1, "train_s": train_s, "val_acc": val, "test_acc": test})
-        log.info("fine-tune epoch %d: val %.4f, test %.4f (%.0f s)", epoch + 1, val, test, train_s)
-        if best is None or val > best["val_acc"]:
-            best = history[-1]
-    return {"val_acc": best["val_acc"], "test_acc": best["test_acc"], "best_epoch": best["epoch"], "params": params,
-            "image_size": settings["image_size"], "history": history, "device": device.type}
+        desc = f"fine-tune {cfg.backbone.name} lr {settings['lr']:g} seed {seed} epoch {epoch + 1}/{settings['epochs']}"
+        loss = _train_epoch(model, loader(train_source, rng.permutation(train_idx), train_tf), train_source.labels, optimizer,
+                            lambda step: settings["lr"] * warmup_cosine(step, total, warmup), epoch * steps_per_epoch, device, desc)
+        elapsed += time.perf_counter() - t0
+        val = _accuracy(model, loader(train_source, val_idx, eval_tf), train_source, device)
+        test = _accuracy(model, loader(test_source, test_idx, eval_tf), test_source, device)
+        history.append({"epoch": epoch + 1, "elapsed_s": elapsed, "train_loss": loss, "val_acc": val, "test_acc": test})
+        log.info("fine-tune epoch %d: loss %.4f, val %.4f, test %.4f (%.0f s of training so far)", epoch + 1, loss, val, test, elapsed)
+        if budget is not None and elapsed >= budget:
+            break
+    best = max(history, key=lambda h: h["val_acc"])  # the earliest of equals
+    return {"val_acc": best["val_acc"], "test_acc": best["test_acc"], "best_epoch": best["epoch"], "lr": settings["lr"],
+            "epochs_run": len(history), "epochs_planned": settings["epochs"], "train_s": elapsed,
+            "stopped_by_budget": len(history) < settings["epochs"], "converged": converged(history), "converged_rule": CONVERGED_RULE,
+            "params": sum(p.numel() for p in model.parameters()), "image_size": settings["image_size"],
+            "train_transform": repr(train_tf), "eval_transform": repr(eval_tf), "history": history, "device": device.type}
+
+
+def training_transform(backbone: Backbone, crop_scale) -> object:
+    """Random resized crop + horizontal flip at the backbone's size, mean, std and interpolation."""
+    dc = backbone.data_config
+    return create_transform(dc["input_size"], is_training=True, scale=tuple(crop_scale), hflip=0.5, vflip=0.0,
+                            color_jitter=None, auto_augment=None, re_prob=0.0,
+                            interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"])
+
+
+def converged(history: list[dict]) -> bool:
+    """CONVERGED_RULE; one epoch cannot show it."""
+    if len(history) < 2:
+        return False
+    last, before = history[-1], history[-2]
+    best_val = max(h["val_acc"] for h in history)
+    return (100 * (best_val - last["val_acc"]) <= CONVERGED_VAL_POINTS
+            and abs(last["train_loss"] - before["train_loss"]) <= CONVERGED_LOSS_CHANGE * before["train_loss"])
+
+
+def _train_epoch(model, batches, labels: np.ndarray, optimizer, lr_at, step: int, device, desc: str) -> float:
+    """One pass over the training batches; the mean training loss."""
+    model.train()
+    losses = []
+    bar = tqdm(batches, unit="batch", desc=desc, dynamic_ncols=True)
+    for index, images, errors in bar:
+        ok = torch.tensor([not e for e in errors])
+        images, target = images[ok].to(device), torch.from_numpy(labels[index[ok].numpy()]).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = torch.nn.functional.cross_entropy(model(images), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    return float(np.mean(losses)) if losses else float("nan")
 
 
 @torch.no_grad()

@@ -12,18 +12,22 @@ from __future__ import annotations
 import statistics
 import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Optional
 
-from cache import open_store
+import numpy as np
+
+from cache import StoreError, open_store
 from pipeline.config import AdapterEntry, TrainConfig, build, to_dict
 from pipeline.train import run_train
+from pipeline.training.ensembles import calibrated_ensembles
 from pipeline.training.members import Member, expand
 
 
 def train_settings(bench, case, seed: int) -> dict:
     """The train-config keys shared by every adapter run of a case."""
     return {"train_split": case.train_split, "test_split": case.test_split, "val_fraction": bench.val_fraction,
-            "epochs": bench.epochs, "batch_size": bench.batch_size, "warmup_epochs": bench.warmup_epochs,
+            "epochs": bench.epochs, "min_steps": bench.min_steps, "batch_size": bench.batch_size, "warmup_epochs": bench.warmup_epochs,
             "seed": seed, "ensemble_top_k": case.ensemble_top_k}
 
 
@@ -32,7 +36,8 @@ def train_grid(store: str, entry: AdapterEntry, settings: dict, output: str) -> 
     cfg = build(TrainConfig, {**settings, "store": store, "output": output, "save_top": 0, "adapters": [to_dict(entry)]})
     result = run_train(cfg, overwrite=True)  # the bench's own run folder: a recomputed unit replaces it
     summary = result["summary"]
-    return {"rows": result["rows"], "ensemble": summary["ensemble"], "epoch_seconds": summary["epoch_seconds"]}
+    return {"rows": result["rows"], "ensemble": summary["ensemble"], "greedy": summary["greedy"],
+            "epoch_seconds": summary["epoch_seconds"], "logits": str(Path(output) / "logits.npz")}
 
 
 def train_solo(store: str, entry_dict: dict, settings: dict) -> dict:
@@ -47,7 +52,7 @@ def member_entry(entry: AdapterEntry, name: str, store: str) -> AdapterEntry:
     member: Member = next(m for m in expand((entry,), reader.layers, 0) if m.name == name)
     hparams = {k: v for k, v in member.hparams.items() if k not in ("layer", "layers")}
     layers = member.hparams.get("layers") or ([member.hparams["layer"]] if "layer" in member.hparams else None)
-    return replace(entry, layers=tuple(layers) if layers else None, hparams=hparams, lr=member.lr,
+    return replace(entry, layers=tuple(layers) if layers else None, hparams=hparams, lr=member.lr if entry.solver == "adamw" else entry.lr,
                    weight_decay=member.weight_decay, seeds=None)
 
 
@@ -76,11 +81,37 @@ def per_layer(grids: list[dict], kind: str) -> list[dict]:
     return [choose(grids, layer, lambda r, l=layer: r["kind"] == kind and r["layer"] == l) for layer in layers]
 
 
-def ensemble(grids: list[dict], label: str) -> dict:
-    members = grids[0]["ensemble"]["members"]
-    return {"method": label, "config": f"top {len(members)} by validation (mean softmax): " + "; ".join(members),
+def ensemble(grids: list[dict], label: str, which: str = "ensemble") -> dict:
+    """The grid's calibrated top-k ("ensemble") or greedy ensemble, as chosen per seed on validation."""
+    members = grids[0][which]["members"]
+    how = (f"top {len(members)} by validation" if which == "ensemble" else
+           f"greedy selection with replacement on validation ({sum(grids[0][which]['weights'])} picks)")
+    return {"method": label, "config": f"{how}, temperature-calibrated softmax averaged; first seed: " + "; ".join(members),
             "kind": "ensemble", "layer": None, "params": None, "pct_backbone": None,
-            **spread([g["ensemble"] for g in grids])}
+            **spread([g[which] for g in grids])}
+
+
+def pooled_greedy(grids_by_method: list[list[dict]], label: str, k: int) -> Optional[dict]:
+    """Greedy calibrated ensemble over every member of every method's grid, per seed (from
+    the logits each grid run saved), chosen on validation."""
+    per_seed = []
+    for seed_grids in zip(*grids_by_method):
+        parts = []
+        for g in seed_grids:
+            if not Path(g["logits"]).is_file():
+                raise StoreError(f"{g['logits']} is missing (the bench's run folder was cleaned?); delete the units of that "
+                                 "grid under OUTPUT/units to recompute it")
+            parts.append(np.load(g["logits"]))
+        if any("test_logits" not in p for p in parts):
+            return None
+        names = [n for p in parts for n in p["members"]]
+        result = calibrated_ensembles(np.concatenate([p["val_logits"] for p in parts]), parts[0]["val_labels"],
+                                      np.concatenate([p["test_logits"] for p in parts]), parts[0]["test_labels"], k=k)
+        per_seed.append({**result.greedy.to_dict(), "members": [names[i] for i in result.greedy.members]})
+    first = per_seed[0]
+    return {"method": label, "config": f"greedy over all {len(names)} grid members, calibrated; first seed picks: "
+                                       + "; ".join(f"{n} x{w}" for n, w in zip(first["members"], first["weights"])),
+            "kind": "ensemble", "layer": None, "params": None, "pct_backbone": None, **spread(per_seed)}
 
 
 def spread(rows: list[dict]) -> dict:

@@ -87,6 +87,7 @@ def _case_section(case: dict, cfg: dict) -> list[str]:
                      f"**{_pct(row['test_acc'], row['test_acc_sd'])}** ({row['seeds']}) | {row['config']} |")
     lines += [""]
     lines += _verdicts(case)
+    lines += _paragon_lines(case)
     for kind, rows in case["per_layer"].items():
         lines += [f"### {kind} per layer (best configuration per layer on validation)", "",
                   "| layer | val acc | test acc | configuration |", "|---|---:|---:|---|"]
@@ -108,7 +109,6 @@ def _grid_text(entry: dict) -> str:
 
 def _verdicts(case: dict) -> list[str]:
     """Who wins and who loses, against the plain linear probe on the last layer."""
-    rows = {x["kind"]: x for x in case["rows"]}
     base = next((x for x in case["rows"] if x["method"].startswith("linear probe, last layer")), None)
     if base is None or base["test_acc"] is None:
         return []
@@ -120,14 +120,59 @@ def _verdicts(case: dict) -> list[str]:
         noise = 100 * ((row["test_acc_sd"] or 0) + (base["test_acc_sd"] or 0))
         verdict = "within the seed spread of" if abs(diff) <= noise else ("beats" if diff > 0 else "**loses to**")
         out.append(f"- {row['method']} {verdict} the last-layer linear probe ({diff:+.2f} points; spreads add to {noise:.2f}).")
-    adapters = [x for x in case["rows"] if x["kind"] in ("linear", "inca", "losa", "vqt") and x["test_acc"] is not None]
-    if "finetune" in rows and adapters:
-        fine = rows["finetune"]
-        best = max(adapters, key=lambda x: x["test_acc"])
-        out.append(f"- Best single adapter ({best['method']}) vs full fine-tuning: {100 * (best['test_acc'] - fine['test_acc']):+.2f} points, "
-                   f"with {100 * best['params'] / fine['params']:.2f}% of its trainable parameters "
-                   f"and {best['wall_s'] / fine['wall_s']:.2f}x its training time (extraction not included).")
     return out + [""]
+
+
+BACK_RAZOR = ("For scale: Back Razor (Jiang et al., NeurIPS 2022) reports saving up to 9.2x memory by fine-tuning with "
+              "self-sparsified backpropagation (GPU memory, on its own models and data sets)")
+
+
+def _paragon_lines(case: dict) -> list[str]:
+    """How the paragon was trained, the best cached adapter's gap to it, and what each costs."""
+    fine = next((x for x in case["rows"] if x["kind"] == "finetune"), None)
+    if fine is None:
+        return []
+    out = []
+    p = fine.get("paragon")
+    if p:
+        budget = ("" if p["time_budget_s"] is None else
+                  f", stopped after the first epoch whose cumulative training time (evaluation not counted) reached {p['time_budget_s']:g} s")
+        search = ", ".join(f"{x['lr']:g}: {_pct(x['val_acc'])}" for x in p["lr_search"])
+        out.append(f"- Full fine-tuning protocol: every weight trained with a new linear head at {p['image_size']} px; training images "
+                   f"get random resized crop (area {p['crop_scale']}) + horizontal flip, validation and test the extraction's resize + "
+                   f"centre crop. Warm-up + cosine over the {p['epochs_planned']} planned epochs{budget} (epochs run per seed: "
+                   f"{p['epochs_run']}); the test accuracy of the best validation epoch is reported. Learning rate: each of "
+                   f"{[x['lr'] for x in p['lr_search']]} trained on seed {p['lr_seed']}, the best validation accuracy chose "
+                   f"**{p['lr']:g}** (val {search}), and the other seeds ran at it; the search's {len(p['lr_search'])} runs took "
+                   f"{p['search_wall_s']:.0f} s in all (the times below are per run). Converged ({p['converged_rule']}): {_yes_no(p['converged'])} per seed.")
+    adapters = [x for x in case["rows"] if x["kind"] in ("linear", "inca", "losa", "vqt") and x["test_acc"] is not None]
+    if not adapters or fine["test_acc"] is None:
+        return out + [""]
+    best = max(adapters, key=lambda x: x["test_acc"])
+    gap = 100 * (best["test_acc"] - fine["test_acc"])
+    noise = 100 * ((best["test_acc_sd"] or 0) + (fine["test_acc_sd"] or 0))
+    share = f", with {100 * best['params'] / fine['params']:.2f}% of its trainable parameters" if best.get("params") and fine.get("params") else ""
+    out.append(f"- Best cached adapter ({best['method']}) vs full fine-tuning: **{gap:+.2f} points** of test accuracy "
+               f"(seed spreads add to {noise:.2f}){share}.")
+    extract_s = case.get("extract_s")
+    if fine.get("wall_s") and best.get("wall_s"):
+        if extract_s is not None:
+            out.append(f"- Time: full fine-tuning {fine['wall_s']:.0f} s per run / (extraction {extract_s:.0f} s + adapter "
+                       f"{best['wall_s']:.1f} s) = **{fine['wall_s'] / (extract_s + best['wall_s']):.1f}x**; the extraction is paid "
+                       f"once for every adapter, configuration and seed on this store.")
+        else:
+            out.append(f"- Time: full fine-tuning {fine['wall_s']:.0f} s per run / adapter {best['wall_s']:.1f} s = "
+                       f"{fine['wall_s'] / best['wall_s']:.1f}x (the extraction's time is not in these results, so not included).")
+    if fine.get("peak_mb") and best.get("peak_mb"):
+        ratio = fine["peak_mb"] / best["peak_mb"]
+        out.append(f"- Peak memory: full fine-tuning {fine['peak_mb']:.0f} MB / adapter {best['peak_mb']:.0f} MB = **{ratio:.1f}x**. "
+                   f"{BACK_RAZOR}; ours, {ratio:.1f}x, is measured as the peak resident set size of a process on "
+                   f"{'a GPU machine' if fine.get('device') == 'cuda' else 'CPU'}, not GPU memory, so the comparison is indicative only.")
+    return out + [""]
+
+
+def _yes_no(flags: list[bool]) -> str:
+    return ", ".join("yes" if f else "no" for f in flags)
 
 
 def _storage_section(case: dict) -> list[str]:
@@ -179,7 +224,8 @@ def _plot_all(result: dict, plots: Path) -> list[str]:
     cases = result["cases"]
     names = []
     for name, draw in (("accuracy_vs_params.png", _accuracy_vs_params), ("accuracy_per_layer.png", _accuracy_per_layer),
-                       ("time_vs_accuracy.png", _time_vs_accuracy)):
+                       ("time_vs_accuracy.png", _time_vs_accuracy),
+                       ("accuracy_vs_training_time.png", _accuracy_vs_training_time)):
         fig, axes = plt.subplots(1, len(cases), figsize=(6.2 * len(cases), 4.6), squeeze=False)
         drawn = [draw(ax, case) for ax, case in zip(axes[0], cases)]
         if any(drawn):
@@ -211,6 +257,31 @@ def _accuracy_per_layer(ax, case) -> bool:
 
 def _time_vs_accuracy(ax, case) -> bool:
     return _test_accuracy_against(ax, case, "wall_s", "s", "training wall time, s (log)", "training time vs accuracy")
+
+
+def _accuracy_vs_training_time(ax, case) -> bool:
+    """The paragon's test accuracy after each epoch against its cumulative training seconds (one
+    line per seed, a star at the best validation epoch), and each cached method as a point at
+    the store's extraction seconds + its training seconds (training alone when extract_s is absent)."""
+    extract_s = case.get("extract_s")
+    fine = next((x for x in case["rows"] if x["kind"] == "finetune"), None)
+    histories = [h for h in ((fine or {}).get("paragon") or {}).get("history", []) if h and "elapsed_s" in h[0]]
+    for i, history in enumerate(histories):
+        ax.plot([h["elapsed_s"] for h in history], [100 * h["test_acc"] for h in history], "-o", ms=3, color="k", alpha=0.7,
+                label="full fine-tuning, per epoch (one line per seed)" if i == 0 else None)
+        best = max(history, key=lambda h: h["val_acc"])
+        ax.plot(best["elapsed_s"], 100 * best["test_acc"], "*", ms=11, color="k", label="its best validation epoch" if i == 0 else None)
+    cached = [x for x in case["rows"] if x["kind"] != "finetune" and x.get("wall_s") and x["test_acc"] is not None]
+    for i, x in enumerate(cached):
+        ax.errorbar((extract_s or 0) + x["wall_s"], 100 * x["test_acc"], yerr=100 * (x["test_acc_sd"] or 0), fmt="s", capsize=3,
+                    color=f"C{i % 10}", label=x["method"])
+    where = "extraction + training" if extract_s is not None else "training only (no extraction time)"
+    ax.set_xscale("log")
+    ax.set(xlabel=f"seconds (log)\nfine-tuning: cumulative training; cached: {where}", ylabel="test accuracy (%)",
+           title=f"{case['name']}: accuracy vs training time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return bool(histories or cached)
 
 
 def _test_accuracy_against(ax, case, key: str, marker: str, xlabel: str, title: str) -> bool:

@@ -17,6 +17,17 @@ from typing import Optional
 from pipeline.config.train_config import AdapterEntry
 
 
+def method_id(entry: AdapterEntry) -> str:
+    """Names a case's method (its units, folders, per-layer table): the kind, plus what
+    tells apart two entries of one kind (the solver; InCA's attention width)."""
+    parts = [entry.kind]
+    if entry.solver != "adamw":
+        parts.append(entry.solver)
+    if entry.kind == "inca":
+        parts.append(f"d{entry.hparams['dim']}" if entry.hparams.get("dim") else "full")
+    return "_".join(parts)
+
+
 @dataclass(frozen=True)
 class SklearnSettings:
     """The independent reference: scikit-learn's LogisticRegression on mean-pooled features."""
@@ -31,22 +42,40 @@ class SklearnSettings:
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """The paragon: every backbone weight trained, with a new linear head, from the images."""
+    """The paragon: every backbone weight trained, with a new linear head, from the images.
 
-    image_size: int  # smaller than the store's on a CPU (state it); full size on a GPU
-    epochs: int
-    lr: float = 3e-4
+    Training images get random resized crop + horizontal flip; validation and test the
+    extraction's resize + centre crop. Each lr is trained on the first seed, the best
+    validation accuracy chooses one, and the other seeds run at it.
+    """
+
+    image_size: int  # the store's size, for a like-for-like comparison with the cached methods
+    epochs: int  # the most epochs a run trains; the warm-up + cosine schedule spans them all
+    time_budget_s: Optional[float] = None  # stop after the first epoch whose cumulative training seconds reach it; null: none
+    lr: float | tuple[float, ...] = 3e-4  # a list: chosen on validation (first seed)
     weight_decay: float = 0.05
     batch_size: int = 32
+    warmup_epochs: float = 0.5
+    crop_scale: tuple[float, ...] = (0.08, 1.0)  # random resized crop's area range (timm's ImageNet default)
     seeds: Optional[tuple[int, ...]] = None  # null: the bench's seeds
+
+    @property
+    def lrs(self) -> tuple[float, ...]:
+        return self.lr if isinstance(self.lr, tuple) else (self.lr,)
 
     def problems(self) -> list[str]:
         out = []
         for key in ("image_size", "epochs", "batch_size"):
             if getattr(self, key) <= 0:
                 out.append(f"{key}: got {getattr(self, key)}, expected > 0")
-        if self.lr <= 0:
-            out.append(f"lr: got {self.lr}, expected > 0")
+        if not self.lrs or any(v <= 0 for v in self.lrs) or len(set(self.lrs)) < len(self.lrs):
+            out.append(f"lr: got {list(self.lrs)}, expected distinct positive values")
+        if self.time_budget_s is not None and self.time_budget_s < 0:
+            out.append(f"time_budget_s: got {self.time_budget_s}, expected >= 0 seconds or null")
+        if self.warmup_epochs < 0:
+            out.append(f"warmup_epochs: got {self.warmup_epochs}, expected >= 0")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            out.append(f"crop_scale: got {list(self.crop_scale)}, expected [low, high] with 0 < low <= high <= 1")
         if self.seeds == ():
             out.append("seeds: got [], expected at least one seed or null")
         return out
@@ -74,9 +103,9 @@ class BenchCase:
             out.append(f"name: got {self.name!r}, expected letters, digits, - and _ (it names folders)")
         if not self.methods and self.sklearn is None and self.finetune is None:
             out.append("methods: got [], expected at least one adapter entry, sklearn or finetune")
-        kinds = [m.kind for m in self.methods]
-        for kind in sorted({k for k in kinds if kinds.count(k) > 1}):
-            out.append(f"methods: kind {kind!r} is listed twice; put its grid in one entry (lists of values)")
+        ids = [method_id(m) for m in self.methods]
+        for method in sorted({k for k in ids if ids.count(k) > 1}):
+            out.append(f"methods: {method!r} is listed twice; put its grid in one entry (lists of values)")
         if self.ensemble_top_k <= 0:
             out.append(f"ensemble_top_k: got {self.ensemble_top_k}, expected > 0")
         for i, option in enumerate(self.store_variants):
@@ -106,6 +135,7 @@ class BenchConfig:
     cases: tuple[BenchCase, ...]
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 10
+    min_steps: int = 0  # at least this many optimiser steps per adapter run (small splits get more epochs)
     batch_size: int = 128
     warmup_epochs: float = 1.0
     val_fraction: float = 0.1  # a seeded validation split carved from train (per seed)
