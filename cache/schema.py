@@ -60,6 +60,8 @@ class LayerSpec:
     grid: (H, W) of the patch/feature-map tokens that follow the prefix, None when pooled.
     block_index: for ViT blocks, the block whose *output* this is; -1 for the block-0 input
         (the embedded tokens, stored as layer "embed"); None for other modules.
+    through_final_norm: the block output was stored after the backbone's final norm (as
+        DINOv2's linear evaluation reads intermediate layers), not as the next block reads it.
     """
 
     name: str
@@ -68,6 +70,7 @@ class LayerSpec:
     prefix_tokens: int = 0
     grid: Optional[tuple[int, int]] = None
     block_index: Optional[int] = None
+    through_final_norm: bool = False
 
     @property
     def is_kv(self) -> bool:
@@ -82,6 +85,7 @@ class LayerSpec:
             "prefix_tokens": self.prefix_tokens,
             "grid": list(self.grid) if self.grid is not None else None,
             "block_index": self.block_index,
+            "through_final_norm": self.through_final_norm,
         }
 
     @classmethod
@@ -94,4 +98,5 @@ class LayerSpec:
             prefix_tokens=int(d.get("prefix_tokens", 0)),
             grid=tuple(grid) if grid is not None else None,
             block_index=d.get("block_index"),
+            through_final_norm=bool(d.get("through_final_norm", False)),
         )

@@ -141,7 +141,7 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
 def _method_rows(entry, grids: list[dict], last: str) -> list[dict]:
     kind = entry.kind
     if kind == "linear":
-        how = "L-BFGS, exact" if entry.solver == "lbfgs" else "AdamW"
+        how = "L-BFGS, exact" if entry.solver == "lbfgs" else "AdamW" if entry.standardize is not False else "AdamW, raw features"
         rows = [M.choose(grids, f"linear probe ({how}), last layer ({last})", lambda r: r["layer"] == last),
                 M.choose(grids, f"linear probe ({how}), best layer (chosen on val)")]
     elif kind == "inca":

@@ -75,7 +75,8 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
     backbone = build_backbone(cfg.backbone, cfg.preprocess)
     if cfg.backbone.cache_kv and cfg.store.tokens != "all":
         raise ValueError(f"backbone.cache_kv needs store.tokens='all' (VQT attends to every token), got {cfg.store.tokens!r}")
-    taps = LayerTaps(backbone.model, cfg.backbone.layers, cfg.backbone.block_input, backbone.image_size, cfg.backbone.cache_kv)
+    taps = LayerTaps(backbone.model, cfg.backbone.layers, cfg.backbone.block_input, backbone.image_size, cfg.backbone.cache_kv,
+                     cfg.backbone.through_final_norm)
     specs = [reduced_spec(s, cfg.store.tokens, cfg.store.grid_size) for s in taps.specs]
     sources = {split: open_split(cfg.data, split) for split in cfg.data.splits}
     for split, source in sources.items():

@@ -92,7 +92,8 @@ def _predict_group(tasks: list[Task], files: list[Path], rows: list[dict], batch
     # Keys/values (VQT on a store extracted with backbone.cache_kv) come from every block's
     # qkv projection, captured as extraction captured them.
     wants_kv = any(stored[n].is_kv for n in needed)
-    taps = LayerTaps(backbone.model, features, EMBED in needed, backbone.image_size, cache_kv=wants_kv)
+    normed = any(d.get("through_final_norm") for d in fp["layers"])
+    taps = LayerTaps(backbone.model, features, EMBED in needed, backbone.image_size, cache_kv=wants_kv, through_final_norm=normed)
     raw = {s.name: s for s in taps.specs}
     storage = fp["storage"]
     transform = backbone.transform()
@@ -124,7 +125,8 @@ def _backbone_for(fp: dict) -> Backbone:
     layers = [s.name for s in specs if s.name != EMBED and not s.is_kv] or [-1]
     cfg = build(ExtractConfig, {
         "backbone": {"name": fp["backbone"]["name"], "weights": fp["backbone"]["weights"], "layers": layers,
-                     "model_kwargs": fp["backbone"].get("model_kwargs", {}), "cache_kv": any(s.is_kv for s in specs)},
+                     "model_kwargs": fp["backbone"].get("model_kwargs", {}), "cache_kv": any(s.is_kv for s in specs),
+                     "through_final_norm": any(s.through_final_norm for s in specs)},
         "data": {"kind": "image_folder", "root": "-"},
         "store": {"path": "-"},
         "preprocess": {"image_size": dc["input_size"][1], "interpolation": dc["interpolation"], "mean": dc["mean"], "std": dc["std"], "crop_pct": dc["crop_pct"]},

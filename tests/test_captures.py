@@ -36,8 +36,8 @@ def tokens(feature_map: torch.Tensor) -> torch.Tensor:
     return feature_map.permute(0, 2, 3, 1).reshape(b, h * w, c)
 
 
-def capture(m, layers, block_input=False, cache_kv=False) -> dict[str, torch.Tensor]:
-    taps = LayerTaps(m, tuple(layers), block_input, (SIZE, SIZE), cache_kv)
+def capture(m, layers, block_input=False, cache_kv=False, through_final_norm=False) -> dict[str, torch.Tensor]:
+    taps = LayerTaps(m, tuple(layers), block_input, (SIZE, SIZE), cache_kv, through_final_norm)
     try:
         return taps(images())
     finally:
@@ -121,6 +121,28 @@ def test_vit_blocks_named_modules_block_input_and_keys_values():
     assert_exact(got, expected)
     # Index layers alone (forward_intermediates, the fast path) agree with the same oracle.
     assert_exact(capture(m, [0, -1]), {"blocks.0": outputs[0], "blocks.5": outputs[5]})
+
+
+def test_vit_block_outputs_through_the_final_norm():
+    """backbone.through_final_norm: block outputs after the model's final norm; the block-0
+    input and named sub-modules stay as they were; each block's spec records it."""
+    m = model("test_vit")
+    h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images()))))
+    embed, outputs = h, []
+    for block in m.blocks:
+        h = block(h)
+        outputs.append(h)
+    ln = m.norm  # written out: LayerNorm over channels with the model's affine
+    normed = {i: F.layer_norm(outputs[i], (m.embed_dim,), ln.weight, ln.bias, ln.eps) for i in (0, 5)}
+    with_hooks = capture(m, [0, -1, "blocks.2.attn"], block_input=True, through_final_norm=True)
+    assert_exact({k: v for k, v in with_hooks.items() if k != "blocks.2.attn"},
+                 {"embed": embed, "blocks.0": normed[0], "blocks.5": normed[5]})
+    assert_exact(capture(m, [0, -1], through_final_norm=True), {"blocks.0": normed[0], "blocks.5": normed[5]})
+    taps = LayerTaps(m, (0, "blocks.2.attn"), True, (SIZE, SIZE), through_final_norm=True)
+    assert {s.name: s.through_final_norm for s in taps.specs} == {"embed": False, "blocks.0": True, "blocks.2.attn": False}
+    taps.close()
+    with pytest.raises(ValueError, match="only a ViT's block outputs"):
+        LayerTaps(model("test_resnet"), (-1,), False, (SIZE, SIZE), through_final_norm=True)
 
 
 @pytest.mark.parametrize("name", ["fc", "global_pool", "head"])

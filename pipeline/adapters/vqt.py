@@ -235,6 +235,11 @@ def _check_blocks(blocks: tuple[nn.Module, ...]) -> None:
 
 def _check_layers(specs: Mapping[str, LayerSpec], final_layer: str, dim: int) -> None:
     for name, spec in specs.items():
+        if spec.through_final_norm:
+            raise AdapterConfigError(
+                f"VQT runs the frozen blocks on their cached inputs, but layer {name!r} was stored through the "
+                "backbone's final norm (backbone.through_final_norm); extract a store without it for VQT"
+            )
         expected = 2 * dim if spec.is_kv else dim  # cached keys|values are twice as wide
         if spec.dim != expected:
             raise AdapterConfigError(

@@ -24,6 +24,7 @@ import torch
 from cache.schema import KV_PREFIX, LayerSpec
 
 EMBED = "embed"
+_BLOCK = re.compile(r"blocks\.(\d+)")
 
 
 def is_vit(model: torch.nn.Module) -> bool:
@@ -31,9 +32,14 @@ def is_vit(model: torch.nn.Module) -> bool:
 
 
 class LayerTaps:
-    def __init__(self, model: torch.nn.Module, layers: tuple[Union[int, str], ...], block_input: bool, image_size: tuple[int, int], cache_kv: bool = False):
+    def __init__(self, model: torch.nn.Module, layers: tuple[Union[int, str], ...], block_input: bool, image_size: tuple[int, int],
+                 cache_kv: bool = False, through_final_norm: bool = False):
         self.model = model
         self.vit = is_vit(model)
+        if through_final_norm and not (self.vit and isinstance(getattr(model, "norm", None), torch.nn.Module)):
+            raise ValueError("backbone.through_final_norm: only a ViT's block outputs can be stored through its final norm; "
+                             "this model has no blocks and final norm")
+        self.through_final_norm = through_final_norm
         self.prefix = int(getattr(model, "num_prefix_tokens", 0)) if self.vit else 0
         self.has_intermediates = hasattr(model, "forward_intermediates")
         self.index_names: dict[int, str] = {}  # normalised index -> layer name
@@ -147,6 +153,10 @@ class LayerTaps:
                 "classifier head and its pooling, e.g. 'fc' or 'global_pool', come after it); "
                 "name a module of the feature extractor instead"
             )
+        if self.through_final_norm:  # block outputs as the backbone's head would read them
+            for name in self.order:
+                if _BLOCK.fullmatch(name):
+                    out[name] = self.model.norm(out[name])
         return {name: out[name] for name in ([EMBED] if self.capture_embed else []) + self.order + self.kv_names}
 
     @torch.no_grad()
@@ -166,14 +176,15 @@ class LayerTaps:
         if not self.vit:
             grid = tuple(raw.shape[2:]) if raw.ndim == 4 else None
             return LayerSpec(name, T, D, 0, grid, None)
-        m = re.fullmatch(r"blocks\.(\d+)", name)
+        m = _BLOCK.fullmatch(name)
         block = -1 if name == EMBED else (int(m.group(1)) if m else None)
+        normed = bool(m) and self.through_final_norm
         patches = T - self.prefix
         side = math.isqrt(max(patches, 0))
         grid = tuple(getattr(self.model.patch_embed, "grid_size", (side, side)))
         if patches > 0 and grid[0] * grid[1] == patches:
-            return LayerSpec(name, T, D, self.prefix, grid, block)
-        return LayerSpec(name, T, D, 0, None, block)  # not a token sequence we understand
+            return LayerSpec(name, T, D, self.prefix, grid, block, normed)
+        return LayerSpec(name, T, D, 0, None, block, normed)  # not a token sequence we understand
 
     def close(self) -> None:
         for h in self._handles:

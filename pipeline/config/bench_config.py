@@ -19,12 +19,14 @@ from pipeline.config.train_config import AdapterEntry
 
 def method_id(entry: AdapterEntry) -> str:
     """Names a case's method (its units, folders, per-layer table): the kind, plus what
-    tells apart two entries of one kind (the solver; InCA's attention width)."""
+    tells apart two entries of one kind (the solver; InCA's attention width; raw features)."""
     parts = [entry.kind]
     if entry.solver != "adamw":
         parts.append(entry.solver)
     if entry.kind == "inca":
         parts.append(f"d{entry.hparams['dim']}" if entry.hparams.get("dim") else "full")
+    if entry.standardize is False:
+        parts.append("raw")
     return "_".join(parts)
 
 

@@ -57,6 +57,11 @@ class BackboneConfig:
     # ViTs: also store each block's keys/values of its input tokens (layers "kv.<i>", 2x the
     # width of a block's tokens), so stage-two VQT skips their projection every epoch.
     cache_kv: bool = False
+    # ViTs: store block outputs through the backbone's final norm, as DINOv2's linear
+    # evaluation reads intermediate layers (get_intermediate_layers(norm=True)). Part of the
+    # fingerprint (each layer's spec records it). VQT cannot use such a store: its blocks read
+    # the block outputs before any norm.
+    through_final_norm: bool = False
     # Passed to timm.create_model (e.g. {drop_path_rate: 0.0}); only MODEL_KWARGS; img_size is
     # set from preprocess.
     model_kwargs: dict[str, Union[int, float, str, bool]] = field(default_factory=dict)
