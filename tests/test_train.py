@@ -85,7 +85,8 @@ def float64_training(monkeypatch):
 
 
 def test_fused_members_equal_members_trained_alone(colour_store, tmp_path, float64_training):
-    """Two learning rates trained in one fused group = each trained in its own run."""
+    """Two learning rates trained in one fused group = each trained in its own run, on
+    standardised features (the affine from the store's statistics, shared by the members)."""
     entry = {"kind": "inca", "layers": ["blocks.0"], "hparams": {"num_heads": 2}}
     fused = run_train(train_config(colour_store, tmp_path / "fused", [{**entry, "lr": [0.001, 0.01]}], epochs=2))
     alone = [run_train(train_config(colour_store, tmp_path / f"alone{i}", [{**entry, "lr": lr}], epochs=2))
@@ -103,6 +104,8 @@ def test_fused_members_equal_members_trained_alone(colour_store, tmp_path, float
     for i, lr in enumerate(["0.001", "0.01"]):
         fused_w, alone_w = weights(tmp_path / "fused", lr), weights(tmp_path / f"alone{i}", lr)
         assert fused_w.keys() == alone_w.keys()
+        # InCA reads standardised features by default: the fixed affine is saved beside the weights.
+        assert any(k.startswith("standardize.") for k in fused_w)
         for k in fused_w:
             assert fused_w[k].dtype == torch.float64
             torch.testing.assert_close(fused_w[k], alone_w[k], atol=1e-10, rtol=1e-9)

@@ -58,6 +58,19 @@ def test_standardisation_is_refused(model_and_features):
         vqt.standardize_with(Standardizer({}, {}))
 
 
+def test_a_store_kept_through_the_final_norm_is_refused(model_and_features):
+    """backbone.through_final_norm: the cached block outputs are not what the next block reads."""
+    from dataclasses import replace
+
+    from tests.test_vqt_equivalence import layer_specs
+
+    model, features = model_and_features
+    specs = {name: replace(spec, through_final_norm=spec.block_index is not None and spec.block_index >= 0)
+             for name, spec in layer_specs(model, features).items()}
+    with pytest.raises(AdapterConfigError, match="through the backbone's final norm"):
+        VQT(specs, 5, model.blocks, model.norm)
+
+
 def test_dropout_is_active_in_training_and_off_in_eval(model_and_features):
     model, features = model_and_features
     vqt = build_vqt(model, features)
