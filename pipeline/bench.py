@@ -22,8 +22,8 @@ from pipeline.benchmarking import methods as M
 from pipeline.benchmarking.finetune import finetune
 from pipeline.benchmarking.machine import machine_info
 from pipeline.benchmarking.measured import run_measured
-from pipeline.benchmarking.report import PLOTS, write_benchmarks
-from pipeline.adapters.base import last_layer_name
+from pipeline.benchmarking.report import PLOTS, write_benchmarks, write_headline
+from pipeline.adapters.base import last_layer_name, layers_in_backbone_order
 from pipeline.benchmarking.sklearn_reference import fit_logistic
 from pipeline.benchmarking.speed import measure_speed
 from pipeline.benchmarking.store_variants import disk_per_sample, option_label, variant_config
@@ -53,6 +53,8 @@ def run_bench(cfg: BenchConfig, config_path: str) -> dict:
     result = {"config_path": config_path, "config": to_dict(cfg), "machine": machine_info(), "cases": cases, "speed": speed,
               "wall_s": time.perf_counter() - t_start, "units_reused": units.reused, "units_computed": units.computed}
     report = write_benchmarks(out, result)
+    if cfg.readme:
+        write_headline(Path(cfg.readme), result)
     if cfg.report:
         # The copy (e.g. at the repository root) links its plots by the same relative path.
         target = Path(cfg.report)
@@ -130,6 +132,8 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
             result["rows"].append(pooled)
     if case.sklearn is not None:
         result["rows"].append(_sklearn_row(cfg, case, store, store_key, last, units))
+        if case.sklearn.per_layer:
+            result["sklearn_per_layer"] = _sklearn_per_layer(cfg, case, store, store_key, reader, units)
     if case.finetune is not None:
         result["rows"].append(_finetune_row(cfg, case, ecfg, units))
     # The store as extracted is the baseline each storage option is compared with.
@@ -169,6 +173,20 @@ def _sklearn_row(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, 
     return {"method": f"sklearn LogisticRegression, last layer ({layer})", "config": f"C chosen on val: {Cs} (per seed), lbfgs, standardized",
             "kind": "sklearn", "layer": layer, "params": per_seed[0]["params"], "pct_backbone": None,
             "wall_s": solo["wall_s"], "peak_mb": solo["peak_mb"], "gpu_peak_mb": solo["gpu_peak_mb"], **M.spread(per_seed)}
+
+
+def _sklearn_per_layer(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, reader, units: Units) -> dict:
+    """scikit-learn on every cached layer, C chosen per seed on validation: the per-layer tables' reference."""
+    s = case.sklearn
+    out = {}
+    for layer in layers_in_backbone_order(reader.layers):
+        per_seed = []
+        for seed in cfg.seeds:
+            args = (store, layer, s.C, case.train_split, case.test_split, cfg.val_fraction, seed, s.max_iter)
+            per_seed.append(units.get(f"{case.name}.sklearn.{layer}.seed{seed}", {"store": store_key, "args": args},
+                                      lambda: fit_logistic(*args)))
+        out[layer] = {"C": [r["C"] for r in per_seed], **M.spread(per_seed)}
+    return out
 
 
 def _finetune_row(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units) -> dict:
