@@ -10,6 +10,8 @@ Input [B, T, D] with `prefix` prefix tokens then an (H, W) grid of patch tokens.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from typing import Optional
 
 import torch
@@ -29,14 +31,15 @@ def reduced_spec(spec: LayerSpec, mode: str, k: int) -> LayerSpec:
         raise ValueError(f"store.tokens: {mode!r} needs patch tokens, but layer {spec.name!r} has only prefix tokens")
     if mode == "grid" and spec.grid is None:
         raise ValueError(f"store.tokens: 'grid' needs a spatial token grid, layer {spec.name!r} has none")
+    # replace(): what the reduction does not change (block index, final norm) stays recorded.
     if mode == "cls":
-        return LayerSpec(spec.name, 1, spec.dim, 1, None, spec.block_index)
+        return replace(spec, tokens=1, prefix_tokens=1, grid=None)
     if mode == "mean":
-        return LayerSpec(spec.name, 1, spec.dim, 0, None, spec.block_index)
+        return replace(spec, tokens=1, prefix_tokens=0, grid=None)
     if mode == "cls_mean":
-        return LayerSpec(spec.name, 2, spec.dim, 1, None, spec.block_index)
+        return replace(spec, tokens=2, prefix_tokens=1, grid=None)
     if mode == "grid":
-        return LayerSpec(spec.name, p + k * k, spec.dim, p, (k, k), spec.block_index)
+        return replace(spec, tokens=p + k * k, prefix_tokens=p, grid=(k, k))
     raise ValueError(f"store.tokens: unknown reduction {mode!r}")
 
 
