@@ -13,6 +13,7 @@ the store's fingerprint, so an interrupted run resumes and a finished one only r
 from __future__ import annotations
 
 import logging
+import statistics
 import shutil
 import time
 from pathlib import Path
@@ -158,34 +159,44 @@ def _method_rows(entry, grids: list[dict], last: str) -> list[dict]:
     return [r for r in rows if r is not None]
 
 
+def _sklearn_fits(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, layer: str, units: Units, name: str) -> list[dict]:
+    """One unit per seed: every C of the grid fitted on that seed's carve (sklearn_reference.py)."""
+    s = case.sklearn
+    fits = []
+    for seed in cfg.seeds:
+        args = (store, layer, s.C, case.train_split, case.test_split, cfg.val_fraction, seed, s.max_iter)
+        fits.append(units.get(f"{case.name}.{name}.seed{seed}", {"store": store_key, "args": args, "report": "per_C"},
+                              lambda: fit_logistic(*args)))
+    return fits
+
+
+def _sklearn_choice(fits: list[dict]) -> tuple[float, dict]:
+    """The C with the best mean validation accuracy over the seeds (the protocol of every
+    method), and its per-seed results."""
+    Cs = [r["C"] for r in fits[0]["per_C"]]
+    C = max(Cs, key=lambda c: (statistics.fmean(next(r for r in f["per_C"] if r["C"] == c)["val_acc"] for f in fits), -Cs.index(c)))
+    return C, M.spread([next(r for r in f["per_C"] if r["C"] == C) for f in fits])
+
+
 def _sklearn_row(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, last: str, units: Units) -> dict:
     s = case.sklearn
     layer = s.layer or last
-    per_seed = []
-    for seed in cfg.seeds:
-        args = (store, layer, s.C, case.train_split, case.test_split, cfg.val_fraction, seed, s.max_iter)
-        per_seed.append(units.get(f"{case.name}.sklearn.seed{seed}", {"store": store_key, "args": args}, lambda: fit_logistic(*args)))
-    # The C chosen most often across seeds is the one timed alone.
-    Cs = [r["C"] for r in per_seed]
-    C = max(set(Cs), key=Cs.count)
+    fits = _sklearn_fits(cfg, case, store, store_key, layer, units, "sklearn")
+    C, chosen = _sklearn_choice(fits)
     solo_args = (store, layer, (C,), case.train_split, case.test_split, cfg.val_fraction, cfg.seeds[0], s.max_iter)
     solo = units.get(f"{case.name}.sklearn.solo", {"store": store_key, "args": solo_args}, lambda: run_measured(fit_logistic, *solo_args))
-    return {"method": f"sklearn LogisticRegression, last layer ({layer})", "config": f"C chosen on val: {Cs} (per seed), lbfgs, standardized",
-            "kind": "sklearn", "layer": layer, "params": per_seed[0]["params"], "pct_backbone": None,
-            "wall_s": solo["wall_s"], "peak_mb": solo["peak_mb"], "gpu_peak_mb": solo["gpu_peak_mb"], **M.spread(per_seed)}
+    return {"method": f"sklearn LogisticRegression, last layer ({layer})",
+            "config": f"C {C:g} chosen on mean validation from {list(s.C)} (each seed's own choice: {[f['C'] for f in fits]}), lbfgs, standardized",
+            "kind": "sklearn", "layer": layer, "params": fits[0]["params"], "pct_backbone": None,
+            "wall_s": solo["wall_s"], "peak_mb": solo["peak_mb"], "gpu_peak_mb": solo["gpu_peak_mb"], **chosen}
 
 
 def _sklearn_per_layer(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, reader, units: Units) -> dict:
-    """scikit-learn on every cached layer, C chosen per seed on validation: the per-layer tables' reference."""
-    s = case.sklearn
+    """scikit-learn on every cached layer, C chosen on mean validation: the per-layer tables' reference."""
     out = {}
     for layer in layers_in_backbone_order(reader.layers):
-        per_seed = []
-        for seed in cfg.seeds:
-            args = (store, layer, s.C, case.train_split, case.test_split, cfg.val_fraction, seed, s.max_iter)
-            per_seed.append(units.get(f"{case.name}.sklearn.{layer}.seed{seed}", {"store": store_key, "args": args},
-                                      lambda: fit_logistic(*args)))
-        out[layer] = {"C": [r["C"] for r in per_seed], **M.spread(per_seed)}
+        C, chosen = _sklearn_choice(_sklearn_fits(cfg, case, store, store_key, layer, units, f"sklearn.{layer}"))
+        out[layer] = {"C": C, **chosen}
     return out
 
 

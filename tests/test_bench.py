@@ -81,7 +81,7 @@ def test_report_has_every_method_table_and_plot(bench):
                    "best cached adapter chosen on validation", "greedy calibrated ensemble >= best single adapter",
                    "LoSA >= last-layer linear probe (exact)", "VQT >= best-layer linear probe (exact)"):
         assert target in text, target
-    assert "| sklearn test (C per seed) | difference |" in text
+    assert "| sklearn test (C) | difference |" in text
     # The README's headline block is rewritten from the same results, the rest of the file kept.
     readme = (tmp / "README.md").read_text()
     assert readme.startswith("# tiny\n\nbefore\n") and readme.endswith("after\n") and "stale" not in readme
@@ -142,7 +142,7 @@ def test_rerun_reuses_every_unit_and_a_changed_setting_redoes_only_its_units(ben
     path = _bench_yaml(tmp, sklearn_C=(0.5,))
     changed = bench_module.run_bench(load_config(BenchConfig, path), path)
     assert changed["units_computed"] == 3 + 7 * 2  # 2 seeds + the solo fit, and 7 layers x 2 seeds of the per-layer reference
-    assert "C chosen on val: [0.5, 0.5]" in (tmp / "out" / "BENCHMARKS.md").read_text()
+    assert "C 0.5 chosen on mean validation from [0.5]" in (tmp / "out" / "BENCHMARKS.md").read_text()
 
 
 def test_bench_config_lists_every_problem():

@@ -92,7 +92,7 @@ def _case_section(case: dict, cfg: dict) -> list[str]:
     for kind, rows in case["per_layer"].items():
         with_ref = kind.startswith("linear") and reference
         lines += [f"### {kind} per layer (best configuration per layer on validation)", "",
-                  "| layer | val acc | test acc |" + (" sklearn test (C per seed) | difference |" if with_ref else "") + " configuration |",
+                  "| layer | val acc | test acc |" + (" sklearn test (C) | difference |" if with_ref else "") + " configuration |",
                   "|---|---:|---:|" + ("---:|---:|" if with_ref else "") + "---|"]
         for x in rows:
             ref = reference.get(x["method"]) if with_ref else None
