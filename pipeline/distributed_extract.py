@@ -35,6 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
+from cache import FeatureCacheError
 from pipeline.config import ExtractConfig, build, to_dict
 from pipeline.dask_cluster import dask_client, torch_threads, workers_per_host
 from pipeline.extract import ExtractPlan, extract_chunks, open_writer, plan_extraction
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 TASK_RETRIES = 2
 
 
-class ExtractTasksFailed(RuntimeError):
+class ExtractTasksFailed(FeatureCacheError):
     """Some pieces failed after their retries; what they stamped is kept, rerun to finish."""
 
 

@@ -20,18 +20,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache import BackgroundWriter, ChunkPlan, LayerSpec, StoreError, StoreWriter
+from cache import BackgroundWriter, ChunkPlan, ConfigError, LayerSpec, StoreError, StoreWriter, encoding
 from pipeline import __version__
 from pipeline.backbones.build import Backbone, build_backbone
 from pipeline.backbones.taps import LayerTaps
-from pipeline.backbones.tokens import reduce_tokens, reduced_spec
+from pipeline.backbones.tokens import TOKEN_REDUCTIONS, reduce_tokens, reduced_spec
 from pipeline.config import ExtractConfig, to_dict
 from pipeline.data import CorruptImageError, SplitSource, open_split
 from pipeline.data.loader import make_loader
 
 log = logging.getLogger(__name__)
-
-BYTES_PER_VALUE = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}
 
 
 @dataclass
@@ -48,8 +46,7 @@ class ExtractPlan:
     stream_seconds: float = 0.0  # their wall time, from the first batch to the last write
 
     def bytes_per_sample(self, spec: LayerSpec) -> int:
-        per = spec.tokens * spec.dim * BYTES_PER_VALUE[self.cfg.store.dtype]
-        return per + (spec.dim * 2 if self.cfg.store.dtype == "int8" else 0)
+        return encoding(self.cfg.store.dtype).bytes_per_sample(spec.tokens, spec.dim)
 
     def report(self) -> str:
         total_samples = sum(len(s) for s in self.sources.values())
@@ -73,8 +70,6 @@ class ExtractPlan:
 def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
     device = _device(cfg.runtime.device)
     backbone = build_backbone(cfg.backbone, cfg.preprocess)
-    if cfg.backbone.cache_kv and cfg.store.tokens != "all":
-        raise ValueError(f"backbone.cache_kv needs store.tokens='all' (VQT attends to every token), got {cfg.store.tokens!r}")
     taps = LayerTaps(backbone.model, cfg.backbone.layers, cfg.backbone.block_input, backbone.image_size, cfg.backbone.cache_kv,
                      cfg.backbone.through_final_norm)
     specs = [reduced_spec(s, cfg.store.tokens, cfg.store.grid_size) for s in taps.specs]
@@ -87,9 +82,9 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
                         os.path.join(cfg.data.root, split), shown)
     classes = {tuple(s.classes) for s in sources.values()}
     if len(classes) > 1:
-        raise ValueError(f"data.splits: the splits disagree on their classes: {[list(c) for c in classes]}")
+        raise ConfigError(f"data.splits: the splits disagree on their classes: {[list(c) for c in classes]}")
     largest = max(len(s) for s in sources.values())
-    bytes_per_value = BYTES_PER_VALUE[cfg.store.dtype]
+    bytes_per_value = encoding(cfg.store.dtype).itemsize  # chunks are sized by the values, not the scales
     if cfg.store.samples_per_chunk:
         chunks = ChunkPlan(cfg.store.samples_per_chunk, cfg.store.chunks_per_shard)
     else:
@@ -105,7 +100,7 @@ def fingerprint(plan: ExtractPlan) -> dict:
         "backbone": {"name": plan.backbone.name, "weights": cfg.backbone.weights, "weights_sha256": plan.backbone.weights_sha256,
                      "model_kwargs": dict(cfg.backbone.model_kwargs)},
         "layers": [s.to_json() for s in plan.specs],
-        "storage": {"dtype": cfg.store.dtype, "tokens": cfg.store.tokens, "grid_size": cfg.store.grid_size if cfg.store.tokens == "grid" else None},
+        "storage": {"dtype": cfg.store.dtype, "tokens": cfg.store.tokens, "grid_size": cfg.store.grid_size if TOKEN_REDUCTIONS[cfg.store.tokens].pools_grid else None},
         "preprocessing": _jsonable(plan.backbone.data_config),
         "dataset": {"kind": cfg.data.kind, "splits": {k: s.fingerprint() for k, s in plan.sources.items()}},
         "layout": {
@@ -265,7 +260,7 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device: 'cuda' was asked for but no CUDA device is available")
+        raise ConfigError("runtime.device: 'cuda' was asked for but no CUDA device is available")
     return torch.device(name)
 
 

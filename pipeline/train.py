@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache import CacheReader, open_store
+from cache import CacheReader, ConfigError, open_store
 from pipeline.adapters import FusedAdapters, StackedAdamW, build_adapter, per_member_cross_entropy, save_adapter
 from pipeline.adapters.pooling import pool_tokens
 from pipeline.adapters.standardize import Standardizer
@@ -82,7 +82,7 @@ def _train(cfg: TrainConfig, out: Path, final: Path) -> dict:
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     reader = open_store(cfg.store, storage_options=cfg.storage_options)
     splits = _splits(cfg, reader)
-    members = expand(cfg.adapters, reader.layers, cfg.seed)
+    members = expand(cfg.adapters, reader.layers, cfg.seed, cfg.store)
     backbone_modules = _backbone_modules(reader) if any(m.kind == "vqt" for m in members) else None
     num_classes = len(reader.classes)
     standardizer = _standardizer(reader, splits, members)
@@ -275,10 +275,10 @@ def _solved_group(members: list[Member], reader: CacheReader, num_classes: int, 
 
 
 def _splits(cfg: TrainConfig, reader: CacheReader) -> Splits:
-    for key in ("train_split", "val_split", "test_split"):
-        name = getattr(cfg, key)
-        if name is not None and name not in reader.splits:
-            raise KeyError(f"{key}: split {name!r} is not in store {cfg.store!r}; it has {reader.splits}")
+    unknown = [f"{key}: split {getattr(cfg, key)!r} is not in store {cfg.store!r}; it has {reader.splits}"
+               for key in ("train_split", "val_split", "test_split") if getattr(cfg, key) not in (None, *reader.splits)]
+    if unknown:
+        raise ConfigError(unknown)
     if cfg.val_split is not None:
         splits = Splits(cfg.train_split, None, cfg.val_split, None, cfg.test_split)
     else:

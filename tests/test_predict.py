@@ -25,7 +25,7 @@ def test_predictions_equal_cached_path(tmp_path, dtype):
     run_train(train_config(cfg.store.path, tmp_path / "probe", [{"kind": "linear", "layers": ["embed"]}], epochs=2, save_top=1))
     dirs = [str(next((tmp_path / run / "adapters").iterdir())) for run in ("colour", "probe")]
     out = tmp_path / "preds.csv"
-    assert main(["predict", "--adapters", *dirs, str(images / "val"), "--out", str(out)]) == 0
+    assert main(["predict", *(a for d in dirs for a in ("--adapter", d)), str(images / "val"), "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 18 and set(rows[0]) == {"image", "colour", "colour_prob", "probe", "probe_prob"}
 
@@ -66,7 +66,7 @@ def test_predict_of_vqt_trained_on_a_store_with_cached_keys_values(tmp_path):
     adapter = load_adapter(directory, reader.fingerprint, backbone_modules=build_backbone(cfg.backbone, cfg.preprocess).model).eval()
     assert adapter.kv_cached and any(l.startswith("kv.") for l in adapter.required_layers())
     out = tmp_path / "preds.json"
-    assert main(["predict", "--adapters", str(directory), str(images / "val"), "--out", str(out)]) == 0
+    assert main(["predict", "--adapter", str(directory), str(images / "val"), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     ids = [str(s) for s in reader.sample_ids("val")]
     with torch.no_grad():

@@ -68,7 +68,7 @@ def test_partial_store_needs_explicit_permission(tmp_path):
 
 def test_unknown_layer_and_split_are_named(store):
     reader = open_store(store)
-    with pytest.raises(KeyError, match="blocks.9"):
+    with pytest.raises(StoreError, match="blocks.9"):
         next(reader.batches("train", ["blocks.9"], 4))
-    with pytest.raises(KeyError, match="'test' is not in store"):
+    with pytest.raises(StoreError, match="'test' is not in store"):
         reader.num_samples("test")

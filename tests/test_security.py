@@ -138,7 +138,7 @@ def test_the_url_is_refused_at_run_time_and_never_logged(caplog, capsys):
     with caplog.at_level(logging.DEBUG):
         with pytest.raises(StoreError) as e:
             open_store(url)
-        assert main(["inspect", url]) == 2
+        assert main(["-v", "inspect", url]) == 2  # -v: our DEBUG lines too
     out = capsys.readouterr()
     assert "the URL holds credentials" in str(e.value) and "the URL holds credentials" in out.err
     for text in (str(e.value), out.out, out.err, caplog.text):

@@ -74,6 +74,20 @@ def test_config_errors_name_keys():
         build(SweepConfig, sweep_data("s", "o", search="random"))
 
 
+def test_layers_not_in_the_store_are_all_named_at_once(store, tmp_path):
+    """As `train` names them: every entry's unknown layers in one ConfigError, before any job."""
+    cfg = build(SweepConfig, sweep_data(store, tmp_path / "out", space=[
+        {"kind": "linear", "layer": ["blocks.9", "blocks.0"]},
+        {"kind": "losa", "layers": [["blocks.0", "blocks.7"]]},
+    ]))
+    with pytest.raises(ConfigError) as e:
+        run_sweep(cfg, workers=0)
+    has = "; it has ['embed', 'blocks.0', 'blocks.5']"
+    assert e.value.problems == [f"space[0].layer: ['blocks.9'] are not in the store{has}",
+                                f"space[1].layers: ['blocks.7'] are not in the store{has}"]
+    assert not (tmp_path / "out" / "trials.jsonl").exists()
+
+
 def test_trials_are_deterministic_and_ids_stable():
     grid = make_trials(build(SweepConfig, sweep_data("s", "o")), {})
     assert len(grid) == 12 and len({t.id for t in grid}) == 12

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cache import open_store
+from cache import ConfigError, open_store
 from pipeline.adapters import load_adapter
 from pipeline.config import TrainConfig, build
 from pipeline.extract import run_extract
@@ -121,10 +121,17 @@ def test_carved_validation_split_is_disjoint_and_seeded(colour_store, tmp_path):
     assert s1.val_keep.sum() == 12 and (s1.val_keep == s2.val_keep).all()
 
 
-def test_unknown_layer_is_named(colour_store, tmp_path):
-    cfg = train_config(colour_store, tmp_path, [{"kind": "linear", "layers": ["blocks.9"]}])
-    with pytest.raises(ValueError, match=r"\['blocks.9'\] are not in the store"):
+def test_unknown_layers_and_splits_are_all_named_at_once(colour_store, tmp_path):
+    cfg = train_config(colour_store, tmp_path / "a", [{"kind": "linear", "layers": ["blocks.9"]},
+                                                      {"kind": "inca", "layers": ["blocks.5", "blk.0"]}])
+    with pytest.raises(ConfigError, match=r"\['blocks.9'\] are not in the store") as e:
         run_train(cfg)
+    has = "; it has ['embed', 'blocks.0', 'blocks.5']"
+    assert e.value.problems == [f"adapters[0].layers: ['blocks.9'] are not in the store{has}",
+                                f"adapters[1].layers: ['blk.0'] are not in the store{has}"]
+    with pytest.raises(ConfigError) as e:
+        run_train(train_config(colour_store, tmp_path / "b", [{"kind": "linear"}], train_split="tr", test_split="tst"))
+    assert [p.split(":")[0] for p in e.value.problems] == ["train_split", "test_split"]
 
 
 def test_lbfgs_probe_predicts_as_sklearn_on_the_same_cache(colour_store, tmp_path):

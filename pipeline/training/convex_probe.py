@@ -228,8 +228,8 @@ def choose_l2(
         start = (weight, bias)
         accuracies.append(_accuracy(xs_val, y_val, weight, bias))
         infos.append(info)
-        logger.info("l2=%.3g: val accuracy %.4f, %d L-BFGS iterations, |grad|_max %.1e (%s)",
-                    l2, accuracies[-1], info.iterations, info.grad_max, info.stop)
+        logger.debug("l2=%.3g: val accuracy %.4f, %d L-BFGS iterations, |grad|_max %.1e (%s)",
+                     l2, accuracies[-1], info.iterations, info.grad_max, info.stop)
         if best is None or accuracies[-1] > best[0]:
             best = (accuracies[-1], l2, weight, bias)
 

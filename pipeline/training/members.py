@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
+from cache.errors import ConfigError
 from cache.schema import LayerSpec
 from pipeline.adapters import adapter_class
 from pipeline.config.train_config import AdapterEntry
@@ -35,7 +36,26 @@ class Member:
         return "+".join(layers) if layers else "all"
 
 
-def expand(entries: tuple[AdapterEntry, ...], layers: Mapping[str, LayerSpec], default_seed: int) -> list[Member]:
+def check_layers(named: Iterable[tuple[str, Iterable[str]]], layers: Mapping[str, LayerSpec], store: Optional[str] = None) -> None:
+    """One ConfigError naming every layer that is not in the store, for every entry at once.
+
+    named: (config key, the layer names it gives), e.g. ("adapters[1].layers", ["blocks.9"]);
+    train checks its adapter entries with it, sweep its space entries.
+    """
+    problems = []
+    for key, names in named:
+        unknown = list(dict.fromkeys(n for n in names if n not in layers))
+        if unknown:
+            problems.append(f"{key}: {unknown} are not in the store; it has {list(layers)}")
+    if problems:
+        raise ConfigError(problems, f"the layers of store {store!r}" if store else None)
+
+
+def expand(entries: tuple[AdapterEntry, ...], layers: Mapping[str, LayerSpec], default_seed: int,
+           store: Optional[str] = None) -> list[Member]:
+    """Every member of every entry; store: its path, for the message when a layer is not in it."""
+    check_layers(((f"adapters[{i}].layers", e.layers if isinstance(e.layers, tuple) else ()) for i, e in enumerate(entries)),
+                 layers, store)
     members: list[Member] = []
     for entry in entries:
         cls = adapter_class(entry.kind)
@@ -52,14 +72,11 @@ def expand(entries: tuple[AdapterEntry, ...], layers: Mapping[str, LayerSpec], d
     names = [m.name for m in members]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"adapters: the same adapter is listed twice: {duplicates}")
+        raise ConfigError(f"adapters: the same adapter is listed twice: {duplicates}")
     return members
 
 
 def _architectures(entry: AdapterEntry, fields, layers: Mapping[str, LayerSpec]) -> list[dict]:
-    unknown = [l for l in (entry.layers if isinstance(entry.layers, tuple) else ()) if l not in layers]
-    if unknown:
-        raise ValueError(f"adapters[{entry.kind}].layers: {unknown} are not in the store; it has {list(layers)}")
     if "layer" in fields:
         if entry.layers is None:
             return [dict(entry.hparams)]
