@@ -17,11 +17,8 @@ cache/errors.py). Importing `pipeline` stays light: each call imports what it ne
 from __future__ import annotations
 
 import os
-import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
-
-from pipeline._stage import Package, stage_of
 
 try:
     __version__ = version("featurecache")
@@ -29,7 +26,7 @@ except PackageNotFoundError:  # running from a checkout that was not pip-install
     __version__ = "0+checkout"
 
 if TYPE_CHECKING:
-    from pipeline.extract import ExtractPlan
+    from pipeline.runners.extract import Extraction, ExtractPlan
 
 Paths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
@@ -43,46 +40,46 @@ def load_config(kind_or_class: Union[str, type], source: Any, overrides: Sequenc
     return config.load_config(kind_or_class, source, overrides)
 
 
-@stage_of("pipeline.extract")
 def extract(config: Any, overrides: Sequence[str] = (), *, dry_run: bool = False, overwrite: bool = False,
-            workers: Optional[int] = None, scheduler: Optional[str] = None) -> "ExtractPlan":
+            workers: Optional[int] = None, scheduler: Optional[str] = None) -> "ExtractPlan | Extraction":
     """Stage one (`featurecache extract`): the store of `config`, or with dry_run only its plan
     (`.report()` prints the cost). workers / scheduler: on a local dask cluster of that many
     processes / on a running one."""
     cfg = load_config("extract", config, overrides)
-    if (workers or scheduler) and not dry_run:
-        from pipeline.distributed_extract import run_distributed_extract
+    if dry_run:
+        from pipeline.runners.extract import plan_extraction
+
+        return plan_extraction(cfg)
+    if workers or scheduler:
+        from pipeline.runners.distributed_extract import run_distributed_extract
 
         return run_distributed_extract(cfg, scheduler=scheduler, workers=workers or 2, overwrite=overwrite)
-    from pipeline.extract import run_extract
+    from pipeline.runners.extract import run_extract
 
-    return run_extract(cfg, dry_run=dry_run, overwrite=overwrite)
+    return run_extract(cfg, overwrite=overwrite)
 
 
-@stage_of("pipeline.train")
 def train(config: Any, overrides: Sequence[str] = (), *, overwrite: bool = False) -> dict:
     """Stage two (`featurecache train`): {"rows": one per adapter, "summary": top-1, ensembles,
     saved adapters}; the files are in the config's output folder."""
-    from pipeline.train import run_train
+    from pipeline.runners.train import run_train
 
     return run_train(load_config("train", config, overrides), overwrite=overwrite)
 
 
-@stage_of("pipeline.sweep")
 def sweep(config: Any, overrides: Sequence[str] = (), *, workers: Optional[int] = None,
           scheduler: Optional[str] = None) -> dict:
     """A hyperparameter search (`featurecache sweep`); workers=0 runs its jobs in this process."""
-    from pipeline.sweep import run_sweep
+    from pipeline.runners.sweep import run_sweep
 
     return run_sweep(load_config("sweep", config, overrides), scheduler=scheduler, workers=workers)
 
 
-@stage_of("pipeline.predict")
 def predict(adapters: Paths, images: Paths, *, batch_size: int = 32, out: Optional[Union[str, os.PathLike]] = None) -> list[dict]:
     """Saved adapters (one directory or several: one task each) applied to image files or
     folders; one row per image ({"image", TASK, TASK_prob, ...}), also written to `out`
     (CSV, or JSON when it ends in .json) when given."""
-    from pipeline.predict import run_predict, write_predictions
+    from pipeline.runners.predict import run_predict, write_predictions
 
     rows = run_predict(_paths(adapters), _paths(images), batch_size)
     if out is not None:
@@ -93,8 +90,5 @@ def predict(adapters: Paths, images: Paths, *, batch_size: int = 32, out: Option
 def _paths(p: Paths) -> list[str]:
     return [os.fspath(p)] if isinstance(p, (str, os.PathLike)) else [os.fspath(x) for x in p]
 
-
-# `pipeline.extract` etc. are the functions above, also when their submodules are imported (see _stage.py).
-sys.modules[__name__].__class__ = Package
 
 __all__ = ["__version__", "extract", "load_config", "predict", "sweep", "train"]

@@ -136,23 +136,23 @@ def _logging(level: int) -> Iterator[None]:
 
 def _extract(args) -> int:
     from pipeline.config import ExtractConfig, load_config
-    from pipeline.extract import run_extract
+    from pipeline.runners.extract import plan_extraction, run_extract
 
     cfg = load_config(ExtractConfig, args.config, args.overrides)
-    if (args.scheduler or args.workers) and not args.dry_run:
-        from pipeline.distributed_extract import run_distributed_extract
+    if args.dry_run:
+        print(plan_extraction(cfg).report())
+    elif args.scheduler or args.workers:
+        from pipeline.runners.distributed_extract import run_distributed_extract
 
         run_distributed_extract(cfg, scheduler=args.scheduler, workers=args.workers or 2, overwrite=args.overwrite)
-        return 0
-    plan = run_extract(cfg, dry_run=args.dry_run, overwrite=args.overwrite)
-    if args.dry_run:
-        print(plan.report())
+    else:
+        run_extract(cfg, overwrite=args.overwrite)
     return 0
 
 
 def _train(args) -> int:
     from pipeline.config import TrainConfig, load_config
-    from pipeline.train import run_train
+    from pipeline.runners.train import run_train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     run_train(cfg, overwrite=args.overwrite)
@@ -162,7 +162,7 @@ def _train(args) -> int:
 
 def _sweep(args) -> int:
     from pipeline.config import SweepConfig, load_config
-    from pipeline.sweep import run_sweep
+    from pipeline.runners.sweep import run_sweep
 
     cfg = load_config(SweepConfig, args.config, args.overrides)
     run_sweep(cfg, scheduler=args.scheduler, workers=args.workers)
@@ -171,7 +171,7 @@ def _sweep(args) -> int:
 
 
 def _bench(args) -> int:
-    from pipeline.bench import run_bench
+    from pipeline.runners.bench import run_bench
     from pipeline.config import BenchConfig, load_config
 
     cfg = load_config(BenchConfig, args.config, args.overrides)
@@ -181,7 +181,7 @@ def _bench(args) -> int:
 
 
 def _predict(args) -> int:
-    from pipeline.predict import run_predict, write_predictions
+    from pipeline.runners.predict import run_predict, write_predictions
 
     rows = run_predict(args.adapter, args.images, args.batch_size)
     write_predictions(rows, args.out)

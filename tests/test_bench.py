@@ -29,10 +29,13 @@ def _bench_yaml(tmp, sklearn_C=(0.1, 1.0)) -> str:
         "runtime": {"batch_size": 8, "num_workers": 0},
     }
     (tmp / "extract.yaml").write_text(yaml.safe_dump(extract))
+    from pipeline.benchmarking.report import HEADLINE_END, HEADLINE_START
+
+    (tmp / "README.md").write_text(f"# tiny\n\nbefore\n{HEADLINE_START}\nstale\n{HEADLINE_END}\nafter\n")
     bench = {
-        "output": str(tmp / "out"), "report": str(tmp / "report" / "BENCHMARKS.md"), "seeds": [0, 1], "epochs": 2, "batch_size": 8,
+        "output": str(tmp / "out"), "report": str(tmp / "report" / "BENCHMARKS.md"), "readme": str(tmp / "README.md"), "seeds": [0, 1], "epochs": 2, "batch_size": 8,
         "cases": [{"name": "tiny", "extract": str(tmp / "extract.yaml"), "test_split": "val", "methods": METHODS,
-                   "sklearn": {"C": list(sklearn_C)}, "finetune": {"image_size": 32, "epochs": 2, "time_budget_s": 0, "lr": [1e-4, 1e-3], "batch_size": 8, "seeds": [0]},
+                   "sklearn": {"C": list(sklearn_C), "per_layer": True}, "finetune": {"image_size": 32, "epochs": 2, "time_budget_s": 0, "lr": [1e-4, 1e-3], "batch_size": 8, "seeds": [0]},
                    "store_variants": [["store.dtype=int8"], ["store.tokens=mean"]]}],
         "speed": {"case": "tiny", "images": 8, "rounds": 1, "fused": 2, "sweep_configs": 2},
     }
@@ -43,7 +46,7 @@ def _bench_yaml(tmp, sklearn_C=(0.1, 1.0)) -> str:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    from pipeline.bench import run_bench
+    from pipeline.runners.bench import run_bench
 
     tmp = tmp_path_factory.mktemp("bench")
     write_image_folder(tmp / "images", per_class=8)
@@ -73,6 +76,16 @@ def test_report_has_every_method_table_and_plot(bench):
     paragon = rows["full fine-tuning (paragon)"]["paragon"]
     assert [x["lr"] for x in paragon["lr_search"]] == [1e-4, 1e-3] and paragon["epochs_run"] == [1]  # a budget of 0 s: one epoch
     assert "the other seeds ran at it" in text and "vs full fine-tuning: **" in text and "9.2x" in text
+    # The targets, each with its measured values; sklearn beside every per-layer row of the probes.
+    for target in ("our linear probe (exact), last layer >= sklearn - 0.3", "in every per-layer row",
+                   "best cached adapter chosen on validation", "greedy calibrated ensemble >= best single adapter",
+                   "LoSA >= last-layer linear probe (exact)", "VQT >= best-layer linear probe (exact)"):
+        assert target in text, target
+    assert "| sklearn test (C) | difference |" in text
+    # The README's headline block is rewritten from the same results, the rest of the file kept.
+    readme = (tmp / "README.md").read_text()
+    assert readme.startswith("# tiny\n\nbefore\n") and readme.endswith("after\n") and "stale" not in readme
+    assert "**tiny** (test_vit, 64x64 px)" in readme and "| our linear probe (exact), last layer >= sklearn - 0.3 |" in readme
 
 
 @pytest.mark.slow
@@ -110,7 +123,7 @@ def test_store_variants_price_disk_and_accuracy(bench):
 
 @pytest.mark.slow
 def test_rerun_reuses_every_unit_and_a_changed_setting_redoes_only_its_units(bench, monkeypatch):
-    from pipeline import bench as bench_module
+    from pipeline.runners import bench as bench_module
     from pipeline.benchmarking import methods
 
     tmp, path, first = bench
@@ -128,8 +141,8 @@ def test_rerun_reuses_every_unit_and_a_changed_setting_redoes_only_its_units(ben
     monkeypatch.setattr(bench_module, "run_measured", lambda fn, *args: {"result": fn(*args), "wall_s": 1.0, "peak_mb": 0.0, "gpu_peak_mb": None})
     path = _bench_yaml(tmp, sklearn_C=(0.5,))
     changed = bench_module.run_bench(load_config(BenchConfig, path), path)
-    assert changed["units_computed"] == 3  # 2 seeds + the solo fit
-    assert "C chosen on val: [0.5, 0.5]" in (tmp / "out" / "BENCHMARKS.md").read_text()
+    assert changed["units_computed"] == 3 + 7 * 2  # 2 seeds + the solo fit, and 7 layers x 2 seeds of the per-layer reference
+    assert "C 0.5 chosen on mean validation from [0.5]" in (tmp / "out" / "BENCHMARKS.md").read_text()
 
 
 def test_bench_config_lists_every_problem():

@@ -20,7 +20,7 @@ from pipeline.backbones.weights import OFFLINE_SOURCES
 from pipeline.cli import build_parser, main
 from pipeline.config.extract_config import DataConfig
 from pipeline.data import DATA_SOURCES
-from pipeline.sweep import SweepJobsFailed
+from pipeline.runners.sweep import SweepJobsFailed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_predict_takes_repeated_adapters_and_images_as_positionals(monkeypatch):
 
 def test_quiet_and_verbose_set_our_log_level_and_restore_it(monkeypatch):
     levels = []
-    monkeypatch.setitem(cli.COMMANDS, "list", lambda args: levels.append(logging.getLogger("pipeline.train").getEffectiveLevel()) or 0)
+    monkeypatch.setitem(cli.COMMANDS, "list", lambda args: levels.append(logging.getLogger("pipeline.runners.train").getEffectiveLevel()) or 0)
     before = logging.getLogger("pipeline").level
     for argv in (["list"], ["-q", "list"], ["list", "-v"], ["--verbose", "list"], ["list", "--quiet"]):
         assert main(argv) == 0

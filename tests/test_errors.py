@@ -12,8 +12,8 @@ from pipeline.adapters.hparams import HparamValueError
 from pipeline.adapters.persistence import _check_fingerprint
 from pipeline.config import ExtractConfig, build
 from pipeline.data import CorruptImageError
-from pipeline.distributed_extract import ExtractTasksFailed
-from pipeline.sweep import SweepJobsFailed
+from pipeline.runners.distributed_extract import ExtractTasksFailed
+from pipeline.runners.sweep import SweepJobsFailed
 from pipeline.training.output import OutputInUse
 
 EXAMPLES = [

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.extract import run_extract
+from pipeline.runners.extract import run_extract
 from cache import open_store
 from tests.conftest import tiny_config, write_image_folder
 

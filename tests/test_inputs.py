@@ -23,8 +23,8 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, ExtractConfig, load_config, to_dict
 from pipeline.data import CorruptImageError, open_split, read_image, require_valid_samples
 from pipeline.data.source import to_rgb
-from pipeline.extract import run_extract
-from pipeline.train import run_train
+from pipeline.runners.extract import run_extract
+from pipeline.runners.train import run_train
 from tests.conftest import tiny_config, write_image_folder
 from tests.test_train import colour_folder, train_config
 
@@ -201,7 +201,7 @@ def test_paths_that_are_not_samples_are_counted_listed_and_warned(tmp_path, capl
     expected_ignored = [".ipynb_checkpoints/", "cat/.DS_Store", "cat/README.txt", "cat/link", "cat/sub/", "notes.txt", "stray.jpg"]
 
     cfg = tiny_config(tmp_path, images, "data.on_corrupt=skip")
-    with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.runners.extract"):
         run_extract(cfg)
     manifest = zarr.open_group(cfg.store.path, mode="r").attrs["feature_cache"]
     assert manifest["ignored"] == {"train": expected_ignored}
@@ -234,7 +234,7 @@ def store_with_dead_val(tmp_path_factory):
 
 
 def test_extraction_warns_about_a_split_with_no_valid_sample(store_with_dead_val, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.runners.extract"):
         run_extract(store_with_dead_val)
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(m.startswith("split val: all 3 sample(s) were skipped") for m in messages), messages
@@ -257,7 +257,7 @@ def test_require_valid_samples_names_the_key_and_split(store_with_dead_val):
 
 
 def test_train_refuses_a_split_with_no_valid_sample_before_training(store_with_dead_val, tmp_path):
-    """Needs pipeline/train.py `_splits` to call require_valid_samples (see the report)."""
+    """Needs pipeline/runners/train.py `_splits` to call require_valid_samples (see the report)."""
     run_extract(store_with_dead_val)
     out = tmp_path / "run"
     cfg = train_config(store_with_dead_val.store.path, out, [{"kind": "linear"}], epochs=1, test_split="val")
@@ -420,7 +420,7 @@ def test_predict_names_a_missing_adapter_folder(tmp_path, adapter_dir, capsys):
     assert main(["predict", "--adapter", str(adapter), str(gone), "--out", str(tmp_path / "p.csv")]) == 2
     line = error_lines(capsys)
     assert f"image '{gone}' does not exist" in line
-    from pipeline.predict import run_predict
+    from pipeline.runners.predict import run_predict
 
     with pytest.raises(ConfigError, match=rf"adapter folder '{gone}' does not exist"):
         run_predict([str(gone)], [str(image)])

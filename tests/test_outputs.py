@@ -10,9 +10,9 @@ import pytest
 
 from cache import ConfigError
 from pipeline.cli import main
-from pipeline.extract import run_extract
-from pipeline.predict import task_names
-from pipeline.train import run_train
+from pipeline.runners.extract import run_extract
+from pipeline.runners.predict import task_names
+from pipeline.runners.train import run_train
 from pipeline.training.output import OutputInUse
 from tests.conftest import tiny_config
 from tests.test_train import colour_folder, train_config
@@ -48,7 +48,7 @@ def test_a_used_output_is_refused_and_overwrite_replaces_it_whole(store, tmp_pat
 
 
 def test_an_interrupted_run_leaves_the_output_as_it_was(store, tmp_path, monkeypatch):
-    import pipeline.train
+    import pipeline.runners.train
 
     out = tmp_path / "run"
     run_train(train_config(store[0], out, LINEAR, epochs=1, save_top=1))
@@ -57,7 +57,7 @@ def test_an_interrupted_run_leaves_the_output_as_it_was(store, tmp_path, monkeyp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.train, "write_report", interrupted)
+    monkeypatch.setattr(pipeline.runners.train, "write_report", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_train(train_config(store[0], out, LINEAR, epochs=1, save_top=1), overwrite=True)
     assert files(out) == before

@@ -10,17 +10,20 @@ from cache import open_store
 from pipeline.adapters import load_adapter
 from pipeline.backbones.build import build_backbone
 from pipeline.cli import main
-from pipeline.extract import run_extract
-from pipeline.train import run_train
+from pipeline.runners.extract import run_extract
+from pipeline.runners.train import run_train
 from tests.conftest import tiny_config
 from tests.test_train import colour_folder, train_config
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int8"])
-def test_predictions_equal_cached_path(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,extra", [("float16", []), ("int8", []),
+                                         ("float16", ["backbone.through_final_norm=true", "store.tokens=mean"])])
+def test_predictions_equal_cached_path(tmp_path, dtype, extra):
     images = colour_folder(tmp_path / "images", per_class=6)
-    cfg = tiny_config(tmp_path, images, "backbone.layers=[0, -1]", f"store.dtype={dtype}")
+    cfg = tiny_config(tmp_path, images, "backbone.layers=[0, -1]", f"store.dtype={dtype}", *extra)
     run_extract(cfg)
+    # A reduced layer keeps the record that it went through the final norm (predict reproduces it).
+    assert open_store(cfg.store.path).layers["blocks.5"].through_final_norm == bool(extra)
     run_train(train_config(cfg.store.path, tmp_path / "colour", [{"kind": "inca", "layers": ["blocks.5"], "hparams": {"num_heads": 4}}], epochs=2, save_top=1))
     run_train(train_config(cfg.store.path, tmp_path / "probe", [{"kind": "linear", "layers": ["embed"]}], epochs=2, save_top=1))
     dirs = [str(next((tmp_path / run / "adapters").iterdir())) for run in ("colour", "probe")]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cache import StoreError, open_store
-from pipeline.extract import run_extract
+from pipeline.runners.extract import run_extract
 from tests.conftest import tiny_config, write_image_folder
 
 

@@ -26,7 +26,7 @@ from pipeline.backbones.build import build_backbone
 from pipeline.cli import main
 from pipeline.config import ConfigError, SweepConfig, TrainConfig, build, to_dict
 from pipeline.config.extract_config import BackboneConfig, PreprocessConfig
-from pipeline.predict import run_predict
+from pipeline.runners.predict import run_predict
 from pipeline.training.frozen_backbone import backbone_of
 from tests.conftest import tiny_config
 

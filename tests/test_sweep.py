@@ -13,12 +13,12 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, SweepConfig, TrainConfig, build, load_config
-from pipeline.extract import run_extract
+from pipeline.runners.extract import run_extract
 from pipeline.dask_cluster import local_cluster
-from pipeline.sweep import run_sweep
+from pipeline.runners.sweep import run_sweep
 from pipeline.sweeping.jobs import plan_jobs
 from pipeline.sweeping.space import make_trials, new_trial
-from pipeline.train import run_train
+from pipeline.runners.train import run_train
 from tests.conftest import tiny_config
 from tests.test_train import colour_folder
 

@@ -10,8 +10,8 @@ from PIL import Image
 from cache import ConfigError, open_store
 from pipeline.adapters import load_adapter
 from pipeline.config import TrainConfig, build
-from pipeline.extract import run_extract
-from pipeline.train import run_train
+from pipeline.runners.extract import run_extract
+from pipeline.runners.train import run_train
 from tests.conftest import tiny_config
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
@@ -70,14 +70,10 @@ def test_learns_and_writes_results(colour_store, tmp_path):
 
 
 @pytest.fixture
-def float64_training(monkeypatch):
-    """The trainer in float64: adapters built as float64, features decoded as float64. The
-    trainer's own code is dtype-agnostic; float64 keeps Adam from amplifying the CPU's
-    float32 rounding noise into differences between fused and solo runs."""
-    import cache.reader
-
-    decode = cache.reader.decode
-    monkeypatch.setattr(cache.reader, "decode", lambda stored, dtype, scales=None, out=None: decode(stored, dtype, scales, torch.float64))
+def float64_training():
+    """The trainer in float64: adapters are built, and features decoded, in the default dtype.
+    float64 keeps Adam from amplifying the CPU's float32 rounding noise into differences
+    between fused and solo runs."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
@@ -112,7 +108,7 @@ def test_fused_members_equal_members_trained_alone(colour_store, tmp_path, float
 
 
 def test_carved_validation_split_is_disjoint_and_seeded(colour_store, tmp_path):
-    from pipeline.train import _splits
+    from pipeline.training.splits import resolve_splits as _splits
 
     cfg = train_config(colour_store, tmp_path, [{"kind": "linear"}], val_split=None, val_fraction=0.25)
     reader = open_store(colour_store)

@@ -6,7 +6,7 @@ import torch
 from cache import ConfigError, open_store
 from pipeline.adapters import build_adapter
 from pipeline.backbones.build import build_backbone
-from pipeline.extract import run_extract
+from pipeline.runners.extract import run_extract
 from tests.conftest import tiny_config
 
 

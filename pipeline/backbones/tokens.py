@@ -10,7 +10,7 @@ Input [B, T, D] with `prefix` prefix tokens then an (H, W) grid of patch tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -32,12 +32,13 @@ class TokenReduction:
     pools_grid: bool = False  # pools the spatial grid to k x k: needs one, and k = store.grid_size
 
 
+# replace(): what a reduction does not change (block index, final norm) stays recorded.
 def _pooled(spec: LayerSpec, tokens: int, prefix: int) -> LayerSpec:
-    return LayerSpec(spec.name, tokens, spec.dim, prefix, None, spec.block_index)
+    return replace(spec, tokens=tokens, prefix_tokens=prefix, grid=None)
 
 
 def _gridded(spec: LayerSpec, k: int) -> LayerSpec:
-    return LayerSpec(spec.name, spec.prefix_tokens + k * k, spec.dim, spec.prefix_tokens, (k, k), spec.block_index)
+    return replace(spec, tokens=spec.prefix_tokens + k * k, grid=(k, k))
 
 
 def _patch_mean(x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 
 from cache import StoreError, open_store
 from pipeline.config import AdapterEntry, TrainConfig, build, to_dict
-from pipeline.train import run_train
+from pipeline.runners.train import run_train
 from pipeline.training.ensembles import calibrated_ensembles
 from pipeline.training.members import Member, expand
 

@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cache import open_store
 from pipeline.adapters.pooling import pool_tokens
-from pipeline.train import validation_mask
+from pipeline.training.splits import validation_mask
 
 
 def pooled_features(store: str, split: str, layer: str, keep=None) -> tuple[np.ndarray, np.ndarray]:
@@ -30,18 +30,21 @@ def pooled_features(store: str, split: str, layer: str, keep=None) -> tuple[np.n
 
 def fit_logistic(store: str, layer: str, Cs: tuple[float, ...], train_split: str, test_split: str,
                  val_fraction: float, seed: int, max_iter: int) -> dict:
-    """Fit every C on train minus the carve, choose on the carve, report the chosen C's test accuracy."""
+    """Fit every C on train minus the carve; report each C's validation and test accuracy
+    ("per_C", so the bench can choose C by mean validation over seeds as it does for every
+    method) and this seed's own choice on the carve."""
     is_val = validation_mask(open_store(store).num_samples(train_split), val_fraction, seed)
     x_train, y_train = pooled_features(store, train_split, layer, ~is_val)
     x_val, y_val = pooled_features(store, train_split, layer, is_val)
     x_test, y_test = pooled_features(store, test_split, layer)
     scaler = StandardScaler().fit(x_train)
     x_train, x_val, x_test = (scaler.transform(x) for x in (x_train, x_val, x_test))
-    best = None
+    best, per_C = None, []
     for C in Cs:
         model = LogisticRegression(C=C, max_iter=max_iter).fit(x_train, y_train)
         val = float((model.predict(x_val) == y_val).mean())
+        per_C.append({"C": C, "val_acc": val, "test_acc": float((model.predict(x_test) == y_test).mean()),
+                      "iterations": int(model.n_iter_.max())})
         if best is None or val > best["val_acc"]:
-            best = {"C": C, "val_acc": val, "test_acc": float((model.predict(x_test) == y_test).mean()),
-                    "params": int(model.coef_.size + model.intercept_.size), "iterations": int(model.n_iter_.max())}
-    return best
+            best = {**per_C[-1], "params": int(model.coef_.size + model.intercept_.size)}
+    return {**best, "per_C": per_C}

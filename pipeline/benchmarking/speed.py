@@ -29,7 +29,7 @@ from pipeline.adapters.base import last_layer_name, layers_in_backbone_order
 from pipeline.config import ExtractConfig, TrainConfig, build
 from pipeline.data import open_split
 from pipeline.data.loader import make_loader
-from pipeline.extract import _workers, plan_extraction, run_extract
+from pipeline.runners.extract import _workers, plan_extraction, run_extract
 
 
 def measure_speed(cfg: ExtractConfig, store: str, settings: dict, epochs: int, batch_size: int) -> dict:
@@ -121,7 +121,7 @@ def read_rates(store: str, batch_size: int) -> dict:
 def cached_epoch(store: str, adapters: list[dict], batch_size: int, epochs: int = 2) -> dict:
     """Seconds of one training pass (reading + every adapter's steps; validation excluded),
     the faster of `epochs` so that one-off warm-up does not count."""
-    from pipeline.train import run_train
+    from pipeline.runners.train import run_train
 
     with tempfile.TemporaryDirectory() as out:
         cfg = build(TrainConfig, {"store": store, "output": out, "epochs": epochs, "batch_size": batch_size, "warmup_epochs": 0,

@@ -37,6 +37,8 @@ class SklearnSettings:
     layer: Optional[str] = None  # null: the deepest cached layer
     C: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # inverse regularization grid, chosen on validation
     max_iter: int = 2000
+    # Also fit every cached layer, so the per-layer tables compare our probes with it row by row.
+    per_layer: bool = False
 
     def problems(self) -> list[str]:
         return [f"C: got {list(self.C)}, expected positive values"] if not self.C or any(c <= 0 for c in self.C) else []
@@ -143,6 +145,8 @@ class BenchConfig:
     val_fraction: float = 0.1  # a seeded validation split carved from train (per seed)
     speed: Optional[SpeedSettings] = None
     report: Optional[str] = None  # also copy BENCHMARKS.md here (e.g. the repository root)
+    # Rewrite the headline block of this file (between the bench's markers; e.g. README.md).
+    readme: Optional[str] = None
 
     def problems(self) -> list[str]:
         out = []

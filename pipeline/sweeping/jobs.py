@@ -27,7 +27,7 @@ from pipeline.config.sweep_config import SweepConfig
 from pipeline.config.train_config import AdapterEntry
 from pipeline.dask_cluster import share_cores
 from pipeline.sweeping.space import Trial
-from pipeline.train import run_train
+from pipeline.runners.train import run_train
 from pipeline.training.members import expand
 
 

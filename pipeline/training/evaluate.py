@@ -16,7 +16,7 @@ def split_logits(groups: Sequence, reader: CacheReader, split: str, layers: list
     for g in groups:
         g.eval()
     outs, labels = [], []
-    for batch in reader.batches(split, layers, batch_size, shuffle=False, keep=keep):
+    for batch in reader.batches(split, layers, batch_size, shuffle=False, keep=keep, out=torch.get_default_dtype()):
         outs.append(torch.cat([g(batch.features) for g in groups], dim=0))
         labels.append(batch.labels)
     for g in groups:

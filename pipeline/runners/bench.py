@@ -13,6 +13,7 @@ the store's fingerprint, so an interrupted run resumes and a finished one only r
 from __future__ import annotations
 
 import logging
+import statistics
 import shutil
 import time
 from pathlib import Path
@@ -22,15 +23,15 @@ from pipeline.benchmarking import methods as M
 from pipeline.benchmarking.finetune import finetune
 from pipeline.benchmarking.machine import machine_info
 from pipeline.benchmarking.measured import run_measured
-from pipeline.benchmarking.report import PLOTS, write_benchmarks
-from pipeline.adapters.base import last_layer_name
+from pipeline.benchmarking.report import PLOTS, write_benchmarks, write_headline
+from pipeline.adapters.base import last_layer_name, layers_in_backbone_order
 from pipeline.benchmarking.sklearn_reference import fit_logistic
 from pipeline.benchmarking.speed import measure_speed
 from pipeline.benchmarking.store_variants import disk_per_sample, option_label, variant_config
 from pipeline.benchmarking.units import Units, key_hash
 from pipeline.config import ExtractConfig, load_config, to_dict
 from pipeline.config.bench_config import BenchCase, BenchConfig, method_id
-from pipeline.extract import plan_extraction, run_extract
+from pipeline.runners.extract import plan_extraction, run_extract
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def run_bench(cfg: BenchConfig, config_path: str) -> dict:
     result = {"config_path": config_path, "config": to_dict(cfg), "machine": machine_info(), "cases": cases, "speed": speed,
               "wall_s": time.perf_counter() - t_start, "units_reused": units.reused, "units_computed": units.computed}
     report = write_benchmarks(out, result)
+    if cfg.readme:
+        write_headline(Path(cfg.readme), result)
     if cfg.report:
         # The copy (e.g. at the repository root) links its plots by the same relative path.
         target = Path(cfg.report)
@@ -79,16 +82,16 @@ def _print_cost(cfg: BenchConfig, extract_cfgs: dict) -> None:
 def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units, out: Path) -> dict:
     log.info("case %s: extract (a complete store is reused)", case.name)
     t0 = time.perf_counter()
-    plan = run_extract(ecfg)
+    done = run_extract(ecfg)
     extract_s = time.perf_counter() - t0
     store = ecfg.store.path
     reader = open_store(store)
     store_key = key_hash(reader.fingerprint)
     # Stage one's cost, for the accuracy-vs-time comparison: only a run that computed the whole
     # store measured it (a reused or resumed store leaves it unknown rather than wrong).
-    whole = plan.streamed == sum(reader.num_samples(s) for s in reader.splits)
+    whole = done.streamed == sum(reader.num_samples(s) for s in reader.splits)
     extraction = units.get(f"{case.name}.extract", {"store": store_key},
-                           lambda: {"extract_s": extract_s if whole else None, "images": plan.streamed})
+                           lambda: {"extract_s": extract_s if whole else None, "images": done.streamed})
     last = last_layer_name(reader.layers)
     result = {"name": case.name, "backbone": ecfg.backbone.name, "weights": ecfg.backbone.weights,
               "image_size": list(reader.manifest["fingerprint"]["preprocessing"]["input_size"][1:]),
@@ -130,6 +133,8 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
             result["rows"].append(pooled)
     if case.sklearn is not None:
         result["rows"].append(_sklearn_row(cfg, case, store, store_key, last, units))
+        if case.sklearn.per_layer:
+            result["sklearn_per_layer"] = _sklearn_per_layer(cfg, case, store, store_key, reader, units)
     if case.finetune is not None:
         result["rows"].append(_finetune_row(cfg, case, ecfg, units))
     # The store as extracted is the baseline each storage option is compared with.
@@ -154,21 +159,45 @@ def _method_rows(entry, grids: list[dict], last: str) -> list[dict]:
     return [r for r in rows if r is not None]
 
 
+def _sklearn_fits(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, layer: str, units: Units, name: str) -> list[dict]:
+    """One unit per seed: every C of the grid fitted on that seed's carve (sklearn_reference.py)."""
+    s = case.sklearn
+    fits = []
+    for seed in cfg.seeds:
+        args = (store, layer, s.C, case.train_split, case.test_split, cfg.val_fraction, seed, s.max_iter)
+        fits.append(units.get(f"{case.name}.{name}.seed{seed}", {"store": store_key, "args": args, "report": "per_C"},
+                              lambda: fit_logistic(*args)))
+    return fits
+
+
+def _sklearn_choice(fits: list[dict]) -> tuple[float, dict]:
+    """The C with the best mean validation accuracy over the seeds (the protocol of every
+    method), and its per-seed results."""
+    Cs = [r["C"] for r in fits[0]["per_C"]]
+    C = max(Cs, key=lambda c: (statistics.fmean(next(r for r in f["per_C"] if r["C"] == c)["val_acc"] for f in fits), -Cs.index(c)))
+    return C, M.spread([next(r for r in f["per_C"] if r["C"] == C) for f in fits])
+
+
 def _sklearn_row(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, last: str, units: Units) -> dict:
     s = case.sklearn
     layer = s.layer or last
-    per_seed = []
-    for seed in cfg.seeds:
-        args = (store, layer, s.C, case.train_split, case.test_split, cfg.val_fraction, seed, s.max_iter)
-        per_seed.append(units.get(f"{case.name}.sklearn.seed{seed}", {"store": store_key, "args": args}, lambda: fit_logistic(*args)))
-    # The C chosen most often across seeds is the one timed alone.
-    Cs = [r["C"] for r in per_seed]
-    C = max(set(Cs), key=Cs.count)
+    fits = _sklearn_fits(cfg, case, store, store_key, layer, units, "sklearn")
+    C, chosen = _sklearn_choice(fits)
     solo_args = (store, layer, (C,), case.train_split, case.test_split, cfg.val_fraction, cfg.seeds[0], s.max_iter)
     solo = units.get(f"{case.name}.sklearn.solo", {"store": store_key, "args": solo_args}, lambda: run_measured(fit_logistic, *solo_args))
-    return {"method": f"sklearn LogisticRegression, last layer ({layer})", "config": f"C chosen on val: {Cs} (per seed), lbfgs, standardized",
-            "kind": "sklearn", "layer": layer, "params": per_seed[0]["params"], "pct_backbone": None,
-            "wall_s": solo["wall_s"], "peak_mb": solo["peak_mb"], "gpu_peak_mb": solo["gpu_peak_mb"], **M.spread(per_seed)}
+    return {"method": f"sklearn LogisticRegression, last layer ({layer})",
+            "config": f"C {C:g} chosen on mean validation from {list(s.C)} (each seed's own choice: {[f['C'] for f in fits]}), lbfgs, standardized",
+            "kind": "sklearn", "layer": layer, "params": fits[0]["params"], "pct_backbone": None,
+            "wall_s": solo["wall_s"], "peak_mb": solo["peak_mb"], "gpu_peak_mb": solo["gpu_peak_mb"], **chosen}
+
+
+def _sklearn_per_layer(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, reader, units: Units) -> dict:
+    """scikit-learn on every cached layer, C chosen on mean validation: the per-layer tables' reference."""
+    out = {}
+    for layer in layers_in_backbone_order(reader.layers):
+        C, chosen = _sklearn_choice(_sklearn_fits(cfg, case, store, store_key, layer, units, f"sklearn.{layer}"))
+        out[layer] = {"C": C, **chosen}
+    return out
 
 
 def _finetune_row(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units) -> dict:

@@ -42,8 +42,6 @@ class ExtractPlan:
     sources: dict[str, SplitSource]
     chunks: ChunkPlan
     device: torch.device
-    streamed: int = 0  # samples computed by this run
-    stream_seconds: float = 0.0  # their wall time, from the first batch to the last write
 
     def bytes_per_sample(self, spec: LayerSpec) -> int:
         return encoding(self.cfg.store.dtype).bytes_per_sample(spec.tokens, spec.dim)
@@ -111,22 +109,36 @@ def fingerprint(plan: ExtractPlan) -> dict:
     }
 
 
-def run_extract(cfg: ExtractConfig, dry_run: bool = False, overwrite: bool = False) -> ExtractPlan:
+@dataclass
+class Extraction:
+    """What one extract run did: its plan, the samples it computed and their wall time (from
+    the first batch to the last write; 0 when the store was complete already)."""
+
+    plan: ExtractPlan
+    streamed: int = 0
+    stream_seconds: float = 0.0
+
+
+def run_extract(cfg: ExtractConfig, overwrite: bool = False) -> Extraction:
+    """setup (the plan, printed with its cost) -> run (each split's missing chunks) -> finish
+    (the manifest stamped complete). A dry run is plan_extraction(cfg).report()."""
     t0 = time.perf_counter()
     plan = plan_extraction(cfg)
-    if dry_run:
-        return plan
     log.info("plan:\n%s", plan.report())
+    done = Extraction(plan)
     with store_os_errors(cfg.store.path), open_writer(plan, overwrite) as writer:  # the lease is given back on any exit
         for split in plan.sources:
-            if not extract_chunks(plan, writer, split, range(plan.chunks.n_chunks(len(plan.sources[split])))):
+            samples, seconds = extract_chunks(plan, writer, split, range(plan.chunks.n_chunks(len(plan.sources[split]))))
+            done.streamed += samples
+            done.stream_seconds += seconds
+            if not samples:
                 log.info("split %s: complete, nothing to do", split)
         manifest = writer.finalize()
     report_skipped(manifest)
     skipped = sum(len(v) for v in manifest["skipped"].values())
     log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, writer.location.size_bytes() / 1e6, skipped, time.perf_counter() - t0)
     plan.taps.close()
-    return plan
+    return done
 
 
 def open_writer(plan: ExtractPlan, overwrite: bool = False, lease: bool = True) -> StoreWriter:
@@ -189,15 +201,16 @@ def report_skipped(manifest: dict) -> None:
                         "`train` refuses this split", split, n)
 
 
-def extract_chunks(plan: ExtractPlan, writer: StoreWriter, split: str, chunks: Iterable[int]) -> int:
-    """Compute the given chunks of one split that are not stamped yet; returns how many."""
+def extract_chunks(plan: ExtractPlan, writer: StoreWriter, split: str, chunks: Iterable[int]) -> tuple[int, float]:
+    """Compute the given chunks of one split that are not stamped yet; returns the samples
+    computed and their wall time."""
     todo = sorted(set(chunks) & set(writer.missing_chunks(split)))
-    if todo:
-        _extract_split(plan, _prepare_model(plan), writer, split, plan.sources[split], todo)
-    return len(todo)
+    if not todo:
+        return 0, 0.0
+    return _extract_split(plan, _prepare_model(plan), writer, split, plan.sources[split], todo)
 
 
-def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, source: SplitSource, missing: list[int]) -> None:
+def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, source: SplitSource, missing: list[int]) -> tuple[int, float]:
     cfg = plan.cfg
     n = len(source)
     indices = np.concatenate([np.arange(*plan.chunks.chunk_range(c, n)) for c in missing])
@@ -232,9 +245,8 @@ def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, so
         bar.close()
     background.close()
     elapsed = time.perf_counter() - start
-    plan.streamed += len(indices)
-    plan.stream_seconds += elapsed
     log.info("split %s: %d samples in %.1f s (%.1f img/s, %.1f MB/s written before compression)", split, len(indices), elapsed, len(indices) / elapsed, background.bytes_written / 1e6 / elapsed)
+    return len(indices), elapsed
 
 
 def _forward(plan: ExtractPlan, model, images: torch.Tensor) -> dict[str, torch.Tensor]:
