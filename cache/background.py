@@ -8,7 +8,6 @@ was missing, so zarr never has to read-modify-write) and then stamps them comple
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections import defaultdict
@@ -20,7 +19,6 @@ from cache.errors import StoreError
 from cache.stats import sums
 from cache.writer import StoreWriter
 
-log = logging.getLogger(__name__)
 _STOP = object()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-
 # The compressors, by the name store.compressor.name gives: level -> zarr codecs.
 COMPRESSORS = {
     "zstd": lambda level: [ZstdCodec(level=level)],

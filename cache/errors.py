@@ -3,7 +3,8 @@
     FeatureCacheError            the base: `featurecache` prints it as one `error: ...` line, exit 2
     ├── ConfigError              a config, an argument or a file the user named that cannot be used;
     │                            lists every problem at once (pipeline.adapters.AdapterConfigError,
-    │                            a bad adapter kind, hyperparameter or layer choice, is one)
+    │                            a bad adapter kind, hyperparameter or layer choice, is one); also a
+    │                            feature whose optional extra is not installed (require_extra)
     └── StoreError               a store that cannot be used as asked (missing, incomplete, not ours)
         └── StoreMismatchError   made with another config, backbone or dataset (a store, or the
                                  store an adapter was trained on); names every differing key
@@ -13,6 +14,8 @@ Anything else that escapes is a bug, and the CLI shows its traceback. `cache` ne
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 
 class FeatureCacheError(Exception):
@@ -68,3 +71,11 @@ class StoreMismatchError(StoreError):
         lines = "\n".join(f"  - {d}" for d in differences)
         subject = subject or f"store {path!r} was made differently"
         super().__init__(f"{subject}:\n{lines}" + (f"\n{hint}" if hint else ""))
+
+
+def require_extra(what: str, extra: str, *modules: str) -> None:
+    """A ConfigError naming the extra to install unless every (top-level) module is there:
+    `what` (a feature the user asked for) needs the optional dependencies of `extra`."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"{what} needs {' and '.join(missing)}, not installed here: pip install 'featurecache[{extra}]'")

@@ -13,7 +13,6 @@ StoreError that names the array and the chunk.
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -25,15 +24,13 @@ import torch
 import zarr
 
 from cache.encodings import encoding
-from cache.errors import StoreError
+from cache.errors import StoreError, require_extra
 from cache.integrity import ObjectIndex, read_region, require_finite
 from cache.layout import ChunkPlan
 from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids
-from cache.stats import summarize, sums
 from cache.schema import CREATING_KEY, FORMAT_VERSION, MANIFEST_KEY, LayerSpec
-
-log = logging.getLogger(__name__)
+from cache.stats import summarize, sums
 
 
 @dataclass
@@ -143,7 +140,8 @@ class CacheReader:
 
     def dask_array(self, split: str, layer: str, dtype: str = "float32"):
         """The layer as a lazy dask array [N, T, D], decoded to `dtype`, one dask chunk per shard
-        (one storage object per task, rather than many small partial reads)."""
+        (one storage object per task, rather than many small partial reads). Needs the dask extra."""
+        require_extra("CacheReader.dask_array", "dask", "dask")
         import dask.array as da
 
         z = self.zarr_array(split, layer)
@@ -228,7 +226,6 @@ class CacheReader:
         epoch: int = 0,
         buffer_chunks: int = 4,
         prefetch: int = 2,
-        drop_last: bool = False,
         keep: Optional[np.ndarray] = None,
         out: torch.dtype = torch.float32,
     ) -> Iterator[Batch]:
@@ -280,7 +277,7 @@ class CacheReader:
                     pos += batch_size
                 if pos < len(idx):
                     carry = ({k: v[pos:] for k, v in feats.items()}, idx[pos:])
-            if carry is not None and not drop_last:
+            if carry is not None:
                 sl = carry[1]
                 yield Batch(carry[0], torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
 

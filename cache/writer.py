@@ -43,8 +43,8 @@ from cache.lease import StoreLease
 from cache.local_files import replace_dir
 from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids, write_sample_ids
-from cache.stats import STATS_ROWS
 from cache.schema import CREATING_KEY, FORMAT_VERSION, MANIFEST_KEY, LayerSpec
+from cache.stats import STATS_ROWS
 
 log = logging.getLogger(__name__)
 

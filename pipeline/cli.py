@@ -171,8 +171,8 @@ def _sweep(args) -> int:
 
 
 def _bench(args) -> int:
-    from pipeline.runners.bench import run_bench
     from pipeline.config import BenchConfig, load_config
+    from pipeline.runners.bench import run_bench
 
     cfg = load_config(BenchConfig, args.config, args.overrides)
     run_bench(cfg, args.config)
@@ -220,7 +220,8 @@ def _inspect(args) -> int:
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    print(f"store      {s['path']}  ({'complete' if s['complete'] else 'INCOMPLETE'}, format v{s['format_version']}, {s['bytes_on_disk'] / 1e6:.1f} MB on disk)")
+    state = "complete" if s["complete"] else "INCOMPLETE"
+    print(f"store      {s['path']}  ({state}, format v{s['format_version']}, {s['bytes_on_disk'] / 1e6:.1f} MB on disk)")
     b = s["backbone"]
     print(f"backbone   {b['name']} ({b['weights']} weights, sha256 {b['weights_sha256'][:16]}...)")
     p = s["preprocessing"]

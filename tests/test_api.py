@@ -21,6 +21,24 @@ def test_import_pipeline_stays_light():
     assert out.stdout == "[]\n"
 
 
+def test_the_core_needs_no_dask():
+    """dask is an extra: the CLI and the runners import without it (None in sys.modules makes
+    any import of it fail), and a job that needs it says how to install it."""
+    code = (
+        "import sys; sys.modules['dask'] = sys.modules['distributed'] = None\n"
+        "import pipeline.cli, pipeline.runners.extract, pipeline.runners.train, pipeline.runners.predict, pipeline.runners.sweep\n"
+        "from cache import FeatureCacheError\n"
+        "from pipeline.runners.distributed_extract import run_distributed_extract\n"
+        "try:\n"
+        "    run_distributed_extract(None)\n"
+        "except FeatureCacheError as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout == ("ConfigError extract --workers/--scheduler (extraction on a dask cluster) needs dask and distributed, "
+                          "not installed here: pip install 'featurecache[dask]'\n")
+
+
 def test_load_config_takes_a_path_a_dict_or_a_config(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "images")
     data = to_dict(cfg)

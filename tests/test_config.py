@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from pipeline.config import CONFIG_CLASSES, ConfigError, ExtractConfig, apply_overrides, build, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

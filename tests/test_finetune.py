@@ -112,9 +112,9 @@ def fake_run(fn, extract, settings, seed, *rest) -> dict:
 
 
 def paragon_row(tmp_path, extract: dict, monkeypatch, calls: list) -> dict:
-    from pipeline.runners import bench as bench_module
     from pipeline.benchmarking.units import Units
     from pipeline.config import ExtractConfig
+    from pipeline.runners import bench as bench_module
 
     def recorded(fn, *args):
         calls.append((args[1]["lr"], args[2]))

@@ -38,6 +38,7 @@ def test_sigkill_then_rerun_equals_clean_run(tmp_path):
     (tmp_path / "a").mkdir()
     config_file = tmp_path / "a" / "cfg.yaml"
     import yaml
+
     from pipeline.config import to_dict
 
     config_file.write_text(yaml.safe_dump(to_dict(cfg)))

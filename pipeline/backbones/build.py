@@ -57,7 +57,7 @@ def _create(cfg: BackboneConfig, pre: PreprocessConfig) -> torch.nn.Module:
     if cfg.name not in timm.list_models(pretrained=False) and not timm.is_model(cfg.name):
         near = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
         raise ConfigError(f"backbone.name: {cfg.name!r} is not a timm model" + (f"; did you mean {near}?" if near else ""))
-    # Checked again here: a config rebuilt from a store's manifest or an adapter's fingerprint,
+    # Checked again here: a config rebuilt from a store's or an adapter's fingerprint,
     # or made in code, reaches timm only with arguments that cannot load or fetch files.
     problems = model_kwargs_problems(cfg.model_kwargs, "backbone.model_kwargs")
     if problems:

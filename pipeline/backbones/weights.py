@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,8 +20,6 @@ from typing import Callable
 import torch
 
 from cache.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,9 @@ from typing import Any, Sequence, Union
 
 from pipeline.config.bench_config import BenchConfig
 from pipeline.config.extract_config import ExtractConfig
+from pipeline.config.loader import ConfigError, apply_overrides, build, load_yaml, to_dict
 from pipeline.config.sweep_config import SweepConfig
 from pipeline.config.train_config import AdapterEntry, TrainConfig
-from pipeline.config.loader import ConfigError, apply_overrides, build, load_yaml, to_dict
-
 
 # The job each shipped YAML is for (its first line names the command).
 CONFIG_CLASSES = {"extract": ExtractConfig, "train": TrainConfig, "sweep": SweepConfig, "bench": BenchConfig}
@@ -40,4 +39,7 @@ def load_config(kind_or_class: Union[str, type], source: Any, overrides: Sequenc
     return build(cls, apply_overrides(data, list(overrides)), source=where)
 
 
-__all__ = ["AdapterEntry", "BenchConfig", "TrainConfig", "CONFIG_CLASSES", "ConfigError", "ExtractConfig", "SweepConfig", "load_config", "to_dict", "build", "apply_overrides", "load_yaml"]
+__all__ = [
+    "AdapterEntry", "BenchConfig", "CONFIG_CLASSES", "ConfigError", "ExtractConfig", "SweepConfig", "TrainConfig",
+    "apply_overrides", "build", "load_config", "load_yaml", "to_dict",
+]

@@ -1,7 +1,7 @@
 """The `extract` job's config: YAML sections -> frozen dataclasses.
 
-Only fields that change what is stored enter the store's fingerprint (see
-`ExtractConfig.content_fingerprint`); batch size, workers and device do not.
+Only fields that change what is stored enter the store's fingerprint (see `fingerprint` in
+pipeline/runners/extract.py); batch size, workers and device do not.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ CompressorName = Literal[tuple(COMPRESSORS)]  # cache/codecs.py
 # (timm passes them to the model's constructor, which refuses those it does not take). Others,
 # such as pretrained_cfg, pretrained_cfg_overlay, checkpoint_path, cache_dir or
 # pretrained_strict, make timm load or fetch files; the backbone is rebuilt from a store's
-# saved config and from an adapter's fingerprint, which must never do that, so they are refused.
+# or an adapter's fingerprint, which must never do that, so they are refused.
 MODEL_KWARGS = (
     "img_size", "in_chans", "num_classes", "global_pool", "patch_size", "embed_dim", "depth", "num_heads",
     "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "reg_tokens", "no_embed_class",

@@ -164,7 +164,7 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str], checks: list[st
         if not isinstance(value, dict):
             problems.append(f"{key}: got {value!r}, expected a mapping")
             return None
-        k_tp, v_tp = get_args(tp)
+        _, v_tp = get_args(tp)
         return {k: _convert(v_tp, v, f"{key}.{k}", problems, checks) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):

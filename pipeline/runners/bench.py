@@ -13,18 +13,18 @@ the store's fingerprint, so an interrupted run resumes and a finished one only r
 from __future__ import annotations
 
 import logging
-import statistics
 import shutil
+import statistics
 import time
 from pathlib import Path
 
 from cache import open_store
+from pipeline.adapters.base import last_layer_name, layers_in_backbone_order
 from pipeline.benchmarking import methods as M
 from pipeline.benchmarking.finetune import finetune
 from pipeline.benchmarking.machine import machine_info
 from pipeline.benchmarking.measured import run_measured
 from pipeline.benchmarking.report import PLOTS, write_benchmarks, write_headline
-from pipeline.adapters.base import last_layer_name, layers_in_backbone_order
 from pipeline.benchmarking.sklearn_reference import fit_logistic
 from pipeline.benchmarking.speed import measure_speed
 from pipeline.benchmarking.store_variants import disk_per_sample, option_label, variant_config
@@ -105,8 +105,9 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
         grids = []
         for seed in cfg.seeds:
             settings = M.train_settings(cfg, case, seed)
-            grids.append(units.get(f"{case.name}.{method}.seed{seed}", {"store": store_key, "entry": to_dict(entry), "settings": settings},
-                                   lambda: M.train_grid(store, entry, settings, str(out / "runs" / case.name / f"{method}_seed{seed}"))))
+            grid = units.get(f"{case.name}.{method}.seed{seed}", {"store": store_key, "entry": to_dict(entry), "settings": settings},
+                             lambda: M.train_grid(store, entry, settings, str(out / "runs" / case.name / f"{method}_seed{seed}")))
+            grids.append(M.with_member_ids(grid, entry, reader.layers, seed))
         all_grids.append(grids)
         rows = _method_rows(entry, grids, last)
         for row in rows:
@@ -114,9 +115,9 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
                 row["wall_s"] = sum(sum(g["epoch_seconds"]) for g in grids) / len(grids)
                 row["time_note"] = "the whole grid, fused"
                 continue
-            single = M.member_entry(entry, row["config"], store)
+            single = M.member_entry(entry, row["config_id"], store)
             settings = M.train_settings(cfg, case, cfg.seeds[0])
-            solo = units.get(f"{case.name}.{method}.solo.{key_hash(row['config'])}",
+            solo = units.get(f"{case.name}.{method}.solo.{row['config_id']}",
                              {"store": store_key, "entry": to_dict(single), "settings": settings},
                              lambda: run_measured(M.train_solo, store, to_dict(single), settings))
             row.update(wall_s=solo["wall_s"], peak_mb=solo["peak_mb"], gpu_peak_mb=solo["gpu_peak_mb"], solo_test_acc=solo["result"]["test_acc"])

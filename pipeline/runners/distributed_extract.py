@@ -37,7 +37,7 @@ import torch
 
 from cache import FeatureCacheError
 from pipeline.config import ExtractConfig, build, to_dict
-from pipeline.dask_cluster import dask_client, torch_threads, workers_per_host
+from pipeline.dask_cluster import dask_client, require_dask, torch_threads, workers_per_host
 from pipeline.runners.extract import Extraction, extract_chunks, open_writer, plan_extraction
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class ExtractTasksFailed(FeatureCacheError):
 def run_distributed_extract(cfg: ExtractConfig, scheduler: Optional[str] = None, workers: int = 2, overwrite: bool = False,
                             host: Optional[str] = None) -> Extraction:
     """host: the interface a local cluster listens on (see dask_cluster.cluster_host)."""
+    require_dask("extract --workers/--scheduler (extraction on a dask cluster)")
     t0 = time.perf_counter()
     threads = torch.get_num_threads()  # what this command without --workers would compute with
     plan = plan_extraction(cfg)

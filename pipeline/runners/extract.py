@@ -98,7 +98,8 @@ def fingerprint(plan: ExtractPlan) -> dict:
         "backbone": {"name": plan.backbone.name, "weights": cfg.backbone.weights, "weights_sha256": plan.backbone.weights_sha256,
                      "model_kwargs": dict(cfg.backbone.model_kwargs)},
         "layers": [s.to_json() for s in plan.specs],
-        "storage": {"dtype": cfg.store.dtype, "tokens": cfg.store.tokens, "grid_size": cfg.store.grid_size if TOKEN_REDUCTIONS[cfg.store.tokens].pools_grid else None},
+        "storage": {"dtype": cfg.store.dtype, "tokens": cfg.store.tokens,
+                    "grid_size": cfg.store.grid_size if TOKEN_REDUCTIONS[cfg.store.tokens].pools_grid else None},
         "preprocessing": _jsonable(plan.backbone.data_config),
         "dataset": {"kind": cfg.data.kind, "splits": {k: s.fingerprint() for k, s in plan.sources.items()}},
         "layout": {
@@ -136,7 +137,8 @@ def run_extract(cfg: ExtractConfig, overwrite: bool = False) -> Extraction:
         manifest = writer.finalize()
     report_skipped(manifest)
     skipped = sum(len(v) for v in manifest["skipped"].values())
-    log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, writer.location.size_bytes() / 1e6, skipped, time.perf_counter() - t0)
+    log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, writer.location.size_bytes() / 1e6, skipped,
+             time.perf_counter() - t0)
     plan.taps.close()
     return done
 
@@ -207,10 +209,11 @@ def extract_chunks(plan: ExtractPlan, writer: StoreWriter, split: str, chunks: I
     todo = sorted(set(chunks) & set(writer.missing_chunks(split)))
     if not todo:
         return 0, 0.0
-    return _extract_split(plan, _prepare_model(plan), writer, split, plan.sources[split], todo)
+    _prepare_model(plan)
+    return _extract_split(plan, writer, split, plan.sources[split], todo)
 
 
-def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, source: SplitSource, missing: list[int]) -> tuple[int, float]:
+def _extract_split(plan: ExtractPlan, writer: StoreWriter, split: str, source: SplitSource, missing: list[int]) -> tuple[int, float]:
     cfg = plan.cfg
     n = len(source)
     indices = np.concatenate([np.arange(*plan.chunks.chunk_range(c, n)) for c in missing])
@@ -232,7 +235,7 @@ def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, so
                 skipped += len(bad)
                 for e in bad:
                     log.warning("skipping: %s", e)
-            feats = _forward(plan, model, images)
+            feats = _forward(plan, images)
             feats = {k: reduce_tokens(v, raw[k], cfg.store.tokens, cfg.store.grid_size).float().cpu() for k, v in feats.items()}
             background.put(idx.numpy(), feats, valid)
             bar.update(len(idx))
@@ -245,11 +248,12 @@ def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, so
         bar.close()
     background.close()
     elapsed = time.perf_counter() - start
-    log.info("split %s: %d samples in %.1f s (%.1f img/s, %.1f MB/s written before compression)", split, len(indices), elapsed, len(indices) / elapsed, background.bytes_written / 1e6 / elapsed)
+    log.info("split %s: %d samples in %.1f s (%.1f img/s, %.1f MB/s written before compression)", split, len(indices), elapsed,
+             len(indices) / elapsed, background.bytes_written / 1e6 / elapsed)
     return len(indices), elapsed
 
 
-def _forward(plan: ExtractPlan, model, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def _forward(plan: ExtractPlan, images: torch.Tensor) -> dict[str, torch.Tensor]:
     on_cuda = plan.device.type == "cuda"
     images = images.to(plan.device, non_blocking=True)
     if on_cuda:
@@ -260,12 +264,12 @@ def _forward(plan: ExtractPlan, model, images: torch.Tensor) -> dict[str, torch.
     return plan.taps(images)
 
 
-def _prepare_model(plan: ExtractPlan):
+def _prepare_model(plan: ExtractPlan) -> None:
+    """Move the backbone (the module plan.taps runs) to the plan's device, in place."""
     model = plan.backbone.model.to(plan.device)
     if plan.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    return model
 
 
 def _device(name: str) -> torch.device:
@@ -283,7 +287,8 @@ def _workers(cfg: ExtractConfig, on_cuda: bool) -> int:
 
 
 def _fmt_preprocess(dc: dict) -> str:
-    return f"{dc['input_size'][1]}x{dc['input_size'][2]}, {dc['interpolation']}, crop {dc['crop_pct']}, mean {tuple(round(m, 3) for m in dc['mean'])}, std {tuple(round(s, 3) for s in dc['std'])}"
+    mean, std = tuple(round(m, 3) for m in dc["mean"]), tuple(round(s, 3) for s in dc["std"])
+    return f"{dc['input_size'][1]}x{dc['input_size'][2]}, {dc['interpolation']}, crop {dc['crop_pct']}, mean {mean}, std {std}"
 
 
 def _jsonable(d: dict) -> dict:

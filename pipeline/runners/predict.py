@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,18 +19,14 @@ import torch
 
 from cache import encoding
 from cache.errors import ConfigError
-from cache.schema import LayerSpec
 from pipeline.adapters import load_adapter, read_adapter_manifest
 from pipeline.adapters.persistence import MANIFEST_FILE
-from pipeline.backbones.build import Backbone
 from pipeline.backbones.taps import EMBED, LayerTaps
 from pipeline.backbones.tokens import reduce_tokens
-from pipeline.config import ExtractConfig, build
 from pipeline.data.image_folder import IMAGE_SUFFIXES
 from pipeline.data.source import read_image
-from pipeline.training.frozen_backbone import verified_backbone
+from pipeline.training.frozen_backbone import rebuild_backbone
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,7 +78,7 @@ def run_predict(adapter_dirs: list[str], images: list[str], batch_size: int = 32
 
 def _predict_group(tasks: list[Task], files: list[Path], rows: list[dict], batch_size: int) -> None:
     fp = tasks[0].manifest["store_fingerprint"]
-    backbone = _backbone_for(fp)
+    backbone = rebuild_backbone(fp, f"the store of adapter {str(tasks[0].directory)!r}")
     adapters = [load_adapter(t.directory, t.manifest["store_fingerprint"], backbone_modules=backbone.model).eval() for t in tasks]
     stored = {}
     for a in adapters:
@@ -118,21 +113,6 @@ def _as_cached(x: torch.Tensor, dtype: str) -> torch.Tensor:
     """The same rounding the store applies, so predictions match cached-feature predictions."""
     enc = encoding(dtype)
     return enc.decode(*enc.encode(x))
-
-
-def _backbone_for(fp: dict) -> Backbone:
-    dc = fp["preprocessing"]
-    specs = [LayerSpec.from_json(d) for d in fp["layers"]]
-    layers = [s.name for s in specs if s.name != EMBED and not s.is_kv] or [-1]
-    cfg = build(ExtractConfig, {
-        "backbone": {"name": fp["backbone"]["name"], "weights": fp["backbone"]["weights"], "layers": layers,
-                     "model_kwargs": fp["backbone"].get("model_kwargs", {}), "cache_kv": any(s.is_kv for s in specs),
-                     "through_final_norm": any(s.through_final_norm for s in specs)},
-        "data": {"kind": "image_folder", "root": "-"},
-        "store": {"path": "-"},
-        "preprocess": {"image_size": dc["input_size"][1], "interpolation": dc["interpolation"], "mean": dc["mean"], "std": dc["std"], "crop_pct": dc["crop_pct"]},
-    }, source="the adapter's store fingerprint")
-    return verified_backbone(cfg, fp["backbone"], "the adapter's store")
 
 
 def _load(path: Path):

@@ -29,9 +29,9 @@ from cache import CacheReader, FeatureCacheError, open_store
 from pipeline.adapters import adapter_class, build_adapter
 from pipeline.config import ConfigError, to_dict
 from pipeline.config.sweep_config import SweepConfig
-from pipeline.dask_cluster import dask_client, workers_per_host
+from pipeline.dask_cluster import dask_client, require_dask, workers_per_host
 from pipeline.sweeping.export import best_per_kind, results_markdown, write_best_train_config
-from pipeline.sweeping.jobs import Job, plan_jobs, run_job, trial_rows
+from pipeline.sweeping.jobs import Job, plan_jobs, run_job, trial_member, trial_rows
 from pipeline.sweeping.plots import plot_scores
 from pipeline.sweeping.results_log import TrialsLog
 from pipeline.sweeping.space import Trial, make_trials
@@ -53,6 +53,8 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 0:
         raise ConfigError(f"workers: got {workers}, expected >= 0 (0: run the jobs in this process)")
+    if scheduler or workers:
+        require_dask("a sweep on dask (--workers 0 runs its jobs in this process without it)")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -105,10 +107,13 @@ def _check_architectures(trials: list[Trial], reader: CacheReader) -> None:
     width that the number of heads does not divide) stops the sweep before any job runs."""
     problems, seen = [], set()
     for t in trials:
-        if t.shape_key in seen or adapter_class(t.kind).requires_backbone_modules:
+        if adapter_class(t.kind).requires_backbone_modules:
             continue
-        seen.add(t.shape_key)
         try:
+            shape = trial_member(t, reader.layers).shape_key
+            if shape in seen:
+                continue
+            seen.add(shape)
             build_adapter(t.kind, reader.layers, len(reader.classes), **t.hparams)
         except (ConfigError, ValueError) as e:  # AdapterConfigError, or torch refusing the shapes
             problems.append(f"{t.kind} {json.dumps(t.hparams)}: {e}")

@@ -1,6 +1,6 @@
 """Stage two: train many adapters from the feature cache in one pass per epoch, no backbone in the loop.
 
-    python -m pipeline train configs/train_fashion_mnist.yaml [dotted.key=value ...]
+    python -m pipeline train configs/train_fashion_mnist_lite0.yaml [dotted.key=value ...]
 
 setup (store, splits, members, fused groups) -> print the cost -> for each epoch, one
 shuffled pass over the cache feeds every group -> validation per member (best state kept)
@@ -21,20 +21,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache import CacheReader, ConfigError, open_store
+from cache import CacheReader, open_store
 from pipeline.adapters import FusedAdapters, StackedAdamW, build_adapter, per_member_cross_entropy, save_adapter
 from pipeline.adapters.pooling import pool_tokens
 from pipeline.adapters.standardize import Standardizer
-from pipeline.training.convex_probe import fit_logistic_lbfgs, fold_standardization, standardize, standardize_fit
 from pipeline.config import TrainConfig, to_dict
-from pipeline.data.valid_samples import require_valid_samples
+from pipeline.training.convex_probe import fit_logistic_lbfgs, fold_standardization, standardize, standardize_fit
 from pipeline.training.ensembles import calibrated_ensembles
 from pipeline.training.evaluate import accuracy, split_logits
-from pipeline.training.splits import Splits, count_samples, resolve_splits
 from pipeline.training.members import Member, expand, group_by_shape
 from pipeline.training.output import staged_output
 from pipeline.training.report import write_report
 from pipeline.training.schedule import warmup_cosine
+from pipeline.training.splits import Splits, count_samples, resolve_splits
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def _train_epochs(run: Run, metrics) -> list[float]:
                 losses[gi] += loss.detach() * len(batch.labels)
                 if step % cfg.log_every == 0:
                     metrics.write(json.dumps({"step": step, "epoch": epoch, "group": gi, "lr_factor": factor,
-                                              "loss": {m.name: float(l) for m, l in zip(g.members, loss.detach())}}) + "\n")
+                                              "loss": {m.id: float(l) for m, l in zip(g.members, loss.detach())}}) + "\n")
             seen += len(batch.labels)
             step += 1
             bar.set_postfix(samples_per_s=f"{seen / (time.perf_counter() - t_epoch):.0f}", refresh=False)
@@ -173,7 +172,7 @@ def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, m
             for name, p in g.fused.params.items():
                 g.best_params[name][better] = p.detach()[better]
         for m, a, l in zip(g.members, acc, train_loss):
-            metrics.write(json.dumps({"epoch": epoch, "member": m.name, "train_loss": float(l), "val_acc": float(a)}) + "\n")
+            metrics.write(json.dumps({"epoch": epoch, "member": m.name, "member_id": m.id, "train_loss": float(l), "val_acc": float(a)}) + "\n")
     metrics.flush()
     best = max(float(g.best_val.max()) for g in groups)
     log.info("epoch %d: best validation accuracy so far %.4f", epoch + 1, best)
@@ -201,7 +200,8 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float]) -> dic
             i = len(rows)
             params = adapter.num_trainable_parameters()
             rows.append({
-                "adapter": m.name, "kind": m.kind, "layer": m.layer_label, "lr": m.lr, "weight_decay": m.weight_decay, "seed": m.seed,
+                "adapter": m.name, "member_id": m.id, "config_id": m.config_id,
+                "kind": m.kind, "layer": m.layer_label, "lr": m.lr, "weight_decay": m.weight_decay, "seed": m.seed,
                 "params": params, "pct_backbone": 100.0 * params / backbone_params if backbone_params else None,
                 "val_acc": float(val_acc[i]), "test_acc": float(test_acc[i]) if test_acc is not None else None,
                 "train_s": g.seconds / len(g.members), "fused_with": len(g.members),
@@ -212,20 +212,22 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float]) -> dic
     ensembles = calibrated_ensembles(val_logits, val_labels, test_logits if test_acc is not None else None,
                                      test_labels if test_acc is not None else None, k=cfg.ensemble_top_k)
 
-    def named(report) -> dict:
-        return {**report.to_dict(), "members": [rows[i]["adapter"] for i in report.members]}
+    def by_id(report) -> dict:  # members by id; their names beside them, for people
+        return {**report.to_dict(), "members": [rows[i]["member_id"] for i in report.members],
+                "adapters": [rows[i]["adapter"] for i in report.members]}
 
+    best = rows[order[0]]
     summary = {
-        "top1": {"adapter": rows[order[0]]["adapter"], "val_acc": rows[order[0]]["val_acc"], "test_acc": rows[order[0]]["test_acc"]},
-        "ensemble": named(ensembles.top_k),  # the top k by validation, calibrated probabilities averaged
-        "greedy": named(ensembles.greedy),  # Caruana's forward selection with replacement on validation
+        "top1": {k: best[k] for k in ("adapter", "member_id", "val_acc", "test_acc")},
+        "ensemble": by_id(ensembles.top_k),  # the top k by validation, calibrated probabilities averaged
+        "greedy": by_id(ensembles.greedy),  # Caruana's forward selection with replacement on validation
         "train_seconds_total": sum(g.seconds for g in groups),
         "epoch_seconds": epoch_seconds,  # wall time of each training pass (reading + all steps)
     }
     # Every member's logits, for ensembles across runs (the benchmark pools its methods' grids).
-    np.savez(out / "logits.npz", members=np.array([r["adapter"] for r in rows]), val_logits=val_logits.float().numpy(),
-             val_labels=val_labels.numpy(), **({"test_logits": test_logits.float().numpy(), "test_labels": test_labels.numpy()}
-                                               if test_acc is not None else {}))
+    test = {"test_logits": test_logits.float().numpy(), "test_labels": test_labels.numpy()} if test_acc is not None else {}
+    np.savez(out / "logits.npz", members=np.array([r["adapter"] for r in rows]), member_ids=np.array([r["member_id"] for r in rows]),
+             val_logits=val_logits.float().numpy(), val_labels=val_labels.numpy(), **test)
     saved = []
     for rank, i in enumerate(order[: cfg.save_top]):
         name = f"{rank + 1:02d}_{_slug(rows[i]['adapter'])}"
@@ -301,9 +303,9 @@ def _solved_group(members: list[Member], reader: CacheReader, num_classes: int, 
 
 
 def _backbone_modules(reader: CacheReader):
-    from pipeline.training.frozen_backbone import backbone_of
+    from pipeline.training.frozen_backbone import rebuild_backbone
 
-    return backbone_of(reader.manifest, str(reader.path)).model
+    return rebuild_backbone(reader.fingerprint, f"store {reader.path!r}").model
 
 
 def _slug(name: str) -> str:

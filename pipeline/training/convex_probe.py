@@ -67,10 +67,6 @@ class L2Choice:
     val_accuracies: tuple[float, ...]  # aligned with l2_grid
     infos: tuple[FitInfo, ...]  # aligned with l2_grid
 
-    @property
-    def val_accuracy(self) -> float:
-        return self.val_accuracies[self.l2_grid.index(self.l2)]
-
 
 def _as_f64(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float64, device=device)

@@ -11,7 +11,8 @@ from cache import CacheReader
 
 
 @torch.no_grad()
-def split_logits(groups: Sequence, reader: CacheReader, split: str, layers: list[str], batch_size: int, keep: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_logits(groups: Sequence, reader: CacheReader, split: str, layers: list[str], batch_size: int,
+                 keep: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [members, n, C] (groups concatenated in order) and labels [n], in sample order."""
     for g in groups:
         g.eval()

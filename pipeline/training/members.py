@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
@@ -14,6 +15,10 @@ from pipeline.config.train_config import AdapterEntry
 
 @dataclass(frozen=True)
 class Member:
+    """One adapter to train. `name` is for people (reports, folders) and may repeat; `id` is
+    for joining: the rows, ensembles and logits `train` writes carry it, and the sweep and the
+    benchmark match results to what they asked for by it."""
+
     name: str
     kind: str
     hparams: dict[str, Any]  # the adapter's architecture hyperparameters (layer included)
@@ -24,16 +29,44 @@ class Member:
     solver: str = "adamw"  # "lbfgs": the probe solved exactly; weight_decay is then its L2 strength
 
     @property
+    def id(self) -> str:
+        """12 hex digits of the sha256 of the member's canonical JSON: equal for equal members, in
+        every run and process (hparams' key order does not matter), distinct whenever any of
+        kind, hparams, lr, weight_decay, seed, standardize or solver differs."""
+        return _digest({**self._recipe(), "seed": int(self.seed)})
+
+    @property
+    def config_id(self) -> str:
+        """The id without the seed: equal for the members of one configuration trained from
+        different seeds (the benchmark averages a configuration over seeds by it)."""
+        return _digest(self._recipe())
+
+    def _recipe(self) -> dict:
+        return {"kind": self.kind, "hparams": self.hparams, "lr": float(self.lr), "weight_decay": float(self.weight_decay),
+                "standardize": bool(self.standardize), "solver": self.solver}
+
+    @property
     def shape_key(self) -> str:
         """Members with equal keys have identical architectures: they can share one fused pass."""
         return json.dumps([self.kind, self.hparams, self.standardize, self.solver], sort_keys=True, default=str)
 
     @property
     def layer_label(self) -> str:
-        if "layer" in self.hparams:
-            return str(self.hparams["layer"])
-        layers = self.hparams.get("layers")
-        return "+".join(layers) if layers else "all"
+        return layer_label(self.hparams)
+
+
+def layer_label(hparams: Mapping[str, Any]) -> str:
+    """The layer(s) a member reads, for tables: its `layer`, its `layers` joined by "+", or
+    "all" for a kind that chooses its own (e.g. LoSA without `layers`)."""
+    if "layer" in hparams:
+        return str(hparams["layer"])
+    layers = hparams.get("layers")
+    return "+".join(layers) if layers else "all"
+
+
+def _digest(body: dict) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def check_layers(named: Iterable[tuple[str, Iterable[str]]], layers: Mapping[str, LayerSpec], store: Optional[str] = None) -> None:
@@ -69,8 +102,8 @@ def expand(entries: tuple[AdapterEntry, ...], layers: Mapping[str, LayerSpec], d
                         raw = cls.supports_standardize and not standardize
                         members.append(Member(_name(entry.kind, arch, lr, wd, seed, entry, raw), entry.kind, arch, lr, wd, seed,
                                               standardize, entry.solver))
-    names = [m.name for m in members]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    ids = [m.id for m in members]
+    duplicates = sorted({m.name for m in members if ids.count(m.id) > 1})
     if duplicates:
         raise ConfigError(f"adapters: the same adapter is listed twice: {duplicates}")
     return members

@@ -51,13 +51,6 @@ def validation_mask(n: int, fraction: float, seed: int) -> np.ndarray:
     return is_val
 
 
-def validation_mask(n: int, fraction: float, seed: int) -> np.ndarray:
-    """The seeded validation carve of a train split [n] (shared with the benchmark's references)."""
-    is_val = np.zeros(n, dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(n)[: max(1, int(round(fraction * n)))]] = True
-    return is_val
-
-
 def count_samples(reader: CacheReader, split: str, keep: Optional[np.ndarray]) -> int:
     valid = reader.valid(split)
     return int((valid & keep).sum() if keep is not None else valid.sum())
