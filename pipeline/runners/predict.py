@@ -28,7 +28,6 @@ from pipeline.data.source import read_image
 from pipeline.training.frozen_backbone import rebuild_backbone
 
 
-
 @dataclass
 class Task:
     name: str
