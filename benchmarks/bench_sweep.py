@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import SweepConfig, build  # noqa: E402
 from pipeline.dask_cluster import local_cluster  # noqa: E402
-from pipeline.sweep import run_sweep  # noqa: E402
+from pipeline.runners.sweep import run_sweep  # noqa: E402
 
 SPACE = [
     {"kind": "linear", "layer": ["blocks.6", "bn2"], "lr": [1e-3, 3e-3], "weight_decay": [1e-4, 1e-3]},

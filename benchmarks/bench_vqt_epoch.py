@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache import open_store  # noqa: E402
 from pipeline.config import ExtractConfig, TrainConfig, build, load_config  # noqa: E402
-from pipeline.extract import run_extract  # noqa: E402
-from pipeline.train import run_train  # noqa: E402
+from pipeline.runners.extract import run_extract  # noqa: E402
+from pipeline.runners.train import run_train  # noqa: E402
 
 
 def epoch_seconds(store: str, out: str, num_queries: int, use_cached_kv: bool) -> tuple[float, float]:

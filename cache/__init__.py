@@ -4,14 +4,17 @@
 """
 
 from cache.background import BackgroundWriter
-from cache.errors import StoreError, StoreMismatchError
+from cache.codecs import COMPRESSORS
+from cache.encodings import ENCODINGS, Encoding, encoding
+from cache.errors import ConfigError, FeatureCacheError, StoreError, StoreMismatchError
 from cache.layout import ChunkPlan
 from cache.reader import Batch, CacheReader, open_store
-from cache.schema import FORMAT_VERSION, MANIFEST_KEY, STORAGE_DTYPES, TOKEN_REDUCTIONS, LayerSpec
+from cache.schema import FORMAT_VERSION, MANIFEST_KEY, LayerSpec
 from cache.writer import StoreWriter
 
 __all__ = [
-    "BackgroundWriter", "Batch", "CacheReader", "ChunkPlan", "FORMAT_VERSION", "LayerSpec",
-    "MANIFEST_KEY", "STORAGE_DTYPES", "StoreError", "StoreMismatchError", "StoreWriter",
-    "TOKEN_REDUCTIONS", "open_store",
+    "BackgroundWriter", "Batch", "CacheReader", "ChunkPlan", "COMPRESSORS", "ConfigError", "ENCODINGS", "Encoding",
+    "FORMAT_VERSION", "FeatureCacheError", "LayerSpec",
+    "MANIFEST_KEY", "StoreError", "StoreMismatchError", "StoreWriter",
+    "encoding", "open_store",
 ]

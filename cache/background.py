@@ -8,7 +8,6 @@ was missing, so zarr never has to read-modify-write) and then stamps them comple
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections import defaultdict
@@ -16,12 +15,10 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from cache.codecs import decode, encode
 from cache.errors import StoreError
 from cache.stats import sums
 from cache.writer import StoreWriter
 
-log = logging.getLogger(__name__)
 _STOP = object()
 
 
@@ -86,11 +83,13 @@ class BackgroundWriter:
                     return
 
     def _absorb(self, indices: np.ndarray, features: dict[str, torch.Tensor], valid: np.ndarray) -> None:
-        encoded = {name: encode(t, self.writer.dtype) for name, t in features.items()}
+        enc = self.writer.encoding
+        encoded = {name: enc.encode(t) for name, t in features.items()}
         for name, (values, scales) in encoded.items():
             # A stored inf or NaN would poison every adapter trained on it, so it never enters
             # the store (fp16 overflows above 65504; a backbone may overflow under autocast).
-            bad = ~np.isfinite(values.reshape(len(values), -1).astype(np.float32)).all(axis=1)
+            with np.errstate(invalid="ignore", over="ignore"):  # decoded as the reader will (bfloat16's bits are integers)
+                bad = ~np.isfinite(enc.decode_numpy(values, scales).reshape(len(values), -1)).all(axis=1)
             if scales is not None:
                 bad |= ~np.isfinite(scales.astype(np.float32)).all(axis=1)
             bad &= valid
@@ -150,7 +149,7 @@ class BackgroundWriter:
         for c in chunks:  # from the values as stored, decoded as the reader decodes them
             buf = self.buffers[c]
             self.writer.write_stats(self.split, c, {
-                n: sums(decode(v, self.writer.dtype, buf["scales"].get(n)), buf["valid"], self.specs[n])
+                n: sums(self.writer.encoding.decode(v, buf["scales"].get(n)), buf["valid"], self.specs[n])
                 for n, v in buf["layers"].items()})
         self.writer.stamp(self.split, chunks)
         self.chunks_written += len(chunks)

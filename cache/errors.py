@@ -1,14 +1,81 @@
-"""Errors the cache raises; each message says what was found and what to do."""
+"""The errors a user can cause, one family: each message says what was found and what to do.
+
+    FeatureCacheError            the base: `featurecache` prints it as one `error: ...` line, exit 2
+    ├── ConfigError              a config, an argument or a file the user named that cannot be used;
+    │                            lists every problem at once (pipeline.adapters.AdapterConfigError,
+    │                            a bad adapter kind, hyperparameter or layer choice, is one); also a
+    │                            feature whose optional extra is not installed (require_extra)
+    └── StoreError               a store that cannot be used as asked (missing, incomplete, not ours)
+        └── StoreMismatchError   made with another config, backbone or dataset (a store, or the
+                                 store an adapter was trained on); names every differing key
+
+Anything else that escapes is a bug, and the CLI shows its traceback. `cache` never imports
+`pipeline`, so the family lives here and `pipeline` derives its own errors from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
 
 
-class StoreError(RuntimeError):
+class FeatureCacheError(Exception):
+    """A mistake in what the user asked for, or a state of their data that stops the job."""
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls, *args)
+        self._init_args = (args, kwargs)  # so that dask can send it back from a worker (see __reduce__)
+        return self
+
+    def __reduce__(self):
+        # Exception pickles as cls(*self.args), i.e. with the message only; subclasses take
+        # other arguments, so rebuild from the constructor's own.
+        args, kwargs = self._init_args
+        return _rebuild, (type(self), args, kwargs)
+
+
+def _rebuild(cls: type, args: tuple, kwargs: dict) -> FeatureCacheError:
+    return cls(*args, **kwargs)
+
+
+class ConfigError(FeatureCacheError):
+    """Every problem found in one config (or argument, or named file), one per line.
+
+    problems: one message or a list; source: where they are (a config file, "command-line
+    overrides"...), prefixed to a single problem and heading a list; None for none.
+    """
+
+    def __init__(self, problems: str | list[str], source: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        if len(self.problems) == 1:
+            super().__init__(f"{source}: {self.problems[0]}" if source else self.problems[0])
+            return
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s)" + (f" in {source}" if source else "") + f":\n{lines}")
+
+
+class StoreError(FeatureCacheError):
     """A store that cannot be used as asked (missing, incomplete, not ours)."""
 
 
 class StoreMismatchError(StoreError):
-    """An existing store was made with a different config, backbone or dataset."""
+    """Features made with a different config, backbone or dataset than those asked for.
 
-    def __init__(self, path: str, differences: list[str], hint: str = ""):
+    differences: one line per differing key (cache.fingerprint.differences); subject: what was
+    made differently (default: the store at `path`).
+    """
+
+    def __init__(self, path: str, differences: list[str], hint: str = "", subject: str | None = None):
+        self.path = path
         self.differences = differences
         lines = "\n".join(f"  - {d}" for d in differences)
-        super().__init__(f"store {path!r} was made differently:\n{lines}" + (f"\n{hint}" if hint else ""))
+        subject = subject or f"store {path!r} was made differently"
+        super().__init__(f"{subject}:\n{lines}" + (f"\n{hint}" if hint else ""))
+
+
+def require_extra(what: str, extra: str, *modules: str) -> None:
+    """A ConfigError naming the extra to install unless every (top-level) module is there:
+    `what` (a feature the user asked for) needs the optional dependencies of `extra`."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"{what} needs {' and '.join(missing)}, not installed here: pip install 'featurecache[{extra}]'")

@@ -13,9 +13,9 @@ StoreError that names the array and the chunk.
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -23,16 +23,14 @@ import numpy as np
 import torch
 import zarr
 
-from cache.codecs import decode
-from cache.errors import StoreError
+from cache.encodings import encoding
+from cache.errors import StoreError, require_extra
 from cache.integrity import ObjectIndex, read_region, require_finite
 from cache.layout import ChunkPlan
 from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids
-from cache.stats import summarize, sums
 from cache.schema import CREATING_KEY, FORMAT_VERSION, MANIFEST_KEY, LayerSpec
-
-log = logging.getLogger(__name__)
+from cache.stats import summarize, sums
 
 
 @dataclass
@@ -68,6 +66,7 @@ class CacheReader:
         self.layers = {d["name"]: LayerSpec.from_json(d) for d in manifest["layers"]}
         self.plan = ChunkPlan(manifest["samples_per_chunk"], manifest["chunks_per_shard"])
         self.dtype = manifest["storage"]["dtype"]
+        self.encoding = encoding(self.dtype)
         if not allow_partial and not self.is_complete():
             missing = {s: len(self.missing_chunks(s)) for s in self.splits}
             raise StoreError(
@@ -125,13 +124,13 @@ class CacheReader:
 
     def _split(self, split: str) -> dict:
         if split not in self.manifest["splits"]:
-            raise KeyError(f"split {split!r} is not in store {self.path!r}; it has {self.splits}")
+            raise StoreError(f"split {split!r} is not in store {self.path!r}; it has {self.splits}")
         return self.manifest["splits"][split]
 
     def _check_layers(self, layers: Sequence[str]) -> None:
         unknown = [l for l in layers if l not in self.layers]
         if unknown:
-            raise KeyError(f"layers {unknown} are not in store {self.path!r}; it has {list(self.layers)}")
+            raise StoreError(f"layers {unknown} are not in store {self.path!r}; it has {list(self.layers)}")
 
     # -- arrays -------------------------------------------------------------------------
     def zarr_array(self, split: str, layer: str) -> zarr.Array:
@@ -141,17 +140,18 @@ class CacheReader:
 
     def dask_array(self, split: str, layer: str, dtype: str = "float32"):
         """The layer as a lazy dask array [N, T, D], decoded to `dtype`, one dask chunk per shard
-        (one storage object per task, rather than many small partial reads)."""
+        (one storage object per task, rather than many small partial reads). Needs the dask extra."""
+        require_extra("CacheReader.dask_array", "dask", "dask")
         import dask.array as da
 
         z = self.zarr_array(split, layer)
         arr = da.from_zarr(z, chunks=z.shards or z.chunks)
-        if self.dtype == "bfloat16":
-            return arr.map_blocks(lambda b: (b.astype(np.uint32) << 16).view(np.float32).astype(dtype), dtype=dtype)
-        if self.dtype == "int8":
-            scales = da.from_zarr(self.root[f"{split}/scales/{layer}"]).rechunk((arr.chunks[0], -1))
-            return arr.astype(dtype) * scales[:, None, :].astype(dtype)
-        return arr.astype(dtype)
+        decode = partial(self.encoding.decode_numpy, dtype=dtype)  # the writer's decoder, per block
+        meta = np.empty((0, 0, 0), dtype)
+        if not self.encoding.has_scales:
+            return arr.map_blocks(decode, dtype=dtype, meta=meta)
+        scales = da.from_zarr(self.root[f"{split}/scales/{layer}"]).rechunk((arr.chunks[0], -1))
+        return da.blockwise(decode, "ntd", arr, "ntd", scales, "nd", dtype=dtype, meta=meta)
 
     def read(self, split: str, layers: Sequence[str], start: int, stop: int, out: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Samples [start, stop) of each layer, decoded; skipped (invalid) samples included."""
@@ -161,8 +161,8 @@ class CacheReader:
         result = {}
         for name in layers:
             stored = self._checked(g[f"layers/{name}"], start, stop)
-            scales = self._checked(g[f"scales/{name}"], start, stop) if self.dtype == "int8" else None
-            result[name] = decode(stored, self.dtype, scales, out)
+            scales = self._checked(g[f"scales/{name}"], start, stop) if self.encoding.has_scales else None
+            result[name] = self.encoding.decode(stored, scales, out)
             for c, (a, b) in self._chunks_in(split, start, stop):
                 require_finite(result[name][a - start : b - start][computed[a - start : b - start]], f"{split}/layers/{name}", a, b, self.path, c)
         return result
@@ -226,7 +226,6 @@ class CacheReader:
         epoch: int = 0,
         buffer_chunks: int = 4,
         prefetch: int = 2,
-        drop_last: bool = False,
         keep: Optional[np.ndarray] = None,
         out: torch.dtype = torch.float32,
     ) -> Iterator[Batch]:
@@ -278,7 +277,7 @@ class CacheReader:
                     pos += batch_size
                 if pos < len(idx):
                     carry = ({k: v[pos:] for k, v in feats.items()}, idx[pos:])
-            if carry is not None and not drop_last:
+            if carry is not None:
                 sl = carry[1]
                 yield Batch(carry[0], torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
 
@@ -298,8 +297,8 @@ class CacheReader:
         feats = {}
         for name in layers:
             stored = self._gather(g[f"layers/{name}"], rows, perm)
-            scales = self._gather(g[f"scales/{name}"], rows, perm) if self.dtype == "int8" else None
-            feats[name] = decode(stored, self.dtype, scales, out)
+            scales = self._gather(g[f"scales/{name}"], rows, perm) if self.encoding.has_scales else None
+            feats[name] = self.encoding.decode(stored, scales, out)
             if not torch.isfinite(feats[name]).all():  # find the chunk to name it
                 self._name_non_finite(g, f"{split}/layers/{name}", name, rows)
         return feats, (idx[perm] if perm is not None else idx)
@@ -314,8 +313,8 @@ class CacheReader:
 
     def _name_non_finite(self, g: zarr.Group, path: str, name: str, rows) -> None:
         for chunk, start, stop, keep in rows:
-            scales = g[f"scales/{name}"][start:stop] if self.dtype == "int8" else None
-            values = decode(g[f"layers/{name}"][start:stop], self.dtype, scales)
+            scales = g[f"scales/{name}"][start:stop] if self.encoding.has_scales else None
+            values = self.encoding.decode(g[f"layers/{name}"][start:stop], scales)
             require_finite(values if keep is None else values[keep], path, start, stop, self.path, chunk)
 
 

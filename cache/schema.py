@@ -26,7 +26,8 @@ The store layout (zarr v3, readable by any v3 implementation):
                                  every completion stamp is its own object: 1 once that chunk's
                                  samples are written in every array above.
 
-Every array's codecs end with crc32c; layer arrays are filled with NaN (see cache/codecs.py).
+Every array's codecs end with crc32c (cache/codecs.py); layer arrays are filled with NaN, and a
+layer's values are stored as its storage dtype's encoding says (cache/encodings.py).
 """
 
 from __future__ import annotations
@@ -44,11 +45,6 @@ CREATING_KEY = "feature_cache_creating"
 
 # Layers named KV_PREFIX + block index hold keys/values, not features (see the layout above).
 KV_PREFIX = "kv."
-
-# How a layer's values are stored on disk; "bfloat16" is stored as its raw uint16 bits.
-STORAGE_DTYPES = ("float16", "bfloat16", "float32", "int8")
-# How the tokens of a layer are reduced before storing.
-TOKEN_REDUCTIONS = ("all", "cls", "mean", "cls_mean", "grid")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cache.codecs import decode
 from cache.errors import StoreError
 from cache.integrity import read_region
 from cache.lease import StoreLease
@@ -64,7 +63,7 @@ def _verify_split(reader: CacheReader, split: str) -> SplitReport:
             report.unrecoverable.append(f"{name}: {_reason(e)}")
 
     arrays = ["valid"] + [f"layers/{l}" for l in reader.layers]
-    if reader.dtype == "int8":
+    if reader.encoding.has_scales:
         arrays += [f"scales/{l}" for l in reader.layers]
     report.checked_arrays = arrays
     valid = np.ones(n, dtype=bool)
@@ -80,9 +79,9 @@ def _verify_split(reader: CacheReader, split: str) -> SplitReport:
             if path == "valid":
                 valid[start:stop] = values
             elif path.startswith("layers/"):
-                scales = g[f"scales/{path[7:]}"][start:stop] if reader.dtype == "int8" else None
+                scales = g[f"scales/{path[7:]}"][start:stop] if reader.encoding.has_scales else None
                 try:
-                    decoded = decode(values, reader.dtype, scales)
+                    decoded = reader.encoding.decode(values, scales)
                 except Exception:
                     continue  # the scales' own damage is reported under scales/
                 if not np.isfinite(decoded[valid[start:stop]].numpy()).all():

@@ -19,7 +19,7 @@ Safety rules:
   and nothing is written, so a rerun changes nothing (and works on a read-only store).
 - Under the lease, what killed writers left behind is removed: hidden `.NAME.creating-PID`
   and `.NAME.old-PID` siblings, and zarr's `*.partial` temporary files inside the store.
-- Every object carries a crc32c checksum (cache/codecs.py); float layers are filled with NaN,
+- Every object carries a crc32c checksum (cache/codecs.py); layers are filled with NaN (cache/encodings.py),
   so a chunk that was never written can never read back as plausible zeros.
 """
 
@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from cache.codecs import ZARR_DTYPE, checked_codecs, fill_value
+from cache.codecs import checked_codecs
+from cache.encodings import encoding
 from cache.errors import StoreError, StoreMismatchError
 from cache.fingerprint import differences
 from cache.layout import ChunkPlan
@@ -42,8 +43,8 @@ from cache.lease import StoreLease
 from cache.local_files import replace_dir
 from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids, write_sample_ids
-from cache.stats import STATS_ROWS
 from cache.schema import CREATING_KEY, FORMAT_VERSION, MANIFEST_KEY, LayerSpec
+from cache.stats import STATS_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class StoreWriter:
         self.layers = [LayerSpec.from_json(d) for d in self.manifest["layers"]]
         self.plan = ChunkPlan(self.manifest["samples_per_chunk"], self.manifest["chunks_per_shard"])
         self.dtype = self.manifest["storage"]["dtype"]
+        self.encoding = encoding(self.dtype)
 
     @property
     def complete(self) -> bool:
@@ -274,20 +276,21 @@ def _create(root: zarr.Group, manifest: dict, layers: list[LayerSpec], splits, p
     """Every array of the layout in an empty root group, then the manifest as its attributes."""
     codecs = checked_codecs(*compressor)
     dtype = manifest["storage"]["dtype"]
+    enc = encoding(dtype)
     c, s = plan.samples_per_chunk, plan.samples_per_shard
     for split, (ids, labels) in splits.items():
         n = len(ids)
         g = root.create_group(split)
         for spec in layers:
             g.create_array(
-                f"layers/{spec.name}", shape=(n, spec.tokens, spec.dim), dtype=ZARR_DTYPE[dtype],
+                f"layers/{spec.name}", shape=(n, spec.tokens, spec.dim), dtype=enc.zarr_dtype,
                 chunks=(c, spec.tokens, spec.dim), shards=(s, spec.tokens, spec.dim),
-                compressors=codecs, fill_value=fill_value(dtype), dimension_names=("sample", "token", "channel"),
+                compressors=codecs, fill_value=enc.fill_value, dimension_names=("sample", "token", "channel"),
                 attributes={"encoding": dtype, **spec.to_json()},
             )
-            if dtype == "int8":
+            if enc.has_scales:
                 g.create_array(
-                    f"scales/{spec.name}", shape=(n, spec.dim), dtype="float16", chunks=(c, spec.dim),
+                    f"scales/{spec.name}", shape=(n, spec.dim), dtype=enc.scale_dtype, chunks=(c, spec.dim),
                     shards=(s, spec.dim), compressors=codecs, fill_value=float("nan"), dimension_names=("sample", "channel"),
                 )
             # One object per chunk, like the stamps: writers of different chunks never share one.

@@ -1,110 +1,158 @@
-"""`python -m pipeline COMMAND ...`: a thin shell over the runners."""
+"""`featurecache COMMAND ...` (or `python -m pipeline COMMAND ...`): a thin shell over the runners.
+
+Exit codes: 0 done; 1 `verify` found damage; 2 a user error (a FeatureCacheError: a config,
+an argument, a file or a store that cannot be used), printed as one `error: ...` line.
+Anything else is a bug and shows its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Optional
 
-from cache import StoreError
+from cache import FeatureCacheError, StoreError
+from pipeline import __version__
 
-log = logging.getLogger("pipeline")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the shipped configs (a checkout, or an editable install)
+OUR_LOGGERS = ("pipeline", "cache")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Feature-cache pipeline: extract once, train many adapters.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
+    """prog: the name shown in usage lines; by default the name this was invoked by."""
+    parser = build_parser(prog or _invoked_as(argv))
+    args = parser.parse_args(argv)
+    with _logging(args.log_level):
+        try:
+            return COMMANDS[args.command](args)
+        except FeatureCacheError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
-    ex = sub.add_parser("extract", help="stage one: stream a dataset through a frozen backbone into a zarr store")
-    ex.add_argument("config", help="YAML file in configs/")
-    ex.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. store.dtype=int8")
+
+def _invoked_as(argv: Optional[list[str]]) -> str:
+    """The console script's name (featurecache); `python -m pipeline` passes its own (see __main__.py)."""
+    if argv is not None or not sys.argv or not sys.argv[0]:
+        return "featurecache"  # called in-process with arguments (tests, notebooks)
+    return Path(sys.argv[0]).name
+
+
+def build_parser(prog: str = "featurecache") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Feature-cache pipeline: extract once, train many adapters.",
+        epilog="exit codes: 0 done, 1 `verify` found damage, 2 a user error (printed as one `error: ...` line)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_verbosity(parser, logging.INFO)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="the job to run (COMMAND -h: its options)")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _add_verbosity(p, argparse.SUPPRESS)  # -q/-v after the command too, without resetting one given before it
+        return p
+
+    ex = command("extract", "stage one: stream a dataset through a frozen backbone into a zarr store")
+    _config_arguments(ex, "an extract config (configs/*.yaml)", "store.dtype=int8")
     ex.add_argument("--dry-run", action="store_true", help="print the plan (samples, layers, shapes, GB) and stop")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing store made with a different config")
-    ex.add_argument("--scheduler", help="run on this dask cluster (tcp://HOST:PORT), shard-aligned pieces per worker")
-    ex.add_argument("--workers", type=int, help="run on a local dask cluster of this many worker processes")
+    _dask_arguments(ex, workers_help="run on a local dask cluster of this many worker processes",
+                    scheduler_help="run on this dask cluster (tcp://HOST:PORT), shard-aligned pieces per worker")
 
-    tr = sub.add_parser("train", help="stage two: train many adapters from a store in one pass per epoch")
-    tr.add_argument("config")
-    tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. epochs=3")
+    tr = command("train", "stage two: train many adapters from a store in one pass per epoch")
+    _config_arguments(tr, "a train config (configs/train_*.yaml)", "epochs=3")
     tr.add_argument("--overwrite", action="store_true", help="replace a used output folder (once this run has finished)")
 
-    sw = sub.add_parser("sweep", help="hyperparameter search: many fused train jobs from a store, run on dask")
-    sw.add_argument("config")
-    sw.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. epochs=2 num_trials=20")
-    sw.add_argument("--scheduler", metavar="ADDR", help="address of a running dask scheduler (tcp://HOST:PORT); default: a local cluster")
-    sw.add_argument("--workers", type=int,
-                    help="worker processes of the local cluster (default: one per core); 0 runs the jobs in this process")
+    sw = command("sweep", "hyperparameter search: many fused train jobs from a store, run on dask")
+    _config_arguments(sw, "a sweep config (configs/sweep_*.yaml)", "epochs=2 num_trials=20")
+    _dask_arguments(sw, workers_help="worker processes of the local cluster (default: one per core); 0 runs the jobs in this process",
+                    scheduler_help="address of a running dask scheduler (tcp://HOST:PORT); default: a local cluster")
 
-    pr = sub.add_parser("predict", help="apply saved adapters (several tasks) to images, one backbone pass per batch")
-    pr.add_argument("--adapters", nargs="+", required=True, help="saved adapter directories (runs/*/adapters/NN_*)")
-    pr.add_argument("images", nargs="*", help="image files or folders (after the adapter directories)")
+    pr = command("predict", "apply saved adapters (several tasks) to images, one backbone pass per batch")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders searched for images")
+    pr.add_argument("--adapter", action="append", required=True, metavar="DIR",
+                    help="a saved adapter directory (runs/*/adapters/NN_*); repeat it for several tasks")
     pr.add_argument("--out", default="predictions.csv", help="CSV, or JSON when it ends in .json")
     pr.add_argument("--batch-size", type=int, default=32)
 
-    be = sub.add_parser("bench", help="the real benchmark: accuracy, cost and speed of every method; writes BENCHMARKS.md")
-    be.add_argument("config")
-    be.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. epochs=2 seeds=[0]")
+    be = command("bench", "the real benchmark: accuracy, cost and speed of every method; writes BENCHMARKS.md")
+    _config_arguments(be, "a bench config (configs/bench_real.yaml)", "epochs=2 seeds=[0]")
 
-    ins = sub.add_parser("inspect", help="describe a store: manifest, splits, layers, sizes, completeness")
+    ins = command("inspect", "describe a store: manifest, splits, layers, sizes, completeness")
     ins.add_argument("store", help="a local path or a URL such as s3://bucket/prefix (credentials and endpoint from the environment)")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
 
-    ve = sub.add_parser("verify", help="read every stamped chunk of a store; report damaged or missing objects")
+    ve = command("verify", "read every stamped chunk of a store; report damaged or missing objects (exit 1 if any)")
     ve.add_argument("store", help="a local path or a URL such as s3://bucket/prefix")
     ve.add_argument("--repair", action="store_true",
                     help="unstamp the damaged chunks, so that the same extract command recomputes exactly those")
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    ls = command("list", "what can be chosen: adapter kinds, weight sources, data kinds, shipped configs")
+    ls.add_argument("what", nargs="?", choices=sorted(LISTS), help="only this list (default: all of them)")
+    return parser
+
+
+def _add_verbosity(p: argparse.ArgumentParser, default) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING, default=default,
+                   help="log warnings and errors only")
+    g.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG, default=default,
+                   help="log details too (each fused group, each adapter saved, each l2 fitted)")
+
+
+def _config_arguments(p: argparse.ArgumentParser, what: str, example: str) -> None:
+    p.add_argument("config", help=what)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"dotted key=value overrides (YAML values), e.g. {example}")
+
+
+def _dask_arguments(p: argparse.ArgumentParser, workers_help: str, scheduler_help: str) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--workers", type=int, metavar="N", help=workers_help)
+    g.add_argument("--scheduler", metavar="ADDR", help=scheduler_help)
+
+
+@contextmanager
+def _logging(level: int) -> Iterator[None]:
+    """INFO by default; -v shows our DEBUG lines (not every library's), -q warnings only."""
+    logging.basicConfig(level=max(level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
     # S3 stores: botocore says where it found credentials and the endpoint, for every client.
     for chatty in ("botocore", "aiobotocore"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    from pipeline.config import ConfigError
-    from pipeline.distributed_extract import ExtractTasksFailed
-    from pipeline.sweep import SweepJobsFailed
-
+    before = {name: logging.getLogger(name).level for name in OUR_LOGGERS}
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(level)
     try:
-        if args.command == "extract":
-            return _extract(args)
-        if args.command == "train":
-            return _train(args)
-        if args.command == "sweep":
-            return _sweep(args)
-        if args.command == "predict":
-            return _predict(args)
-        if args.command == "inspect":
-            return _inspect(args)
-        if args.command == "verify":
-            return _verify(args)
-        if args.command == "bench":
-            return _bench(args)
-    except (ConfigError, StoreError, ValueError, FileNotFoundError, KeyError, SweepJobsFailed, ExtractTasksFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 1
+        yield
+    finally:  # main() called in-process (tests, notebooks) leaves the levels as it found them
+        for name, old in before.items():
+            logging.getLogger(name).setLevel(old)
 
+
+# -- the commands ------------------------------------------------------------------------
 
 def _extract(args) -> int:
     from pipeline.config import ExtractConfig, load_config
-    from pipeline.extract import run_extract
+    from pipeline.runners.extract import plan_extraction, run_extract
 
     cfg = load_config(ExtractConfig, args.config, args.overrides)
-    if (args.scheduler or args.workers) and not args.dry_run:
-        from pipeline.distributed_extract import run_distributed_extract
+    if args.dry_run:
+        print(plan_extraction(cfg).report())
+    elif args.scheduler or args.workers:
+        from pipeline.runners.distributed_extract import run_distributed_extract
 
         run_distributed_extract(cfg, scheduler=args.scheduler, workers=args.workers or 2, overwrite=args.overwrite)
-        return 0
-    plan = run_extract(cfg, dry_run=args.dry_run, overwrite=args.overwrite)
-    if args.dry_run:
-        print(plan.report())
+    else:
+        run_extract(cfg, overwrite=args.overwrite)
     return 0
 
 
 def _train(args) -> int:
     from pipeline.config import TrainConfig, load_config
-    from pipeline.train import run_train
+    from pipeline.runners.train import run_train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     run_train(cfg, overwrite=args.overwrite)
@@ -114,7 +162,7 @@ def _train(args) -> int:
 
 def _sweep(args) -> int:
     from pipeline.config import SweepConfig, load_config
-    from pipeline.sweep import run_sweep
+    from pipeline.runners.sweep import run_sweep
 
     cfg = load_config(SweepConfig, args.config, args.overrides)
     run_sweep(cfg, scheduler=args.scheduler, workers=args.workers)
@@ -123,8 +171,8 @@ def _sweep(args) -> int:
 
 
 def _bench(args) -> int:
-    from pipeline.bench import run_bench
     from pipeline.config import BenchConfig, load_config
+    from pipeline.runners.bench import run_bench
 
     cfg = load_config(BenchConfig, args.config, args.overrides)
     run_bench(cfg, args.config)
@@ -133,22 +181,11 @@ def _bench(args) -> int:
 
 
 def _predict(args) -> int:
-    from pipeline.predict import run_predict, write_predictions
+    from pipeline.runners.predict import run_predict, write_predictions
 
-    # `--adapters A B img1 img2` reaches us as one list: adapters are the leading directories
-    # that hold an adapter.json, images are the rest.
-    paths = args.adapters + args.images
-    n = next((i for i, p in enumerate(paths) if not (Path(p) / "adapter.json").is_file()), len(paths))
-    adapters, images = paths[:n], paths[n:]
-    if not adapters:
-        from pipeline.predict import check_adapter_dirs
-
-        check_adapter_dirs(paths[:1])  # the first path after --adapters must be one: say why it is not
-    if not adapters or not images:
-        raise ValueError(f"predict needs adapter directories (with adapter.json) then images; got adapters {adapters}, images {images}")
-    rows = run_predict(adapters, images, args.batch_size)
+    rows = run_predict(args.adapter, args.images, args.batch_size)
     write_predictions(rows, args.out)
-    print(f"{len(rows)} images, {len(adapters)} task(s) -> {args.out}")
+    print(f"{len(rows)} images, {len(args.adapter)} task(s) -> {args.out}")
     return 0
 
 
@@ -183,7 +220,8 @@ def _inspect(args) -> int:
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    print(f"store      {s['path']}  ({'complete' if s['complete'] else 'INCOMPLETE'}, format v{s['format_version']}, {s['bytes_on_disk'] / 1e6:.1f} MB on disk)")
+    state = "complete" if s["complete"] else "INCOMPLETE"
+    print(f"store      {s['path']}  ({state}, format v{s['format_version']}, {s['bytes_on_disk'] / 1e6:.1f} MB on disk)")
     b = s["backbone"]
     print(f"backbone   {b['name']} ({b['weights']} weights, sha256 {b['weights_sha256'][:16]}...)")
     p = s["preprocessing"]
@@ -199,3 +237,82 @@ def _inspect(args) -> int:
     for split, ids in s["skipped_ids"].items():
         print(f"skipped in {split}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}")
     return 0
+
+
+# -- list: read from the registries, so it never drifts from what the config accepts -------
+
+def _list(args) -> int:
+    names = [args.what] if args.what else list(LISTS)
+    print("\n\n".join(LISTS[name]() for name in names))
+    return 0
+
+
+def _adapter_kinds() -> str:
+    from pipeline.adapters import ADAPTERS
+
+    lines = ["adapter kinds (train: adapters[].kind; sweep: space[].kind), hyperparameters = defaults:"]
+    for kind, cls in sorted(ADAPTERS.items()):
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        lines.append(f"  {kind:<14}{doc[0] if doc else cls.__name__}")
+        hparams = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(cls.Hparams))
+        lines.append(f"  {'':<14}{hparams or '(no hyperparameters)'}")
+    return "\n".join(lines)
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return json.dumps(f.default) if f.default is None or isinstance(f.default, bool) else repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(f.default_factory())
+    return "(required)"
+
+
+def _weight_sources() -> str:
+    from pipeline.backbones.weights import OFFLINE_SOURCES
+
+    lines = ["weight sources (extract: backbone.weights):",
+             f"  {'timm':<26}timm's own pretrained weights (downloaded from the Hugging Face hub)",
+             f"  {'none':<26}random initialisation (tests, smoke runs)"]
+    for name, source in OFFLINE_SOURCES.items():
+        lines.append(f"  {name:<26}offline, for backbone.name {source.timm_name}; from pip package {source.package}")
+    lines.append(f"  {'PATH':<26}a local .safetensors / .pt / .pth state dict (tensors only, never unpickled objects)")
+    return "\n".join(lines)
+
+
+def _data_kinds() -> str:
+    from pipeline.data import DATA_SOURCES
+
+    lines = ["data kinds (extract: data.kind):"]
+    lines += [f"  {kind:<14}{source.description}" for kind, source in DATA_SOURCES.items()]
+    return "\n".join(lines)
+
+
+def _shipped_configs() -> str:
+    files = sorted(CONFIGS.glob("*.yaml"))
+    if not files:
+        return f"shipped configs: none in {CONFIGS} (they are in configs/ of a checkout)"
+    lines = [f"shipped configs ({CONFIGS}):"]
+    for path in files:
+        command, about = _config_header(path)
+        lines.append(f"  {path.name:<34}{command:<9}{about}")
+    return "\n".join(lines)
+
+
+def _config_header(path: Path) -> tuple[str, str]:
+    """(the job, what the file is): line 1 is the command that runs it, the comment after it
+    says what it is (its first sentence, shortened to one line)."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#").strip())
+    command = header[0].split()[3] if header and header[0].startswith("python -m pipeline ") else ""
+    text = " ".join(header[1:] if command else header)
+    first = text.split(". ")[0].rstrip(".")
+    return command, first if len(first) <= 100 else first[:97] + "..."
+
+
+LISTS = {"adapters": _adapter_kinds, "weights": _weight_sources, "data": _data_kinds, "configs": _shipped_configs}
+
+COMMANDS = {"extract": _extract, "train": _train, "sweep": _sweep, "predict": _predict, "bench": _bench,
+            "inspect": _inspect, "verify": _verify, "list": _list}

@@ -1,5 +1,7 @@
 """The dask side shared by the distributed jobs (sweeps, extraction): a client for an existing
-cluster or a local one, and how many torch threads each worker may use.
+cluster or a local one, and how many torch threads each worker may use. dask is an optional
+extra (`pip install 'featurecache[dask]'`): this module imports it only inside its functions,
+and a job that needs it calls `require_dask` before it starts.
 
 A local cluster (`--workers N`) listens on 127.0.0.1 only, its scheduler, workers and dashboard
 alike: none of them asks for a password, and whoever reaches the scheduler runs code on the
@@ -17,11 +19,18 @@ from typing import Optional
 
 import torch
 
+from cache.errors import require_extra
+
 log = logging.getLogger(__name__)
 
 
 HOST_ENV = "FEATURECACHE_DASK_HOST"
 DEFAULT_HOST = "127.0.0.1"
+
+
+def require_dask(what: str) -> None:
+    """A ConfigError saying how to install dask unless it is installed; `what` needs it."""
+    require_extra(what, "dask", "dask", "distributed")
 
 
 @contextmanager

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The test command: set up (idempotent), then every test, slow ones included.
-# pytest exits 5 when it collects nothing; that is a failure here, never a silent pass.
+# The test command: set up (idempotent), lint (ruff, configured in pyproject.toml), then every
+# test, slow ones included. pytest exits 5 when it collects nothing; that is a failure here,
+# never a silent pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check .
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?

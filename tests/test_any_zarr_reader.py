@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.extract import run_extract
+from pipeline.runners.extract import run_extract
 from tests.conftest import tiny_config
 
 ts = pytest.importorskip("tensorstore", reason="tensorstore is not installed (pip install -e '.[dev]' installs it)")

@@ -33,9 +33,11 @@ def _bench_yaml(tmp, sklearn_C=(0.1, 1.0)) -> str:
 
     (tmp / "README.md").write_text(f"# tiny\n\nbefore\n{HEADLINE_START}\nstale\n{HEADLINE_END}\nafter\n")
     bench = {
-        "output": str(tmp / "out"), "report": str(tmp / "report" / "BENCHMARKS.md"), "readme": str(tmp / "README.md"), "seeds": [0, 1], "epochs": 2, "batch_size": 8,
+        "output": str(tmp / "out"), "report": str(tmp / "report" / "BENCHMARKS.md"), "readme": str(tmp / "README.md"),
+        "seeds": [0, 1], "epochs": 2, "batch_size": 8,
         "cases": [{"name": "tiny", "extract": str(tmp / "extract.yaml"), "test_split": "val", "methods": METHODS,
-                   "sklearn": {"C": list(sklearn_C), "per_layer": True}, "finetune": {"image_size": 32, "epochs": 2, "time_budget_s": 0, "lr": [1e-4, 1e-3], "batch_size": 8, "seeds": [0]},
+                   "sklearn": {"C": list(sklearn_C), "per_layer": True},
+                   "finetune": {"image_size": 32, "epochs": 2, "time_budget_s": 0, "lr": [1e-4, 1e-3], "batch_size": 8, "seeds": [0]},
                    "store_variants": [["store.dtype=int8"], ["store.tokens=mean"]]}],
         "speed": {"case": "tiny", "images": 8, "rounds": 1, "fused": 2, "sweep_configs": 2},
     }
@@ -46,7 +48,7 @@ def _bench_yaml(tmp, sklearn_C=(0.1, 1.0)) -> str:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    from pipeline.bench import run_bench
+    from pipeline.runners.bench import run_bench
 
     tmp = tmp_path_factory.mktemp("bench")
     write_image_folder(tmp / "images", per_class=8)
@@ -92,21 +94,23 @@ def test_report_has_every_method_table_and_plot(bench):
 def test_choices_are_made_on_mean_validation_never_test(bench):
     tmp, _, result = bench
     grids = [json.loads((tmp / "out" / "units" / f"tiny.inca_d16.seed{s}.json").read_text())["result"] for s in (0, 1)]
+    # A configuration's members across seeds share its config_id (their member ids differ: the seed).
     mean_val = {}
     for grid in grids:
         for row in grid["rows"]:
-            mean_val.setdefault(row["adapter"], []).append(row["val_acc"])
+            mean_val.setdefault(row["config_id"], []).append(row["val_acc"])
+    assert all(len(v) == 2 for v in mean_val.values())
     best_val = max(statistics.fmean(v) for v in mean_val.values())
     top1 = next(r for r in result["cases"][0]["rows"] if r["method"].startswith("InCA (dim-16 bottleneck), top-1"))
-    assert statistics.fmean(mean_val[top1["config"]]) == best_val
-    assert top1["test_acc"] == statistics.fmean(r["test_acc"] for g in grids for r in g["rows"] if r["adapter"] == top1["config"])
+    assert statistics.fmean(mean_val[top1["config_id"]]) == best_val
+    chosen = [r for g in grids for r in g["rows"] if r["config_id"] == top1["config_id"]]
+    assert top1["test_acc"] == statistics.fmean(r["test_acc"] for r in chosen)
+    assert {r["adapter"] for r in chosen} == {top1["config"]}  # the report shows its name
     # The solo rerun (a fresh process, seed 0) trained exactly the chosen member, alone. That
     # it then equals the fused member is proved in float64 by test_train; here, in float32 on
     # whatever CPU runs the suite, Adam may amplify rounding differently in the two runs.
-    from pipeline.benchmarking.units import key_hash
-
-    solo = json.loads((tmp / "out" / "units" / f"tiny.inca_d16.solo.{key_hash(top1['config'])}.json").read_text())
-    assert solo["result"]["result"]["adapter"] == top1["config"]
+    solo = json.loads((tmp / "out" / "units" / f"tiny.inca_d16.solo.{top1['config_id']}.json").read_text())
+    assert solo["result"]["result"]["config_id"] == top1["config_id"]
     assert solo["result"]["result"]["fused_with"] == 1 and solo["key"]["settings"]["seed"] == 0
     assert top1["solo_test_acc"] == solo["result"]["result"]["test_acc"]
 
@@ -123,8 +127,8 @@ def test_store_variants_price_disk_and_accuracy(bench):
 
 @pytest.mark.slow
 def test_rerun_reuses_every_unit_and_a_changed_setting_redoes_only_its_units(bench, monkeypatch):
-    from pipeline import bench as bench_module
     from pipeline.benchmarking import methods
+    from pipeline.runners import bench as bench_module
 
     tmp, path, first = bench
 
@@ -153,7 +157,8 @@ def test_bench_config_lists_every_problem():
     for fragment in ("cases[0].name: got 'a b'", "'linear' is listed twice", "cases[0].store_variants[0]: got ['dtype int8']"):
         assert fragment in str(e.value), fragment
     with pytest.raises(ConfigError) as e:
-        build(BenchConfig, {"output": "x", "seeds": [], "epochs": 0, "speed": {"case": "nope"}, "cases": [{**case, "name": "ok", "store_variants": [], "methods": [{"kind": "linear"}]}]})
+        build(BenchConfig, {"output": "x", "seeds": [], "epochs": 0, "speed": {"case": "nope"},
+                            "cases": [{**case, "name": "ok", "store_variants": [], "methods": [{"kind": "linear"}]}]})
     for fragment in ("seeds: got []", "epochs: got 0", "speed.case: got 'nope', expected one of the cases ['ok']"):
         assert fragment in str(e.value), fragment
 
@@ -179,3 +184,28 @@ def test_measured_peak_is_the_childs_own_not_its_parents():
     # facts: allocator overheads vary with the machine.
     assert 280 < measured["peak_mb"] < 1200, measured["peak_mb"]
     assert held[0] == 1.0
+
+
+def test_grid_units_saved_before_member_ids_get_them_by_name():
+    """A bench output computed before members had ids is re-reported, not retrained: its rows
+    and ensembles get the ids of the entry's members (names were unique within a run then)."""
+    from cache.schema import LayerSpec
+    from pipeline.benchmarking.methods import choose, with_member_ids
+    from pipeline.config import AdapterEntry
+    from pipeline.training.members import expand
+
+    layers = {n: LayerSpec(n, 17, 64, 1, (4, 4), i) for i, n in enumerate(["blocks.0", "blocks.1"])}
+    entry = build(AdapterEntry, {"kind": "linear", "layers": "all", "lr": [1e-3, 1e-2]})
+    grids = []
+    for seed in (0, 1):
+        members = expand((entry,), layers, seed)
+        old = {"rows": [{"adapter": m.name, "kind": "linear", "layer": m.layer_label, "params": 1, "pct_backbone": None,
+                         "val_acc": 0.5 + 0.1 * (i == 2), "test_acc": 0.5} for i, m in enumerate(members)],
+               "ensemble": {"members": [members[2].name], "weights": [1]}, "greedy": {"members": [members[2].name], "weights": [1]}}
+        grid = with_member_ids(old, entry, layers, seed)
+        assert [r["member_id"] for r in grid["rows"]] == [m.id for m in members]
+        assert grid["greedy"]["members"] == [members[2].id] and grid["greedy"]["adapters"] == [members[2].name]
+        assert with_member_ids(grid, entry, layers, seed) is grid  # a unit with ids is left as it is
+        grids.append(grid)
+    best = choose(grids, "best")
+    assert best["config_id"] == members[2].config_id and best["config"] == members[2].name and best["seeds"] == 2

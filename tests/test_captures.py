@@ -9,6 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from cache import ConfigError
 from pipeline.backbones.taps import LayerTaps
 
 SIZE = 64
@@ -141,12 +142,12 @@ def test_vit_block_outputs_through_the_final_norm():
     taps = LayerTaps(m, (0, "blocks.2.attn"), True, (SIZE, SIZE), through_final_norm=True)
     assert {s.name: s.through_final_norm for s in taps.specs} == {"embed": False, "blocks.0": True, "blocks.2.attn": False}
     taps.close()
-    with pytest.raises(ValueError, match="only a ViT's block outputs"):
+    with pytest.raises(ConfigError, match="only a ViT's block outputs"):
         LayerTaps(model("test_resnet"), (-1,), False, (SIZE, SIZE), through_final_norm=True)
 
 
 @pytest.mark.parametrize("name", ["fc", "global_pool", "head"])
 def test_a_module_the_forward_never_runs_is_refused_by_name(name):
     m = model("test_resnet") if name != "head" else model("test_vit")
-    with pytest.raises(ValueError, match=rf"\['{name}'\] never run in the backbone's forward_features"):
+    with pytest.raises(ConfigError, match=rf"\['{name}'\] never run in the backbone's forward_features"):
         LayerTaps(m, (name,), False, (SIZE, SIZE))

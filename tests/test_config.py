@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from pipeline.config import CONFIG_CLASSES, ConfigError, ExtractConfig, apply_overrides, build, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -62,3 +63,20 @@ def test_shipped_configs_are_valid(path):
     assert first[:4] == ["#", "python", "-m", "pipeline"], f"{path.name} should start with the command that runs it"
     assert first[4] in CONFIG_CLASSES, f"{path.name}: unknown command {first[4]!r}"
     load_config(CONFIG_CLASSES[first[4]], str(path))
+
+
+def test_config_choices_are_the_registries_names():
+    """store.dtype, store.tokens, store.compressor.name and data.kind take exactly the names in
+    their registries, and a wrong value's error lists them."""
+    from cache import COMPRESSORS, ENCODINGS
+    from pipeline.backbones.tokens import TOKEN_REDUCTIONS
+    from pipeline.data import DATA_SOURCES
+
+    base = {"backbone": {"name": "m"}, "data": {"kind": "npz", "root": "r", "name": "X"}, "store": {"path": "p"}}
+    for key, registry in [("store.dtype", ENCODINGS), ("store.tokens", TOKEN_REDUCTIONS),
+                          ("store.compressor.name", COMPRESSORS), ("data.kind", DATA_SOURCES)]:
+        for name in registry:
+            build(ExtractConfig, apply_overrides(base, [f"{key}={name}"]))
+        with pytest.raises(ConfigError) as e:
+            build(ExtractConfig, apply_overrides(base, [f"{key}=nope"]))
+        assert f"{key}: got 'nope', expected one of {list(registry)}" in str(e.value)

@@ -4,7 +4,7 @@ import pytest
 
 from cache import open_store
 from pipeline.data import CorruptImageError
-from pipeline.extract import run_extract
+from pipeline.runners.extract import run_extract
 from tests.conftest import tiny_config
 
 

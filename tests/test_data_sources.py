@@ -5,7 +5,7 @@ import gzip
 import numpy as np
 import pytest
 
-from pipeline.config import ExtractConfig, build
+from pipeline.config import ConfigError, ExtractConfig, build
 from pipeline.data import open_split
 from pipeline.data.source import stratified_prefix
 
@@ -44,10 +44,10 @@ def test_npz_split_and_content_fingerprint(tmp_path):
 
 
 def test_missing_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train.npz"):
+    with pytest.raises(ConfigError, match="train.npz"):
         open_split(data_config("npz", tmp_path, splits=["train"]), "train")
     (tmp_path / "val").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"split folder .*train.* does not exist; splits present: \['val'\]"):
+    with pytest.raises(ConfigError, match=r"split folder .*train.* does not exist; splits present: \['val'\]"):
         open_split(data_config("image_folder", tmp_path), "train")
 
 

@@ -8,8 +8,8 @@ import torch
 import zarr
 
 from cache import open_store
-from pipeline.distributed_extract import run_distributed_extract, shard_pieces
-from pipeline.extract import run_extract
+from pipeline.runners.distributed_extract import run_distributed_extract, shard_pieces
+from pipeline.runners.extract import run_extract
 from tests.conftest import tiny_config, write_image_folder
 
 pytestmark = pytest.mark.dask

@@ -9,7 +9,7 @@ from pipeline.backbones.build import build_backbone
 from pipeline.backbones.taps import LayerTaps
 from pipeline.backbones.tokens import reduce_tokens
 from pipeline.data import open_split
-from pipeline.extract import run_extract
+from pipeline.runners.extract import plan_extraction, run_extract
 from tests.conftest import tiny_config
 
 
@@ -134,7 +134,7 @@ def test_foreign_directory_is_never_touched(tmp_path, image_folder):
 
 
 def test_dry_run_writes_nothing(tmp_path, image_folder):
-    plan = run_extract(tiny_config(tmp_path, image_folder), dry_run=True)
+    plan = plan_extraction(tiny_config(tmp_path, image_folder))
     assert not (tmp_path / "store.zarr").exists()
     report = plan.report()
     assert "train: 12, val: 12" in report and "[17, 64]" in report and "GB" in report

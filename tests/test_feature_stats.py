@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.extract import run_extract
 from cache import open_store
+from pipeline.runners.extract import run_extract
 from tests.conftest import tiny_config, write_image_folder
 
 LAYERS = ["embed", "blocks.0", "blocks.5", "blocks.2.mlp"]

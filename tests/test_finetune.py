@@ -28,7 +28,7 @@ def test_augmentation_is_applied_to_training_images_only(extract, monkeypatch):
 
     from pipeline.benchmarking import finetune as F
     from pipeline.data import open_split
-    from pipeline.train import validation_mask
+    from pipeline.training.splits import validation_mask
 
     calls = []
     real = F.make_loader
@@ -112,9 +112,9 @@ def fake_run(fn, extract, settings, seed, *rest) -> dict:
 
 
 def paragon_row(tmp_path, extract: dict, monkeypatch, calls: list) -> dict:
-    from pipeline import bench as bench_module
     from pipeline.benchmarking.units import Units
     from pipeline.config import ExtractConfig
+    from pipeline.runners import bench as bench_module
 
     def recorded(fn, *args):
         calls.append((args[1]["lr"], args[2]))

@@ -23,8 +23,8 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, ExtractConfig, load_config, to_dict
 from pipeline.data import CorruptImageError, open_split, read_image, require_valid_samples
 from pipeline.data.source import to_rgb
-from pipeline.extract import run_extract
-from pipeline.train import run_train
+from pipeline.runners.extract import run_extract
+from pipeline.runners.train import run_train
 from tests.conftest import tiny_config, write_image_folder
 from tests.test_train import colour_folder, train_config
 
@@ -201,7 +201,7 @@ def test_paths_that_are_not_samples_are_counted_listed_and_warned(tmp_path, capl
     expected_ignored = [".ipynb_checkpoints/", "cat/.DS_Store", "cat/README.txt", "cat/link", "cat/sub/", "notes.txt", "stray.jpg"]
 
     cfg = tiny_config(tmp_path, images, "data.on_corrupt=skip")
-    with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.runners.extract"):
         run_extract(cfg)
     manifest = zarr.open_group(cfg.store.path, mode="r").attrs["feature_cache"]
     assert manifest["ignored"] == {"train": expected_ignored}
@@ -234,7 +234,7 @@ def store_with_dead_val(tmp_path_factory):
 
 
 def test_extraction_warns_about_a_split_with_no_valid_sample(store_with_dead_val, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.runners.extract"):
         run_extract(store_with_dead_val)
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(m.startswith("split val: all 3 sample(s) were skipped") for m in messages), messages
@@ -249,19 +249,19 @@ def test_require_valid_samples_names_the_key_and_split(store_with_dead_val):
     run_extract(store_with_dead_val)  # complete already when run after the test above
     reader = open_store(store_with_dead_val.store.path)
     require_valid_samples(reader, [("train_split", "train", None), ("test_split", None, None)])  # fine
-    with pytest.raises(ValueError, match=r"test_split: split 'val' has no valid sample \(3 of its 3"):
+    with pytest.raises(ConfigError, match=r"test_split: split 'val' has no valid sample \(3 of its 3"):
         require_valid_samples(reader, [("train_split", "train", None), ("test_split", "val", None)])
     # A part of a split (the validation carve) can be empty of valid samples too.
-    with pytest.raises(ValueError, match=r"val_fraction: the 2 sample\(s\) it selects from split 'val' are all invalid"):
+    with pytest.raises(ConfigError, match=r"val_fraction: the 2 sample\(s\) it selects from split 'val' are all invalid"):
         require_valid_samples(reader, [("val_fraction", "val", np.array([True, False, True]))])
 
 
 def test_train_refuses_a_split_with_no_valid_sample_before_training(store_with_dead_val, tmp_path):
-    """Needs pipeline/train.py `_splits` to call require_valid_samples (see the report)."""
+    """Needs pipeline/runners/train.py `_splits` to call require_valid_samples (see the report)."""
     run_extract(store_with_dead_val)
     out = tmp_path / "run"
     cfg = train_config(store_with_dead_val.store.path, out, [{"kind": "linear"}], epochs=1, test_split="val")
-    with pytest.raises(ValueError, match=r"test_split: split 'val' has no valid sample"):
+    with pytest.raises(ConfigError, match=r"test_split: split 'val' has no valid sample"):
         run_train(cfg)
     assert not (out / "metrics.jsonl").exists()  # refused before the first epoch
 
@@ -403,7 +403,7 @@ def test_predict_names_a_file_that_is_not_an_image(tmp_path, adapter_dir, capsys
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
     image = next((images / "val").rglob("*.png"))
-    assert main(["predict", "--adapters", str(adapter), str(image), str(notes), "--out", str(tmp_path / "p.csv")]) == 2
+    assert main(["predict", "--adapter", str(adapter), str(image), str(notes), "--out", str(tmp_path / "p.csv")]) == 2
     line = error_lines(capsys)
     assert "notes.txt" in line and "cannot read image" in line
     assert not (tmp_path / "p.csv").exists()
@@ -413,12 +413,16 @@ def test_predict_names_a_missing_adapter_folder(tmp_path, adapter_dir, capsys):
     adapter, images = adapter_dir
     gone = tmp_path / "runs" / "x" / "adapters" / "01_gone"
     image = next((images / "val").rglob("*.png"))
-    assert main(["predict", "--adapters", str(adapter), str(gone), str(image), "--out", str(tmp_path / "p.csv")]) == 2
+    assert main(["predict", "--adapter", str(adapter), "--adapter", str(gone), str(image), "--out", str(tmp_path / "p.csv")]) == 2
     line = error_lines(capsys)
-    assert str(gone) in line and "neither an adapter folder" in line
-    from pipeline.predict import run_predict
+    assert f"adapter folder '{gone}' does not exist" in line
+    # An image that is not there is named as one (images are positionals, adapters --adapter DIR).
+    assert main(["predict", "--adapter", str(adapter), str(gone), "--out", str(tmp_path / "p.csv")]) == 2
+    line = error_lines(capsys)
+    assert f"image '{gone}' does not exist" in line
+    from pipeline.runners.predict import run_predict
 
-    with pytest.raises(FileNotFoundError, match=rf"adapter folder '{gone}' does not exist"):
+    with pytest.raises(ConfigError, match=rf"adapter folder '{gone}' does not exist"):
         run_predict([str(gone)], [str(image)])
 
 

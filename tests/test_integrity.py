@@ -12,7 +12,7 @@ import zarr
 from cache import StoreError, open_store
 from cache.verify import verify_store
 from pipeline.cli import main
-from pipeline.extract import run_extract
+from pipeline.runners.extract import run_extract
 from tests.conftest import tiny_config
 
 LAYER = "blocks.0"

@@ -113,7 +113,7 @@ def test_finalize_refuses_a_manifest_that_does_not_match_the_arrays(tmp_path, im
     """Another writer replaced the store under an open writer: stamping complete is refused."""
     import zarr
 
-    from pipeline.extract import extract_chunks, open_writer, plan_extraction
+    from pipeline.runners.extract import extract_chunks, open_writer, plan_extraction
 
     plan = plan_extraction(tiny_config(tmp_path, image_folder))
     writer = open_writer(plan)

@@ -8,10 +8,11 @@ import csv
 
 import pytest
 
+from cache import ConfigError
 from pipeline.cli import main
-from pipeline.extract import run_extract
-from pipeline.predict import task_names
-from pipeline.train import run_train
+from pipeline.runners.extract import run_extract
+from pipeline.runners.predict import task_names
+from pipeline.runners.train import run_train
 from pipeline.training.output import OutputInUse
 from tests.conftest import tiny_config
 from tests.test_train import colour_folder, train_config
@@ -47,7 +48,7 @@ def test_a_used_output_is_refused_and_overwrite_replaces_it_whole(store, tmp_pat
 
 
 def test_an_interrupted_run_leaves_the_output_as_it_was(store, tmp_path, monkeypatch):
-    import pipeline.train
+    import pipeline.runners.train
 
     out = tmp_path / "run"
     run_train(train_config(store[0], out, LINEAR, epochs=1, save_top=1))
@@ -56,7 +57,7 @@ def test_an_interrupted_run_leaves_the_output_as_it_was(store, tmp_path, monkeyp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.train, "write_report", interrupted)
+    monkeypatch.setattr(pipeline.runners.train, "write_report", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_train(train_config(store[0], out, LINEAR, epochs=1, save_top=1), overwrite=True)
     assert files(out) == before
@@ -79,7 +80,7 @@ def test_two_adapters_of_one_run_get_two_prediction_columns(store, tmp_path):
     run_train(train_config(store[0], tmp_path / "colour", LINEAR, epochs=1, save_top=2))
     dirs = sorted(str(p) for p in (tmp_path / "colour" / "adapters").iterdir())
     out = tmp_path / "preds.csv"
-    assert main(["predict", "--adapters", *dirs, str(store[1] / "val"), "--out", str(out)]) == 0
+    assert main(["predict", *(a for d in dirs for a in ("--adapter", d)), str(store[1] / "val"), "--out", str(out)]) == 0
     header = next(csv.reader(out.open()))
     names = [d.split("/")[-1] for d in dirs]
     assert header == ["image", f"colour/{names[0]}", f"colour/{names[0]}_prob", f"colour/{names[1]}", f"colour/{names[1]}_prob"]
@@ -87,6 +88,6 @@ def test_two_adapters_of_one_run_get_two_prediction_columns(store, tmp_path):
 
 def test_a_task_name_clash_is_an_error():
     assert task_names(["a/adapters/01_x", "b/adapters/01_x"]) == ["a", "b"]
-    with pytest.raises(ValueError, match="would share the task name"):
+    with pytest.raises(ConfigError, match="would share the task name"):
         task_names(["runs/a/adapters/01_x", "other/a/adapters/01_y", "runs/a/adapters/01_x"])
     assert task_names(["x/a/adapters/01_x", "y/a"]) == ["a/01_x", "a"]

@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 
-from cache import open_store
+from cache import ConfigError, open_store
 from pipeline.adapters import load_adapter
 from pipeline.backbones.build import build_backbone
 from pipeline.cli import main
-from pipeline.extract import run_extract
-from pipeline.train import run_train
+from pipeline.config import ExtractConfig, build
+from pipeline.runners.extract import run_extract
+from pipeline.runners.train import run_train
 from tests.conftest import tiny_config
 from tests.test_train import colour_folder, train_config
 
@@ -28,7 +29,7 @@ def test_predictions_equal_cached_path(tmp_path, dtype, extra):
     run_train(train_config(cfg.store.path, tmp_path / "probe", [{"kind": "linear", "layers": ["embed"]}], epochs=2, save_top=1))
     dirs = [str(next((tmp_path / run / "adapters").iterdir())) for run in ("colour", "probe")]
     out = tmp_path / "preds.csv"
-    assert main(["predict", "--adapters", *dirs, str(images / "val"), "--out", str(out)]) == 0
+    assert main(["predict", *(a for d in dirs for a in ("--adapter", d)), str(images / "val"), "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 18 and set(rows[0]) == {"image", "colour", "colour_prob", "probe", "probe_prob"}
 
@@ -69,8 +70,40 @@ def test_predict_of_vqt_trained_on_a_store_with_cached_keys_values(tmp_path):
     adapter = load_adapter(directory, reader.fingerprint, backbone_modules=build_backbone(cfg.backbone, cfg.preprocess).model).eval()
     assert adapter.kv_cached and any(l.startswith("kv.") for l in adapter.required_layers())
     out = tmp_path / "preds.json"
-    assert main(["predict", "--adapters", str(directory), str(images / "val"), "--out", str(out)]) == 0
+    assert main(["predict", "--adapter", str(directory), str(images / "val"), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
+    ids = [str(s) for s in reader.sample_ids("val")]
+    with torch.no_grad():
+        probs = adapter(reader.read("val", adapter.required_layers(), 0, len(ids))).softmax(-1)
+    by_id = dict(zip(ids, probs))
+    assert len(rows) == len(ids) == 12
+    for row in rows:
+        p = by_id["/".join(row["image"].split("/")[-2:])]
+        assert row["vqt"] == reader.classes[int(p.argmax())]
+        assert row["vqt_prob"] == pytest.approx(float(p.max()), abs=1e-4)
+
+
+def test_vqt_trains_and_predicts_on_a_store_whose_saved_config_has_a_renamed_key(tmp_path):
+    """The backbone is rebuilt from the store's fingerprint alone, never from the extract config
+    saved in the manifest: a key renamed since extraction leaves an old store usable, by VQT's
+    training (its frozen blocks) and by predict."""
+    images = colour_folder(tmp_path / "images", per_class=4)
+    cfg = tiny_config(tmp_path, images, "backbone.layers=[0, 1, 2, 3, 4, 5]")
+    run_extract(cfg)
+    root = tmp_path / "store.zarr" / "zarr.json"
+    meta = json.loads(root.read_text())
+    saved = meta["attributes"]["feature_cache"]["config"]
+    saved["backbone"]["model_args"] = saved["backbone"].pop("model_kwargs")  # a key of an older (or newer) schema
+    root.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="backbone.model_args: unknown key"):  # the saved config no longer builds
+        build(ExtractConfig, open_store(cfg.store.path).manifest["config"])
+    run_train(train_config(cfg.store.path, tmp_path / "vqt", [{"kind": "vqt", "hparams": {"num_queries": 1}}], epochs=1, save_top=1))
+    (directory,) = (tmp_path / "vqt" / "adapters").iterdir()
+    out = tmp_path / "preds.json"
+    assert main(["predict", "--adapter", str(directory), str(images / "val"), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    reader = open_store(cfg.store.path)
+    adapter = load_adapter(directory, reader.fingerprint, backbone_modules=build_backbone(cfg.backbone, cfg.preprocess).model).eval()
     ids = [str(s) for s in reader.sample_ids("val")]
     with torch.no_grad():
         probs = adapter(reader.read("val", adapter.required_layers(), 0, len(ids))).softmax(-1)

@@ -1,11 +1,13 @@
 """The reader: one permutation for all layers, every sample once per epoch, partial stores refused."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from cache import StoreError, open_store
-from pipeline.extract import run_extract
+from cache import ConfigError, StoreError, open_store
+from pipeline.runners.extract import run_extract
 from tests.conftest import tiny_config, write_image_folder
 
 
@@ -38,7 +40,10 @@ def test_every_sample_once_and_layers_aligned(store, batch_size, buffer_chunks):
 
 def test_shuffle_differs_by_epoch_and_repeats_by_seed(store):
     reader = open_store(store)
-    order = lambda **k: [i for b in reader.batches("train", ["blocks.0"], 4, **k) for i in b.indices.tolist()]
+
+    def order(**k):
+        return [i for b in reader.batches("train", ["blocks.0"], 4, **k) for i in b.indices.tolist()]
+
     assert order(seed=0, epoch=0) == order(seed=0, epoch=0)
     assert order(seed=0, epoch=0) != order(seed=0, epoch=1)
     assert order(shuffle=False) == list(range(21))
@@ -49,6 +54,12 @@ def test_dask_array_matches(store):
     arr = reader.dask_array("val", "blocks.5")
     assert arr.shape == (21, 17, 64) and arr.chunks[0] == (8, 8, 5)  # one dask chunk per shard
     np.testing.assert_allclose(arr.mean(axis=1).compute(), reader.read("val", ["blocks.5"], 0, 21)["blocks.5"].mean(1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_dask_array_without_dask_says_which_extra(store, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dask", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"CacheReader.dask_array needs dask, not installed here: pip install 'featurecache\[dask\]'"):
+        open_store(store).dask_array("val", "blocks.5")
 
 
 def test_partial_store_needs_explicit_permission(tmp_path):
@@ -68,7 +79,7 @@ def test_partial_store_needs_explicit_permission(tmp_path):
 
 def test_unknown_layer_and_split_are_named(store):
     reader = open_store(store)
-    with pytest.raises(KeyError, match="blocks.9"):
+    with pytest.raises(StoreError, match="blocks.9"):
         next(reader.batches("train", ["blocks.9"], 4))
-    with pytest.raises(KeyError, match="'test' is not in store"):
+    with pytest.raises(StoreError, match="'test' is not in store"):
         reader.num_samples("test")

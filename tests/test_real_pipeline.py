@@ -8,8 +8,8 @@ import pytest
 
 from cache import open_store
 from pipeline.config import ExtractConfig, TrainConfig, build
-from pipeline.extract import run_extract
-from pipeline.train import run_train
+from pipeline.runners.extract import run_extract
+from pipeline.runners.train import run_train
 from tests.conftest import shared_data
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import numpy as np
 import zarr
 
 from cache import open_store
-from pipeline.extract import run_extract
+from pipeline.runners.extract import run_extract
 from tests.conftest import REPO, tiny_config, write_image_folder
 
 # The child slows each forward pass down so the parent can kill it between stamped chunks.
@@ -21,7 +21,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import torch
     torch.set_num_threads(1)
-    import pipeline.extract as ex
+    import pipeline.runners.extract as ex
     from pipeline.config import ExtractConfig, load_config
     slow = ex._forward
     def forward(*a, **k):
@@ -38,6 +38,7 @@ def test_sigkill_then_rerun_equals_clean_run(tmp_path):
     (tmp_path / "a").mkdir()
     config_file = tmp_path / "a" / "cfg.yaml"
     import yaml
+
     from pipeline.config import to_dict
 
     config_file.write_text(yaml.safe_dump(to_dict(cfg)))

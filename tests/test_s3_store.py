@@ -16,8 +16,8 @@ from cache import StoreError, StoreMismatchError, open_store
 from cache.summary import summarize
 from pipeline.cli import main
 from pipeline.config import ConfigError, SweepConfig, TrainConfig, build, load_config
-from pipeline.extract import run_extract
-from pipeline.train import run_train
+from pipeline.runners.extract import run_extract
+from pipeline.runners.train import run_train
 from tests.conftest import BUCKET, tiny_config
 from tests.test_train import colour_folder
 
@@ -100,7 +100,7 @@ def test_extract_then_train_on_s3_equals_local(s3, stores, tmp_path, capsys):
 
 
 def test_interrupted_extraction_is_incomplete_and_rerun_finishes_it(s3, stores, images, monkeypatch):
-    import pipeline.extract as extract
+    import pipeline.runners.extract as extract
 
     url = f"s3://{BUCKET}/interrupted.zarr"
     cfg = config(url, images, "runtime.batch_size=8")
@@ -173,7 +173,7 @@ def test_sweep_jobs_carry_the_url_and_storage_options(s3, stores, tmp_path, monk
     storage_options in the train config each job carries. With AWS_ENDPOINT_URL gone, those
     options are the only way to the server. The jobs run in this process: a LocalCluster's
     worker processes would add ~20 s of imports, and what a job carries is the same."""
-    from pipeline.sweep import run_sweep
+    from pipeline.runners.sweep import run_sweep
 
     endpoint = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
     monkeypatch.delenv("AWS_ENDPOINT_URL")

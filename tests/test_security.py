@@ -6,7 +6,7 @@
 - A store URL with credentials in it is refused, without repeating them, at config time and
   at run time.
 - model_kwargs reach timm.create_model only when they choose the architecture: never one that
-  loads or fetches a file, whether from a config, a store's manifest or an adapter's fingerprint.
+  loads or fetches a file, whether from a config or a fingerprint (a store's or an adapter's).
 - A local dask cluster listens on 127.0.0.1 only, its dashboard included (as the OS reports it).
 """
 
@@ -26,8 +26,8 @@ from pipeline.backbones.build import build_backbone
 from pipeline.cli import main
 from pipeline.config import ConfigError, SweepConfig, TrainConfig, build, to_dict
 from pipeline.config.extract_config import BackboneConfig, PreprocessConfig
-from pipeline.predict import run_predict
-from pipeline.training.frozen_backbone import backbone_of
+from pipeline.runners.predict import run_predict
+from pipeline.training.frozen_backbone import rebuild_backbone
 from tests.conftest import tiny_config
 
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYzEXAMPLEKEY"  # looks like an AWS secret key: holds '/' and '+'
@@ -59,7 +59,8 @@ def test_storage_options_outside_the_allowlist_are_refused_by_name(kind):
     assert len(problems) == 3, problems  # every refused key at once, the allowed one not among them
     assert any(x.startswith(f"{p}storage_options.endpoint: not an allowed storage option") and "did you mean 'endpoint_url'?" in x for x in problems)
     sse = [x for x in problems if x.startswith(f"{p}storage_options.s3_additional_kwargs.SSECustomerKey: not an allowed storage option")]
-    assert len(sse) == 1 and "allowed here: ['ACL', 'BucketKeyEnabled', 'ExpectedBucketOwner', 'RequestPayer', 'ServerSideEncryption', 'StorageClass']" in sse[0]
+    allowed = "['ACL', 'BucketKeyEnabled', 'ExpectedBucketOwner', 'RequestPayer', 'ServerSideEncryption', 'StorageClass']"
+    assert len(sse) == 1 and f"allowed here: {allowed}" in sse[0]
     assert any(x.startswith(f"{p}storage_options.s3_additional_kwargs.SSECustomerAlgorithm:") for x in problems)
     assert SECRET not in text
 
@@ -138,7 +139,7 @@ def test_the_url_is_refused_at_run_time_and_never_logged(caplog, capsys):
     with caplog.at_level(logging.DEBUG):
         with pytest.raises(StoreError) as e:
             open_store(url)
-        assert main(["inspect", url]) == 2
+        assert main(["-v", "inspect", url]) == 2  # -v: our DEBUG lines too
     out = capsys.readouterr()
     assert "the URL holds credentials" in str(e.value) and "the URL holds credentials" in out.err
     for text in (str(e.value), out.out, out.err, caplog.text):
@@ -171,13 +172,14 @@ def create_model_calls(monkeypatch):
     return calls
 
 
-def test_a_store_manifest_cannot_make_timm_load_a_file(tmp_path, create_model_calls):
-    saved = to_dict(tiny_config(tmp_path, tmp_path))
-    saved["backbone"]["model_kwargs"] = {"checkpoint_path": str(tmp_path / "evil.pth")}
-    manifest = {"config": saved, "fingerprint": {"backbone": {"name": "test_vit", "weights": "none", "weights_sha256": "0" * 64,
-                                                              "model_kwargs": saved["backbone"]["model_kwargs"]}}}
+def test_a_store_fingerprint_cannot_make_timm_load_a_file(tmp_path, create_model_calls):
+    """The backbone VQT trains with is rebuilt from the store's fingerprint (as predict's is)."""
+    fingerprint = {"backbone": {"name": "test_vit", "weights": "none", "weights_sha256": "0" * 64,
+                                "model_kwargs": {"checkpoint_path": str(tmp_path / "evil.pth")}},
+                   "layers": [], "preprocessing": {"input_size": [3, 64, 64], "interpolation": "bicubic", "mean": [0.5] * 3,
+                                                   "std": [0.5] * 3, "crop_pct": 0.9}}
     with pytest.raises(ConfigError, match="backbone.model_kwargs.checkpoint_path: got '.*evil.pth', but only timm.create_model arguments"):
-        backbone_of(manifest, "a store")
+        rebuild_backbone(fingerprint, "store 'a.zarr'")
     assert create_model_calls == []
 
 

@@ -13,12 +13,12 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, SweepConfig, TrainConfig, build, load_config
-from pipeline.extract import run_extract
 from pipeline.dask_cluster import local_cluster
-from pipeline.sweep import run_sweep
-from pipeline.sweeping.jobs import plan_jobs
+from pipeline.runners.extract import run_extract
+from pipeline.runners.sweep import run_sweep
+from pipeline.runners.train import run_train
+from pipeline.sweeping.jobs import plan_jobs, trial_member
 from pipeline.sweeping.space import make_trials, new_trial
-from pipeline.train import run_train
 from tests.conftest import tiny_config
 from tests.test_train import colour_folder
 
@@ -74,6 +74,20 @@ def test_config_errors_name_keys():
         build(SweepConfig, sweep_data("s", "o", search="random"))
 
 
+def test_layers_not_in_the_store_are_all_named_at_once(store, tmp_path):
+    """As `train` names them: every entry's unknown layers in one ConfigError, before any job."""
+    cfg = build(SweepConfig, sweep_data(store, tmp_path / "out", space=[
+        {"kind": "linear", "layer": ["blocks.9", "blocks.0"]},
+        {"kind": "losa", "layers": [["blocks.0", "blocks.7"]]},
+    ]))
+    with pytest.raises(ConfigError) as e:
+        run_sweep(cfg, workers=0)
+    has = "; it has ['embed', 'blocks.0', 'blocks.5']"
+    assert e.value.problems == [f"space[0].layer: ['blocks.9'] are not in the store{has}",
+                                f"space[1].layers: ['blocks.7'] are not in the store{has}"]
+    assert not (tmp_path / "out" / "trials.jsonl").exists()
+
+
 def test_trials_are_deterministic_and_ids_stable():
     grid = make_trials(build(SweepConfig, sweep_data("s", "o")), {})
     assert len(grid) == 12 and len({t.id for t in grid}) == 12
@@ -81,7 +95,10 @@ def test_trials_are_deterministic_and_ids_stable():
     assert [(t.hparams["layer"], t.lr, t.weight_decay) for t in grid[:3]] == [("blocks.0", 0.003, 0.0), ("blocks.0", 0.003, 1e-4), ("blocks.0", 0.03, 0.0)]
     space = [{"kind": "inca", "layer": ["blocks.0", "blocks.5"], "lr": {"low": 1e-4, "high": 1e-1, "log": True},
               "hparams": {"num_heads": [2, 4], "num_queries": {"low": 1, "high": 4}}, "seeds": [0, 1]}]
-    random = lambda **kw: make_trials(build(SweepConfig, sweep_data("s", "o", space, search="random", **{"num_trials": 5, **kw})), {})
+
+    def random(**kw):
+        return make_trials(build(SweepConfig, sweep_data("s", "o", space, search="random", **{"num_trials": 5, **kw})), {})
+
     first = random()
     assert [t.config() for t in first] == [t.config() for t in random()]
     assert [t.id for t in random(num_trials=8)[:10]] == [t.id for t in first]  # more samples extend the list
@@ -103,10 +120,12 @@ def test_jobs_keep_fused_groups_together(store):
     jobs = plan_jobs(make_trials(cfg, {}), cfg, layers)
     assert [len(j.trials) for j in jobs] == [4, 4, 4]
     for job in jobs:
-        assert len({t.shape_key for t in job.trials}) == (1 if job.trials[0].kind == "linear" else 2)
+        members = [trial_member(t, layers) for t in job.trials]
+        assert len({m.shape_key for m in members}) == (1 if job.trials[0].kind == "linear" else 2)
+        assert list(job.members) == [m.id for m in members]  # what `train` will call each trial's row
         assert len(set(job.members)) == 4 and job.config.save_top == 0 and job.config.output.endswith(job.id)
-    # LoSA trials that differ in their layer set get distinct member names, so one job (one
-    # cache pass) trains both.
+    # LoSA trials that differ in their layer set are distinct members, so one job (one cache
+    # pass) trains both.
     losa = build(SweepConfig, sweep_data(store, "o", [{"kind": "losa", "layers": [["blocks.0", "blocks.5"], ["embed", "blocks.5"]],
                                                        "hparams": {"rank": 2}}]))
     (job,) = plan_jobs(make_trials(losa, {}), losa, layers)
@@ -129,8 +148,8 @@ def test_dask_sweep_equals_in_process(dask_sweep, store, tmp_path):
                 "hparams": {k: v for k, v in r["config"]["hparams"].items() if k != "layer"},
                 "lr": r["config"]["lr"], "weight_decay": r["config"]["weight_decay"], "seeds": [r["config"]["seed"]]} for r in rows]
     reference = run_train(build(TrainConfig, {**cfg.train_settings(), "store": store, "output": str(tmp_path), "save_top": 0, "adapters": entries}))
-    expected = {r["adapter"]: (r["val_acc"], r["test_acc"]) for r in reference["rows"]}
-    assert {r["member"]: (r["metrics"]["val_acc"], r["metrics"]["test_acc"]) for r in rows} == expected
+    expected = {r["member_id"]: (r["adapter"], r["val_acc"], r["test_acc"]) for r in reference["rows"]}
+    assert {r["member_id"]: (r["member"], r["metrics"]["val_acc"], r["metrics"]["test_acc"]) for r in rows} == expected
     assert max(r["metrics"]["val_acc"] for r in rows) >= 0.9
 
 

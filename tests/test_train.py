@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cache import open_store
+from cache import ConfigError, open_store
 from pipeline.adapters import load_adapter
 from pipeline.config import TrainConfig, build
-from pipeline.extract import run_extract
-from pipeline.train import run_train
+from pipeline.runners.extract import run_extract
+from pipeline.runners.train import run_train
 from tests.conftest import tiny_config
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
@@ -70,14 +70,10 @@ def test_learns_and_writes_results(colour_store, tmp_path):
 
 
 @pytest.fixture
-def float64_training(monkeypatch):
-    """The trainer in float64: adapters built as float64, features decoded as float64. The
-    trainer's own code is dtype-agnostic; float64 keeps Adam from amplifying the CPU's
-    float32 rounding noise into differences between fused and solo runs."""
-    import cache.reader
-
-    decode = cache.reader.decode
-    monkeypatch.setattr(cache.reader, "decode", lambda stored, dtype, scales=None, out=None: decode(stored, dtype, scales, torch.float64))
+def float64_training():
+    """The trainer in float64: adapters are built, and features decoded, in the default dtype.
+    float64 keeps Adam from amplifying the CPU's float32 rounding noise into differences
+    between fused and solo runs."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
@@ -92,8 +88,11 @@ def test_fused_members_equal_members_trained_alone(colour_store, tmp_path, float
     alone = [run_train(train_config(colour_store, tmp_path / f"alone{i}", [{**entry, "lr": lr}], epochs=2))
              for i, lr in enumerate([0.001, 0.01])]
     assert [r["fused_with"] for r in fused["rows"]] == [2, 2]
-    for row, single in zip(fused["rows"], alone):
-        assert row["val_acc"] == single["rows"][0]["val_acc"]
+    # The same member (same id) in both runs: joined by id, not by position or name.
+    solo = {single["rows"][0]["member_id"]: single["rows"][0] for single in alone}
+    assert sorted(solo) == sorted(r["member_id"] for r in fused["rows"])
+    for row in fused["rows"]:
+        assert row["val_acc"] == solo[row["member_id"]]["val_acc"]
     # The saved weights agree too: find each learning rate's adapter in both runs by name.
     from safetensors.torch import load_file
 
@@ -112,7 +111,7 @@ def test_fused_members_equal_members_trained_alone(colour_store, tmp_path, float
 
 
 def test_carved_validation_split_is_disjoint_and_seeded(colour_store, tmp_path):
-    from pipeline.train import _splits
+    from pipeline.training.splits import resolve_splits as _splits
 
     cfg = train_config(colour_store, tmp_path, [{"kind": "linear"}], val_split=None, val_fraction=0.25)
     reader = open_store(colour_store)
@@ -121,10 +120,17 @@ def test_carved_validation_split_is_disjoint_and_seeded(colour_store, tmp_path):
     assert s1.val_keep.sum() == 12 and (s1.val_keep == s2.val_keep).all()
 
 
-def test_unknown_layer_is_named(colour_store, tmp_path):
-    cfg = train_config(colour_store, tmp_path, [{"kind": "linear", "layers": ["blocks.9"]}])
-    with pytest.raises(ValueError, match=r"\['blocks.9'\] are not in the store"):
+def test_unknown_layers_and_splits_are_all_named_at_once(colour_store, tmp_path):
+    cfg = train_config(colour_store, tmp_path / "a", [{"kind": "linear", "layers": ["blocks.9"]},
+                                                      {"kind": "inca", "layers": ["blocks.5", "blk.0"]}])
+    with pytest.raises(ConfigError, match=r"\['blocks.9'\] are not in the store") as e:
         run_train(cfg)
+    has = "; it has ['embed', 'blocks.0', 'blocks.5']"
+    assert e.value.problems == [f"adapters[0].layers: ['blocks.9'] are not in the store{has}",
+                                f"adapters[1].layers: ['blk.0'] are not in the store{has}"]
+    with pytest.raises(ConfigError) as e:
+        run_train(train_config(colour_store, tmp_path / "b", [{"kind": "linear"}], train_split="tr", test_split="tst"))
+    assert [p.split(":")[0] for p in e.value.problems] == ["train_split", "test_split"]
 
 
 def test_lbfgs_probe_predicts_as_sklearn_on_the_same_cache(colour_store, tmp_path):
@@ -150,3 +156,36 @@ def test_lbfgs_probe_predicts_as_sklearn_on_the_same_cache(colour_store, tmp_pat
         model = LogisticRegression(C=1 / (l2 * len(y_train)), tol=1e-10, max_iter=10000).fit(scaler.transform(x_train), y_train)
         expected = float((model.predict(scaler.transform(x_val)) == y_val).mean())
         assert by_l2[l2]["test_acc"] == expected
+
+
+def test_members_have_stable_ids_distinct_where_names_collide(colour_store, tmp_path):
+    """Two learning rates that print alike ("lr=0.001") make two members with one display
+    name: each has its own id, which `train` gives its row, its ensembles and its logits. The
+    id hashes the member's canonical JSON, so the same config gives the same ids in any run."""
+    from pipeline.training.members import expand
+
+    entry = {"kind": "linear", "layers": ["blocks.0"], "lr": [0.001, 0.0010000001], "weight_decay": 0.0}
+    reader = open_store(colour_store)
+    cfg = train_config(colour_store, tmp_path / "run", [entry], epochs=1, ensemble_top_k=2)
+    members = expand(cfg.adapters, reader.layers, cfg.seed)
+    assert [m.name for m in members] == ["linear@blocks.0 lr=0.001 wd=0"] * 2
+    assert len({m.id for m in members}) == 2 and len({m.config_id for m in members}) == 2
+    # Stable: pinned, and equal for a config built again with its hparams in another order.
+    assert [m.id for m in members] == ["feccc8d57788", "cf71a59fca5f"]
+    inca = {"kind": "inca", "layers": ["blocks.0"]}
+    ids = [[m.id for m in expand(train_config(colour_store, tmp_path, [{**inca, "hparams": h}]).adapters, reader.layers, 0)]
+           for h in ({"num_heads": 2, "num_queries": 1}, {"num_queries": 1, "num_heads": 2})]
+    assert ids[0] == ids[1]
+    # The seed enters the id, not the config_id (the benchmark averages a config over seeds).
+    other_seed = expand(cfg.adapters, reader.layers, cfg.seed + 1)
+    assert [m.config_id for m in other_seed] == [m.config_id for m in members]
+    assert not {m.id for m in other_seed} & {m.id for m in members}
+
+    result = run_train(cfg)
+    rows = result["rows"]
+    assert [r["member_id"] for r in rows] == [m.id for m in members] and rows[0]["adapter"] == rows[1]["adapter"]
+    summary = result["summary"]
+    assert summary["top1"]["member_id"] in {m.id for m in members}
+    assert sorted(summary["ensemble"]["members"]) == sorted(m.id for m in members)
+    assert summary["ensemble"]["adapters"] == [members[0].name] * 2
+    assert list(np.load(tmp_path / "run" / "logits.npz")["member_ids"]) == [m.id for m in members]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from cache import open_store
+from cache import ConfigError, open_store
 from pipeline.adapters import build_adapter
 from pipeline.backbones.build import build_backbone
-from pipeline.extract import run_extract
+from pipeline.runners.extract import run_extract
 from tests.conftest import tiny_config
 
 
@@ -53,5 +53,5 @@ def test_kv_layers_are_never_a_default_input(kv_store):
 
 
 def test_cache_kv_needs_all_tokens(tmp_path, image_folder):
-    with pytest.raises(ValueError, match="cache_kv needs store.tokens='all'"):
+    with pytest.raises(ConfigError, match="cache_kv needs store.tokens='all'"):
         run_extract(tiny_config(tmp_path, image_folder, "backbone.cache_kv=true", "store.tokens=mean"))

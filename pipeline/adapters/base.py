@@ -8,7 +8,6 @@ modules an adapter borrows (VQT) are held outside the module tree, so `state_dic
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -86,20 +85,3 @@ class Adapter(nn.Module):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def fraction_of_backbone(self, backbone_num_parameters: int) -> float:
-        """Trainable size relative to the backbone's parameter count (0.004 = 0.4%).
-
-        Takes a count, not the backbone, because stage two normally has no backbone loaded;
-        the count is e.g. sum(p.numel() for p in timm_model.parameters()).
-        """
-        return self.num_trainable_parameters() / backbone_num_parameters
-
-    def describe(self) -> dict[str, Any]:
-        """One results-table row: what was trained, on which layers, how large."""
-        return {
-            "kind": self.kind,
-            "layers": self.required_layers(),
-            "hparams": dataclasses.asdict(self.hparams),
-            "num_classes": self.num_classes,
-            "trainable_parameters": self.num_trainable_parameters(),
-        }

@@ -9,9 +9,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from cache.errors import ConfigError
 
-class AdapterConfigError(ValueError):
-    """An adapter kind, hyperparameter or layer selection that cannot be built."""
+
+class AdapterConfigError(ConfigError):
+    """An adapter kind, hyperparameter or layer selection that cannot be built (one message)."""
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

@@ -38,7 +38,7 @@ class FusedAdapters:
         self.template = self.members[0]
         # Leaf tensors [N, ...] with requires_grad; these are what the optimiser updates.
         self.params, self.buffers = stack_module_state(self.members)
-        logger.info(
+        logger.debug(
             "fused %d %s adapters (%d trainable parameters each)",
             len(self.members),
             self.template.kind,

@@ -16,8 +16,8 @@ so it would only be a parameter with zero gradient (and Adam turns rounding nois
 parameter into full-size steps). The queries start small (std 0.02, the usual init of
 transformer tokens) so that early training is driven by the projections rather than by large
 random query directions.
-`fraction_of_backbone` (from Adapter) reports the adapter's size relative to the backbone,
-the figure InCA is usually quoted with.
+`train`'s results table reports the adapter's size relative to the backbone ("% of backbone",
+from the store's `backbone_parameters`), the figure InCA is usually quoted with.
 
 How it is computed: projecting every token to K and V costs O(B T D d) per adapter, and under
 fused training (fused.py) every member would repeat that, each with its own LN_in affine.

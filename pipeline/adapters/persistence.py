@@ -27,6 +27,8 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cache.errors import FeatureCacheError, StoreMismatchError
+from cache.fingerprint import differences
 from cache.schema import LayerSpec
 from pipeline.adapters.base import Adapter
 from pipeline.adapters.registry import BackboneModules, build_adapter
@@ -38,10 +40,6 @@ WEIGHTS_FILE = "adapter.safetensors"
 MANIFEST_FILE = "adapter.json"
 # 2: standardisation saved with the weights; VQT's normalisation and dropout hyperparameters.
 FORMAT_VERSION = 2
-
-
-class StoreMismatchError(ValueError):
-    """The adapter was trained on a feature store other than the one given."""
 
 
 def save_adapter(
@@ -70,7 +68,7 @@ def save_adapter(
     partial = directory / (MANIFEST_FILE + ".partial")
     partial.write_text(json.dumps(manifest, indent=2))
     os.replace(partial, directory / MANIFEST_FILE)
-    logger.info("saved %s adapter (%d tensors) to %s", adapter.kind, len(state), directory)
+    logger.debug("saved %s adapter (%d tensors) to %s", adapter.kind, len(state), directory)
     return directory
 
 
@@ -86,7 +84,7 @@ def load_adapter(
     """Rebuild a saved adapter on CPU; refuses when it was trained on another store."""
     manifest = read_adapter_manifest(directory)
     if manifest["format_version"] != FORMAT_VERSION:
-        raise ValueError(
+        raise FeatureCacheError(
             f"{directory}: adapter format_version {manifest['format_version']}, "
             f"this code reads {FORMAT_VERSION}; train it again"
         )
@@ -110,15 +108,8 @@ def _check_fingerprint(
 ) -> None:
     # Compare in JSON form so that a tuple given here equals the list it was saved as.
     given = json.loads(json.dumps(dict(given)))
-    differing = sorted(
-        key for key in saved.keys() | given.keys() if saved.get(key) != given.get(key)
-    )
+    differing = differences(dict(saved), given, labels=("saved", "given"))
     if differing:
-        details = "; ".join(
-            f"{key}: saved {saved.get(key, '<absent>')!r}, given {given.get(key, '<absent>')!r}"
-            for key in differing
-        )
         raise StoreMismatchError(
-            f"adapter in {directory} was trained on a different feature store; "
-            f"fingerprint keys differ: {details}"
+            str(directory), differing, subject=f"adapter in {directory} was trained on a different feature store"
         )

@@ -10,7 +10,7 @@ import timm
 import torch
 from timm.data import create_transform, resolve_model_data_config
 
-from pipeline.backbones.weights import load_weights, state_dict_sha256, wants_timm_pretrained
+from pipeline.backbones.weights import SPECIAL, load_weights, state_dict_sha256, wants_timm_pretrained
 from pipeline.config.extract_config import BackboneConfig, PreprocessConfig, model_kwargs_problems
 from pipeline.config.loader import ConfigError
 
@@ -39,7 +39,7 @@ class Backbone:
 
 def build_backbone(cfg: BackboneConfig, pre: PreprocessConfig) -> Backbone:
     model = _create(cfg, pre)
-    if cfg.weights not in ("timm", "none"):
+    if cfg.weights not in SPECIAL:
         # Converters and checkpoints carry the classifier: load strictly with it, then drop it.
         load_weights(model, cfg.name, cfg.weights)
     model.reset_classifier(0)
@@ -56,8 +56,8 @@ def build_backbone(cfg: BackboneConfig, pre: PreprocessConfig) -> Backbone:
 def _create(cfg: BackboneConfig, pre: PreprocessConfig) -> torch.nn.Module:
     if cfg.name not in timm.list_models(pretrained=False) and not timm.is_model(cfg.name):
         near = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
-        raise ValueError(f"backbone.name: {cfg.name!r} is not a timm model" + (f"; did you mean {near}?" if near else ""))
-    # Checked again here: a config rebuilt from a store's manifest or an adapter's fingerprint,
+        raise ConfigError(f"backbone.name: {cfg.name!r} is not a timm model" + (f"; did you mean {near}?" if near else ""))
+    # Checked again here: a config rebuilt from a store's or an adapter's fingerprint,
     # or made in code, reaches timm only with arguments that cannot load or fetch files.
     problems = model_kwargs_problems(cfg.model_kwargs, "backbone.model_kwargs")
     if problems:

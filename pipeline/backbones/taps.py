@@ -21,6 +21,7 @@ from typing import Union
 
 import torch
 
+from cache.errors import ConfigError
 from cache.schema import KV_PREFIX, LayerSpec
 
 EMBED = "embed"
@@ -37,8 +38,8 @@ class LayerTaps:
         self.model = model
         self.vit = is_vit(model)
         if through_final_norm and not (self.vit and isinstance(getattr(model, "norm", None), torch.nn.Module)):
-            raise ValueError("backbone.through_final_norm: only a ViT's block outputs can be stored through its final norm; "
-                             "this model has no blocks and final norm")
+            raise ConfigError("backbone.through_final_norm: only a ViT's block outputs can be stored through its final norm; "
+                              "this model has no blocks and final norm")
         self.through_final_norm = through_final_norm
         self.prefix = int(getattr(model, "num_prefix_tokens", 0)) if self.vit else 0
         self.has_intermediates = hasattr(model, "forward_intermediates")
@@ -55,7 +56,7 @@ class LayerTaps:
         self.kv_names: list[str] = []
         if cache_kv:
             if not self.vit:
-                raise ValueError("backbone.cache_kv: keys/values are cached for ViT blocks only; this model is not a ViT")
+                raise ConfigError("backbone.cache_kv: keys/values are cached for ViT blocks only; this model is not a ViT")
             for i, block in enumerate(model.blocks):
                 self.kv_names.append(f"{KV_PREFIX}{i}")
                 self._handles.append(block.attn.qkv.register_forward_hook(self._save_keys_values(self.kv_names[-1])))
@@ -101,7 +102,7 @@ class LayerTaps:
                 names.append(layer)
                 self.hook_names.append(layer)
         if problems:
-            raise ValueError("backbone.layers: " + "; ".join(problems))
+            raise ConfigError(problems, "backbone.layers")
         if self.hook_names:
             # forward_intermediates may stop before a named module (e.g. a CNN's final conv):
             # with any named module, hook every layer and run the plain forward_features.
@@ -148,7 +149,7 @@ class LayerTaps:
         self._captured = {}
         never_ran = [name for name in self.hook_names if name not in out]
         if never_ran:
-            raise ValueError(
+            raise ConfigError(
                 f"backbone.layers: {never_ran} never run in the backbone's forward_features (the "
                 "classifier head and its pooling, e.g. 'fc' or 'global_pool', come after it); "
                 "name a module of the feature extractor instead"
@@ -199,4 +200,4 @@ def _as_tokens(t: torch.Tensor) -> torch.Tensor:
         return t
     if t.ndim == 2:  # pooled [B, D] -> one token
         return t[:, None, :]
-    raise ValueError(f"cannot store a layer output of shape {tuple(t.shape)} as tokens")
+    raise ConfigError(f"backbone.layers: cannot store a layer output of shape {tuple(t.shape)} as tokens")

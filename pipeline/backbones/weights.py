@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-log = logging.getLogger(__name__)
+from cache.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -65,24 +64,27 @@ def load_weights(model: torch.nn.Module, model_name: str, weights: str) -> None:
     if weights in OFFLINE_SOURCES:
         source = OFFLINE_SOURCES[weights]
         if source.timm_name != model_name:
-            raise ValueError(
+            raise ConfigError(
                 f"backbone.weights: {weights!r} holds weights for {source.timm_name!r}, "
                 f"but backbone.name is {model_name!r}"
             )
-        state = source.convert(model)
+        try:
+            state = source.convert(model)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:  # its package is missing, or it does not fit the model
+            raise ConfigError(f"backbone.weights: {weights!r}: {e}") from e
     else:
         path = Path(weights)
         if not path.is_file():
             near = difflib.get_close_matches(weights, list(OFFLINE_SOURCES) + list(SPECIAL), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"backbone.weights: {weights!r} is neither 'timm', 'none', an offline source "
                 f"({', '.join(OFFLINE_SOURCES)}) nor an existing file{hint}"
             )
         state = _read_state_dict(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"backbone.weights: {weights!r} does not fit {model_name!r}: "
             f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
@@ -97,7 +99,7 @@ def _read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled objects: say so instead of unpickling
-        raise ValueError(f"backbone.weights: cannot load {str(path)!r} as a plain state dict: {e}") from e
+        raise ConfigError(f"backbone.weights: cannot load {str(path)!r} as a plain state dict: {e}") from e
     # Common wrappers: {"state_dict": ...}, {"model": ...}.
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):

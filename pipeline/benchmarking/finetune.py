@@ -29,8 +29,8 @@ from pipeline.backbones.build import Backbone, build_backbone
 from pipeline.config import ExtractConfig, build
 from pipeline.data import open_split
 from pipeline.data.loader import make_loader
-from pipeline.train import validation_mask
 from pipeline.training.schedule import warmup_cosine
+from pipeline.training.splits import validation_mask
 
 log = logging.getLogger(__name__)
 

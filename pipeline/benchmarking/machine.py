@@ -6,7 +6,7 @@ import datetime
 import os
 import platform
 import subprocess
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 
@@ -21,9 +21,17 @@ def machine_info() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "packages": {p: version(p) for p in ("torch", "timm", "zarr", "dask", "scikit-learn")},
+        "packages": {p: _version(p) for p in ("torch", "timm", "zarr", "dask", "scikit-learn")},
         "commit": _git_commit(),
     }
+
+
+def _version(package: str) -> str | None:
+    """Its installed version; None for an optional one that is not installed (dask)."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _cpu_model() -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from cache import StoreError, open_store
 from pipeline.config import AdapterEntry, TrainConfig, build, to_dict
-from pipeline.train import run_train
+from pipeline.runners.train import run_train
 from pipeline.training.ensembles import calibrated_ensembles
 from pipeline.training.members import Member, expand
 
@@ -46,10 +46,23 @@ def train_solo(store: str, entry_dict: dict, settings: dict) -> dict:
         return train_grid(store, build(AdapterEntry, entry_dict), settings, out)["rows"][0]
 
 
-def member_entry(entry: AdapterEntry, name: str, store: str) -> AdapterEntry:
-    """The single-member entry that trains grid member `name` of `entry` alone."""
+def with_member_ids(grid: dict, entry: AdapterEntry, layers, seed: int) -> dict:
+    """A grid unit saved before members had ids (its rows and ensembles name members only)
+    gets them from `entry`'s members, matched by name once: names were unique within a run
+    then. A unit saved since carries its ids and is returned as it is."""
+    if all("member_id" in r for r in grid["rows"]):
+        return grid
+    members = {m.name: m for m in expand((entry,), layers, seed)}
+    rows = [{**r, "member_id": members[r["adapter"]].id, "config_id": members[r["adapter"]].config_id} for r in grid["rows"]]
+    ensembles = {which: {**grid[which], "members": [members[n].id for n in grid[which]["members"]], "adapters": list(grid[which]["members"])}
+                 for which in ("ensemble", "greedy")}
+    return {**grid, "rows": rows, **ensembles}
+
+
+def member_entry(entry: AdapterEntry, config_id: str, store: str) -> AdapterEntry:
+    """The single-member entry that trains the grid configuration `config_id` of `entry` alone."""
     reader = open_store(store)
-    member: Member = next(m for m in expand((entry,), reader.layers, 0) if m.name == name)
+    member: Member = next(m for m in expand((entry,), reader.layers, 0) if m.config_id == config_id)
     hparams = {k: v for k, v in member.hparams.items() if k not in ("layer", "layers")}
     layers = member.hparams.get("layers") or ([member.hparams["layer"]] if "layer" in member.hparams else None)
     return replace(entry, layers=tuple(layers) if layers else None, hparams=hparams, lr=member.lr if entry.solver == "adamw" else entry.lr,
@@ -57,18 +70,20 @@ def member_entry(entry: AdapterEntry, name: str, store: str) -> AdapterEntry:
 
 
 def choose(grids: list[dict], label: str, keep: Callable[[dict], bool] = lambda r: True) -> Optional[dict]:
-    """The grid member with the best mean validation accuracy over seeds (`grids`: one per seed)."""
-    by_name: dict[str, list[dict]] = {}
+    """The grid configuration with the best mean validation accuracy over seeds (`grids`: one
+    per seed; a configuration's members across seeds share its config_id). Ties go to the
+    greater name, then the greater id."""
+    by_config: dict[str, list[dict]] = {}
     for grid in grids:
         for row in grid["rows"]:
             if keep(row):
-                by_name.setdefault(row["adapter"], []).append(row)
-    complete = {n: rows for n, rows in by_name.items() if len(rows) == len(grids)}
+                by_config.setdefault(row["config_id"], []).append(row)
+    complete = {c: rows for c, rows in by_config.items() if len(rows) == len(grids)}
     if not complete:
         return None
-    name = max(complete, key=lambda n: (statistics.fmean(r["val_acc"] for r in complete[n]), n))
-    rows = complete[name]
-    return {"method": label, "config": name, "kind": rows[0]["kind"], "layer": rows[0]["layer"],
+    config_id = max(complete, key=lambda c: (statistics.fmean(r["val_acc"] for r in complete[c]), complete[c][0]["adapter"], c))
+    rows = complete[config_id]
+    return {"method": label, "config": rows[0]["adapter"], "config_id": config_id, "kind": rows[0]["kind"], "layer": rows[0]["layer"],
             "params": rows[0]["params"], "pct_backbone": rows[0]["pct_backbone"], **spread(rows)}
 
 
@@ -83,10 +98,10 @@ def per_layer(grids: list[dict], kind: str) -> list[dict]:
 
 def ensemble(grids: list[dict], label: str, which: str = "ensemble") -> dict:
     """The grid's calibrated top-k ("ensemble") or greedy ensemble, as chosen per seed on validation."""
-    members = grids[0][which]["members"]
-    how = (f"top {len(members)} by validation" if which == "ensemble" else
+    names = grids[0][which]["adapters"]
+    how = (f"top {len(names)} by validation" if which == "ensemble" else
            f"greedy selection with replacement on validation ({sum(grids[0][which]['weights'])} picks)")
-    return {"method": label, "config": f"{how}, temperature-calibrated softmax averaged; first seed: " + "; ".join(members),
+    return {"method": label, "config": f"{how}, temperature-calibrated softmax averaged; first seed: " + "; ".join(names),
             "kind": "ensemble", "layer": None, "params": None, "pct_backbone": None,
             **spread([g[which] for g in grids])}
 
@@ -104,13 +119,15 @@ def pooled_greedy(grids_by_method: list[list[dict]], label: str, k: int) -> Opti
             parts.append(np.load(g["logits"]))
         if any("test_logits" not in p for p in parts):
             return None
-        names = [n for p in parts for n in p["members"]]
+        # The logits are in the order of the grid's rows: their ids, and names for the report.
+        rows = [r for g in seed_grids for r in g["rows"]]
         result = calibrated_ensembles(np.concatenate([p["val_logits"] for p in parts]), parts[0]["val_labels"],
                                       np.concatenate([p["test_logits"] for p in parts]), parts[0]["test_labels"], k=k)
-        per_seed.append({**result.greedy.to_dict(), "members": [names[i] for i in result.greedy.members]})
+        per_seed.append({**result.greedy.to_dict(), "members": [rows[i]["member_id"] for i in result.greedy.members],
+                         "adapters": [rows[i]["adapter"] for i in result.greedy.members]})
     first = per_seed[0]
-    return {"method": label, "config": f"greedy over all {len(names)} grid members, calibrated; first seed picks: "
-                                       + "; ".join(f"{n} x{w}" for n, w in zip(first["members"], first["weights"])),
+    return {"method": label, "config": f"greedy over all {len(rows)} grid members, calibrated; first seed picks: "
+                                       + "; ".join(f"{n} x{w}" for n, w in zip(first["adapters"], first["weights"])),
             "kind": "ensemble", "layer": None, "params": None, "pct_backbone": None, **spread(per_seed)}
 
 

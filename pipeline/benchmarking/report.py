@@ -35,8 +35,9 @@ def _markdown(r: dict, plots: list[str]) -> str:
         "",
         f"- Run on {m['date']}, commit `{m['commit']}`: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
         f"{m['memory_gb']} GiB RAM, GPU: {gpu}. Python {m['python']}, "
-        + ", ".join(f"{k} {v}" for k, v in m["packages"].items()) + ".",
-        f"- Wall time of this invocation: {r['wall_s'] / 60:.1f} min ({r['units_computed']} units computed, {r['units_reused']} reused from earlier runs).",
+        + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v) + ".",
+        f"- Wall time of this invocation: {r['wall_s'] / 60:.1f} min ({r['units_computed']} units computed, "
+        f"{r['units_reused']} reused from earlier runs).",
         "",
         "## Protocol",
         "",
@@ -48,7 +49,8 @@ def _markdown(r: dict, plots: list[str]) -> str:
         "is reported as mean ± sample standard deviation over the seeds. Test never chooses anything.",
         "- *Train time* and *peak memory*: the chosen configuration trained **alone** in a fresh process (seed "
         f"{cfg['seeds'][0]}), reading included; peak memory = the process's peak resident set size minus its size "
-        "just before training, libraries already loaded (0.5-0.8 GB of torch, timm, zarr and dask not counted). For the ensemble, the time of its whole fused grid. Fine-tuning: per run, mean over seeds.",
+        "just before training, libraries already loaded (0.5-0.8 GB of torch, timm, zarr and dask not counted). "
+        "For the ensemble, the time of its whole fused grid. Fine-tuning: per run, mean over seeds.",
         "- Trainable parameters are absolute and as % of the backbone's parameters.",
         "",
     ]
@@ -273,15 +275,18 @@ def _speed_section(s: dict) -> list[str]:
     return [
         f"## Speed and scale ({s['case']}; ratios measured side by side in one run)", "",
         "| measure | value | ratio |", "|---|---|---:|",
-        f"| bare forward (loader + forward to the cached layers), {e['images']} images at {e['image_size'][0]} px | {e['bare_img_s']:.1f} img/s | |",
+        f"| bare forward (loader + forward to the cached layers), {e['images']} images at {e['image_size'][0]} px | "
+        f"{e['bare_img_s']:.1f} img/s | |",
         f"| extract (the same + encode + zarr write) | {e['extract_img_s']:.1f} img/s | **{e['ratio_median']:.2f}** x bare "
         f"(median of {len(e['round_ratios'])} paired rounds: {', '.join(f'{x:.2f}' for x in e['round_ratios'])}) |",
-        f"| cache reader, shuffled batches of all {rd['layers']} layers, float32 out | {rd['reader_mb_s']:.0f} MB/s ({rd['reader_samples_s']:.0f} samples/s) | |",
+        f"| cache reader, shuffled batches of all {rd['layers']} layers, float32 out | {rd['reader_mb_s']:.0f} MB/s "
+        f"({rd['reader_samples_s']:.0f} samples/s) | |",
         f"| plain zarr, the same chunks in the same order | {rd['plain_zarr_mb_s']:.0f} MB/s | reader / plain zarr **{rd['reader_over_plain']:.2f}** |",
         f"| raw bytes of the shard files ({rd['on_disk_mb']:.0f} MB on disk, page cache) | {rd['raw_mb_s']:.0f} MB/s (compressed) | |",
         f"| 1 InCA adapter on `{t['layer']}`, one epoch from the cache ({t['train_samples']} samples) | {t['one_epoch_s']:.2f} s | 1.00 |",
         f"| {t['fused_n']} InCA adapters (lr grid), fused, one pass | {t['fused_epoch_s']:.2f} s | **{t['fused_epoch_s'] / t['one_epoch_s']:.2f}** x one |",
-        f"| {t['mixed_n']} mixed adapters (linear + InCA x every layer x 2 lr), one pass | {t['mixed_epoch_s']:.2f} s | {t['mixed_epoch_s'] / t['one_epoch_s']:.2f} x one |",
+        f"| {t['mixed_n']} mixed adapters (linear + InCA x every layer x 2 lr), one pass | {t['mixed_epoch_s']:.2f} s | "
+        f"{t['mixed_epoch_s'] / t['one_epoch_s']:.2f} x one |",
         f"| the same InCA adapter with the backbone in the loop ({t['online_samples']} samples) | {t['online_s']:.1f} s | "
         f"**{t['online_over_cached_per_sample']:.0f}x** slower per sample |",
         f"| sweep of {t['sweep_k']} configs x {t['sweep_epochs']} epochs: extract once ({t['extract_once_s']:.0f} s) + cached trainings | "

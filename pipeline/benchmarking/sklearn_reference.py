@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cache import open_store
 from pipeline.adapters.pooling import pool_tokens
-from pipeline.train import validation_mask
+from pipeline.training.splits import validation_mask
 
 
 def pooled_features(store: str, split: str, layer: str, keep=None) -> tuple[np.ndarray, np.ndarray]:

@@ -27,9 +27,10 @@ import torch
 from cache import open_store
 from pipeline.adapters.base import last_layer_name, layers_in_backbone_order
 from pipeline.config import ExtractConfig, TrainConfig, build
+from pipeline.config.extract_config import DataConfig
 from pipeline.data import open_split
 from pipeline.data.loader import make_loader
-from pipeline.extract import _workers, plan_extraction, run_extract
+from pipeline.runners.extract import _workers, plan_extraction, run_extract
 
 
 def measure_speed(cfg: ExtractConfig, store: str, settings: dict, epochs: int, batch_size: int) -> dict:
@@ -43,7 +44,7 @@ def measure_speed(cfg: ExtractConfig, store: str, settings: dict, epochs: int, b
     fused = cached_epoch(store, [{**inca, "lr": [float(x) for x in np.geomspace(1e-4, 1e-2, n)]}], batch_size)
     layers = layers_in_backbone_order(reader.layers)
     mixed = cached_epoch(store, [{"kind": "linear", "layers": layers, "lr": [1e-3, 3e-3]}, {**inca, "layers": layers, "lr": [1e-3, 3e-3]}], batch_size)
-    online_s, online_n = online_epoch(store, layer, batch_size, settings["images"])
+    online_s, online_n = online_epoch(store, cfg.data, layer, batch_size, settings["images"])
     n_train = reader.num_samples(reader.splits[0])
     cached_per_sample, online_per_sample = one["seconds"] / one["samples"], online_s / online_n
     extract_s = n_train / out["extract"]["extract_img_s"]
@@ -121,7 +122,7 @@ def read_rates(store: str, batch_size: int) -> dict:
 def cached_epoch(store: str, adapters: list[dict], batch_size: int, epochs: int = 2) -> dict:
     """Seconds of one training pass (reading + every adapter's steps; validation excluded),
     the faster of `epochs` so that one-off warm-up does not count."""
-    from pipeline.train import run_train
+    from pipeline.runners.train import run_train
 
     with tempfile.TemporaryDirectory() as out:
         cfg = build(TrainConfig, {"store": store, "output": out, "epochs": epochs, "batch_size": batch_size, "warmup_epochs": 0,
@@ -131,18 +132,17 @@ def cached_epoch(store: str, adapters: list[dict], batch_size: int, epochs: int 
     return {"seconds": min(result["summary"]["epoch_seconds"]), "samples": samples}
 
 
-def online_epoch(store: str, layer: str, batch_size: int, samples: int) -> tuple[float, int]:
+def online_epoch(store: str, data: DataConfig, layer: str, batch_size: int, samples: int) -> tuple[float, int]:
     """Seconds for `samples` training samples of the same InCA adapter with decode + preprocess
-    + backbone forward per step (training without a cache)."""
+    + backbone forward per step (training without a cache); data: the store's images."""
     from pipeline.adapters import build_adapter
     from pipeline.backbones.taps import LayerTaps
-    from pipeline.training.frozen_backbone import backbone_of, extract_config_of
+    from pipeline.training.frozen_backbone import rebuild_backbone
 
     reader = open_store(store)
-    ecfg = extract_config_of(reader.manifest)
-    backbone = backbone_of(reader.manifest, store)
+    backbone = rebuild_backbone(reader.fingerprint, f"store {store!r}")
     taps = LayerTaps(backbone.model, (layer,), False, backbone.image_size)
-    source = open_split(ecfg.data, ecfg.data.splits[0])
+    source = open_split(data, data.splits[0])
     idx = np.random.default_rng(0).permutation(len(source))[:samples]
     loader = make_loader(source, backbone.transform(), idx, backbone.image_size, batch_size, 1, False)
     adapter = build_adapter("inca", reader.layers, len(reader.classes), layer=layer, num_heads=4, dim=64, num_queries=2)

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from cache import encoding
 from cache.summary import summarize
 from pipeline.config import ExtractConfig, apply_overrides, build, to_dict
-
-ITEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}
 
 
 def option_label(overrides: tuple[str, ...]) -> str:
@@ -33,11 +32,7 @@ def disk_per_sample(store: str) -> dict:
     summary = summarize(store)
     dtype = summary["storage"]["dtype"]
     samples = sum(d["num_samples"] for d in summary["splits"].values())
-    raw = 0
-    for layer in summary["layers"]:
-        raw += layer["tokens"] * layer["dim"] * ITEM_BYTES[dtype]
-        if dtype == "int8":
-            raw += layer["dim"] * 2  # the float16 per-channel scales
+    raw = sum(encoding(dtype).bytes_per_sample(layer["tokens"], layer["dim"]) for layer in summary["layers"])  # scales included
     layers_on_disk = sum(l["bytes_on_disk"] for l in summary["layers"])
     return {"samples": samples, "kb_on_disk": layers_on_disk / samples / 1e3, "kb_raw": raw / 1e3,
             "dtype": dtype, "tokens": summary["storage"]["tokens"], "layer_shapes": {l["name"]: [l["tokens"], l["dim"]] for l in summary["layers"]}}

@@ -1,20 +1,45 @@
 """Config: YAML files in configs/ loaded into frozen, validated dataclasses."""
 
+import dataclasses
+import os
+from typing import Any, Sequence, Union
+
 from pipeline.config.bench_config import BenchConfig
 from pipeline.config.extract_config import ExtractConfig
+from pipeline.config.loader import ConfigError, apply_overrides, build, load_yaml, to_dict
 from pipeline.config.sweep_config import SweepConfig
 from pipeline.config.train_config import AdapterEntry, TrainConfig
-from pipeline.config.loader import ConfigError, apply_overrides, build, load_yaml, to_dict
-
 
 # The job each shipped YAML is for (its first line names the command).
 CONFIG_CLASSES = {"extract": ExtractConfig, "train": TrainConfig, "sweep": SweepConfig, "bench": BenchConfig}
 
 
-def load_config(cls: type, path: str, overrides: list[str] = ()) -> object:
-    """Read YAML, apply dotted overrides, build and validate `cls` (all problems at once)."""
-    data = apply_overrides(load_yaml(path), list(overrides))
-    return build(cls, data, source=str(path))
+def load_config(kind_or_class: Union[str, type], source: Any, overrides: Sequence[str] = ()) -> Any:
+    """Build and validate a config (all problems at once) from a YAML path, a dict, or a config
+    dataclass (built again, so that it is checked and overrides apply), with dotted overrides.
+
+    kind_or_class: a key of CONFIG_CLASSES ("extract", "train", "sweep", "bench") or the class.
+    """
+    if isinstance(kind_or_class, str):
+        if kind_or_class not in CONFIG_CLASSES:
+            raise ConfigError(f"config kind {kind_or_class!r}: expected one of {list(CONFIG_CLASSES)} or a config class")
+        cls = CONFIG_CLASSES[kind_or_class]
+    else:
+        cls = kind_or_class
+    if dataclasses.is_dataclass(source) and not isinstance(source, type):
+        if not isinstance(source, cls):
+            raise ConfigError(f"config: got a {type(source).__name__}, expected a {cls.__name__}")
+        data, where = to_dict(source), f"the {cls.__name__} given"
+    elif isinstance(source, dict):
+        data, where = source, "the config given"
+    elif isinstance(source, (str, os.PathLike)):
+        data, where = load_yaml(source), str(source)
+    else:
+        raise ConfigError(f"config: got a {type(source).__name__}, expected a YAML path, a dict or a {cls.__name__}")
+    return build(cls, apply_overrides(data, list(overrides)), source=where)
 
 
-__all__ = ["AdapterEntry", "BenchConfig", "TrainConfig", "CONFIG_CLASSES", "ConfigError", "ExtractConfig", "SweepConfig", "load_config", "to_dict", "build", "apply_overrides", "load_yaml"]
+__all__ = [
+    "AdapterEntry", "BenchConfig", "CONFIG_CLASSES", "ConfigError", "ExtractConfig", "SweepConfig", "TrainConfig",
+    "apply_overrides", "build", "load_config", "load_yaml", "to_dict",
+]

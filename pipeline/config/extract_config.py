@@ -1,7 +1,7 @@
 """The `extract` job's config: YAML sections -> frozen dataclasses.
 
-Only fields that change what is stored enter the store's fingerprint (see
-`ExtractConfig.content_fingerprint`); batch size, workers and device do not.
+Only fields that change what is stored enter the store's fingerprint (see `fingerprint` in
+pipeline/runners/extract.py); batch size, workers and device do not.
 """
 
 from __future__ import annotations
@@ -10,16 +10,22 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from cache import COMPRESSORS, ENCODINGS
 from cache.location import option_problems
+from pipeline.backbones.tokens import TOKEN_REDUCTIONS
+from pipeline.data import DATA_SOURCES
 
-
-DATA_KINDS = ("image_folder", "npz", "idx", "torchvision")
+# The choices of these keys are the names in their registries, read once at import.
+DataKind = Literal[tuple(DATA_SOURCES)]  # pipeline/data/__init__.py
+StoreDtype = Literal[tuple(ENCODINGS)]  # cache/encodings.py
+StoreTokens = Literal[tuple(TOKEN_REDUCTIONS)]  # pipeline/backbones/tokens.py
+CompressorName = Literal[tuple(COMPRESSORS)]  # cache/codecs.py
 
 # The timm.create_model arguments a config may give: ones that only choose the architecture
 # (timm passes them to the model's constructor, which refuses those it does not take). Others,
 # such as pretrained_cfg, pretrained_cfg_overlay, checkpoint_path, cache_dir or
 # pretrained_strict, make timm load or fetch files; the backbone is rebuilt from a store's
-# saved config and from an adapter's fingerprint, which must never do that, so they are refused.
+# or an adapter's fingerprint, which must never do that, so they are refused.
 MODEL_KWARGS = (
     "img_size", "in_chans", "num_classes", "global_pool", "patch_size", "embed_dim", "depth", "num_heads",
     "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "reg_tokens", "no_embed_class",
@@ -77,7 +83,7 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: Literal["image_folder", "npz", "idx", "torchvision"]
+    kind: DataKind
     # image_folder: directory with SPLIT/CLASS/*.jpg; npz: directory with SPLIT.npz
     # (arrays "images" [N,H,W(,C)] uint8 and "labels" [N]); idx: directory with MNIST-style
     # *-images-idx3-ubyte(.gz) files; torchvision: download/cache root.
@@ -104,8 +110,8 @@ class DataConfig:
         out = []
         if not self.splits:
             out.append("splits: got [], expected at least one split name")
-        if self.kind == "torchvision" and not self.name:
-            out.append("name: required when kind is 'torchvision' (e.g. CIFAR10)")
+        if DATA_SOURCES[self.kind].needs_name and not self.name:
+            out.append(f"name: required when kind is {self.kind!r} (e.g. CIFAR10)")
         if isinstance(self.limit, dict):
             for split, n in self.limit.items():
                 if split not in self.splits:
@@ -144,7 +150,7 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class CompressorConfig:
-    name: Literal["zstd", "lz4", "none"] = "zstd"
+    name: CompressorName = "zstd"
     level: int = 3
 
 
@@ -155,10 +161,10 @@ class StoreConfig:
     # For a URL: passed to fsspec, e.g. {endpoint_url: "http://host:9000"}. Credentials belong
     # in the environment (AWS_ACCESS_KEY_ID, ...): this config is saved in the store.
     storage_options: dict[str, Any] = field(default_factory=dict)
-    dtype: Literal["float16", "bfloat16", "float32", "int8"] = "float16"
+    dtype: StoreDtype = "float16"
     # all: every token; cls: prefix token 0; mean: mean of patch tokens; cls_mean: both;
     # grid: prefix tokens + patch tokens average-pooled to grid_size x grid_size.
-    tokens: Literal["all", "cls", "mean", "cls_mean", "grid"] = "all"
+    tokens: StoreTokens = "all"
     grid_size: int = 2
     # Samples per chunk are chosen so the largest layer's chunk is about chunk_mb
     # (uncompressed); samples_per_chunk overrides that.
@@ -175,7 +181,7 @@ class StoreConfig:
             out.append(f"samples_per_chunk: got {self.samples_per_chunk}, expected > 0")
         if self.chunks_per_shard <= 0:
             out.append(f"chunks_per_shard: got {self.chunks_per_shard}, expected > 0")
-        if self.tokens == "grid" and self.grid_size <= 0:
+        if TOKEN_REDUCTIONS[self.tokens].pools_grid and self.grid_size <= 0:
             out.append(f"grid_size: got {self.grid_size}, expected > 0")
         return out
 
@@ -209,3 +215,10 @@ class ExtractConfig:
     store: StoreConfig
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def problems(self) -> list[str]:
+        """Contradictions between sections (each section checks its own fields)."""
+        out = []
+        if self.backbone.cache_kv and self.store.tokens != "all":
+            out.append(f"backbone.cache_kv needs store.tokens='all' (VQT attends to every token), got {self.store.tokens!r}")
+        return out

@@ -15,17 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """Every problem found in one config, one per line (a single problem: one line in all)."""
-
-    def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = problems
-        if len(problems) == 1:
-            super().__init__(f"{source}: {problems[0]}")
-            return
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+from cache.errors import ConfigError  # one class for every config problem (cache never imports pipeline)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -95,13 +85,17 @@ def _deep_copy(d: Any) -> Any:
 def build(cls: type, data: Any, source: str = "config") -> Any:
     """Build dataclass `cls` from `data`; raise one ConfigError listing every problem."""
     problems: list[str] = []
-    obj = _build_dataclass(cls, data, "", problems)
-    if problems:
-        raise ConfigError(problems, source)
+    checks: list[str] = []
+    obj = _build_dataclass(cls, data, "", problems, checks)
+    if problems or checks:
+        raise ConfigError(problems + checks, source)
     return obj
 
 
-def _build_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+def _build_dataclass(cls: type, data: Any, prefix: str, problems: list[str], checks: list[str]) -> Any:
+    """problems: what leaves a field without a usable value (the section is then not built);
+    checks: what does not (unknown keys, each section's own `problems()`), so the sections
+    around it are still built and checked: every problem is listed at once."""
     where = prefix.rstrip(".") or "top level"
     if data is None:
         data = {}
@@ -114,13 +108,13 @@ def _build_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> 
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(fields)}"
-            problems.append(f"{prefix}{key}: unknown key{hint}")
+            checks.append(f"{prefix}{key}: unknown key{hint}")
     kwargs = {}
     n_before = len(problems)
     for name, f in fields.items():
         key = f"{prefix}{name}"
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], key, problems)
+            kwargs[name] = _convert(hints[name], data[name], key, problems, checks)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{key}: required key is missing")
     if len(problems) > n_before:
@@ -128,14 +122,15 @@ def _build_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> 
     obj = cls(**kwargs)
     # Cross-field checks, run per section so one bad section doesn't hide another's problems.
     if hasattr(obj, "problems"):
-        problems.extend(f"{prefix}{p}" for p in obj.problems())
+        checks.extend(f"{prefix}{p}" for p in obj.problems())
     return obj
 
 
-def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+def _convert(tp: Any, value: Any, key: str, problems: list[str], checks: list[str] | None = None) -> Any:
     origin = get_origin(tp)
+    checks = problems if checks is None else checks
     if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, value, f"{key}.", problems)
+        return _build_dataclass(tp, value, f"{key}.", problems, checks)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -163,14 +158,14 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: got {value!r}, expected a list of {_describe(get_args(tp)[0])}")
             return None
         (item_tp, *_) = get_args(tp)
-        items = [_convert(item_tp, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        items = [_convert(item_tp, v, f"{key}[{i}]", problems, checks) for i, v in enumerate(value)]
         return tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             problems.append(f"{key}: got {value!r}, expected a mapping")
             return None
-        k_tp, v_tp = get_args(tp)
-        return {k: _convert(v_tp, v, f"{key}.{k}", problems) for k, v in value.items()}
+        _, v_tp = get_args(tp)
+        return {k: _convert(v_tp, v, f"{key}.{k}", problems, checks) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             problems.append(f"{key}: got {value!r}, expected true or false")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cache.errors import ConfigError
 from pipeline.data.source import SplitSource, to_rgb
 
 FASHION_MNIST_CLASSES = [
@@ -30,9 +31,9 @@ def _sha256(path: Path) -> str:
 
 def _array_source(split: str, images: np.ndarray, labels: np.ndarray, classes: list[str], content_hash: str) -> SplitSource:
     if images.ndim not in (3, 4) or images.dtype != np.uint8:
-        raise ValueError(f"split {split!r}: images must be uint8 [N,H,W] or [N,H,W,C], got {images.dtype} {images.shape}")
+        raise ConfigError(f"split {split!r}: images must be uint8 [N,H,W] or [N,H,W,C], got {images.dtype} {images.shape}")
     if len(images) != len(labels):
-        raise ValueError(f"split {split!r}: {len(images)} images but {len(labels)} labels")
+        raise ConfigError(f"split {split!r}: {len(images)} images but {len(labels)} labels")
 
     def load(i: int) -> Image.Image:
         return to_rgb(Image.fromarray(images[i]))
@@ -44,11 +45,11 @@ def _array_source(split: str, images: np.ndarray, labels: np.ndarray, classes: l
 def npz_split(root: str | Path, split: str) -> SplitSource:
     path = Path(root) / f"{split}.npz"
     if not path.is_file():
-        raise FileNotFoundError(f"data.root: {str(path)!r} does not exist (expected ROOT/SPLIT.npz)")
+        raise ConfigError(f"data.root: {str(path)!r} does not exist (expected ROOT/SPLIT.npz)")
     with np.load(path, allow_pickle=False) as z:
         missing = {"images", "labels"} - set(z.files)
         if missing:
-            raise KeyError(f"{str(path)!r} lacks arrays {sorted(missing)}; it has {z.files}")
+            raise ConfigError(f"{str(path)!r} lacks arrays {sorted(missing)}; it has {z.files}")
         images, labels = z["images"], z["labels"]
         classes = [str(c) for c in z["classes"]] if "classes" in z.files else [str(c) for c in range(int(labels.max()) + 1)]
     return _array_source(split, images, labels, classes, _sha256(path))
@@ -60,7 +61,7 @@ def _read_idx(path: Path) -> np.ndarray:
         data = f.read()
     magic = int.from_bytes(data[0:4], "big")
     if magic >> 8 != 0x08:  # 0x08 = unsigned byte payload
-        raise ValueError(f"{str(path)!r} is not a uint8 idx file (magic {magic:#x})")
+        raise ConfigError(f"{str(path)!r} is not a uint8 idx file (magic {magic:#x})")
     ndim = magic & 0xFF
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -71,7 +72,7 @@ def _find(root: Path, prefix: str, kind: str) -> Path:
         for candidate in (root / f"{name}.gz", root / name):
             if candidate.is_file():
                 return candidate
-    raise FileNotFoundError(f"data.root: no {prefix}-{kind}-idx*-ubyte(.gz) file in {str(root)!r}")
+    raise ConfigError(f"data.root: no {prefix}-{kind}-idx*-ubyte(.gz) file in {str(root)!r}")
 
 
 def idx_split(root: str | Path, split: str, file_prefix: str | None = None) -> SplitSource:

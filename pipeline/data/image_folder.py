@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.errors import ConfigError
 from pipeline.data.source import SplitSource, read_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -29,7 +30,7 @@ def image_folder_split(root: str | Path, split: str) -> SplitSource:
     split_dir = Path(root) / split
     if not split_dir.is_dir():
         present = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
-        raise FileNotFoundError(
+        raise ConfigError(
             f"data.root: split folder {str(split_dir)!r} does not exist"
             + (f"; splits present: {present}" if present else f"; {str(root)!r} is not a directory")
         )
@@ -40,7 +41,7 @@ def image_folder_split(root: str | Path, split: str) -> SplitSource:
         else:
             ignored.append(entry.name + ("/" if entry.is_dir() else ""))
     if not classes:
-        raise FileNotFoundError(f"{str(split_dir)!r} has no class folders (expected SPLIT/CLASS/*.jpg)")
+        raise ConfigError(f"{str(split_dir)!r} has no class folders (expected SPLIT/CLASS/*.jpg)")
     ids, labels, stamps = [], [], []
     for label, cls in enumerate(classes):
         for entry in _entries(split_dir / cls):
@@ -57,7 +58,7 @@ def image_folder_split(root: str | Path, split: str) -> SplitSource:
             ids.append(rel)
             labels.append(label)
     if not ids:
-        raise FileNotFoundError(f"{str(split_dir)!r} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}")
+        raise ConfigError(f"{str(split_dir)!r} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}")
 
     def load(i: int):
         return read_image(split_dir / ids[i])

@@ -31,7 +31,8 @@ class ImageDataset(Dataset):
             return i, self.blank, str(e)
 
 
-def make_loader(source: SplitSource, transform, indices: np.ndarray, image_size: tuple[int, int], batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(source: SplitSource, transform, indices: np.ndarray, image_size: tuple[int, int], batch_size: int, num_workers: int,
+                pin_memory: bool) -> DataLoader:
     # Order is kept (no shuffle): the writer fills chunks front to back.
     return DataLoader(
         ImageDataset(source, transform, indices, image_size),

@@ -21,8 +21,10 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
+from cache.errors import FeatureCacheError
 
-class CorruptImageError(ValueError):
+
+class CorruptImageError(FeatureCacheError):
     """An image that cannot be decoded, or has no defined RGB meaning; the message names the sample."""
 
 

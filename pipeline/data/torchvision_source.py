@@ -7,6 +7,7 @@ import inspect
 import numpy as np
 from PIL import Image
 
+from cache.errors import ConfigError
 from pipeline.data.source import DECODE_ERRORS, CorruptImageError, SplitSource, to_rgb
 
 
@@ -16,7 +17,7 @@ def torchvision_split(name: str, root: str, split: str, download: bool) -> Split
     cls = getattr(tvd, name, None)
     if cls is None or not inspect.isclass(cls):
         known = sorted(n for n in dir(tvd) if n[0].isupper() and inspect.isclass(getattr(tvd, n)))
-        raise ValueError(f"data.name: {name!r} is not a torchvision dataset; known: {', '.join(known)}")
+        raise ConfigError(f"data.name: {name!r} is not a torchvision dataset; known: {', '.join(known)}")
     params = inspect.signature(cls).parameters
     # Datasets take either train=bool or split=str; map our split names onto that.
     if "train" in params:

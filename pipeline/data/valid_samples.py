@@ -7,12 +7,14 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from cache.errors import ConfigError
+
 if TYPE_CHECKING:
     from cache import CacheReader
 
 
 def require_valid_samples(reader: "CacheReader", uses: list[tuple[str, Optional[str], Optional[np.ndarray]]]) -> None:
-    """Raise one ValueError naming every part of a split that training reads and that holds no valid sample.
+    """Raise one ConfigError naming every part of a split that training reads and that holds no valid sample.
 
     uses: (config key, split name or None when unused, boolean mask of the part of the split
     that is read, or None for all of it), e.g. [("train_split", "train", ~is_val),
@@ -32,5 +34,5 @@ def require_valid_samples(reader: "CacheReader", uses: list[tuple[str, Optional[
         else:
             problems.append(f"{key}: the {part.size} sample(s) it selects from split {split!r} are all invalid ({skipped})")
     if problems:
-        raise ValueError(f"store {str(reader.path)!r}: " + "; ".join(problems)
-                         + "; its manifest lists them under 'skipped': fix or remove those files and extract again")
+        raise ConfigError(f"store {str(reader.path)!r}: " + "; ".join(problems)
+                          + "; its manifest lists them under 'skipped': fix or remove those files and extract again")

@@ -14,6 +14,7 @@ import yaml
 from pipeline.config.sweep_config import SweepConfig
 from pipeline.sweeping.jobs import adapter_entry
 from pipeline.sweeping.space import Trial
+from pipeline.training.members import layer_label
 
 
 def best_per_kind(rows: list[dict]) -> dict[str, dict]:
@@ -47,18 +48,12 @@ def results_markdown(rows: list[dict], best: dict[str, dict]) -> str:
     for r in sorted(rows, key=lambda r: -r["metrics"]["val_acc"]):
         c, m = r["config"], r["metrics"]
         arch = {k: v for k, v in c["hparams"].items() if k not in ("layer", "layers")}
-        lines.append(f"| {r['trial']} | {c['kind']} | {_layer(c['hparams'])} | {json.dumps(arch) if arch else '-'} | {c['lr']:g} | "
+        lines.append(f"| {r['trial']} | {c['kind']} | {layer_label(c['hparams'])} | {json.dumps(arch) if arch else '-'} | {c['lr']:g} | "
                      f"{c['weight_decay']:g} | {c['seed']} | {m['params']:,} | {_pct(m['val_acc'])} | {_pct(m['test_acc'])} | {m['train_s']:.1f} |")
     lines += ["", "**Best per kind** (by validation accuracy):", ""]
     for kind, r in best.items():
         lines.append(f"- {kind}: trial {r['trial']} ({r['member']}): val {_pct(r['metrics']['val_acc'])}, test {_pct(r['metrics']['test_acc'])}")
     return "\n".join(lines) + "\n"
-
-
-def _layer(hparams: dict) -> str:
-    if "layer" in hparams:
-        return str(hparams["layer"])
-    return "+".join(hparams["layers"]) if hparams.get("layers") else "default"
 
 
 def _pct(v) -> str:

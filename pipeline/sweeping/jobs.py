@@ -19,23 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-
 from cache.location import is_url
 from cache.schema import LayerSpec
 from pipeline.config import TrainConfig, build
 from pipeline.config.sweep_config import SweepConfig
 from pipeline.config.train_config import AdapterEntry
 from pipeline.dask_cluster import share_cores
+from pipeline.runners.train import run_train
 from pipeline.sweeping.space import Trial
-from pipeline.train import run_train
-from pipeline.training.members import expand
+from pipeline.training.members import Member, expand
 
 
 @dataclass(frozen=True)
 class Job:
     id: str
     trials: tuple[Trial, ...]
-    members: tuple[str, ...]  # the member name `train` gives each trial (its row's "adapter")
+    members: tuple[str, ...]  # the member id `train` gives each trial (its row's "member_id")
     config: TrainConfig
 
 
@@ -50,38 +49,39 @@ def adapter_entry(trial: Trial) -> dict:
     return entry
 
 
-def member_name(trial: Trial, layers: Mapping[str, LayerSpec]) -> str:
-    """Asked of `members.expand` itself, so the name always matches the row `train` writes."""
+def trial_member(trial: Trial, layers: Mapping[str, LayerSpec]) -> Member:
+    """The member `train` makes of this trial, asked of `members.expand` itself, so its id,
+    shape key and name always match the row `train` writes."""
     entry = build(AdapterEntry, adapter_entry(trial), source=f"trial {trial.id}")
     (member,) = expand((entry,), layers, trial.seed)
-    return member.name
+    return member
 
 
 def plan_jobs(trials: list[Trial], cfg: SweepConfig, layers: Mapping[str, LayerSpec]) -> list[Job]:
-    groups: dict[str, list[Trial]] = {}
+    groups: dict[str, list[tuple[Trial, Member]]] = {}
     for t in trials:
-        groups.setdefault(t.shape_key, []).append(t)
+        m = trial_member(t, layers)
+        groups.setdefault(m.shape_key, []).append((t, m))
     pieces = [g[i: i + cfg.trials_per_job] for g in groups.values() for i in range(0, len(g), cfg.trials_per_job)]
-    pieces.sort(key=lambda p: _layers_read(p[0]))  # stable: ties keep the trials' order
-    jobs: list[list[tuple[Trial, str]]] = []
+    pieces.sort(key=lambda p: _layers_read(p[0][0]))  # stable: ties keep the trials' order
+    jobs: list[list[tuple[Trial, Member]]] = []
     for piece in pieces:
-        named = [(t, member_name(t, layers)) for t in piece]
-        # `train` refuses two members with one name, so trials whose names would clash go
+        # `train` refuses the same member twice, so trials that make one member (one id) go
         # to different jobs.
         current = jobs[-1] if jobs else []
-        fits = len(current) + len(named) <= cfg.trials_per_job and not {n for _, n in current} & {n for _, n in named}
+        fits = len(current) + len(piece) <= cfg.trials_per_job and not {m.id for _, m in current} & {m.id for _, m in piece}
         if current and fits:
-            current.extend(named)
+            current.extend(piece)
         else:
-            jobs.append(named)
-    return [_job(cfg, [t for t, _ in j], [n for _, n in j]) for j in jobs]
+            jobs.append(list(piece))
+    return [_job(cfg, [t for t, _ in j], [m.id for _, m in j]) for j in jobs]
 
 
 def _layers_read(trial: Trial) -> str:
     return json.dumps([trial.hparams.get("layer"), trial.hparams.get("layers")])
 
 
-def _job(cfg: SweepConfig, trials: list[Trial], names: list[str]) -> Job:
+def _job(cfg: SweepConfig, trials: list[Trial], member_ids: list[str]) -> Job:
     job_id = hashlib.sha256(",".join(sorted(t.id for t in trials)).encode()).hexdigest()[:12]
     # Absolute paths: a worker's working directory need not be the driver's. A store URL
     # (s3://...) and its storage options travel as they are; each worker opens the store itself.
@@ -89,7 +89,7 @@ def _job(cfg: SweepConfig, trials: list[Trial], names: list[str]) -> Job:
     data = {**cfg.train_settings(), "store": store, "storage_options": cfg.storage_options, "save_top": cfg.save_top,
             "output": str((Path(cfg.output) / "jobs" / job_id).resolve()),
             "adapters": [adapter_entry(t) for t in trials]}
-    return Job(job_id, tuple(trials), tuple(names), build(TrainConfig, data, source=f"job {job_id}"))
+    return Job(job_id, tuple(trials), tuple(member_ids), build(TrainConfig, data, source=f"job {job_id}"))
 
 
 def run_job(cfg: TrainConfig, workers_per_host: Optional[dict[str, int]]) -> list[dict]:
@@ -103,14 +103,15 @@ def run_job(cfg: TrainConfig, workers_per_host: Optional[dict[str, int]]) -> lis
 
 
 def trial_rows(job: Job, rows: list[dict]) -> list[dict]:
-    """Match `train`'s rows to the job's trials by member name; one row per trial."""
-    by_name = {r["adapter"]: r for r in rows}
-    missing = [n for n in job.members if n not in by_name]
+    """Match `train`'s rows to the job's trials by member id; one row per trial (with the
+    member's name, for people)."""
+    by_id = {r["member_id"]: r for r in rows}
+    missing = [i for i in job.members if i not in by_id]
     if missing or len(rows) != len(job.trials):
-        raise RuntimeError(f"job {job.id}: expected rows for {list(job.members)}, got {sorted(by_name)}")
+        raise RuntimeError(f"job {job.id}: expected rows for members {list(job.members)}, got {sorted(by_id)}")
     out = []
-    for trial, name in zip(job.trials, job.members):
-        r = by_name[name]
-        out.append({"trial": trial.id, "config": trial.config(), "member": name, "job": job.id,
+    for trial, member_id in zip(job.trials, job.members):
+        r = by_id[member_id]
+        out.append({"trial": trial.id, "config": trial.config(), "member": r["adapter"], "member_id": member_id, "job": job.id,
                     "metrics": {k: r[k] for k in ("val_acc", "test_acc", "params", "train_s")}})
     return out

@@ -34,11 +34,6 @@ class Trial:
     def config(self) -> dict:
         return {"kind": self.kind, "hparams": self.hparams, "lr": self.lr, "weight_decay": self.weight_decay, "seed": self.seed}
 
-    @property
-    def shape_key(self) -> str:
-        """Trials with equal keys have the same architecture: they train in one fused group."""
-        return json.dumps([self.kind, self.hparams], sort_keys=True)
-
 
 def make_trials(cfg: SweepConfig, context: dict) -> list[Trial]:
     """Every trial of the sweep, in a deterministic order, without duplicates.

@@ -67,10 +67,6 @@ class L2Choice:
     val_accuracies: tuple[float, ...]  # aligned with l2_grid
     infos: tuple[FitInfo, ...]  # aligned with l2_grid
 
-    @property
-    def val_accuracy(self) -> float:
-        return self.val_accuracies[self.l2_grid.index(self.l2)]
-
 
 def _as_f64(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float64, device=device)
@@ -228,8 +224,8 @@ def choose_l2(
         start = (weight, bias)
         accuracies.append(_accuracy(xs_val, y_val, weight, bias))
         infos.append(info)
-        logger.info("l2=%.3g: val accuracy %.4f, %d L-BFGS iterations, |grad|_max %.1e (%s)",
-                    l2, accuracies[-1], info.iterations, info.grad_max, info.stop)
+        logger.debug("l2=%.3g: val accuracy %.4f, %d L-BFGS iterations, |grad|_max %.1e (%s)",
+                     l2, accuracies[-1], info.iterations, info.grad_max, info.stop)
         if best is None or accuracies[-1] > best[0]:
             best = (accuracies[-1], l2, weight, bias)
 

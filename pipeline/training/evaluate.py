@@ -11,12 +11,13 @@ from cache import CacheReader
 
 
 @torch.no_grad()
-def split_logits(groups: Sequence, reader: CacheReader, split: str, layers: list[str], batch_size: int, keep: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_logits(groups: Sequence, reader: CacheReader, split: str, layers: list[str], batch_size: int,
+                 keep: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [members, n, C] (groups concatenated in order) and labels [n], in sample order."""
     for g in groups:
         g.eval()
     outs, labels = [], []
-    for batch in reader.batches(split, layers, batch_size, shuffle=False, keep=keep):
+    for batch in reader.batches(split, layers, batch_size, shuffle=False, keep=keep, out=torch.get_default_dtype()):
         outs.append(torch.cat([g(batch.features) for g in groups], dim=0))
         labels.append(batch.labels)
     for g in groups:

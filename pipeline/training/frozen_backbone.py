@@ -1,33 +1,58 @@
 """Rebuild the frozen backbone a store was made with (for VQT's blocks and for prediction).
 
-The store's manifest holds the resolved extract config; the weights' sha256 must match the
-store's fingerprint, so an adapter never meets blocks other than those that made its cache.
+One way, from the store's fingerprint alone: the backbone's name, weights and model_kwargs,
+the resolved preprocessing, and the layer specs (keys/values cached, layers through the final
+norm). The extract config saved beside it in the manifest is never read, so a config key
+renamed since extraction does not break an old store. The weights' sha256 must match the
+fingerprint's, so an adapter never meets blocks other than those that made its cache.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from cache.errors import StoreMismatchError
+from cache.schema import LayerSpec
 from pipeline.backbones.build import Backbone, build_backbone
-from pipeline.config import ExtractConfig, build
+from pipeline.backbones.taps import EMBED
+from pipeline.config import build
+from pipeline.config.extract_config import BackboneConfig, PreprocessConfig
 
 
-def extract_config_of(manifest: dict) -> ExtractConfig:
-    return build(ExtractConfig, manifest["config"], source="the store's saved config")
+@dataclass(frozen=True)
+class _Recorded:
+    """The part of an extract config that a fingerprint records: what builds the backbone."""
+
+    backbone: BackboneConfig
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
-def backbone_of(manifest: dict, store: str = "store") -> Backbone:
-    cfg = extract_config_of(manifest)
-    return verified_backbone(cfg, manifest["fingerprint"]["backbone"], store)
+def _recorded(fingerprint: dict, where: str) -> _Recorded:
+    """The backbone and preprocessing configs a fingerprint records, validated as a config is
+    (model_kwargs that would make timm load a file are refused here, one ConfigError)."""
+    bb, dc = fingerprint["backbone"], fingerprint["preprocessing"]
+    specs = [LayerSpec.from_json(d) for d in fingerprint["layers"]]
+    return build(_Recorded, {
+        "backbone": {"name": bb["name"], "weights": bb["weights"], "model_kwargs": bb.get("model_kwargs", {}),
+                     "layers": [s.name for s in specs if s.name != EMBED and not s.is_kv] or [-1],
+                     "cache_kv": any(s.is_kv for s in specs), "through_final_norm": any(s.through_final_norm for s in specs)},
+        "preprocess": {"image_size": dc["input_size"][1], "interpolation": dc["interpolation"], "mean": dc["mean"],
+                       "std": dc["std"], "crop_pct": dc["crop_pct"]},
+    }, source=f"the backbone fingerprint of {where}")
 
 
-def verified_backbone(cfg: ExtractConfig, fingerprint_backbone: dict, where: str) -> Backbone:
-    """Build the backbone of `cfg` and refuse it unless its weights hash to the fingerprint's."""
+def rebuild_backbone(fingerprint: dict, where: str) -> Backbone:
+    """The backbone of `fingerprint` (a store's, or the one an adapter saved), refused unless
+    its weights hash to the fingerprint's. where: whose fingerprint it is, for messages
+    (e.g. "store 'runs/x.zarr'")."""
+    cfg = _recorded(fingerprint, where)
     backbone = build_backbone(cfg.backbone, cfg.preprocess)
-    want = fingerprint_backbone["weights_sha256"]
+    want = fingerprint["backbone"]["weights_sha256"]
     if backbone.weights_sha256 != want:
         raise StoreMismatchError(
             where,
             [f"backbone.weights_sha256: made with {want[:16]}..., the weights {cfg.backbone.weights!r} now give {backbone.weights_sha256[:16]}..."],
             "The weights source changed since extraction; re-extract or restore the weights.",
+            subject=f"{where} was made with other weights",
         )
     return backbone

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
+from cache.errors import ConfigError
 from cache.schema import LayerSpec
 from pipeline.adapters import adapter_class
 from pipeline.config.train_config import AdapterEntry
@@ -13,6 +15,10 @@ from pipeline.config.train_config import AdapterEntry
 
 @dataclass(frozen=True)
 class Member:
+    """One adapter to train. `name` is for people (reports, folders) and may repeat; `id` is
+    for joining: the rows, ensembles and logits `train` writes carry it, and the sweep and the
+    benchmark match results to what they asked for by it."""
+
     name: str
     kind: str
     hparams: dict[str, Any]  # the adapter's architecture hyperparameters (layer included)
@@ -23,19 +29,66 @@ class Member:
     solver: str = "adamw"  # "lbfgs": the probe solved exactly; weight_decay is then its L2 strength
 
     @property
+    def id(self) -> str:
+        """12 hex digits of the sha256 of the member's canonical JSON: equal for equal members, in
+        every run and process (hparams' key order does not matter), distinct whenever any of
+        kind, hparams, lr, weight_decay, seed, standardize or solver differs."""
+        return _digest({**self._recipe(), "seed": int(self.seed)})
+
+    @property
+    def config_id(self) -> str:
+        """The id without the seed: equal for the members of one configuration trained from
+        different seeds (the benchmark averages a configuration over seeds by it)."""
+        return _digest(self._recipe())
+
+    def _recipe(self) -> dict:
+        return {"kind": self.kind, "hparams": self.hparams, "lr": float(self.lr), "weight_decay": float(self.weight_decay),
+                "standardize": bool(self.standardize), "solver": self.solver}
+
+    @property
     def shape_key(self) -> str:
         """Members with equal keys have identical architectures: they can share one fused pass."""
         return json.dumps([self.kind, self.hparams, self.standardize, self.solver], sort_keys=True, default=str)
 
     @property
     def layer_label(self) -> str:
-        if "layer" in self.hparams:
-            return str(self.hparams["layer"])
-        layers = self.hparams.get("layers")
-        return "+".join(layers) if layers else "all"
+        return layer_label(self.hparams)
 
 
-def expand(entries: tuple[AdapterEntry, ...], layers: Mapping[str, LayerSpec], default_seed: int) -> list[Member]:
+def layer_label(hparams: Mapping[str, Any]) -> str:
+    """The layer(s) a member reads, for tables: its `layer`, its `layers` joined by "+", or
+    "all" for a kind that chooses its own (e.g. LoSA without `layers`)."""
+    if "layer" in hparams:
+        return str(hparams["layer"])
+    layers = hparams.get("layers")
+    return "+".join(layers) if layers else "all"
+
+
+def _digest(body: dict) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def check_layers(named: Iterable[tuple[str, Iterable[str]]], layers: Mapping[str, LayerSpec], store: Optional[str] = None) -> None:
+    """One ConfigError naming every layer that is not in the store, for every entry at once.
+
+    named: (config key, the layer names it gives), e.g. ("adapters[1].layers", ["blocks.9"]);
+    train checks its adapter entries with it, sweep its space entries.
+    """
+    problems = []
+    for key, names in named:
+        unknown = list(dict.fromkeys(n for n in names if n not in layers))
+        if unknown:
+            problems.append(f"{key}: {unknown} are not in the store; it has {list(layers)}")
+    if problems:
+        raise ConfigError(problems, f"the layers of store {store!r}" if store else None)
+
+
+def expand(entries: tuple[AdapterEntry, ...], layers: Mapping[str, LayerSpec], default_seed: int,
+           store: Optional[str] = None) -> list[Member]:
+    """Every member of every entry; store: its path, for the message when a layer is not in it."""
+    check_layers(((f"adapters[{i}].layers", e.layers if isinstance(e.layers, tuple) else ()) for i, e in enumerate(entries)),
+                 layers, store)
     members: list[Member] = []
     for entry in entries:
         cls = adapter_class(entry.kind)
@@ -49,17 +102,14 @@ def expand(entries: tuple[AdapterEntry, ...], layers: Mapping[str, LayerSpec], d
                         raw = cls.supports_standardize and not standardize
                         members.append(Member(_name(entry.kind, arch, lr, wd, seed, entry, raw), entry.kind, arch, lr, wd, seed,
                                               standardize, entry.solver))
-    names = [m.name for m in members]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    ids = [m.id for m in members]
+    duplicates = sorted({m.name for m in members if ids.count(m.id) > 1})
     if duplicates:
-        raise ValueError(f"adapters: the same adapter is listed twice: {duplicates}")
+        raise ConfigError(f"adapters: the same adapter is listed twice: {duplicates}")
     return members
 
 
 def _architectures(entry: AdapterEntry, fields, layers: Mapping[str, LayerSpec]) -> list[dict]:
-    unknown = [l for l in (entry.layers if isinstance(entry.layers, tuple) else ()) if l not in layers]
-    if unknown:
-        raise ValueError(f"adapters[{entry.kind}].layers: {unknown} are not in the store; it has {list(layers)}")
     if "layer" in fields:
         if entry.layers is None:
             return [dict(entry.hparams)]

@@ -14,11 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from cache.errors import FeatureCacheError
 from cache.local_files import pid_alive, replace_dir
 
 
-
-class OutputInUse(ValueError):
+class OutputInUse(FeatureCacheError):
     """The output folder holds another run's files."""
 
 

@@ -13,25 +13,25 @@ the store's fingerprint, so an interrupted run resumes and a finished one only r
 from __future__ import annotations
 
 import logging
-import statistics
 import shutil
+import statistics
 import time
 from pathlib import Path
 
 from cache import open_store
+from pipeline.adapters.base import last_layer_name, layers_in_backbone_order
 from pipeline.benchmarking import methods as M
 from pipeline.benchmarking.finetune import finetune
 from pipeline.benchmarking.machine import machine_info
 from pipeline.benchmarking.measured import run_measured
 from pipeline.benchmarking.report import PLOTS, write_benchmarks, write_headline
-from pipeline.adapters.base import last_layer_name, layers_in_backbone_order
 from pipeline.benchmarking.sklearn_reference import fit_logistic
 from pipeline.benchmarking.speed import measure_speed
 from pipeline.benchmarking.store_variants import disk_per_sample, option_label, variant_config
 from pipeline.benchmarking.units import Units, key_hash
 from pipeline.config import ExtractConfig, load_config, to_dict
 from pipeline.config.bench_config import BenchCase, BenchConfig, method_id
-from pipeline.extract import plan_extraction, run_extract
+from pipeline.runners.extract import plan_extraction, run_extract
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,16 @@ def _print_cost(cfg: BenchConfig, extract_cfgs: dict) -> None:
 def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units, out: Path) -> dict:
     log.info("case %s: extract (a complete store is reused)", case.name)
     t0 = time.perf_counter()
-    plan = run_extract(ecfg)
+    done = run_extract(ecfg)
     extract_s = time.perf_counter() - t0
     store = ecfg.store.path
     reader = open_store(store)
     store_key = key_hash(reader.fingerprint)
     # Stage one's cost, for the accuracy-vs-time comparison: only a run that computed the whole
     # store measured it (a reused or resumed store leaves it unknown rather than wrong).
-    whole = plan.streamed == sum(reader.num_samples(s) for s in reader.splits)
+    whole = done.streamed == sum(reader.num_samples(s) for s in reader.splits)
     extraction = units.get(f"{case.name}.extract", {"store": store_key},
-                           lambda: {"extract_s": extract_s if whole else None, "images": plan.streamed})
+                           lambda: {"extract_s": extract_s if whole else None, "images": done.streamed})
     last = last_layer_name(reader.layers)
     result = {"name": case.name, "backbone": ecfg.backbone.name, "weights": ecfg.backbone.weights,
               "image_size": list(reader.manifest["fingerprint"]["preprocessing"]["input_size"][1:]),
@@ -105,8 +105,9 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
         grids = []
         for seed in cfg.seeds:
             settings = M.train_settings(cfg, case, seed)
-            grids.append(units.get(f"{case.name}.{method}.seed{seed}", {"store": store_key, "entry": to_dict(entry), "settings": settings},
-                                   lambda: M.train_grid(store, entry, settings, str(out / "runs" / case.name / f"{method}_seed{seed}"))))
+            grid = units.get(f"{case.name}.{method}.seed{seed}", {"store": store_key, "entry": to_dict(entry), "settings": settings},
+                             lambda: M.train_grid(store, entry, settings, str(out / "runs" / case.name / f"{method}_seed{seed}")))
+            grids.append(M.with_member_ids(grid, entry, reader.layers, seed))
         all_grids.append(grids)
         rows = _method_rows(entry, grids, last)
         for row in rows:
@@ -114,9 +115,9 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
                 row["wall_s"] = sum(sum(g["epoch_seconds"]) for g in grids) / len(grids)
                 row["time_note"] = "the whole grid, fused"
                 continue
-            single = M.member_entry(entry, row["config"], store)
+            single = M.member_entry(entry, row["config_id"], store)
             settings = M.train_settings(cfg, case, cfg.seeds[0])
-            solo = units.get(f"{case.name}.{method}.solo.{key_hash(row['config'])}",
+            solo = units.get(f"{case.name}.{method}.solo.{row['config_id']}",
                              {"store": store_key, "entry": to_dict(single), "settings": settings},
                              lambda: run_measured(M.train_solo, store, to_dict(single), settings))
             row.update(wall_s=solo["wall_s"], peak_mb=solo["peak_mb"], gpu_peak_mb=solo["gpu_peak_mb"], solo_test_acc=solo["result"]["test_acc"])

@@ -20,18 +20,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache import BackgroundWriter, ChunkPlan, LayerSpec, StoreError, StoreWriter
+from cache import BackgroundWriter, ChunkPlan, ConfigError, LayerSpec, StoreError, StoreWriter, encoding
 from pipeline import __version__
 from pipeline.backbones.build import Backbone, build_backbone
 from pipeline.backbones.taps import LayerTaps
-from pipeline.backbones.tokens import reduce_tokens, reduced_spec
+from pipeline.backbones.tokens import TOKEN_REDUCTIONS, reduce_tokens, reduced_spec
 from pipeline.config import ExtractConfig, to_dict
 from pipeline.data import CorruptImageError, SplitSource, open_split
 from pipeline.data.loader import make_loader
 
 log = logging.getLogger(__name__)
-
-BYTES_PER_VALUE = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}
 
 
 @dataclass
@@ -44,12 +42,9 @@ class ExtractPlan:
     sources: dict[str, SplitSource]
     chunks: ChunkPlan
     device: torch.device
-    streamed: int = 0  # samples computed by this run
-    stream_seconds: float = 0.0  # their wall time, from the first batch to the last write
 
     def bytes_per_sample(self, spec: LayerSpec) -> int:
-        per = spec.tokens * spec.dim * BYTES_PER_VALUE[self.cfg.store.dtype]
-        return per + (spec.dim * 2 if self.cfg.store.dtype == "int8" else 0)
+        return encoding(self.cfg.store.dtype).bytes_per_sample(spec.tokens, spec.dim)
 
     def report(self) -> str:
         total_samples = sum(len(s) for s in self.sources.values())
@@ -73,8 +68,6 @@ class ExtractPlan:
 def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
     device = _device(cfg.runtime.device)
     backbone = build_backbone(cfg.backbone, cfg.preprocess)
-    if cfg.backbone.cache_kv and cfg.store.tokens != "all":
-        raise ValueError(f"backbone.cache_kv needs store.tokens='all' (VQT attends to every token), got {cfg.store.tokens!r}")
     taps = LayerTaps(backbone.model, cfg.backbone.layers, cfg.backbone.block_input, backbone.image_size, cfg.backbone.cache_kv,
                      cfg.backbone.through_final_norm)
     specs = [reduced_spec(s, cfg.store.tokens, cfg.store.grid_size) for s in taps.specs]
@@ -87,9 +80,9 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
                         os.path.join(cfg.data.root, split), shown)
     classes = {tuple(s.classes) for s in sources.values()}
     if len(classes) > 1:
-        raise ValueError(f"data.splits: the splits disagree on their classes: {[list(c) for c in classes]}")
+        raise ConfigError(f"data.splits: the splits disagree on their classes: {[list(c) for c in classes]}")
     largest = max(len(s) for s in sources.values())
-    bytes_per_value = BYTES_PER_VALUE[cfg.store.dtype]
+    bytes_per_value = encoding(cfg.store.dtype).itemsize  # chunks are sized by the values, not the scales
     if cfg.store.samples_per_chunk:
         chunks = ChunkPlan(cfg.store.samples_per_chunk, cfg.store.chunks_per_shard)
     else:
@@ -105,7 +98,8 @@ def fingerprint(plan: ExtractPlan) -> dict:
         "backbone": {"name": plan.backbone.name, "weights": cfg.backbone.weights, "weights_sha256": plan.backbone.weights_sha256,
                      "model_kwargs": dict(cfg.backbone.model_kwargs)},
         "layers": [s.to_json() for s in plan.specs],
-        "storage": {"dtype": cfg.store.dtype, "tokens": cfg.store.tokens, "grid_size": cfg.store.grid_size if cfg.store.tokens == "grid" else None},
+        "storage": {"dtype": cfg.store.dtype, "tokens": cfg.store.tokens,
+                    "grid_size": cfg.store.grid_size if TOKEN_REDUCTIONS[cfg.store.tokens].pools_grid else None},
         "preprocessing": _jsonable(plan.backbone.data_config),
         "dataset": {"kind": cfg.data.kind, "splits": {k: s.fingerprint() for k, s in plan.sources.items()}},
         "layout": {
@@ -116,22 +110,37 @@ def fingerprint(plan: ExtractPlan) -> dict:
     }
 
 
-def run_extract(cfg: ExtractConfig, dry_run: bool = False, overwrite: bool = False) -> ExtractPlan:
+@dataclass
+class Extraction:
+    """What one extract run did: its plan, the samples it computed and their wall time (from
+    the first batch to the last write; 0 when the store was complete already)."""
+
+    plan: ExtractPlan
+    streamed: int = 0
+    stream_seconds: float = 0.0
+
+
+def run_extract(cfg: ExtractConfig, overwrite: bool = False) -> Extraction:
+    """setup (the plan, printed with its cost) -> run (each split's missing chunks) -> finish
+    (the manifest stamped complete). A dry run is plan_extraction(cfg).report()."""
     t0 = time.perf_counter()
     plan = plan_extraction(cfg)
-    if dry_run:
-        return plan
     log.info("plan:\n%s", plan.report())
+    done = Extraction(plan)
     with store_os_errors(cfg.store.path), open_writer(plan, overwrite) as writer:  # the lease is given back on any exit
         for split in plan.sources:
-            if not extract_chunks(plan, writer, split, range(plan.chunks.n_chunks(len(plan.sources[split])))):
+            samples, seconds = extract_chunks(plan, writer, split, range(plan.chunks.n_chunks(len(plan.sources[split]))))
+            done.streamed += samples
+            done.stream_seconds += seconds
+            if not samples:
                 log.info("split %s: complete, nothing to do", split)
         manifest = writer.finalize()
     report_skipped(manifest)
     skipped = sum(len(v) for v in manifest["skipped"].values())
-    log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, writer.location.size_bytes() / 1e6, skipped, time.perf_counter() - t0)
+    log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, writer.location.size_bytes() / 1e6, skipped,
+             time.perf_counter() - t0)
     plan.taps.close()
-    return plan
+    return done
 
 
 def open_writer(plan: ExtractPlan, overwrite: bool = False, lease: bool = True) -> StoreWriter:
@@ -194,15 +203,17 @@ def report_skipped(manifest: dict) -> None:
                         "`train` refuses this split", split, n)
 
 
-def extract_chunks(plan: ExtractPlan, writer: StoreWriter, split: str, chunks: Iterable[int]) -> int:
-    """Compute the given chunks of one split that are not stamped yet; returns how many."""
+def extract_chunks(plan: ExtractPlan, writer: StoreWriter, split: str, chunks: Iterable[int]) -> tuple[int, float]:
+    """Compute the given chunks of one split that are not stamped yet; returns the samples
+    computed and their wall time."""
     todo = sorted(set(chunks) & set(writer.missing_chunks(split)))
-    if todo:
-        _extract_split(plan, _prepare_model(plan), writer, split, plan.sources[split], todo)
-    return len(todo)
+    if not todo:
+        return 0, 0.0
+    _prepare_model(plan)
+    return _extract_split(plan, writer, split, plan.sources[split], todo)
 
 
-def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, source: SplitSource, missing: list[int]) -> None:
+def _extract_split(plan: ExtractPlan, writer: StoreWriter, split: str, source: SplitSource, missing: list[int]) -> tuple[int, float]:
     cfg = plan.cfg
     n = len(source)
     indices = np.concatenate([np.arange(*plan.chunks.chunk_range(c, n)) for c in missing])
@@ -224,7 +235,7 @@ def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, so
                 skipped += len(bad)
                 for e in bad:
                     log.warning("skipping: %s", e)
-            feats = _forward(plan, model, images)
+            feats = _forward(plan, images)
             feats = {k: reduce_tokens(v, raw[k], cfg.store.tokens, cfg.store.grid_size).float().cpu() for k, v in feats.items()}
             background.put(idx.numpy(), feats, valid)
             bar.update(len(idx))
@@ -237,12 +248,12 @@ def _extract_split(plan: ExtractPlan, model, writer: StoreWriter, split: str, so
         bar.close()
     background.close()
     elapsed = time.perf_counter() - start
-    plan.streamed += len(indices)
-    plan.stream_seconds += elapsed
-    log.info("split %s: %d samples in %.1f s (%.1f img/s, %.1f MB/s written before compression)", split, len(indices), elapsed, len(indices) / elapsed, background.bytes_written / 1e6 / elapsed)
+    log.info("split %s: %d samples in %.1f s (%.1f img/s, %.1f MB/s written before compression)", split, len(indices), elapsed,
+             len(indices) / elapsed, background.bytes_written / 1e6 / elapsed)
+    return len(indices), elapsed
 
 
-def _forward(plan: ExtractPlan, model, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def _forward(plan: ExtractPlan, images: torch.Tensor) -> dict[str, torch.Tensor]:
     on_cuda = plan.device.type == "cuda"
     images = images.to(plan.device, non_blocking=True)
     if on_cuda:
@@ -253,19 +264,19 @@ def _forward(plan: ExtractPlan, model, images: torch.Tensor) -> dict[str, torch.
     return plan.taps(images)
 
 
-def _prepare_model(plan: ExtractPlan):
+def _prepare_model(plan: ExtractPlan) -> None:
+    """Move the backbone (the module plan.taps runs) to the plan's device, in place."""
     model = plan.backbone.model.to(plan.device)
     if plan.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    return model
 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device: 'cuda' was asked for but no CUDA device is available")
+        raise ConfigError("runtime.device: 'cuda' was asked for but no CUDA device is available")
     return torch.device(name)
 
 
@@ -276,7 +287,8 @@ def _workers(cfg: ExtractConfig, on_cuda: bool) -> int:
 
 
 def _fmt_preprocess(dc: dict) -> str:
-    return f"{dc['input_size'][1]}x{dc['input_size'][2]}, {dc['interpolation']}, crop {dc['crop_pct']}, mean {tuple(round(m, 3) for m in dc['mean'])}, std {tuple(round(s, 3) for s in dc['std'])}"
+    mean, std = tuple(round(m, 3) for m in dc["mean"]), tuple(round(s, 3) for s in dc["std"])
+    return f"{dc['input_size'][1]}x{dc['input_size'][2]}, {dc['interpolation']}, crop {dc['crop_pct']}, mean {mean}, std {std}"
 
 
 def _jsonable(d: dict) -> dict:

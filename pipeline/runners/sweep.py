@@ -25,23 +25,24 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from cache import CacheReader, open_store
+from cache import CacheReader, FeatureCacheError, open_store
 from pipeline.adapters import adapter_class, build_adapter
 from pipeline.config import ConfigError, to_dict
 from pipeline.config.sweep_config import SweepConfig
-from pipeline.dask_cluster import dask_client, workers_per_host
+from pipeline.dask_cluster import dask_client, require_dask, workers_per_host
 from pipeline.sweeping.export import best_per_kind, results_markdown, write_best_train_config
-from pipeline.sweeping.jobs import Job, plan_jobs, run_job, trial_rows
+from pipeline.sweeping.jobs import Job, plan_jobs, run_job, trial_member, trial_rows
 from pipeline.sweeping.plots import plot_scores
 from pipeline.sweeping.results_log import TrialsLog
 from pipeline.sweeping.space import Trial, make_trials
-
-
-
-class SweepJobsFailed(RuntimeError):
-    """Some jobs failed after their retries; finished trials are kept in trials.jsonl."""
+from pipeline.training.members import check_layers
 
 log = logging.getLogger(__name__)
+
+
+class SweepJobsFailed(FeatureCacheError):
+    """Some jobs failed after their retries; finished trials are kept in trials.jsonl."""
+
 
 JOB_RETRIES = 2
 
@@ -51,7 +52,9 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
     processes (None: one per core), or no dask at all when workers == 0."""
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 0:
-        raise ValueError(f"workers: got {workers}, expected >= 0 (0: run the jobs in this process)")
+        raise ConfigError(f"workers: got {workers}, expected >= 0 (0: run the jobs in this process)")
+    if scheduler or workers:
+        require_dask("a sweep on dask (--workers 0 runs its jobs in this process without it)")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -92,14 +95,11 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
 
 
 def _check_layers(cfg: SweepConfig, reader: CacheReader) -> None:
-    problems = []
+    """Every layer of every space entry that the store lacks, in one error (as `train` does)."""
+    named = []
     for i, entry in enumerate(cfg.space):
-        for key, names in (("layer", entry.layer or ()), ("layers", [l for s in entry.layers or () for l in s])):
-            unknown = sorted({n for n in names if n not in reader.layers})
-            if unknown:
-                problems.append(f"space[{i}].{key}: {unknown} are not in the store; it has {list(reader.layers)}")
-    if problems:
-        raise ConfigError(problems, f"sweep over {cfg.store}")
+        named += [(f"space[{i}].layer", entry.layer or ()), (f"space[{i}].layers", [l for s in entry.layers or () for l in s])]
+    check_layers(named, reader.layers, cfg.store)
 
 
 def _check_architectures(trials: list[Trial], reader: CacheReader) -> None:
@@ -107,12 +107,15 @@ def _check_architectures(trials: list[Trial], reader: CacheReader) -> None:
     width that the number of heads does not divide) stops the sweep before any job runs."""
     problems, seen = [], set()
     for t in trials:
-        if t.shape_key in seen or adapter_class(t.kind).requires_backbone_modules:
+        if adapter_class(t.kind).requires_backbone_modules:
             continue
-        seen.add(t.shape_key)
         try:
+            shape = trial_member(t, reader.layers).shape_key
+            if shape in seen:
+                continue
+            seen.add(shape)
             build_adapter(t.kind, reader.layers, len(reader.classes), **t.hparams)
-        except ValueError as e:  # AdapterConfigError is a ValueError
+        except (ConfigError, ValueError) as e:  # AdapterConfigError, or torch refusing the shapes
             problems.append(f"{t.kind} {json.dumps(t.hparams)}: {e}")
     if problems:
         raise ConfigError(problems, "the search space (these combinations cannot be built)")

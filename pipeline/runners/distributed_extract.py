@@ -35,21 +35,23 @@ from typing import Callable, Optional
 
 import torch
 
+from cache import FeatureCacheError
 from pipeline.config import ExtractConfig, build, to_dict
-from pipeline.dask_cluster import dask_client, torch_threads, workers_per_host
-from pipeline.extract import ExtractPlan, extract_chunks, open_writer, plan_extraction
+from pipeline.dask_cluster import dask_client, require_dask, torch_threads, workers_per_host
+from pipeline.runners.extract import Extraction, extract_chunks, open_writer, plan_extraction
 
 log = logging.getLogger(__name__)
 TASK_RETRIES = 2
 
 
-class ExtractTasksFailed(RuntimeError):
+class ExtractTasksFailed(FeatureCacheError):
     """Some pieces failed after their retries; what they stamped is kept, rerun to finish."""
 
 
 def run_distributed_extract(cfg: ExtractConfig, scheduler: Optional[str] = None, workers: int = 2, overwrite: bool = False,
-                            host: Optional[str] = None) -> ExtractPlan:
+                            host: Optional[str] = None) -> Extraction:
     """host: the interface a local cluster listens on (see dask_cluster.cluster_host)."""
+    require_dask("extract --workers/--scheduler (extraction on a dask cluster)")
     t0 = time.perf_counter()
     threads = torch.get_num_threads()  # what this command without --workers would compute with
     plan = plan_extraction(cfg)
@@ -83,7 +85,8 @@ def run_distributed_extract(cfg: ExtractConfig, scheduler: Optional[str] = None,
         writer.finalize()
     log.info("store complete: %s (%.1f s)", cfg.store.path, time.perf_counter() - t0)
     plan.taps.close()
-    return plan
+    streamed = sum(len(range(*plan.chunks.chunk_range(c, len(plan.sources[split])))) for split, chunks in missing.items() for c in chunks)
+    return Extraction(plan, streamed, time.perf_counter() - t0 if streamed else 0.0)
 
 
 def shard_pieces(missing: dict[str, list[int]], chunks_per_shard: int, pieces_per_split: int, batch_size: int = 1,

@@ -1,6 +1,6 @@
 """Apply saved adapters (several tasks at once) to new images: one backbone pass per batch.
 
-    python -m pipeline predict --adapters runs/a/adapters/01_x runs/b/adapters/01_y IMAGES... [--out preds.csv]
+    featurecache predict --adapter runs/a/adapters/01_x --adapter runs/b/adapters/01_y IMAGES... [--out preds.csv]
 
 The backbone is rebuilt from each adapter's store fingerprint (weights hash checked), only
 the layers the adapters read are captured, and they get the store's token reduction and its
@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cache.codecs import decode, encode
-from cache.schema import LayerSpec
+from cache import encoding
+from cache.errors import ConfigError
 from pipeline.adapters import load_adapter, read_adapter_manifest
 from pipeline.adapters.persistence import MANIFEST_FILE
-from pipeline.backbones.build import Backbone
 from pipeline.backbones.taps import EMBED, LayerTaps
 from pipeline.backbones.tokens import reduce_tokens
-from pipeline.config import ExtractConfig, build
 from pipeline.data.image_folder import IMAGE_SUFFIXES
 from pipeline.data.source import read_image
-from pipeline.training.frozen_backbone import verified_backbone
-
-log = logging.getLogger(__name__)
+from pipeline.training.frozen_backbone import rebuild_backbone
 
 
 @dataclass
@@ -48,14 +43,14 @@ def find_images(paths: list[str]) -> list[Path]:
         elif p.is_file():
             found.append(p)
         else:
-            raise FileNotFoundError(f"{str(p)!r} does not exist (neither an adapter folder nor an image or a folder of images)")
+            raise ConfigError(f"image {str(p)!r} does not exist (expected an image file or a folder of images)")
     if not found:
-        raise FileNotFoundError(f"no images found in {paths}")
+        raise ConfigError(f"no images found in {paths}")
     return found
 
 
 def check_adapter_dirs(adapter_dirs: list[str]) -> None:
-    """One FileNotFoundError naming every adapter folder that is missing or holds no adapter."""
+    """One ConfigError naming every adapter folder that is missing or holds no adapter."""
     problems = []
     for d in map(Path, adapter_dirs):
         if not d.is_dir():
@@ -63,7 +58,7 @@ def check_adapter_dirs(adapter_dirs: list[str]) -> None:
         elif not (d / MANIFEST_FILE).is_file():
             problems.append(f"{str(d)!r} is not an adapter folder: it has no {MANIFEST_FILE} (expected runs/NAME/adapters/NN_*)")
     if problems:
-        raise FileNotFoundError("; ".join(problems))
+        raise ConfigError(problems)
 
 
 def run_predict(adapter_dirs: list[str], images: list[str], batch_size: int = 32) -> list[dict]:
@@ -82,7 +77,7 @@ def run_predict(adapter_dirs: list[str], images: list[str], batch_size: int = 32
 
 def _predict_group(tasks: list[Task], files: list[Path], rows: list[dict], batch_size: int) -> None:
     fp = tasks[0].manifest["store_fingerprint"]
-    backbone = _backbone_for(fp)
+    backbone = rebuild_backbone(fp, f"the store of adapter {str(tasks[0].directory)!r}")
     adapters = [load_adapter(t.directory, t.manifest["store_fingerprint"], backbone_modules=backbone.model).eval() for t in tasks]
     stored = {}
     for a in adapters:
@@ -115,23 +110,8 @@ def _predict_group(tasks: list[Task], files: list[Path], rows: list[dict], batch
 
 def _as_cached(x: torch.Tensor, dtype: str) -> torch.Tensor:
     """The same rounding the store applies, so predictions match cached-feature predictions."""
-    values, scales = encode(x, dtype)
-    return decode(values, dtype, scales)
-
-
-def _backbone_for(fp: dict) -> Backbone:
-    dc = fp["preprocessing"]
-    specs = [LayerSpec.from_json(d) for d in fp["layers"]]
-    layers = [s.name for s in specs if s.name != EMBED and not s.is_kv] or [-1]
-    cfg = build(ExtractConfig, {
-        "backbone": {"name": fp["backbone"]["name"], "weights": fp["backbone"]["weights"], "layers": layers,
-                     "model_kwargs": fp["backbone"].get("model_kwargs", {}), "cache_kv": any(s.is_kv for s in specs),
-                     "through_final_norm": any(s.through_final_norm for s in specs)},
-        "data": {"kind": "image_folder", "root": "-"},
-        "store": {"path": "-"},
-        "preprocess": {"image_size": dc["input_size"][1], "interpolation": dc["interpolation"], "mean": dc["mean"], "std": dc["std"], "crop_pct": dc["crop_pct"]},
-    }, source="the adapter's store fingerprint")
-    return verified_backbone(cfg, fp["backbone"], "the adapter's store")
+    enc = encoding(dtype)
+    return enc.decode(*enc.encode(x))
 
 
 def _load(path: Path):
@@ -148,8 +128,8 @@ def task_names(directories: list[str]) -> list[str]:
     names = [f"{run}/{p.name}" if runs.count(run) > 1 and p.parent.name == "adapters" else run for run, p in zip(runs, paths)]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
-        raise ValueError(f"predict: adapters {[str(p) for p, n in zip(paths, names) if n in clashes]} would share the task "
-                         f"name(s) {clashes}; give each adapter once, from folders with distinct names")
+        raise ConfigError(f"predict: adapters {[str(p) for p, n in zip(paths, names) if n in clashes]} would share the task "
+                          f"name(s) {clashes}; give each adapter once, from folders with distinct names")
     return names
 
 

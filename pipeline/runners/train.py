@@ -1,6 +1,6 @@
 """Stage two: train many adapters from the feature cache in one pass per epoch, no backbone in the loop.
 
-    python -m pipeline train configs/train_fashion_mnist.yaml [dotted.key=value ...]
+    python -m pipeline train configs/train_fashion_mnist_lite0.yaml [dotted.key=value ...]
 
 setup (store, splits, members, fused groups) -> print the cost -> for each epoch, one
 shuffled pass over the cache feeds every group -> validation per member (best state kept)
@@ -25,15 +25,15 @@ from cache import CacheReader, open_store
 from pipeline.adapters import FusedAdapters, StackedAdamW, build_adapter, per_member_cross_entropy, save_adapter
 from pipeline.adapters.pooling import pool_tokens
 from pipeline.adapters.standardize import Standardizer
-from pipeline.training.convex_probe import fit_logistic_lbfgs, fold_standardization, standardize, standardize_fit
 from pipeline.config import TrainConfig, to_dict
-from pipeline.data.valid_samples import require_valid_samples
+from pipeline.training.convex_probe import fit_logistic_lbfgs, fold_standardization, standardize, standardize_fit
 from pipeline.training.ensembles import calibrated_ensembles
 from pipeline.training.evaluate import accuracy, split_logits
 from pipeline.training.members import Member, expand, group_by_shape
 from pipeline.training.output import staged_output
 from pipeline.training.report import write_report
 from pipeline.training.schedule import warmup_cosine
+from pipeline.training.splits import Splits, count_samples, resolve_splits
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +58,42 @@ class Group:
 
 
 @dataclass
-class Splits:
-    train: str
-    train_keep: Optional[np.ndarray]
-    val: str
-    val_keep: Optional[np.ndarray]
-    test: Optional[str]
+class Run:
+    """What setup decided: the store, the samples, the members in fused groups, the budget."""
+
+    cfg: TrainConfig
+    reader: CacheReader
+    splits: Splits
+    groups: list[Group]
+    layers: list[str]  # every layer an adapter reads (validation, test)
+    train_layers: list[str]  # those the trained (not solved) groups read each epoch
+    epochs: int
+    steps_per_epoch: int
 
 
 def run_train(cfg: TrainConfig, overwrite: bool = False) -> dict:
     """Train into cfg.output, which must be unused unless `overwrite` (then it is replaced
-    once this run has finished); an interrupted run leaves it as it was."""
+    once this run has finished); an interrupted run leaves it as it was.
+
+    setup (store, splits, members, fused groups, the plan printed) -> train (one pass over
+    the cache per epoch for every group, validation per member) -> finish (best states,
+    test, ensembles, results, saved adapters)."""
     t_start = time.perf_counter()
     final = Path(cfg.output)
     with staged_output(final, overwrite) as out:
-        results = _train(cfg, out, final)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        run = _setup(cfg)
+        with (out / "metrics.jsonl").open("w") as metrics:  # closed however training ends
+            epoch_seconds = _train_epochs(run, metrics)
+        results = _finish(run, out, final, epoch_seconds)
     log.info("done in %.1f s; results in %s", time.perf_counter() - t_start, final)
     return results
 
 
-def _train(cfg: TrainConfig, out: Path, final: Path) -> dict:
-    """The run, writing into `out` (the staging folder that becomes `final`)."""
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+def _setup(cfg: TrainConfig) -> Run:
     reader = open_store(cfg.store, storage_options=cfg.storage_options)
-    splits = _splits(cfg, reader)
-    members = expand(cfg.adapters, reader.layers, cfg.seed)
+    splits = resolve_splits(cfg, reader)
+    members = expand(cfg.adapters, reader.layers, cfg.seed, cfg.store)
     backbone_modules = _backbone_modules(reader) if any(m.kind == "vqt" for m in members) else None
     num_classes = len(reader.classes)
     standardizer = _standardizer(reader, splits, members)
@@ -90,29 +101,37 @@ def _train(cfg: TrainConfig, out: Path, final: Path) -> dict:
     layers = sorted({l for g in groups for l in g.fused.template.required_layers()}, key=list(reader.layers).index)
     trained = [g for g in groups if g.optimizer is not None]  # solved groups (lbfgs) are done already
     train_layers = [l for l in layers if any(l in g.fused.template.required_layers() for g in trained)]
-    n_train = int(_count(reader, splits.train, splits.train_keep))
+    n_train = int(count_samples(reader, splits.train, splits.train_keep))
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch)) if trained else 0
     if epochs > cfg.epochs:
         log.info("min_steps=%d: %d epochs instead of %d (%d steps per epoch)", cfg.min_steps, epochs, cfg.epochs, steps_per_epoch)
-    total_steps = steps_per_epoch * epochs
     log.info(
         "plan: %d adapters in %d fused groups, %d trainable parameters in all; %d train samples x %d epochs "
         "(%d steps); reading %d layers (%.1f MB per epoch); val %s (%d), test %s",
         len(members), len(groups), sum(g.fused.template.num_trainable_parameters() * len(g.members) for g in groups),
-        n_train, epochs, total_steps, len(train_layers),
+        n_train, epochs, steps_per_epoch * epochs, len(train_layers),
         n_train * sum(reader.layers[l].tokens * reader.layers[l].dim * 4 for l in train_layers) / 1e6,
-        splits.val, int(_count(reader, splits.val, splits.val_keep)), splits.test,
+        splits.val, int(count_samples(reader, splits.val, splits.val_keep)), splits.test,
     )
-    metrics = (out / "metrics.jsonl").open("w")
+    return Run(cfg, reader, splits, groups, layers, train_layers, epochs, steps_per_epoch)
+
+
+def _train_epochs(run: Run, metrics) -> list[float]:
+    """Every epoch: one shuffled pass over the cache feeds every trained group, then each
+    member is validated (its best state kept). Returns each pass's wall time."""
+    cfg, reader, splits, groups = run.cfg, run.reader, run.splits, run.groups
+    total_steps = run.steps_per_epoch * run.epochs
     step, stale, epoch_seconds = 0, 0, []
-    for epoch in range(epochs):
+    for epoch in range(run.epochs):
         losses = [torch.zeros(len(g.members)) for g in groups]
-        bar = tqdm(reader.batches(splits.train, train_layers, cfg.batch_size, seed=cfg.seed, epoch=epoch, keep=splits.train_keep),
-                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", dynamic_ncols=True)
+        # Features in the default dtype, as the adapters' parameters are made (float64 in exactness tests).
+        bar = tqdm(reader.batches(splits.train, run.train_layers, cfg.batch_size, seed=cfg.seed, epoch=epoch, keep=splits.train_keep,
+                                  out=torch.get_default_dtype()),
+                   total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", unit="batch", dynamic_ncols=True)
         seen, t_epoch = 0, time.perf_counter()
         for batch in bar:
-            factor = warmup_cosine(step, total_steps, int(cfg.warmup_epochs * steps_per_epoch))
+            factor = warmup_cosine(step, total_steps, int(cfg.warmup_epochs * run.steps_per_epoch))
             for gi, g in enumerate(groups):
                 if g.optimizer is None:
                     continue
@@ -126,18 +145,17 @@ def _train(cfg: TrainConfig, out: Path, final: Path) -> dict:
                 losses[gi] += loss.detach() * len(batch.labels)
                 if step % cfg.log_every == 0:
                     metrics.write(json.dumps({"step": step, "epoch": epoch, "group": gi, "lr_factor": factor,
-                                              "loss": {m.name: float(l) for m, l in zip(g.members, loss.detach())}}) + "\n")
+                                              "loss": {m.id: float(l) for m, l in zip(g.members, loss.detach())}}) + "\n")
             seen += len(batch.labels)
             step += 1
             bar.set_postfix(samples_per_s=f"{seen / (time.perf_counter() - t_epoch):.0f}", refresh=False)
         epoch_seconds.append(time.perf_counter() - t_epoch)
-        improved = _validate(groups, reader, splits, layers, cfg.batch_size, epoch, [l / max(seen, 1) for l in losses], metrics)
+        improved = _validate(groups, reader, splits, run.layers, cfg.batch_size, epoch, [l / max(seen, 1) for l in losses], metrics)
         stale = 0 if improved else stale + 1
         if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
             log.info("early stop after epoch %d: no member improved for %d epochs", epoch + 1, stale)
             break
-    metrics.close()
-    return _finish(cfg, groups, reader, splits, layers, out, final, epoch_seconds)
+    return epoch_seconds
 
 
 def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, metrics) -> bool:
@@ -154,14 +172,15 @@ def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, m
             for name, p in g.fused.params.items():
                 g.best_params[name][better] = p.detach()[better]
         for m, a, l in zip(g.members, acc, train_loss):
-            metrics.write(json.dumps({"epoch": epoch, "member": m.name, "train_loss": float(l), "val_acc": float(a)}) + "\n")
+            metrics.write(json.dumps({"epoch": epoch, "member": m.name, "member_id": m.id, "train_loss": float(l), "val_acc": float(a)}) + "\n")
     metrics.flush()
     best = max(float(g.best_val.max()) for g in groups)
     log.info("epoch %d: best validation accuracy so far %.4f", epoch + 1, best)
     return improved
 
 
-def _finish(cfg: TrainConfig, groups, reader: CacheReader, splits: Splits, layers, out: Path, final: Path, epoch_seconds: list[float]) -> dict:
+def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float]) -> dict:
+    cfg, groups, reader, splits, layers = run.cfg, run.groups, run.reader, run.splits, run.layers
     # Every member ends at its best validation epoch.
     with torch.no_grad():
         for g in groups:
@@ -181,7 +200,8 @@ def _finish(cfg: TrainConfig, groups, reader: CacheReader, splits: Splits, layer
             i = len(rows)
             params = adapter.num_trainable_parameters()
             rows.append({
-                "adapter": m.name, "kind": m.kind, "layer": m.layer_label, "lr": m.lr, "weight_decay": m.weight_decay, "seed": m.seed,
+                "adapter": m.name, "member_id": m.id, "config_id": m.config_id,
+                "kind": m.kind, "layer": m.layer_label, "lr": m.lr, "weight_decay": m.weight_decay, "seed": m.seed,
                 "params": params, "pct_backbone": 100.0 * params / backbone_params if backbone_params else None,
                 "val_acc": float(val_acc[i]), "test_acc": float(test_acc[i]) if test_acc is not None else None,
                 "train_s": g.seconds / len(g.members), "fused_with": len(g.members),
@@ -192,20 +212,22 @@ def _finish(cfg: TrainConfig, groups, reader: CacheReader, splits: Splits, layer
     ensembles = calibrated_ensembles(val_logits, val_labels, test_logits if test_acc is not None else None,
                                      test_labels if test_acc is not None else None, k=cfg.ensemble_top_k)
 
-    def named(report) -> dict:
-        return {**report.to_dict(), "members": [rows[i]["adapter"] for i in report.members]}
+    def by_id(report) -> dict:  # members by id; their names beside them, for people
+        return {**report.to_dict(), "members": [rows[i]["member_id"] for i in report.members],
+                "adapters": [rows[i]["adapter"] for i in report.members]}
 
+    best = rows[order[0]]
     summary = {
-        "top1": {"adapter": rows[order[0]]["adapter"], "val_acc": rows[order[0]]["val_acc"], "test_acc": rows[order[0]]["test_acc"]},
-        "ensemble": named(ensembles.top_k),  # the top k by validation, calibrated probabilities averaged
-        "greedy": named(ensembles.greedy),  # Caruana's forward selection with replacement on validation
+        "top1": {k: best[k] for k in ("adapter", "member_id", "val_acc", "test_acc")},
+        "ensemble": by_id(ensembles.top_k),  # the top k by validation, calibrated probabilities averaged
+        "greedy": by_id(ensembles.greedy),  # Caruana's forward selection with replacement on validation
         "train_seconds_total": sum(g.seconds for g in groups),
         "epoch_seconds": epoch_seconds,  # wall time of each training pass (reading + all steps)
     }
     # Every member's logits, for ensembles across runs (the benchmark pools its methods' grids).
-    np.savez(out / "logits.npz", members=np.array([r["adapter"] for r in rows]), val_logits=val_logits.float().numpy(),
-             val_labels=val_labels.numpy(), **({"test_logits": test_logits.float().numpy(), "test_labels": test_labels.numpy()}
-                                               if test_acc is not None else {}))
+    test = {"test_logits": test_logits.float().numpy(), "test_labels": test_labels.numpy()} if test_acc is not None else {}
+    np.savez(out / "logits.npz", members=np.array([r["adapter"] for r in rows]), member_ids=np.array([r["member_id"] for r in rows]),
+             val_logits=val_logits.float().numpy(), val_labels=val_labels.numpy(), **test)
     saved = []
     for rank, i in enumerate(order[: cfg.save_top]):
         name = f"{rank + 1:02d}_{_slug(rows[i]['adapter'])}"
@@ -280,40 +302,10 @@ def _solved_group(members: list[Member], reader: CacheReader, num_classes: int, 
     return Group(members, fused, None, seconds=time.perf_counter() - t0, best_val=torch.full((len(members),), -1.0), best_params=best_params)
 
 
-def _splits(cfg: TrainConfig, reader: CacheReader) -> Splits:
-    for key in ("train_split", "val_split", "test_split"):
-        name = getattr(cfg, key)
-        if name is not None and name not in reader.splits:
-            raise KeyError(f"{key}: split {name!r} is not in store {cfg.store!r}; it has {reader.splits}")
-    if cfg.val_split is not None:
-        splits = Splits(cfg.train_split, None, cfg.val_split, None, cfg.test_split)
-    else:
-        is_val = validation_mask(reader.num_samples(cfg.train_split), cfg.val_fraction, cfg.seed)
-        splits = Splits(cfg.train_split, ~is_val, cfg.train_split, is_val, cfg.test_split)
-    # A split, or the part of it in use, whose samples were all skipped at extraction would
-    # train nothing and then fail in evaluation: refuse it now, naming its key and the split.
-    require_valid_samples(reader, [("train_split", splits.train, splits.train_keep),
-                                   ("val_split" if cfg.val_split is not None else "val_fraction", splits.val, splits.val_keep),
-                                   ("test_split", splits.test, None)])
-    return splits
-
-
-def validation_mask(n: int, fraction: float, seed: int) -> np.ndarray:
-    """The seeded validation carve of a train split [n] (shared with the benchmark's references)."""
-    is_val = np.zeros(n, dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(n)[: max(1, int(round(fraction * n)))]] = True
-    return is_val
-
-
-def _count(reader: CacheReader, split: str, keep: Optional[np.ndarray]) -> int:
-    valid = reader.valid(split)
-    return int((valid & keep).sum() if keep is not None else valid.sum())
-
-
 def _backbone_modules(reader: CacheReader):
-    from pipeline.training.frozen_backbone import backbone_of
+    from pipeline.training.frozen_backbone import rebuild_backbone
 
-    return backbone_of(reader.manifest, str(reader.path)).model
+    return rebuild_backbone(reader.fingerprint, f"store {reader.path!r}").model
 
 
 def _slug(name: str) -> str:
