@@ -81,7 +81,8 @@ class LayerSpec:
             "prefix_tokens": self.prefix_tokens,
             "grid": list(self.grid) if self.grid is not None else None,
             "block_index": self.block_index,
-            "through_final_norm": self.through_final_norm,
+            # Named only when set, so stores made before the option keep their fingerprint.
+            **({"through_final_norm": True} if self.through_final_norm else {}),
         }
 
     @classmethod
