@@ -72,15 +72,7 @@ def test_predict_of_vqt_trained_on_a_store_with_cached_keys_values(tmp_path):
     out = tmp_path / "preds.json"
     assert main(["predict", "--adapter", str(directory), str(images / "val"), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
-    ids = [str(s) for s in reader.sample_ids("val")]
-    with torch.no_grad():
-        probs = adapter(reader.read("val", adapter.required_layers(), 0, len(ids))).softmax(-1)
-    by_id = dict(zip(ids, probs))
-    assert len(rows) == len(ids) == 12
-    for row in rows:
-        p = by_id["/".join(row["image"].split("/")[-2:])]
-        assert row["vqt"] == reader.classes[int(p.argmax())]
-        assert row["vqt_prob"] == pytest.approx(float(p.max()), abs=1e-4)
+    assert_rows_are_the_cached_predictions(rows, adapter, reader, "vqt")
 
 
 def test_vqt_trains_and_predicts_on_a_store_whose_saved_config_has_a_renamed_key(tmp_path):
@@ -104,6 +96,11 @@ def test_vqt_trains_and_predicts_on_a_store_whose_saved_config_has_a_renamed_key
     rows = json.loads(out.read_text())
     reader = open_store(cfg.store.path)
     adapter = load_adapter(directory, reader.fingerprint, backbone_modules=build_backbone(cfg.backbone, cfg.preprocess).model).eval()
+    assert_rows_are_the_cached_predictions(rows, adapter, reader, "vqt")
+
+
+def assert_rows_are_the_cached_predictions(rows, adapter, reader, task):
+    """Each predicted row equals the adapter applied to the cached features of its image."""
     ids = [str(s) for s in reader.sample_ids("val")]
     with torch.no_grad():
         probs = adapter(reader.read("val", adapter.required_layers(), 0, len(ids))).softmax(-1)
@@ -111,5 +108,5 @@ def test_vqt_trains_and_predicts_on_a_store_whose_saved_config_has_a_renamed_key
     assert len(rows) == len(ids) == 12
     for row in rows:
         p = by_id["/".join(row["image"].split("/")[-2:])]
-        assert row["vqt"] == reader.classes[int(p.argmax())]
-        assert row["vqt_prob"] == pytest.approx(float(p.max()), abs=1e-4)
+        assert row[task] == reader.classes[int(p.argmax())]
+        assert row[f"{task}_prob"] == pytest.approx(float(p.max()), abs=1e-4)

@@ -46,12 +46,14 @@ def register_adapter(kind: str) -> Callable[[type[Adapter]], type[Adapter]]:
     return register
 
 
+def unknown_kind(kind: str) -> str:
+    """What to say about a kind that is not registered (the config layer lists it as a problem)."""
+    return f"unknown adapter kind {kind!r}{did_you_mean(kind, ADAPTERS)}; known kinds: {', '.join(sorted(ADAPTERS))}"
+
+
 def adapter_class(kind: str) -> type[Adapter]:
     if kind not in ADAPTERS:
-        raise AdapterConfigError(
-            f"unknown adapter kind {kind!r}{did_you_mean(kind, ADAPTERS)}; "
-            f"known kinds: {', '.join(sorted(ADAPTERS))}"
-        )
+        raise AdapterConfigError(unknown_kind(kind))
     return ADAPTERS[kind]
 
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from pipeline.adapters import ADAPTERS, AdapterConfigError, adapter_class, parse_hparams
+from pipeline.adapters.registry import unknown_kind
 from pipeline.config.train_config import StoreJob, TrainingSettings
 
 
@@ -119,10 +120,7 @@ class SpaceEntry:
 
     def problems(self) -> list[str]:
         if self.kind not in ADAPTERS:
-            try:
-                adapter_class(self.kind)
-            except AdapterConfigError as e:
-                return [f"kind: {e}"]
+            return [f"kind: {unknown_kind(self.kind)}"]
         fields = {f.name for f in dataclasses.fields(adapter_class(self.kind).Hparams)}
         out = []
         for key in ("layer", "layers"):

@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Union
 
 from cache.location import option_problems
 from pipeline.adapters import ADAPTERS, AdapterConfigError, adapter_class, parse_hparams
+from pipeline.adapters.registry import unknown_kind
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,7 @@ class AdapterEntry:
 
     def problems(self) -> list[str]:
         if self.kind not in ADAPTERS:
-            try:
-                adapter_class(self.kind)
-            except AdapterConfigError as e:
-                return [f"kind: {e}"]
+            return [f"kind: {unknown_kind(self.kind)}"]
         out = []
         fields = adapter_class(self.kind).Hparams.__dataclass_fields__
         for key in ("layer", "layers"):
