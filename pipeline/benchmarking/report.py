@@ -229,11 +229,11 @@ def _paragon_lines(case: dict) -> list[str]:
     adapters = [x for x in case["rows"] if x["kind"] in ("linear", "inca", "losa", "vqt") and x["test_acc"] is not None]
     if not adapters or fine["test_acc"] is None:
         return out + [""]
-    best = max(adapters, key=lambda x: x["test_acc"])
+    best = max(adapters, key=lambda x: x["val_acc"])  # chosen on validation, as everything here
     gap = 100 * (best["test_acc"] - fine["test_acc"])
     noise = 100 * ((best["test_acc_sd"] or 0) + (fine["test_acc_sd"] or 0))
     share = f", with {100 * best['params'] / fine['params']:.2f}% of its trainable parameters" if best.get("params") and fine.get("params") else ""
-    out.append(f"- Best cached adapter ({best['method']}) vs full fine-tuning: **{gap:+.2f} points** of test accuracy "
+    out.append(f"- Best cached adapter on validation ({best['method']}) vs full fine-tuning: **{gap:+.2f} points** of test accuracy "
                f"(seed spreads add to {noise:.2f}){share}.")
     extract_s = case.get("extract_s")
     if fine.get("wall_s") and best.get("wall_s"):
