@@ -108,7 +108,10 @@ def _case_section(case: dict, cfg: dict) -> list[str]:
 
 
 def _grid_text(entry: dict) -> str:
-    parts = [f"lr {entry['lr']}", f"wd {entry['weight_decay']}"]
+    lbfgs = entry.get("solver") == "lbfgs"
+    parts = [f"L-BFGS, l2 {entry['weight_decay']}"] if lbfgs else [f"lr {entry['lr']}", f"wd {entry['weight_decay']}"]
+    if entry.get("standardize") is False:
+        parts.append("raw features")
     if entry.get("hparams"):
         parts.append(", ".join(f"{k} {v}" for k, v in entry["hparams"].items()))
     if entry.get("layers"):
