@@ -242,7 +242,8 @@ def _standardizer(reader: CacheReader, splits: Splits, members: list[Member]) ->
     """The per-channel affine of the layers that standardised members read, from the
     statistics of the training samples only (a validation carve is left out)."""
     layers = set()
-    for m in members:
+    for shape in group_by_shape(members):  # one adapter per architecture says which layers it reads
+        m = shape[0]
         if m.standardize and m.solver == "adamw":  # lbfgs standardises its pooled features itself
             layers.update(build_adapter(m.kind, reader.layers, len(reader.classes), **m.hparams).required_layers())
     if not layers:
