@@ -24,7 +24,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from cache.schema import LayerSpec
+from cache import LayerSpec
 from pipeline.adapters import VQT, VQTHparams
 
 BATCH, NUM_CLASSES = 64, 100

@@ -6,15 +6,21 @@
 from cache.background import BackgroundWriter
 from cache.codecs import COMPRESSORS
 from cache.encodings import ENCODINGS, Encoding, encoding
-from cache.errors import ConfigError, FeatureCacheError, StoreError, StoreMismatchError
+from cache.errors import ConfigError, FeatureCacheError, StoreError, StoreMismatchError, require_extra
+from cache.fingerprint import differences
 from cache.layout import ChunkPlan
+from cache.local_files import pid_alive, replace_dir
+from cache.location import is_url, option_problems
 from cache.reader import Batch, CacheReader, open_store
-from cache.schema import FORMAT_VERSION, MANIFEST_KEY, LayerSpec
+from cache.schema import FORMAT_VERSION, KV_PREFIX, MANIFEST_KEY, LayerSpec
+from cache.summary import summarize
+from cache.verify import verify_store
 from cache.writer import StoreWriter
 
+# Everything stage two, the runners and the CLI use: they import from `cache`, never its modules.
 __all__ = [
     "BackgroundWriter", "Batch", "CacheReader", "ChunkPlan", "COMPRESSORS", "ConfigError", "ENCODINGS", "Encoding",
-    "FORMAT_VERSION", "FeatureCacheError", "LayerSpec",
-    "MANIFEST_KEY", "StoreError", "StoreMismatchError", "StoreWriter",
-    "encoding", "open_store",
+    "FORMAT_VERSION", "FeatureCacheError", "KV_PREFIX", "LayerSpec", "MANIFEST_KEY", "StoreError", "StoreMismatchError",
+    "StoreWriter", "differences", "encoding", "is_url", "open_store", "option_problems", "pid_alive", "replace_dir",
+    "require_extra", "summarize", "verify_store",
 ]

@@ -190,7 +190,7 @@ def _predict(args) -> int:
 
 
 def _verify(args) -> int:
-    from cache.verify import verify_store
+    from cache import verify_store
 
     reports = verify_store(args.store, repair=args.repair)
     bad_chunks = sum(len(r.bad) for r in reports)
@@ -214,7 +214,7 @@ def _verify(args) -> int:
 
 
 def _inspect(args) -> int:
-    from cache.summary import summarize
+    from cache import summarize
 
     s = summarize(args.store)
     if args.json:

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from cache.errors import require_extra
+from cache import require_extra
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from cache.schema import LayerSpec
+from cache import LayerSpec
 from pipeline.adapters.errors import AdapterConfigError, did_you_mean
 from pipeline.adapters.standardize import Standardizer
 

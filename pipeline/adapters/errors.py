@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from cache.errors import ConfigError
+from cache import ConfigError
 
 
 class AdapterConfigError(ConfigError):

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache.schema import LayerSpec
+from cache import LayerSpec
 from pipeline.adapters.attention import merge_heads, pool_tokens, split_heads
 from pipeline.adapters.base import Adapter, last_layer_name
 from pipeline.adapters.hparams import HparamValueError, require_at_least

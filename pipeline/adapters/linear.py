@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cache.schema import LayerSpec
+from cache import LayerSpec
 from pipeline.adapters.base import Adapter, last_layer_name
 from pipeline.adapters.pooling import Pooling, check_pooling, pool_tokens, pooled_width
 from pipeline.adapters.registry import register_adapter

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache.schema import LayerSpec
+from cache import LayerSpec
 from pipeline.adapters.base import Adapter, layers_in_backbone_order
 from pipeline.adapters.errors import AdapterConfigError
 from pipeline.adapters.hparams import HparamValueError, require_at_least

@@ -27,9 +27,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cache.errors import FeatureCacheError, StoreMismatchError
-from cache.fingerprint import differences
-from cache.schema import LayerSpec
+from cache import FeatureCacheError, LayerSpec, StoreMismatchError, differences
 from pipeline.adapters.base import Adapter
 from pipeline.adapters.registry import BackboneModules, build_adapter
 from pipeline.adapters.standardize import Standardizer

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from cache.schema import LayerSpec
+from cache import LayerSpec
 from pipeline.adapters.errors import AdapterConfigError
 
 Pooling = Literal["cls", "mean", "cls_mean"]

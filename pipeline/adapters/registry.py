@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from cache.schema import LayerSpec
+from cache import LayerSpec
 from pipeline.adapters import hparams as hparams_module
 from pipeline.adapters.base import Adapter
 from pipeline.adapters.errors import AdapterConfigError, did_you_mean

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from cache.schema import LayerSpec
+from cache import LayerSpec
 
 PREFIX = "standardize."
 

@@ -54,7 +54,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from cache.schema import KV_PREFIX, LayerSpec
+from cache import KV_PREFIX, LayerSpec
 from pipeline.adapters.attention import attend, merge_heads, split_heads
 from pipeline.adapters.base import Adapter
 from pipeline.adapters.errors import AdapterConfigError

@@ -21,8 +21,7 @@ from typing import Union
 
 import torch
 
-from cache.errors import ConfigError
-from cache.schema import KV_PREFIX, LayerSpec
+from cache import KV_PREFIX, ConfigError, LayerSpec
 
 EMBED = "embed"
 _BLOCK = re.compile(r"blocks\.(\d+)")

@@ -16,8 +16,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from cache.errors import ConfigError
-from cache.schema import LayerSpec
+from cache import ConfigError, LayerSpec
 
 
 @dataclass(frozen=True)

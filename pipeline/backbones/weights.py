@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from cache.errors import ConfigError
+from cache import ConfigError
 
 
 @dataclass(frozen=True)

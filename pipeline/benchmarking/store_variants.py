@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from cache import encoding
-from cache.summary import summarize
+from cache import encoding, summarize
 from pipeline.config import ExtractConfig, apply_overrides, build, to_dict
 
 

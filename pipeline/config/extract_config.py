@@ -10,8 +10,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from cache import COMPRESSORS, ENCODINGS
-from cache.location import option_problems
+from cache import COMPRESSORS, ENCODINGS, option_problems
 from pipeline.backbones.tokens import TOKEN_REDUCTIONS
 from pipeline.data import DATA_SOURCES
 

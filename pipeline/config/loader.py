@@ -15,7 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from cache.errors import ConfigError  # one class for every config problem (cache never imports pipeline)
+from cache import ConfigError  # one class for every config problem (cache never imports pipeline)
 
 
 def load_yaml(path: str | Path) -> dict:

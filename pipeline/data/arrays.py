@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cache.errors import ConfigError
+from cache import ConfigError
 from pipeline.data.source import SplitSource, to_rgb
 
 FASHION_MNIST_CLASSES = [

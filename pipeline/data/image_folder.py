@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.errors import ConfigError
+from cache import ConfigError
 from pipeline.data.source import SplitSource, read_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
-from cache.errors import FeatureCacheError
+from cache import FeatureCacheError
 
 
 class CorruptImageError(FeatureCacheError):

@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 from PIL import Image
 
-from cache.errors import ConfigError
+from cache import ConfigError
 from pipeline.data.source import DECODE_ERRORS, CorruptImageError, SplitSource, to_rgb
 
 

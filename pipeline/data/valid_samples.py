@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from cache.errors import ConfigError
+from cache import ConfigError
 
 if TYPE_CHECKING:
     from cache import CacheReader

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cache import encoding
-from cache.errors import ConfigError
+from cache import ConfigError, encoding
 from pipeline.adapters import load_adapter, read_adapter_manifest
 from pipeline.adapters.persistence import MANIFEST_FILE
 from pipeline.backbones.taps import EMBED, LayerTaps

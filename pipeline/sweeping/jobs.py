@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from cache.location import is_url
-from cache.schema import LayerSpec
+from cache import LayerSpec, is_url
 from pipeline.config import TrainConfig, build
 from pipeline.config.sweep_config import SweepConfig
 from pipeline.config.train_config import AdapterEntry

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cache.errors import StoreMismatchError
-from cache.schema import LayerSpec
+from cache import LayerSpec, StoreMismatchError
 from pipeline.backbones.build import Backbone, build_backbone
 from pipeline.backbones.taps import EMBED
 from pipeline.config import build

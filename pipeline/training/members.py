@@ -7,8 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
-from cache.errors import ConfigError
-from cache.schema import LayerSpec
+from cache import ConfigError, LayerSpec
 from pipeline.adapters import adapter_class
 from pipeline.config.train_config import AdapterEntry
 

@@ -14,8 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cache.errors import FeatureCacheError
-from cache.local_files import pid_alive, replace_dir
+from cache import FeatureCacheError, pid_alive, replace_dir
 
 
 class OutputInUse(FeatureCacheError):

@@ -9,8 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from cache import CacheReader
-from cache.errors import ConfigError
+from cache import CacheReader, ConfigError
 from pipeline.config.train_config import TrainingSettings
 from pipeline.data.valid_samples import require_valid_samples
 
