@@ -209,3 +209,21 @@ def test_grid_units_saved_before_member_ids_get_them_by_name():
         grids.append(grid)
     best = choose(grids, "best")
     assert best["config_id"] == members[2].config_id and best["config"] == members[2].name and best["seeds"] == 2
+
+
+def test_pooled_greedy_refuses_logits_of_other_members(tmp_path):
+    """A grid's logits file rewritten by another run must not be pooled with the unit's rows."""
+    import numpy as np
+
+    from cache import StoreError
+    from pipeline.benchmarking.methods import pooled_greedy
+
+    labels = np.array([0, 1, 0, 1])
+    logits = np.random.default_rng(0).normal(size=(2, 4, 2)).astype(np.float32)
+    path = tmp_path / "logits.npz"
+    np.savez(path, member_ids=np.array(["aaa", "bbb"]), val_logits=logits, val_labels=labels, test_logits=logits, test_labels=labels)
+    rows = [{"member_id": "aaa", "adapter": "a"}, {"member_id": "bbb", "adapter": "b"}]
+    ok = pooled_greedy([[{"logits": str(path), "rows": rows}]], "pooled", 1)
+    assert ok["seeds"] == 1 and ok["val_acc"] is not None
+    with pytest.raises(StoreError, match="holds other members than its saved unit"):
+        pooled_greedy([[{"logits": str(path), "rows": rows[::-1]}]], "pooled", 1)

@@ -116,7 +116,13 @@ def pooled_greedy(grids_by_method: list[list[dict]], label: str, k: int) -> Opti
             if not Path(g["logits"]).is_file():
                 raise StoreError(f"{g['logits']} is missing (the bench's run folder was cleaned?); delete the units of that "
                                  "grid under OUTPUT/units to recompute it")
-            parts.append(np.load(g["logits"]))
+            part = np.load(g["logits"])
+            # The run folder is rewritten by any later run of that method and seed: logits of
+            # other members than the unit's rows would make a silently wrong ensemble.
+            if "member_ids" not in part or list(part["member_ids"]) != [r["member_id"] for r in g["rows"]]:
+                raise StoreError(f"{g['logits']} holds other members than its saved unit (a later run replaced the folder); "
+                                 "delete the units of that grid under OUTPUT/units to recompute it")
+            parts.append(part)
         if any("test_logits" not in p for p in parts):
             return None
         # The logits are in the order of the grid's rows: their ids, and names for the report.
