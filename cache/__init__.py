@@ -12,7 +12,17 @@ from cache.layout import ChunkPlan
 from cache.local_files import pid_alive, replace_dir
 from cache.location import is_url, option_problems
 from cache.reader import Batch, CacheReader, open_store
-from cache.schema import FORMAT_VERSION, KV_PREFIX, MANIFEST_KEY, LayerSpec
+from cache.schema import (
+    FORMAT_VERSION,
+    LAYER_ROLES,
+    MANIFEST_KEY,
+    TOKEN_ORDER,
+    BackboneRecord,
+    Fingerprint,
+    LayerSpec,
+    Manifest,
+    StorageRecord,
+)
 from cache.summary import summarize
 from cache.verify import verify_store
 from cache.writer import StoreWriter
@@ -20,7 +30,8 @@ from cache.writer import StoreWriter
 # Everything stage two, the runners and the CLI use: they import from `cache`, never its modules.
 __all__ = [
     "BackgroundWriter", "Batch", "CacheReader", "ChunkPlan", "COMPRESSORS", "ConfigError", "ENCODINGS", "Encoding",
-    "FORMAT_VERSION", "FeatureCacheError", "KV_PREFIX", "LayerSpec", "MANIFEST_KEY", "StoreError", "StoreMismatchError",
+    "BackboneRecord", "FORMAT_VERSION", "FeatureCacheError", "Fingerprint", "LAYER_ROLES", "LayerSpec", "MANIFEST_KEY", "Manifest",
+    "StorageRecord", "TOKEN_ORDER", "StoreError", "StoreMismatchError",
     "StoreWriter", "differences", "encoding", "is_url", "open_store", "option_problems", "pid_alive", "replace_dir",
     "require_extra", "summarize", "verify_store",
 ]

@@ -26,10 +26,9 @@ import zarr
 from cache.encodings import encoding
 from cache.errors import StoreError, require_extra
 from cache.integrity import ObjectIndex, read_region, require_finite
-from cache.layout import ChunkPlan
 from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids
-from cache.schema import CREATING_KEY, FORMAT_VERSION, MANIFEST_KEY, LayerSpec
+from cache.schema import CREATING_KEY, MANIFEST_KEY, Fingerprint, Manifest, SplitRecord
 from cache.stats import summarize, sums
 
 
@@ -57,15 +56,12 @@ class CacheReader:
                              "rerun the extract command to finish it")
         if manifest is None:
             raise StoreError(f"{self.path!r} is a zarr store but not a feature cache (no {MANIFEST_KEY!r} manifest)")
-        if manifest["format_version"] != FORMAT_VERSION:
-            raise StoreError(f"{self.path!r} has format version {manifest['format_version']}, this reader reads {FORMAT_VERSION} "
-                             "(checksummed objects, per-chunk feature statistics); extract it again with --overwrite")
-        self.manifest = manifest
+        self.manifest = Manifest.from_json(manifest, self.path)
         self.objects = ObjectIndex(self.path)
         self.allow_partial = allow_partial
-        self.layers = {d["name"]: LayerSpec.from_json(d) for d in manifest["layers"]}
-        self.plan = ChunkPlan(manifest["samples_per_chunk"], manifest["chunks_per_shard"])
-        self.dtype = manifest["storage"]["dtype"]
+        self.layers = self.manifest.layers
+        self.plan = self.manifest.plan
+        self.dtype = self.manifest.dtype
         self.encoding = encoding(self.dtype)
         if not allow_partial and not self.is_complete():
             missing = {s: len(self.missing_chunks(s)) for s in self.splits}
@@ -76,22 +72,22 @@ class CacheReader:
 
     # -- metadata -----------------------------------------------------------------------
     @property
-    def fingerprint(self) -> dict:
-        return self.manifest["fingerprint"]
+    def fingerprint(self) -> Fingerprint:
+        return self.manifest.fingerprint
 
     @property
     def splits(self) -> list[str]:
-        return list(self.manifest["splits"])
+        return list(self.manifest.splits)
 
     @property
     def classes(self) -> list[str]:
-        return list(self.manifest.get("classes", []))
+        return list(self.manifest.classes)
 
     def num_samples(self, split: str) -> int:
-        return self._split(split)["num_samples"]
+        return self._split(split).num_samples
 
     def is_complete(self) -> bool:
-        return bool(self.manifest.get("complete")) or all(not self.missing_chunks(s) for s in self.splits)
+        return self.manifest.complete or all(not self.missing_chunks(s) for s in self.splits)
 
     def missing_chunks(self, split: str) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self._done(split))]
@@ -122,10 +118,10 @@ class CacheReader:
         """[n_chunks] bool: the chunks stamped complete."""
         return read_region(self.root[f"{split}/chunk_done"], 0, self.plan.n_chunks(self.num_samples(split)), self.path) != 0
 
-    def _split(self, split: str) -> dict:
-        if split not in self.manifest["splits"]:
+    def _split(self, split: str) -> SplitRecord:
+        if split not in self.manifest.splits:
             raise StoreError(f"split {split!r} is not in store {self.path!r}; it has {self.splits}")
-        return self.manifest["splits"][split]
+        return self.manifest.splits[split]
 
     def _check_layers(self, layers: Sequence[str]) -> None:
         unknown = [l for l in layers if l not in self.layers]

@@ -2,17 +2,18 @@
 
 The store layout (zarr v3, readable by any v3 implementation):
 
-    <root>/                      group; attrs["feature_cache"] = the manifest (see Manifest)
+    <root>/                      group; attrs["feature_cache"] = the manifest (Manifest.to_json)
     <root>/<split>/              group, one per dataset split ("train", "val", ...)
     <root>/<split>/layers/<name> array [N, T, D]: tokens of one layer. Token order is the
                                  backbone's: prefix tokens first (CLS, registers), then patch /
                                  feature-map tokens in row-major (H, W) order.
     <root>/<split>/scales/<name> array [N, D] float16, only for int8 layers: per-sample,
                                  per-channel absmax / 127; value = int8 * scale.
-    <root>/<split>/layers/kv.<i> optional (extract with backbone.cache_kv): array [N, T, 2D], the
-                                 keys then values that ViT block i computes from its input
-                                 tokens (its qkv projection without the query part, before any
-                                 k_norm), so VQT need not recompute them every epoch.
+                                 A layer's role (LayerSpec.role) says what it holds: "features"
+                                 (tokens an adapter reads), or "keys_values" ([N, T, 2D], the
+                                 keys then values that ViT block `block_index` computes from its
+                                 input tokens: its qkv projection without the query part, before
+                                 any k_norm; extract with backbone.cache_kv, for VQT).
     <root>/<split>/stats/<name>  array [n_chunks, 6, D] float64, one object per chunk: the sums of
                                  that chunk's valid samples (cache/stats.py: prefix, patch and pooled
                                  sums and sums of squares), for exact per-channel means and stds
@@ -32,19 +33,27 @@ layer's values are stored as its storage dtype's encoding says (cache/encodings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from cache.errors import StoreError
+from cache.fingerprint import differences
+from cache.layout import ChunkPlan
 
 # 2: crc32c on every object, NaN-filled layers, sample ids as UTF-8 bytes + offsets.
 # 3: per-chunk feature sums (stats/<layer>).
-FORMAT_VERSION = 3
+# 4: a role per layer (keys/values are a role, not a name prefix); the typed manifest below.
+FORMAT_VERSION = 4
 MANIFEST_KEY = "feature_cache"
 # The root's only attribute while a store on an object store is being created (no rename
 # there: see cache/writer.py); never present in a finished store.
 CREATING_KEY = "feature_cache_creating"
+TOKEN_ORDER = "prefix tokens (CLS, registers) first, then patch/feature-map tokens in row-major (H, W) order"
 
-# Layers named KV_PREFIX + block index hold keys/values, not features (see the layout above).
-KV_PREFIX = "kv."
+LayerRole = Literal["features", "keys_values"]
+LAYER_ROLES: tuple[str, ...] = LayerRole.__args__
 
 
 @dataclass(frozen=True)
@@ -54,10 +63,12 @@ class LayerSpec:
     tokens/dim: the stored shape [T, D] per sample.
     prefix_tokens: how many of the T tokens are prefix (CLS/register) tokens; 0 for CNNs.
     grid: (H, W) of the patch/feature-map tokens that follow the prefix, None when pooled.
-    block_index: for ViT blocks, the block whose *output* this is; -1 for the block-0 input
-        (the embedded tokens, stored as layer "embed"); None for other modules.
+    block_index: for ViT blocks, the block whose *output* this is (for keys_values, the block
+        whose attention computes them); -1 for the block-0 input (the embedded tokens, stored
+        as layer "embed"); None for other modules.
     through_final_norm: the block output was stored after the backbone's final norm (as
         DINOv2's linear evaluation reads intermediate layers), not as the next block reads it.
+    role: what the array holds (see the layout above); adapters read only "features" as tokens.
     """
 
     name: str
@@ -67,11 +78,11 @@ class LayerSpec:
     grid: Optional[tuple[int, int]] = None
     block_index: Optional[int] = None
     through_final_norm: bool = False
+    role: LayerRole = "features"
 
     @property
-    def is_kv(self) -> bool:
-        """Keys/values cached for VQT, not features an adapter should read as tokens."""
-        return self.name.startswith(KV_PREFIX)
+    def holds_features(self) -> bool:
+        return self.role == "features"
 
     def to_json(self) -> dict:
         return {
@@ -81,8 +92,9 @@ class LayerSpec:
             "prefix_tokens": self.prefix_tokens,
             "grid": list(self.grid) if self.grid is not None else None,
             "block_index": self.block_index,
-            # Named only when set, so stores made before the option keep their fingerprint.
+            # Named only when set, so a layer's description stays as short as it can be.
             **({"through_final_norm": True} if self.through_final_norm else {}),
+            "role": self.role,
         }
 
     @classmethod
@@ -96,4 +108,173 @@ class LayerSpec:
             grid=tuple(grid) if grid is not None else None,
             block_index=d.get("block_index"),
             through_final_norm=bool(d.get("through_final_norm", False)),
+            role=d.get("role", "features"),
         )
+
+
+@dataclass(frozen=True)
+class BackboneRecord:
+    """The frozen backbone that made the values: its timm name, where its weights came from,
+    their sha256, and the timm model kwargs."""
+
+    name: str
+    weights: str
+    weights_sha256: str
+    model_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StorageRecord:
+    """How values are stored: the dtype (cache/encodings.py), the token reduction and, for the
+    reductions that pool the patch grid, the pooled grid's side."""
+
+    dtype: str
+    tokens: str
+    grid_size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Everything that decides a store's values and layout; a store refuses any change.
+
+    preprocessing: the backbone's resolved timm data config (input_size, mean, std, ...).
+    dataset: the data source's own description (kind, and per split what identifies its samples).
+    layout: samples_per_chunk, chunks_per_shard and the compressor [name, level].
+    """
+
+    backbone: BackboneRecord
+    layers: tuple[LayerSpec, ...]
+    storage: StorageRecord
+    preprocessing: dict
+    dataset: dict
+    layout: dict
+
+    def to_json(self) -> dict:
+        return {
+            "backbone": dataclasses.asdict(self.backbone),
+            "layers": [s.to_json() for s in self.layers],
+            "storage": dataclasses.asdict(self.storage),
+            "preprocessing": self.preprocessing,
+            "dataset": self.dataset,
+            "layout": self.layout,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Fingerprint":
+        return cls(
+            backbone=BackboneRecord(**d["backbone"]),
+            layers=tuple(LayerSpec.from_json(x) for x in d["layers"]),
+            storage=StorageRecord(**d["storage"]),
+            preprocessing=d["preprocessing"],
+            dataset=d.get("dataset", {}),
+            layout=d.get("layout", {}),
+        )
+
+    def differences(self, other: "Fingerprint", labels: tuple[str, str] = ("store has", "now")) -> list[str]:
+        """Every difference from `other`, one line per dotted key (cache/fingerprint.py)."""
+        return differences(self.to_json(), other.to_json(), labels=labels)
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    num_samples: int
+    n_chunks: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The root group's `feature_cache` attribute: the fingerprint, and what a run recorded.
+
+    Written by cache/writer.py and read by cache/reader.py, nowhere else. Its JSON also repeats
+    the layers, chunking and storage at the top level, for readers that do not know this code.
+    classes: class names, by label. ignored: per split, the paths under its folder that are not
+    samples. skipped: per split, the ids of samples that could not be read (valid False).
+    config: the resolved extract config, for people; no code reads it back.
+    """
+
+    fingerprint: Fingerprint
+    splits: dict[str, SplitRecord]
+    created_at: str = field(default_factory=lambda: _now())
+    classes: tuple[str, ...] = ()
+    backbone_parameters: Optional[int] = None
+    ignored: dict[str, list[str]] = field(default_factory=dict)
+    package_version: Optional[str] = None
+    config: dict = field(default_factory=dict)
+    complete: bool = False
+    completed_at: Optional[str] = None
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def layers(self) -> dict[str, LayerSpec]:
+        return {s.name: s for s in self.fingerprint.layers}
+
+    @property
+    def plan(self) -> ChunkPlan:
+        layout = self.fingerprint.layout
+        return ChunkPlan(layout["samples_per_chunk"], layout["chunks_per_shard"])
+
+    @property
+    def dtype(self) -> str:
+        return self.fingerprint.storage.dtype
+
+    def completed(self, skipped: dict[str, list[str]]) -> "Manifest":
+        return dataclasses.replace(self, complete=True, skipped=skipped, completed_at=_now())
+
+    def reopened(self) -> "Manifest":
+        """Marked incomplete again (verify --repair unstamped some chunks)."""
+        return dataclasses.replace(self, complete=False, completed_at=None)
+
+    def to_json(self) -> dict:
+        plan = self.plan
+        return {
+            "format_version": self.format_version,
+            "fingerprint": self.fingerprint.to_json(),
+            "layers": [s.to_json() for s in self.fingerprint.layers],
+            "splits": {k: dataclasses.asdict(v) for k, v in self.splits.items()},
+            "samples_per_chunk": plan.samples_per_chunk,
+            "chunks_per_shard": plan.chunks_per_shard,
+            "storage": dataclasses.asdict(self.fingerprint.storage),
+            "token_order": TOKEN_ORDER,
+            "classes": list(self.classes),
+            "backbone_parameters": self.backbone_parameters,
+            "ignored": self.ignored,
+            "package_version": self.package_version,
+            "config": self.config,
+            "created_at": self.created_at,
+            "complete": self.complete,
+            **({"completed_at": self.completed_at} if self.completed_at else {}),
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, where: str) -> "Manifest":
+        """where: the store's path, for the error that refuses another format version."""
+        if d.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{where!r} has format version {d.get('format_version')}, this code reads {FORMAT_VERSION} "
+                             "(checksummed objects, per-chunk feature statistics, layer roles); extract it again with --overwrite")
+        return cls(
+            fingerprint=Fingerprint.from_json(d["fingerprint"]),
+            splits={k: SplitRecord(int(v["num_samples"]), int(v["n_chunks"])) for k, v in d["splits"].items()},
+            created_at=d["created_at"],
+            classes=tuple(d.get("classes", ())),
+            backbone_parameters=d.get("backbone_parameters"),
+            ignored=d.get("ignored", {}),
+            package_version=d.get("package_version"),
+            config=d.get("config", {}),
+            complete=bool(d.get("complete")),
+            completed_at=d.get("completed_at"),
+            skipped=d.get("skipped", {}),
+        )
+
+
+def store_differences(manifest_json: dict, wanted: Fingerprint) -> list[str]:
+    """What differs between a store's manifest (its JSON, any version) and the wanted fingerprint."""
+    diff = []
+    if manifest_json.get("format_version") != FORMAT_VERSION:
+        diff.append(f"format_version: store has {manifest_json.get('format_version')}, this code writes {FORMAT_VERSION}")
+    return diff + differences(manifest_json.get("fingerprint", {}), wanted.to_json())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +30,19 @@ def summarize(path: str | Path, storage_options: dict | None = None) -> dict:
     return {
         "path": str(path),
         "complete": reader.is_complete(),
-        "format_version": m["format_version"],
-        "backbone": m["fingerprint"]["backbone"],
-        "storage": m["storage"],
-        "preprocessing": m["fingerprint"]["preprocessing"],
-        "samples_per_chunk": m["samples_per_chunk"],
-        "chunks_per_shard": m["chunks_per_shard"],
-        "classes": m.get("classes", []),
+        "format_version": m.format_version,
+        "backbone": dataclasses.asdict(m.fingerprint.backbone),
+        "storage": dataclasses.asdict(m.fingerprint.storage),
+        "preprocessing": m.fingerprint.preprocessing,
+        "samples_per_chunk": reader.plan.samples_per_chunk,
+        "chunks_per_shard": reader.plan.chunks_per_shard,
+        "classes": list(m.classes),
         "splits": splits,
         "layers": layers,
         "bytes_on_disk": reader.location.size_bytes(),
-        "package_version": m.get("package_version"),
-        "created_at": m.get("created_at"),
-        "skipped_ids": m.get("skipped", {}),
+        "package_version": m.package_version,
+        "created_at": m.created_at,
+        "skipped_ids": m.skipped,
     }
 
 

@@ -20,7 +20,7 @@ from cache.errors import StoreError
 from cache.integrity import read_region
 from cache.lease import StoreLease
 from cache.reader import CacheReader
-from cache.schema import MANIFEST_KEY
+from cache.schema import MANIFEST_KEY, Manifest
 
 
 @dataclass
@@ -112,10 +112,8 @@ def _reason(e: Exception) -> str:
 def _unstamp(reader: CacheReader, bad: dict[str, list[int]]) -> None:
     with StoreLease(reader.location):
         root = reader.location.open_group("r+")
-        manifest = dict(root.attrs[MANIFEST_KEY])
-        manifest.update(complete=False)
-        manifest.pop("completed_at", None)
-        root.attrs[MANIFEST_KEY] = manifest  # first: from here on no reader takes the store as whole
+        manifest = Manifest.from_json(root.attrs[MANIFEST_KEY], reader.path).reopened()
+        root.attrs[MANIFEST_KEY] = manifest.to_json()  # first: from here on no reader takes the store as whole
         for split, chunks in bad.items():
             stamps = root[f"{split}/chunk_done"]
             for c in chunks:

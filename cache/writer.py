@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +36,12 @@ import zarr
 from cache.codecs import checked_codecs
 from cache.encodings import encoding
 from cache.errors import StoreError, StoreMismatchError
-from cache.fingerprint import differences
 from cache.layout import ChunkPlan
 from cache.lease import StoreLease
 from cache.local_files import replace_dir
 from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids, write_sample_ids
-from cache.schema import CREATING_KEY, FORMAT_VERSION, MANIFEST_KEY, LayerSpec
+from cache.schema import CREATING_KEY, MANIFEST_KEY, Fingerprint, Manifest, SplitRecord, store_differences
 from cache.stats import STATS_ROWS
 
 log = logging.getLogger(__name__)
@@ -54,15 +52,15 @@ class StoreWriter:
         self.location = location
         self.root = group
         self.lease = lease  # None: a complete store opened read-only, or a worker of the lease's holder
-        self.manifest = dict(group.attrs[MANIFEST_KEY])
-        self.layers = [LayerSpec.from_json(d) for d in self.manifest["layers"]]
-        self.plan = ChunkPlan(self.manifest["samples_per_chunk"], self.manifest["chunks_per_shard"])
-        self.dtype = self.manifest["storage"]["dtype"]
+        self.manifest = Manifest.from_json(group.attrs[MANIFEST_KEY], str(location))
+        self.layers = list(self.manifest.fingerprint.layers)
+        self.plan = self.manifest.plan
+        self.dtype = self.manifest.dtype
         self.encoding = encoding(self.dtype)
 
     @property
     def complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
+        return self.manifest.complete
 
     def close(self) -> None:
         """Give the lease back (finalize does too); safe to call twice."""
@@ -80,10 +78,8 @@ class StoreWriter:
     def open(
         cls,
         path: str | Path,
-        fingerprint: dict,
-        layers: list[LayerSpec],
+        fingerprint: Fingerprint,
         splits: dict[str, tuple[list[str], np.ndarray]],
-        plan: ChunkPlan,
         compressor: tuple[str, int],
         extra: dict,
         overwrite: bool = False,
@@ -94,32 +90,33 @@ class StoreWriter:
 
         path: a local path or an fsspec URL (storage_options go to fsspec; see cache.location).
         splits: split -> (sample ids, labels), written once at creation.
-        extra: manifest entries that do not identify the content (resolved config, classes...).
+        compressor: (name, level), cache/codecs.py.
+        extra: the Manifest fields that do not identify the content (classes, config, ...).
         lease: False only for workers of a writer that holds the lease (distributed extraction);
             they never create and never finalize.
         """
         location = as_location(path, storage_options)
         attrs = _root_attributes(location)
-        if MANIFEST_KEY in attrs and not _store_differences(attrs[MANIFEST_KEY], fingerprint) and attrs[MANIFEST_KEY].get("complete"):
+        if MANIFEST_KEY in attrs and not store_differences(attrs[MANIFEST_KEY], fingerprint) and attrs[MANIFEST_KEY].get("complete"):
             log.info("store %s is complete with this fingerprint: nothing to write", location)
             return cls(location, location.open_group("r"))
         if not lease:
-            if MANIFEST_KEY not in attrs or _store_differences(attrs[MANIFEST_KEY], fingerprint):
+            if MANIFEST_KEY not in attrs or store_differences(attrs[MANIFEST_KEY], fingerprint):
                 raise StoreError(f"store {str(location)!r} is not the store its driver created (missing, or made differently)")
             return cls(location, location.open_group("r+"))
         held = StoreLease(location).acquire()
         try:
-            return cls._open_leased(location, held, fingerprint, layers, splits, plan, compressor, extra, overwrite)
+            return cls._open_leased(location, held, fingerprint, splits, compressor, extra, overwrite)
         except BaseException:
             held.release()
             raise
 
     @classmethod
-    def _open_leased(cls, location, held, fingerprint, layers, splits, plan, compressor, extra, overwrite) -> "StoreWriter":
+    def _open_leased(cls, location, held, fingerprint: Fingerprint, splits, compressor, extra, overwrite) -> "StoreWriter":
         _remove_litter(location)
         attrs = _root_attributes(location)  # again: it may have changed before the lease was ours
         if MANIFEST_KEY in attrs:
-            diff = _store_differences(attrs[MANIFEST_KEY], fingerprint)
+            diff = store_differences(attrs[MANIFEST_KEY], fingerprint)
             if not diff:
                 log.info("resuming store %s", location)
                 return cls(location, location.open_group("r+"), held)
@@ -130,23 +127,12 @@ class StoreWriter:
             log.warning("store %s: its creation was interrupted (no chunk was written yet); creating it again", location)
         elif not location.holds_nothing():
             raise StoreError(f"{str(location)!r} exists and is not a feature-cache store; refusing to touch it")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "layers": [l.to_json() for l in layers],
-            "splits": {s: {"num_samples": len(ids), "n_chunks": plan.n_chunks(len(ids))} for s, (ids, _) in splits.items()},
-            "samples_per_chunk": plan.samples_per_chunk,
-            "chunks_per_shard": plan.chunks_per_shard,
-            "storage": fingerprint["storage"],
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "complete": False,
-            "skipped": {},
-            **extra,
-        }
+        plan = ChunkPlan(fingerprint.layout["samples_per_chunk"], fingerprint.layout["chunks_per_shard"])
+        manifest = Manifest(fingerprint, {s: SplitRecord(len(ids), plan.n_chunks(len(ids))) for s, (ids, _) in splits.items()}, **extra)
         if location.is_local:
-            _create_beside(location.path, manifest, layers, splits, plan, compressor)
+            _create_beside(location.path, manifest, splits, compressor)
         else:
-            _create_in_place(location, manifest, layers, splits, plan, compressor)
+            _create_in_place(location, manifest, splits, compressor)
         log.info("created store %s", location)
         return cls(location, location.open_group("r+"), held)
 
@@ -178,25 +164,25 @@ class StoreWriter:
         for c in chunks:
             done[c] = 1  # one object per chunk: concurrent writers never clash
 
-    def finalize(self) -> dict:
+    def finalize(self) -> Manifest:
         """Stamp the whole store complete (once every chunk is), listing skipped samples, and
         give the lease back. A store that was complete already is left untouched."""
         try:
             if self.complete:
                 return self.manifest
-            missing = {s: len(self.missing_chunks(s)) for s in self.manifest["splits"]}
+            missing = {s: len(self.missing_chunks(s)) for s in self.manifest.splits}
             if any(missing.values()):
                 raise StoreError(f"cannot finalize {self.location}: chunks still missing per split: {missing}")
             self._check_arrays_match_manifest()
             skipped = {}
-            for split in self.manifest["splits"]:
+            for split in self.manifest.splits:
                 valid = self.root[f"{split}/valid"][:]
                 ids = read_sample_ids(self.root[split])
                 bad = [ids[i] for i in np.flatnonzero(~valid)]
                 if bad:
                     skipped[split] = bad
-            self.manifest.update(complete=True, skipped=skipped, completed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            self.root.attrs[MANIFEST_KEY] = self.manifest
+            self.manifest = self.manifest.completed(skipped)
+            self.root.attrs[MANIFEST_KEY] = self.manifest.to_json()
             return self.manifest
         finally:
             self.close()
@@ -206,8 +192,8 @@ class StoreWriter:
         fingerprint at the root (no other writer replaced the store) and every layer array of
         every split with the manifest's shape and encoding."""
         on_disk = _root_attributes(self.location).get(MANIFEST_KEY, {})
-        problems = _store_differences(on_disk, self.manifest["fingerprint"]) if on_disk else ["the root manifest is gone"]
-        for split, info in self.manifest["splits"].items():
+        problems = store_differences(on_disk, self.manifest.fingerprint) if on_disk else ["the root manifest is gone"]
+        for split, info in self.manifest.splits.items():
             for spec in self.layers:
                 key = f"{split}/layers/{spec.name}"
                 try:
@@ -215,19 +201,11 @@ class StoreWriter:
                 except KeyError:
                     problems.append(f"{key}: missing")
                     continue
-                if arr.shape != (info["num_samples"], spec.tokens, spec.dim) or arr.attrs.get("encoding") != self.dtype:
+                if arr.shape != (info.num_samples, spec.tokens, spec.dim) or arr.attrs.get("encoding") != self.dtype:
                     problems.append(f"{key}: {arr.shape} {arr.attrs.get('encoding')}, manifest says "
-                                    f"{(info['num_samples'], spec.tokens, spec.dim)} {self.dtype}")
+                                    f"{(info.num_samples, spec.tokens, spec.dim)} {self.dtype}")
         if problems:
             raise StoreError(f"refusing to stamp {self.location} complete: its arrays do not match its manifest: " + "; ".join(problems))
-
-
-def _store_differences(manifest: dict, fingerprint: dict) -> list[str]:
-    """What differs between a store's manifest and the wanted fingerprint, format included."""
-    diff = []
-    if manifest.get("format_version") != FORMAT_VERSION:
-        diff.append(f"format_version: store has {manifest.get('format_version')}, this code writes {FORMAT_VERSION}")
-    return diff + differences(manifest.get("fingerprint", {}), fingerprint)
 
 
 def _remove_litter(location: StoreLocation) -> None:
@@ -251,15 +229,15 @@ def _root_attributes(location: StoreLocation) -> dict:
         return {}
 
 
-def _create_beside(path: Path, manifest: dict, layers, splits, plan: ChunkPlan, compressor: tuple[str, int]) -> None:
+def _create_beside(path: Path, manifest: Manifest, splits, compressor: tuple[str, int]) -> None:
     """Local: build in a hidden sibling directory, then rename into place."""
     tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    _create(zarr.open_group(str(tmp), mode="w"), manifest, layers, splits, plan, compressor)
+    _create(zarr.open_group(str(tmp), mode="w"), manifest, splits, compressor)
     replace_dir(tmp, path)
 
 
-def _create_in_place(location: StoreLocation, manifest: dict, layers, splits, plan: ChunkPlan, compressor: tuple[str, int]) -> None:
+def _create_in_place(location: StoreLocation, manifest: Manifest, splits, compressor: tuple[str, int]) -> None:
     """Object store: the caller has checked that the place is empty, a store of ours or an
     interrupted creation of ours. The root first becomes a creation marker (one PUT: from
     then on no reader or rerun sees a store here, and a rerun knows the prefix is ours),
@@ -267,15 +245,15 @@ def _create_in_place(location: StoreLocation, manifest: dict, layers, splits, pl
     attempt's), then the arrays are made and the manifest written last. A crash anywhere in
     between leaves the marker, and the next run starts again from it."""
     root = location.open_group("a")
-    root.attrs.put({CREATING_KEY: manifest["created_at"]})
+    root.attrs.put({CREATING_KEY: manifest.created_at})
     location.clear(keep="zarr.json")
-    _create(root, manifest, layers, splits, plan, compressor)
+    _create(root, manifest, splits, compressor)
 
 
-def _create(root: zarr.Group, manifest: dict, layers: list[LayerSpec], splits, plan: ChunkPlan, compressor: tuple[str, int]) -> None:
+def _create(root: zarr.Group, manifest: Manifest, splits, compressor: tuple[str, int]) -> None:
     """Every array of the layout in an empty root group, then the manifest as its attributes."""
     codecs = checked_codecs(*compressor)
-    dtype = manifest["storage"]["dtype"]
+    dtype, plan, layers = manifest.dtype, manifest.plan, manifest.fingerprint.layers
     enc = encoding(dtype)
     c, s = plan.samples_per_chunk, plan.samples_per_shard
     for split, (ids, labels) in splits.items():
@@ -306,4 +284,4 @@ def _create(root: zarr.Group, manifest: dict, layers: list[LayerSpec], splits, p
         write_sample_ids(g, ids, codecs)
         g.create_array("chunk_done", shape=(plan.n_chunks(n),), dtype="uint8", chunks=(1,), compressors=checked_codecs("none", 0),
                        fill_value=0)
-    root.attrs.put({MANIFEST_KEY: manifest})
+    root.attrs.put({MANIFEST_KEY: manifest.to_json()})

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cache import BackboneRecord, Fingerprint, LayerSpec, StorageRecord
 from pipeline.config import ExtractConfig, apply_overrides, build
 
 # Tiny models gain nothing from a second thread, and OpenMP's barriers make them ~50x slower
@@ -94,3 +95,11 @@ def s3():
         fs.mkdir(BUCKET)
         yield fs
     server.stop()
+
+
+def fake_fingerprint(layers: tuple[LayerSpec, ...] = (), dtype: str = "float32", samples_per_chunk: int = 4, chunks_per_shard: int = 2,
+                     image_size: int = 64) -> Fingerprint:
+    """A store fingerprint for tests that write or load without a backbone."""
+    return Fingerprint(BackboneRecord("test_vit", "random", "0" * 64), tuple(layers), StorageRecord(dtype, "all"),
+                       {"input_size": [3, image_size, image_size]}, {"kind": "test"},
+                       {"samples_per_chunk": samples_per_chunk, "chunks_per_shard": chunks_per_shard, "compressor": ["zstd", 3]})

@@ -28,11 +28,12 @@ from pipeline.adapters import (
 from pipeline.adapters.base import layers_in_backbone_order
 from pipeline.adapters.hparams import parse_hparams
 from pipeline.adapters.persistence import WEIGHTS_FILE
+from tests.conftest import fake_fingerprint
 
 KINDS = sorted(ADAPTERS)
 NUM_CLASSES = 4
 NUM_SAMPLES = 16
-FINGERPRINT = {"backbone": "test_vit", "img_size": 64, "dtype": "float32"}
+FINGERPRINT = fake_fingerprint(image_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_save_load_round_trip_gives_identical_logits(kind, store, backbone, tmp_
             p.add_(0.01 * torch.randn_like(p))
     save_adapter(adapter, tmp_path, FINGERPRINT, class_names=["a", "b", "c", "d"])
 
-    restored = load_adapter(tmp_path, dict(FINGERPRINT), backbone_modules=backbone)
+    restored = load_adapter(tmp_path, FINGERPRINT, backbone_modules=backbone)
 
     assert type(restored) is type(adapter)
     assert torch.equal(restored.eval()(store[1]), adapter.eval()(store[1]))  # eval: no dropout draws
@@ -131,8 +132,8 @@ def test_save_load_round_trip_gives_identical_logits(kind, store, backbone, tmp_
 @pytest.mark.parametrize("kind", KINDS)
 def test_load_refuses_an_adapter_from_another_store(kind, store, backbone, tmp_path):
     save_adapter(build(kind, store, backbone), tmp_path, FINGERPRINT)
-    other_store = dict(FINGERPRINT, img_size=224)
-    with pytest.raises(StoreMismatchError, match="img_size: saved 64, given 224"):
+    other_store = fake_fingerprint(image_size=224)
+    with pytest.raises(StoreMismatchError, match=r"preprocessing.input_size: saved \[3, 64, 64\], given \[3, 224, 224\]"):
         load_adapter(tmp_path, other_store, backbone_modules=backbone)
 
 

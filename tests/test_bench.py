@@ -186,31 +186,6 @@ def test_measured_peak_is_the_childs_own_not_its_parents():
     assert held[0] == 1.0
 
 
-def test_grid_units_saved_before_member_ids_get_them_by_name():
-    """A bench output computed before members had ids is re-reported, not retrained: its rows
-    and ensembles get the ids of the entry's members (names were unique within a run then)."""
-    from cache.schema import LayerSpec
-    from pipeline.benchmarking.methods import choose, with_member_ids
-    from pipeline.config import AdapterEntry
-    from pipeline.training.members import expand
-
-    layers = {n: LayerSpec(n, 17, 64, 1, (4, 4), i) for i, n in enumerate(["blocks.0", "blocks.1"])}
-    entry = build(AdapterEntry, {"kind": "linear", "layers": "all", "lr": [1e-3, 1e-2]})
-    grids = []
-    for seed in (0, 1):
-        members = expand((entry,), layers, seed)
-        old = {"rows": [{"adapter": m.name, "kind": "linear", "layer": m.layer_label, "params": 1, "pct_backbone": None,
-                         "val_acc": 0.5 + 0.1 * (i == 2), "test_acc": 0.5} for i, m in enumerate(members)],
-               "ensemble": {"members": [members[2].name], "weights": [1]}, "greedy": {"members": [members[2].name], "weights": [1]}}
-        grid = with_member_ids(old, entry, layers, seed)
-        assert [r["member_id"] for r in grid["rows"]] == [m.id for m in members]
-        assert grid["greedy"]["members"] == [members[2].id] and grid["greedy"]["adapters"] == [members[2].name]
-        assert with_member_ids(grid, entry, layers, seed) is grid  # a unit with ids is left as it is
-        grids.append(grid)
-    best = choose(grids, "best")
-    assert best["config_id"] == members[2].config_id and best["config"] == members[2].name and best["seeds"] == 2
-
-
 def test_pooled_greedy_refuses_logits_of_other_members(tmp_path):
     """A grid's logits file rewritten by another run must not be pooled with the unit's rows."""
     import numpy as np
@@ -227,3 +202,17 @@ def test_pooled_greedy_refuses_logits_of_other_members(tmp_path):
     assert ok["seeds"] == 1 and ok["val_acc"] is not None
     with pytest.raises(StoreError, match="holds other members than its saved unit"):
         pooled_greedy([[{"logits": str(path), "rows": rows[::-1]}]], "pooled", 1)
+
+
+def test_a_unit_is_recomputed_when_its_settings_or_the_training_code_change(tmp_path, monkeypatch):
+    from pipeline.benchmarking import units as units_module
+
+    calls = []
+    units = units_module.Units(tmp_path)
+    compute = lambda: calls.append(1) or len(calls)  # noqa: E731
+    assert units.get("grid", {"lr": 1}, compute) == 1
+    assert units.get("grid", {"lr": 1}, compute) == 1  # reused: nothing computed
+    assert units.get("grid", {"lr": 2}, compute) == 2
+    monkeypatch.setattr(units_module, "CODE_VERSION", "another")
+    assert units.get("grid", {"lr": 2}, compute) == 3
+    assert (units.reused, units.computed) == (1, 3)

@@ -25,7 +25,7 @@ def test_skip_counts_lists_and_hides_them(tmp_path, folder_with_corrupt):
     cfg = tiny_config(tmp_path, folder_with_corrupt, "data.on_corrupt=skip")
     run_extract(cfg)
     reader = open_store(cfg.store.path)
-    assert reader.manifest["skipped"] == {"train": ["dog/dog_001.jpg", "eel/eel_002.jpg"]}
+    assert reader.manifest.skipped == {"train": ["dog/dog_001.jpg", "eel/eel_002.jpg"]}
     assert reader.valid("train").sum() == 10
     seen = sorted(i for b in reader.batches("train", ["blocks.0"], 3) for i in b.indices.tolist())
     assert seen == [i for i in range(12) if i not in (5, 10)]

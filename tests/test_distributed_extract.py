@@ -44,7 +44,7 @@ def test_local_cluster_equals_single_process(tmp_path):
     spread = tiny_config(tmp_path / "spread", images, "runtime.num_workers=2", "runtime.batch_size=4")
     run_distributed_extract(spread, workers=2)
     a, b = open_store(single.store.path), open_store(spread.store.path)
-    assert b.is_complete() and b.manifest["complete"]
+    assert b.is_complete() and b.manifest.complete
     for split in ("train", "val"):
         for layer in a.layers:
             np.testing.assert_array_equal(a.zarr_array(split, layer)[:], b.zarr_array(split, layer)[:])

@@ -10,8 +10,9 @@ import pytest
 import torch
 import zarr
 
-from cache import ENCODINGS, BackgroundWriter, ChunkPlan, LayerSpec, StoreError, StoreWriter, open_store
+from cache import ENCODINGS, BackgroundWriter, LayerSpec, StoreError, StoreWriter, open_store
 from cache.encodings import encoding
+from tests.conftest import fake_fingerprint
 
 # Facts about the formats, written out rather than taken from the registry.
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}
@@ -31,10 +32,8 @@ def features(n: int = N, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def write_store(path, dtype: str, feats: dict[str, torch.Tensor]) -> None:
-    plan = ChunkPlan(4, 2)
-    fingerprint = {"storage": {"dtype": dtype, "tokens": "all", "grid_size": None}}
     splits = {"train": ([f"s{i}" for i in range(N)], np.arange(N) % 2)}
-    writer = StoreWriter.open(str(path), fingerprint, SPECS, splits, plan, ("zstd", 3), {})
+    writer = StoreWriter.open(str(path), fake_fingerprint(SPECS, dtype, samples_per_chunk=4, chunks_per_shard=2), splits, ("zstd", 3), {})
     try:
         background = BackgroundWriter(writer, "train", writer.missing_chunks("train"))
         for start in range(0, N, 3):  # batches that straddle chunks

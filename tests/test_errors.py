@@ -1,11 +1,12 @@
 """One error model: every error a user can cause is a FeatureCacheError, travels through dask
 intact, and names what was wrong; one fingerprint comparison for stores and adapters."""
 
+import dataclasses
 import pickle
 
 import pytest
 
-from cache import ConfigError, FeatureCacheError, StoreError, StoreMismatchError
+from cache import BackboneRecord, ConfigError, FeatureCacheError, Fingerprint, StoreError, StoreMismatchError
 from cache.fingerprint import differences
 from pipeline.adapters import AdapterConfigError
 from pipeline.adapters.hparams import HparamValueError
@@ -15,6 +16,7 @@ from pipeline.data import CorruptImageError
 from pipeline.runners.distributed_extract import ExtractTasksFailed
 from pipeline.runners.sweep import SweepJobsFailed
 from pipeline.training.output import OutputInUse
+from tests.conftest import fake_fingerprint
 
 EXAMPLES = [
     ConfigError(["a: got 1, expected 2", "b: unknown key"], "x.yaml"),
@@ -56,12 +58,13 @@ def test_one_fingerprint_diff_for_stores_and_adapters():
         "preprocessing: store has <absent>, now {'size': 64}",
         "storage: store has {'dtype': 'float16'}, now <absent>",
     ]
+    saved_fp, given_fp = fake_fingerprint(), dataclasses.replace(fake_fingerprint(), backbone=BackboneRecord("test_vit", "random", "b" * 64))
     with pytest.raises(StoreMismatchError) as e:
-        _check_fingerprint("runs/x/adapters/01_a", saved, given)
+        _check_fingerprint("runs/x/adapters/01_a", saved_fp, given_fp)
     assert str(e.value).startswith("adapter in runs/x/adapters/01_a was trained on a different feature store:\n")
-    assert e.value.differences == differences(saved, given, labels=("saved", "given"))
-    assert "  - backbone.weights_sha256: saved 'aa', given 'bb'" in str(e.value)
-    _check_fingerprint("d", saved, {**saved, "layers": ((1, 2),)})  # a tuple equals the list it was saved as
+    assert e.value.differences == differences(saved_fp.to_json(), given_fp.to_json(), labels=("saved", "given"))
+    assert f"  - backbone.weights_sha256: saved {'0' * 64!r}, given {'b' * 64!r}" in str(e.value)
+    _check_fingerprint("d", saved_fp, Fingerprint.from_json(saved_fp.to_json()))  # a tuple equals the list it was saved as
 
 
 def test_a_contradiction_between_sections_is_listed_with_the_other_problems():

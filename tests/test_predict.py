@@ -88,7 +88,7 @@ def test_vqt_trains_and_predicts_on_a_store_whose_saved_config_has_a_renamed_key
     saved["backbone"]["model_args"] = saved["backbone"].pop("model_kwargs")  # a key of an older (or newer) schema
     root.write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="backbone.model_args: unknown key"):  # the saved config no longer builds
-        build(ExtractConfig, open_store(cfg.store.path).manifest["config"])
+        build(ExtractConfig, open_store(cfg.store.path).manifest.config)
     run_train(train_config(cfg.store.path, tmp_path / "vqt", [{"kind": "vqt", "hparams": {"num_queries": 1}}], epochs=1, save_top=1))
     (directory,) = (tmp_path / "vqt" / "adapters").iterdir()
     out = tmp_path / "preds.json"

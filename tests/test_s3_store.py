@@ -81,7 +81,7 @@ def test_configs_keep_the_url_and_refuse_credentials():
 def test_extract_then_train_on_s3_equals_local(s3, stores, tmp_path, capsys):
     local, remote = stores
     a, b = open_store(local), open_store(remote)
-    assert b.is_complete() and b.manifest["complete"] and b.path == remote
+    assert b.is_complete() and b.manifest.complete and b.path == remote
     assert_same_arrays(a, b)
     # The same objects, and every chunk/shard object byte for byte (zarr.json files differ
     # only in the manifest's paths and times).
@@ -119,11 +119,11 @@ def test_interrupted_extraction_is_incomplete_and_rerun_finishes_it(s3, stores, 
         open_store(url)
     partial = open_store(url, allow_partial=True)
     stamped = 3 - len(partial.missing_chunks("train"))
-    assert not partial.manifest["complete"] and 0 < stamped < 3
+    assert not partial.manifest.complete and 0 < stamped < 3
     monkeypatch.setattr(extract, "_forward", forward)
     plan = run_extract(cfg)
     assert plan.streamed == 24 - 8 * stamped  # only the unstamped chunks were computed
-    assert open_store(url).manifest["complete"]
+    assert open_store(url).manifest.complete
     assert_same_arrays(open_store(url), open_store(stores[0]))
 
 

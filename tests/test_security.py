@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import timm
 
-from cache import StoreError, open_store
+from cache import Fingerprint, StoreError, open_store
 from cache.location import SAFE_OPTIONS, StoreLocation
 from pipeline.backbones.build import build_backbone
 from pipeline.cli import main
@@ -174,10 +174,11 @@ def create_model_calls(monkeypatch):
 
 def test_a_store_fingerprint_cannot_make_timm_load_a_file(tmp_path, create_model_calls):
     """The backbone VQT trains with is rebuilt from the store's fingerprint (as predict's is)."""
-    fingerprint = {"backbone": {"name": "test_vit", "weights": "none", "weights_sha256": "0" * 64,
-                                "model_kwargs": {"checkpoint_path": str(tmp_path / "evil.pth")}},
-                   "layers": [], "preprocessing": {"input_size": [3, 64, 64], "interpolation": "bicubic", "mean": [0.5] * 3,
-                                                   "std": [0.5] * 3, "crop_pct": 0.9}}
+    fingerprint = Fingerprint.from_json({
+        "backbone": {"name": "test_vit", "weights": "none", "weights_sha256": "0" * 64,
+                     "model_kwargs": {"checkpoint_path": str(tmp_path / "evil.pth")}},
+        "layers": [], "storage": {"dtype": "float16", "tokens": "all"},
+        "preprocessing": {"input_size": [3, 64, 64], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9}})
     with pytest.raises(ConfigError, match="backbone.model_kwargs.checkpoint_path: got '.*evil.pth', but only timm.create_model arguments"):
         rebuild_backbone(fingerprint, "store 'a.zarr'")
     assert create_model_calls == []

@@ -24,8 +24,8 @@ def kv_store(tmp_path_factory):
 
 def test_store_holds_kv_of_every_block(kv_store):
     reader = open_store(kv_store.store.path)
-    kv = [s for s in reader.layers.values() if s.is_kv]
-    assert [s.name for s in kv] == [f"kv.{i}" for i in range(6)]
+    kv = [s for s in reader.layers.values() if s.role == "keys_values"]
+    assert [(s.name, s.block_index) for s in kv] == [(f"kv.{i}", i) for i in range(6)]
     assert all(s.dim == 2 * 64 and s.tokens == 17 and s.prefix_tokens == 1 for s in kv)
 
 
@@ -33,7 +33,7 @@ def test_cached_kv_gives_the_same_logits(kv_store):
     reader = open_store(kv_store.store.path)
     model = build_backbone(kv_store.backbone, kv_store.preprocess).model
     with_kv = build_adapter("vqt", reader.layers, 3, backbone_modules=model, num_queries=2)
-    without = {n: s for n, s in reader.layers.items() if not s.is_kv}
+    without = {n: s for n, s in reader.layers.items() if s.holds_features}
     torch.manual_seed(0)
     plain = build_adapter("vqt", without, 3, backbone_modules=model, num_queries=2)
     plain.load_state_dict(with_kv.state_dict())

@@ -14,6 +14,7 @@ from pipeline.adapters.persistence import (
     load_adapter,
     read_adapter_manifest,
     save_adapter,
+    saved_fingerprint,
 )
 from pipeline.adapters.registry import (
     ADAPTERS,
@@ -48,6 +49,7 @@ __all__ = [
     "parse_hparams",
     "per_member_cross_entropy",
     "read_adapter_manifest",
+    "saved_fingerprint",
     "register_adapter",
     "save_adapter",
 ]

@@ -22,8 +22,8 @@ from pipeline.adapters.standardize import Standardizer
 def layers_in_backbone_order(layers: Mapping[str, LayerSpec]) -> list[str]:
     """Layer names shallow to deep: by block_index when every layer has one (so that
     "blocks.10" follows "blocks.9" whatever the mapping order), else in the given order."""
-    # Cached keys/values (VQT's "kv.<i>") are not features: never a default input.
-    names = [name for name, spec in layers.items() if not spec.is_kv]
+    # Cached keys/values (VQT's) are not features: never a default input.
+    names = [name for name, spec in layers.items() if spec.holds_features]
     if not names:
         raise AdapterConfigError("the store has no layers to build an adapter on")
     if all(layers[name].block_index is not None for name in names):

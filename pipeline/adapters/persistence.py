@@ -27,7 +27,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cache import FeatureCacheError, LayerSpec, StoreMismatchError, differences
+from cache import FeatureCacheError, Fingerprint, LayerSpec, StoreMismatchError
 from pipeline.adapters.base import Adapter
 from pipeline.adapters.registry import BackboneModules, build_adapter
 from pipeline.adapters.standardize import Standardizer
@@ -43,7 +43,7 @@ FORMAT_VERSION = 2
 def save_adapter(
     adapter: Adapter,
     directory: str | os.PathLike,
-    store_fingerprint: Mapping[str, Any],
+    store_fingerprint: Fingerprint,
     class_names: Sequence[str] | None = None,
 ) -> Path:
     directory = Path(directory)
@@ -58,7 +58,7 @@ def save_adapter(
         "num_classes": adapter.num_classes,
         "hparams": dataclasses.asdict(adapter.hparams),
         "layers": [spec.to_json() for spec in adapter.layer_specs.values()],
-        "store_fingerprint": dict(store_fingerprint),
+        "store_fingerprint": store_fingerprint.to_json(),
         "class_names": list(class_names) if class_names is not None else None,
     }
     # The manifest is written last and atomically: a directory with a readable manifest
@@ -76,7 +76,7 @@ def read_adapter_manifest(directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_adapter(
     directory: str | os.PathLike,
-    store_fingerprint: Mapping[str, Any],
+    store_fingerprint: Fingerprint,
     backbone_modules: BackboneModules | Mapping[str, nn.Module] | None = None,
 ) -> Adapter:
     """Rebuild a saved adapter on CPU; refuses when it was trained on another store."""
@@ -86,7 +86,7 @@ def load_adapter(
             f"{directory}: adapter format_version {manifest['format_version']}, "
             f"this code reads {FORMAT_VERSION}; train it again"
         )
-    _check_fingerprint(directory, manifest["store_fingerprint"], store_fingerprint)
+    _check_fingerprint(directory, saved_fingerprint(manifest), store_fingerprint)
     layers = {d["name"]: LayerSpec.from_json(d) for d in manifest["layers"]}
     adapter = build_adapter(
         manifest["kind"],
@@ -101,12 +101,13 @@ def load_adapter(
     return adapter
 
 
-def _check_fingerprint(
-    directory: str | os.PathLike, saved: Mapping[str, Any], given: Mapping[str, Any]
-) -> None:
-    # Compare in JSON form so that a tuple given here equals the list it was saved as.
-    given = json.loads(json.dumps(dict(given)))
-    differing = differences(dict(saved), given, labels=("saved", "given"))
+def saved_fingerprint(manifest: dict[str, Any]) -> Fingerprint:
+    """The fingerprint of the store an adapter was trained on, from its adapter.json."""
+    return Fingerprint.from_json(manifest["store_fingerprint"])
+
+
+def _check_fingerprint(directory: str | os.PathLike, saved: Fingerprint, given: Fingerprint) -> None:
+    differing = saved.differences(given, labels=("saved", "given"))
     if differing:
         raise StoreMismatchError(
             str(directory), differing, subject=f"adapter in {directory} was trained on a different feature store"

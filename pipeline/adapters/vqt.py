@@ -54,7 +54,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from cache import KV_PREFIX, LayerSpec
+from cache import LayerSpec
 from pipeline.adapters.attention import attend, merge_heads, split_heads
 from pipeline.adapters.base import Adapter
 from pipeline.adapters.errors import AdapterConfigError
@@ -122,9 +122,10 @@ class VQT(Adapter):
         self.final_layer = f"blocks.{depth - 1}"
         # With keys/values cached in stage one (backbone.cache_kv), read them instead of the
         # block inputs: their projection is then done once per sample, not once per epoch.
-        self.kv_cached = self.hparams.use_cached_kv and all(kv_layer(i) in layers for i in range(depth))
-        inputs = [kv_layer(i) if self.kv_cached else block_input_layer(i) for i in range(depth)]
-        self.use_layers(layers, inputs + [self.final_layer])
+        cached = {spec.block_index: name for name, spec in layers.items() if spec.role == "keys_values"}
+        self.kv_cached = self.hparams.use_cached_kv and all(i in cached for i in range(depth))
+        self.inputs = [cached[i] if self.kv_cached else block_input_layer(i) for i in range(depth)]
+        self.use_layers(layers, self.inputs + [self.final_layer])
         dim = self.frozen.blocks[0].attn.qkv.in_features
         _check_layers(self.layer_specs, self.final_layer, dim)
 
@@ -138,12 +139,8 @@ class VQT(Adapter):
     @torch.no_grad()
     def keys_values(self, features: Mapping[str, torch.Tensor]) -> KeysValues:
         """Per block, K and V [B, H, T, d_h] of its cached input tokens."""
-        if self.kv_cached:
-            return [_split_cached(block, features[kv_layer(i)]) for i, block in enumerate(self.frozen.blocks)]
-        return [
-            _keys_values(block, features[block_input_layer(i)])
-            for i, block in enumerate(self.frozen.blocks)
-        ]
+        split = _split_cached if self.kv_cached else _keys_values
+        return [split(block, features[name]) for block, name in zip(self.frozen.blocks, self.inputs)]
 
     def query_outputs(self, keys_values: KeysValues) -> list[torch.Tensor]:
         """O_l [B, M, D] of every block, from that block's K/V."""
@@ -180,10 +177,6 @@ class VQT(Adapter):
         for module in self.frozen.modules():
             module._apply(fn)
         return super()._apply(fn, recurse)
-
-
-def kv_layer(block_index: int) -> str:
-    return f"{KV_PREFIX}{block_index}"
 
 
 def _split_cached(block: Block, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +233,7 @@ def _check_layers(specs: Mapping[str, LayerSpec], final_layer: str, dim: int) ->
                 f"VQT runs the frozen blocks on their cached inputs, but layer {name!r} was stored through the "
                 "backbone's final norm (backbone.through_final_norm); extract a store without it for VQT"
             )
-        expected = 2 * dim if spec.is_kv else dim  # cached keys|values are twice as wide
+        expected = dim if spec.holds_features else 2 * dim  # cached keys|values are twice as wide
         if spec.dim != expected:
             raise AdapterConfigError(
                 f"VQT: layer {name!r} has width {spec.dim}, the backbone blocks expect {expected}; "

@@ -21,9 +21,10 @@ from typing import Union
 
 import torch
 
-from cache import KV_PREFIX, ConfigError, LayerSpec
+from cache import ConfigError, LayerSpec
 
 EMBED = "embed"
+KEYS_VALUES = "kv."  # + block index: the name of a layer whose role is keys_values
 _BLOCK = re.compile(r"blocks\.(\d+)")
 
 
@@ -57,7 +58,7 @@ class LayerTaps:
             if not self.vit:
                 raise ConfigError("backbone.cache_kv: keys/values are cached for ViT blocks only; this model is not a ViT")
             for i, block in enumerate(model.blocks):
-                self.kv_names.append(f"{KV_PREFIX}{i}")
+                self.kv_names.append(f"{KEYS_VALUES}{i}")
                 self._handles.append(block.attn.qkv.register_forward_hook(self._save_keys_values(self.kv_names[-1])))
         self.specs = self._probe_specs(image_size)
 
@@ -176,6 +177,9 @@ class LayerTaps:
         if not self.vit:
             grid = tuple(raw.shape[2:]) if raw.ndim == 4 else None
             return LayerSpec(name, T, D, 0, grid, None)
+        if name in self.kv_names:
+            return LayerSpec(name, T, D, self.prefix, tuple(self.model.patch_embed.grid_size), int(name[len(KEYS_VALUES):]),
+                             role="keys_values")
         m = _BLOCK.fullmatch(name)
         block = -1 if name == EMBED else (int(m.group(1)) if m else None)
         normed = bool(m) and self.through_final_norm

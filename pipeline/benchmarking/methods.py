@@ -46,19 +46,6 @@ def train_solo(store: str, entry_dict: dict, settings: dict) -> dict:
         return train_grid(store, build(AdapterEntry, entry_dict), settings, out)["rows"][0]
 
 
-def with_member_ids(grid: dict, entry: AdapterEntry, layers, seed: int) -> dict:
-    """A grid unit saved before members had ids (its rows and ensembles name members only)
-    gets them from `entry`'s members, matched by name once: names were unique within a run
-    then. A unit saved since carries its ids and is returned as it is."""
-    if all("member_id" in r for r in grid["rows"]):
-        return grid
-    members = {m.name: m for m in expand((entry,), layers, seed)}
-    rows = [{**r, "member_id": members[r["adapter"]].id, "config_id": members[r["adapter"]].config_id} for r in grid["rows"]]
-    ensembles = {which: {**grid[which], "members": [members[n].id for n in grid[which]["members"]], "adapters": list(grid[which]["members"])}
-                 for which in ("ensemble", "greedy")}
-    return {**grid, "rows": rows, **ensembles}
-
-
 def member_entry(entry: AdapterEntry, config_id: str, store: str) -> AdapterEntry:
     """The single-member entry that trains the grid configuration `config_id` of `entry` alone."""
     reader = open_store(store)

@@ -47,7 +47,7 @@ def run_bench(cfg: BenchConfig, config_path: str) -> dict:
     if cfg.speed is not None:
         ecfg = extract_cfgs[cfg.speed.case]
         store = ecfg.store.path
-        speed = units.get("speed", {"store": key_hash(open_store(store).fingerprint), "settings": to_dict(cfg.speed),
+        speed = units.get("speed", {"store": key_hash(open_store(store).fingerprint.to_json()), "settings": to_dict(cfg.speed),
                                     "epochs": cfg.epochs, "batch_size": cfg.batch_size},
                           lambda: measure_speed(ecfg, store, to_dict(cfg.speed), cfg.epochs, cfg.batch_size))
         speed["case"] = cfg.speed.case
@@ -86,7 +86,7 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
     extract_s = time.perf_counter() - t0
     store = ecfg.store.path
     reader = open_store(store)
-    store_key = key_hash(reader.fingerprint)
+    store_key = key_hash(reader.fingerprint.to_json())
     # Stage one's cost, for the accuracy-vs-time comparison: only a run that computed the whole
     # store measured it (a reused or resumed store leaves it unknown rather than wrong).
     whole = done.streamed == sum(reader.num_samples(s) for s in reader.splits)
@@ -94,8 +94,8 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
                            lambda: {"extract_s": extract_s if whole else None, "images": done.streamed})
     last = last_layer_name(reader.layers)
     result = {"name": case.name, "backbone": ecfg.backbone.name, "weights": ecfg.backbone.weights,
-              "image_size": list(reader.manifest["fingerprint"]["preprocessing"]["input_size"][1:]),
-              "backbone_params": reader.manifest.get("backbone_parameters"), "store": disk_per_sample(store),
+              "image_size": list(reader.fingerprint.preprocessing["input_size"][1:]),
+              "backbone_params": reader.manifest.backbone_parameters, "store": disk_per_sample(store),
               "splits": {s: int(reader.valid(s).sum()) for s in reader.splits}, "last_layer": last,
               "train_split": case.train_split, "test_split": case.test_split, "rows": [], "per_layer": {},
               "extract_s": extraction["extract_s"]}
@@ -107,7 +107,7 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
             settings = M.train_settings(cfg, case, seed)
             grid = units.get(f"{case.name}.{method}.seed{seed}", {"store": store_key, "entry": to_dict(entry), "settings": settings},
                              lambda: M.train_grid(store, entry, settings, str(out / "runs" / case.name / f"{method}_seed{seed}")))
-            grids.append(M.with_member_ids(grid, entry, reader.layers, seed))
+            grids.append(grid)
         all_grids.append(grids)
         rows = _method_rows(entry, grids, last)
         for row in rows:
@@ -239,7 +239,7 @@ def _store_variant(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, optio
         log.info("case %s: storage option %s", case.name, option_label(option))
         run_extract(vcfg)
     store = vcfg.store.path
-    store_key = key_hash(open_store(store).fingerprint)
+    store_key = key_hash(open_store(store).fingerprint.to_json())
     row = {"option": option_label(option), "store": store, **disk_per_sample(store), "accuracy": {}}
     for kind in ("linear", "inca"):
         if kind not in chosen:

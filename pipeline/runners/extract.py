@@ -20,7 +20,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache import BackgroundWriter, ChunkPlan, ConfigError, LayerSpec, StoreError, StoreWriter, encoding
+from cache import (
+    BackboneRecord,
+    BackgroundWriter,
+    ChunkPlan,
+    ConfigError,
+    Fingerprint,
+    LayerSpec,
+    Manifest,
+    StorageRecord,
+    StoreError,
+    StoreWriter,
+    encoding,
+)
 from pipeline import __version__
 from pipeline.backbones.build import Backbone, build_backbone
 from pipeline.backbones.taps import LayerTaps
@@ -91,23 +103,21 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
     return ExtractPlan(cfg, backbone, taps, taps.specs, specs, sources, chunks, device)
 
 
-def fingerprint(plan: ExtractPlan) -> dict:
+def fingerprint(plan: ExtractPlan) -> Fingerprint:
     """Everything that decides the stored values and their layout; a store refuses any change."""
     cfg = plan.cfg
-    return {
-        "backbone": {"name": plan.backbone.name, "weights": cfg.backbone.weights, "weights_sha256": plan.backbone.weights_sha256,
-                     "model_kwargs": dict(cfg.backbone.model_kwargs)},
-        "layers": [s.to_json() for s in plan.specs],
-        "storage": {"dtype": cfg.store.dtype, "tokens": cfg.store.tokens,
-                    "grid_size": cfg.store.grid_size if TOKEN_REDUCTIONS[cfg.store.tokens].pools_grid else None},
-        "preprocessing": _jsonable(plan.backbone.data_config),
-        "dataset": {"kind": cfg.data.kind, "splits": {k: s.fingerprint() for k, s in plan.sources.items()}},
-        "layout": {
+    return Fingerprint(
+        backbone=BackboneRecord(plan.backbone.name, cfg.backbone.weights, plan.backbone.weights_sha256, dict(cfg.backbone.model_kwargs)),
+        layers=tuple(plan.specs),
+        storage=StorageRecord(cfg.store.dtype, cfg.store.tokens, cfg.store.grid_size if TOKEN_REDUCTIONS[cfg.store.tokens].pools_grid else None),
+        preprocessing=_jsonable(plan.backbone.data_config),
+        dataset={"kind": cfg.data.kind, "splits": {k: s.fingerprint() for k, s in plan.sources.items()}},
+        layout={
             "samples_per_chunk": plan.chunks.samples_per_chunk,
             "chunks_per_shard": plan.chunks.chunks_per_shard,
             "compressor": [cfg.store.compressor.name, cfg.store.compressor.level],
         },
-    }
+    )
 
 
 @dataclass
@@ -136,7 +146,7 @@ def run_extract(cfg: ExtractConfig, overwrite: bool = False) -> Extraction:
                 log.info("split %s: complete, nothing to do", split)
         manifest = writer.finalize()
     report_skipped(manifest)
-    skipped = sum(len(v) for v in manifest["skipped"].values())
+    skipped = sum(len(v) for v in manifest.skipped.values())
     log.info("store complete: %s (%.1f MB on disk, %d skipped sample(s), %.1f s)", cfg.store.path, writer.location.size_bytes() / 1e6, skipped,
              time.perf_counter() - t0)
     plan.taps.close()
@@ -150,13 +160,10 @@ def open_writer(plan: ExtractPlan, overwrite: bool = False, lease: bool = True) 
     return StoreWriter.open(
         cfg.store.path,
         fingerprint(plan),
-        plan.specs,
         {k: (s.sample_ids, s.labels) for k, s in plan.sources.items()},
-        plan.chunks,
         (cfg.store.compressor.name, cfg.store.compressor.level),
         extra={
-            "classes": next(iter(plan.sources.values())).classes,
-            "token_order": "prefix tokens (CLS, registers) first, then patch/feature-map tokens in row-major (H, W) order",
+            "classes": tuple(next(iter(plan.sources.values())).classes),
             "backbone_parameters": plan.backbone.num_parameters,
             # Paths under a split's folder that are not samples (see pipeline/data/image_folder.py).
             "ignored": {k: list(s.ignored) for k, s in plan.sources.items() if s.ignored},
@@ -194,10 +201,10 @@ def store_os_errors(path: str):
                          "free space or make the location writable, then rerun the same command to compute only the rest") from e
 
 
-def report_skipped(manifest: dict) -> None:
+def report_skipped(manifest: Manifest) -> None:
     """Warn about a split whose every sample was skipped: nothing can be trained or scored on it."""
-    for split, ids in manifest.get("skipped", {}).items():
-        n = manifest["splits"][split]["num_samples"]
+    for split, ids in manifest.skipped.items():
+        n = manifest.splits[split].num_samples
         if len(ids) >= n:
             log.warning("split %s: all %d sample(s) were skipped as unreadable (listed in the manifest under 'skipped'); "
                         "`train` refuses this split", split, n)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cache import ConfigError, encoding
-from pipeline.adapters import load_adapter, read_adapter_manifest
+from pipeline.adapters import load_adapter, read_adapter_manifest, saved_fingerprint
 from pipeline.adapters.persistence import MANIFEST_FILE
 from pipeline.backbones.taps import EMBED, LayerTaps
 from pipeline.backbones.tokens import reduce_tokens
@@ -66,7 +66,8 @@ def run_predict(adapter_dirs: list[str], images: list[str], batch_size: int = 32
     files = find_images(images)
     by_backbone: dict[str, list[Task]] = {}
     for t in tasks:  # tasks on the same backbone share one forward pass
-        key = json.dumps([t.manifest["store_fingerprint"][k] for k in ("backbone", "preprocessing", "storage")], sort_keys=True)
+        fp = saved_fingerprint(t.manifest).to_json()
+        key = json.dumps([fp[k] for k in ("backbone", "preprocessing", "storage")], sort_keys=True)
         by_backbone.setdefault(key, []).append(t)
     rows = [{"image": str(f)} for f in files]
     for group in by_backbone.values():
@@ -75,28 +76,28 @@ def run_predict(adapter_dirs: list[str], images: list[str], batch_size: int = 32
 
 
 def _predict_group(tasks: list[Task], files: list[Path], rows: list[dict], batch_size: int) -> None:
-    fp = tasks[0].manifest["store_fingerprint"]
+    fp = saved_fingerprint(tasks[0].manifest)
     backbone = rebuild_backbone(fp, f"the store of adapter {str(tasks[0].directory)!r}")
-    adapters = [load_adapter(t.directory, t.manifest["store_fingerprint"], backbone_modules=backbone.model).eval() for t in tasks]
+    adapters = [load_adapter(t.directory, saved_fingerprint(t.manifest), backbone_modules=backbone.model).eval() for t in tasks]
     stored = {}
     for a in adapters:
         stored.update(a.layer_specs)
-    needed = [name for name in (d["name"] for d in fp["layers"]) if name in stored]
-    features = tuple(n for n in needed if n != EMBED and not stored[n].is_kv)
+    needed = [s.name for s in fp.layers if s.name in stored]
+    features = tuple(n for n in needed if n != EMBED and stored[n].holds_features)
     # Keys/values (VQT on a store extracted with backbone.cache_kv) come from every block's
     # qkv projection, captured as extraction captured them.
-    wants_kv = any(stored[n].is_kv for n in needed)
-    normed = any(d.get("through_final_norm") for d in fp["layers"])
+    wants_kv = any(not stored[n].holds_features for n in needed)
+    normed = any(s.through_final_norm for s in fp.layers)
     taps = LayerTaps(backbone.model, features, EMBED in needed, backbone.image_size, cache_kv=wants_kv, through_final_norm=normed)
     raw = {s.name: s for s in taps.specs}
-    storage = fp["storage"]
+    storage = fp.storage
     transform = backbone.transform()
     for start in range(0, len(files), batch_size):
         chunk = files[start: start + batch_size]
         x = torch.stack([transform(_load(f)) for f in chunk])
         with torch.no_grad():
             feats = taps(x)
-            feats = {n: _as_cached(reduce_tokens(feats[n], raw[n], storage["tokens"], storage["grid_size"]), storage["dtype"]) for n in needed}
+            feats = {n: _as_cached(reduce_tokens(feats[n], raw[n], storage.tokens, storage.grid_size), storage.dtype) for n in needed}
             for t, a in zip(tasks, adapters):
                 probs = a(feats).softmax(-1)
                 conf, pred = probs.max(-1)

@@ -60,7 +60,7 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
     (out / "sweep_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     reader = open_store(cfg.store, storage_options=cfg.storage_options)
     _check_layers(cfg, reader)
-    fingerprint = hashlib.sha256(json.dumps(reader.fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps(reader.fingerprint.to_json(), sort_keys=True, default=str).encode()).hexdigest()
     trials = make_trials(cfg, {"store": fingerprint, "train": cfg.train_settings()})
     _check_architectures(trials, reader)
     results = TrialsLog(out / "trials.jsonl")

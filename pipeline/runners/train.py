@@ -192,7 +192,7 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float]) -> dic
     if splits.test:
         test_logits, test_labels = split_logits(groups, reader, splits.test, layers, cfg.batch_size)
         test_acc = accuracy(test_logits, test_labels)
-    backbone_params = reader.manifest.get("backbone_parameters")
+    backbone_params = reader.manifest.backbone_parameters
     rows, adapters = [], []
     for g in groups:
         trained = g.fused.unstack()

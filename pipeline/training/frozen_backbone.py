@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cache import LayerSpec, StoreMismatchError
+from cache import Fingerprint, StoreMismatchError
 from pipeline.backbones.build import Backbone, build_backbone
 from pipeline.backbones.taps import EMBED
 from pipeline.config import build
@@ -26,27 +26,26 @@ class _Recorded:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
-def _recorded(fingerprint: dict, where: str) -> _Recorded:
+def _recorded(fingerprint: Fingerprint, where: str) -> _Recorded:
     """The backbone and preprocessing configs a fingerprint records, validated as a config is
     (model_kwargs that would make timm load a file are refused here, one ConfigError)."""
-    bb, dc = fingerprint["backbone"], fingerprint["preprocessing"]
-    specs = [LayerSpec.from_json(d) for d in fingerprint["layers"]]
+    bb, dc, specs = fingerprint.backbone, fingerprint.preprocessing, fingerprint.layers
     return build(_Recorded, {
-        "backbone": {"name": bb["name"], "weights": bb["weights"], "model_kwargs": bb.get("model_kwargs", {}),
-                     "layers": [s.name for s in specs if s.name != EMBED and not s.is_kv] or [-1],
-                     "cache_kv": any(s.is_kv for s in specs), "through_final_norm": any(s.through_final_norm for s in specs)},
+        "backbone": {"name": bb.name, "weights": bb.weights, "model_kwargs": bb.model_kwargs,
+                     "layers": [s.name for s in specs if s.name != EMBED and s.holds_features] or [-1],
+                     "cache_kv": any(not s.holds_features for s in specs), "through_final_norm": any(s.through_final_norm for s in specs)},
         "preprocess": {"image_size": dc["input_size"][1], "interpolation": dc["interpolation"], "mean": dc["mean"],
                        "std": dc["std"], "crop_pct": dc["crop_pct"]},
     }, source=f"the backbone fingerprint of {where}")
 
 
-def rebuild_backbone(fingerprint: dict, where: str) -> Backbone:
+def rebuild_backbone(fingerprint: Fingerprint, where: str) -> Backbone:
     """The backbone of `fingerprint` (a store's, or the one an adapter saved), refused unless
     its weights hash to the fingerprint's. where: whose fingerprint it is, for messages
     (e.g. "store 'runs/x.zarr'")."""
     cfg = _recorded(fingerprint, where)
     backbone = build_backbone(cfg.backbone, cfg.preprocess)
-    want = fingerprint["backbone"]["weights_sha256"]
+    want = fingerprint.backbone.weights_sha256
     if backbone.weights_sha256 != want:
         raise StoreMismatchError(
             where,

@@ -112,7 +112,7 @@ def _architectures(entry: AdapterEntry, fields, layers: Mapping[str, LayerSpec])
     if "layer" in fields:
         if entry.layers is None:
             return [dict(entry.hparams)]
-        chosen = [n for n, spec in layers.items() if not spec.is_kv] if entry.layers == "all" else list(entry.layers)
+        chosen = [n for n, spec in layers.items() if spec.holds_features] if entry.layers == "all" else list(entry.layers)
         return [{**entry.hparams, "layer": name} for name in chosen]
     if "layers" in fields and isinstance(entry.layers, tuple):
         return [{**entry.hparams, "layers": list(entry.layers)}]
