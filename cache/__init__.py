@@ -22,6 +22,9 @@ from cache.schema import (
     LayerSpec,
     Manifest,
     StorageRecord,
+    ViewsRecord,
+    split_of,
+    view_group,
 )
 from cache.summary import summarize
 from cache.verify import verify_store
@@ -31,7 +34,7 @@ from cache.writer import StoreWriter
 __all__ = [
     "BackgroundWriter", "Batch", "CacheReader", "ChunkPlan", "COMPRESSORS", "ConfigError", "ENCODINGS", "Encoding",
     "BackboneRecord", "FORMAT_VERSION", "FeatureCacheError", "Fingerprint", "LAYER_ROLES", "LayerSpec", "MANIFEST_KEY", "Manifest",
-    "StorageRecord", "TOKEN_ORDER", "StoreError", "StoreMismatchError",
+    "StorageRecord", "TOKEN_ORDER", "ViewsRecord", "split_of", "view_group", "StoreError", "StoreMismatchError",
     "StoreWriter", "differences", "encoding", "is_url", "open_store", "option_problems", "pid_alive", "replace_dir",
     "require_extra", "summarize", "verify_store",
 ]

@@ -26,7 +26,7 @@ class BackgroundWriter:
     def __init__(self, writer: StoreWriter, split: str, missing_chunks: list[int], queue_size: int = 4):
         self.writer = writer
         self.split = split
-        self.n = writer.manifest.splits[split].num_samples
+        self.n = writer.manifest.record(split).num_samples
         self.plan = writer.plan
         self.specs = {spec.name: spec for spec in writer.layers}
         self.pending_by_shard: dict[int, set[int]] = defaultdict(set)

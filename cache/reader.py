@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from cache.errors import StoreError, require_extra
 from cache.integrity import ObjectIndex, read_region, require_finite
 from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids
-from cache.schema import CREATING_KEY, MANIFEST_KEY, Fingerprint, Manifest, SplitRecord
+from cache.schema import CREATING_KEY, MANIFEST_KEY, Fingerprint, Manifest, SplitRecord, split_of, view_group
 from cache.stats import summarize, sums
 
 
@@ -86,10 +86,16 @@ class CacheReader:
     def num_samples(self, split: str) -> int:
         return self._split(split).num_samples
 
+    def views(self, split: str) -> int:
+        """How many views of each sample `split` holds: 1 (clean), or K with K-1 augmented."""
+        self._split(split)
+        return self.fingerprint.view_count(split)
+
     def is_complete(self) -> bool:
-        return self.manifest.complete or all(not self.missing_chunks(s) for s in self.splits)
+        return self.manifest.complete or all(not self.missing_chunks(g) for g in self.manifest.groups)
 
     def missing_chunks(self, split: str) -> list[int]:
+        """The unstamped chunks of a split, or of one of its views (its group, "train/views/2")."""
         return [int(i) for i in np.flatnonzero(~self._done(split))]
 
     def labels(self, split: str) -> np.ndarray:
@@ -119,9 +125,10 @@ class CacheReader:
         return read_region(self.root[f"{split}/chunk_done"], 0, self.plan.n_chunks(self.num_samples(split)), self.path) != 0
 
     def _split(self, split: str) -> SplitRecord:
-        if split not in self.manifest.splits:
+        """The record of a split, or of the split a view group belongs to."""
+        if split_of(split) not in self.manifest.splits:
             raise StoreError(f"split {split!r} is not in store {self.path!r}; it has {self.splits}")
-        return self.manifest.splits[split]
+        return self.manifest.record(split)
 
     def _check_layers(self, layers: Sequence[str]) -> None:
         unknown = [l for l in layers if l not in self.layers]
@@ -224,18 +231,39 @@ class CacheReader:
         prefetch: int = 2,
         keep: Optional[np.ndarray] = None,
         out: torch.dtype = torch.float32,
+        views: Literal["clean", "random", "all"] = "clean",
     ) -> Iterator[Batch]:
         """One epoch of mini-batches with the same permutation for every layer.
 
         keep: optional bool mask [N] of the samples to use (e.g. a validation split carved
         from train); invalid (skipped) samples are always left out.
+        views: "clean" reads view 0; "random" reads, for every chunk, one of the split's views
+            drawn from (seed, epoch, chunk): each sample still comes once per epoch, with one
+            view, the same for every layer. Views are independent augmentations, so sharing the
+            draw within a chunk changes no sample's distribution, and keeps reads one object
+            per chunk. A split stored without views reads view 0 either way. "all": every view
+            of every sample, one view after the other (K passes; for solvers that take the
+            augmented set whole).
         """
+        if views == "all":
+            for v in range(self.views(split)):
+                yield from self._epoch(split, layers, batch_size, shuffle, seed, epoch, buffer_chunks, prefetch, keep, out, "clean", v)
+            return
+        yield from self._epoch(split, layers, batch_size, shuffle, seed, epoch, buffer_chunks, prefetch, keep, out, views, 0)
+
+    def _epoch(self, split, layers, batch_size, shuffle, seed, epoch, buffer_chunks, prefetch, keep, out, views, view) -> Iterator[Batch]:
+        """One pass of `batches`; views "clean" reads view `view`, "random" draws one per chunk."""
         self._check_layers(layers)
         n = self.num_samples(split)
+        count = self.views(split) if views == "random" else 1
         stamped = self._done(split)  # read once per epoch: the stamps are one object per chunk
+        for v in range(1, count) if views == "random" else [view] if view else []:
+            stamped &= self._done(view_group(split, v))  # a chunk is read once the views it may be read from are written
         done = np.flatnonzero(stamped)
         if len(done) < self.plan.n_chunks(n) and not self.allow_partial:
             raise StoreError(f"split {split!r} of {self.path!r} is incomplete")
+        drawn = np.random.default_rng([seed, epoch, 1]).integers(0, count, size=self.plan.n_chunks(n)) if count > 1 else None
+        group_of = {int(c): view_group(split, int(drawn[c]) if drawn is not None else view) for c in done}
         order = np.random.default_rng([seed, epoch]).permutation(done) if shuffle else done
         windows = [order[i : i + buffer_chunks] for i in range(0, len(order), buffer_chunks)]
         # Each window is read and permuted on a worker thread with its own seeded generator,
@@ -247,7 +275,7 @@ class CacheReader:
         usable = valid if keep is None else valid & keep
 
         def submit(pool, w):
-            return pool.submit(self._read_window, split, layers, windows[w], usable, out, perm_seeds[w])
+            return pool.submit(self._read_window, split, layers, windows[w], usable, out, perm_seeds[w], group_of)
 
         with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
             futures: list[Future] = [submit(pool, w) for w in range(min(prefetch, len(windows)))]
@@ -277,41 +305,43 @@ class CacheReader:
                 sl = carry[1]
                 yield Batch(carry[0], torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
 
-    def _read_window(self, split: str, layers: Sequence[str], chunks: np.ndarray, usable: np.ndarray, out: torch.dtype, perm_seed=None):
-        """Read chunks, drop the samples `usable` [N] excludes, permute, decode. Everything
-        before the final decode happens in the stored dtype (half the bytes of float32 for fp16)."""
+    def _read_window(self, split: str, layers: Sequence[str], chunks: np.ndarray, usable: np.ndarray, out: torch.dtype, perm_seed=None,
+                     group_of: Optional[dict[int, str]] = None):
+        """Read chunks (chunk c from group_of[c]: the split or one of its views), drop the
+        samples `usable` [N] excludes, permute, decode. Everything before the final decode
+        happens in the stored dtype (half the bytes of float32 for fp16)."""
         n = self.num_samples(split)
-        g = self.root[split]
         rows, idx_parts = [], []
         for c in sorted(int(c) for c in chunks):
             start, stop = self.plan.chunk_range(c, n)
             keep = np.flatnonzero(usable[start:stop])
-            rows.append((c, start, stop, None if len(keep) == stop - start else keep))
+            group = group_of[c] if group_of is not None else split
+            rows.append((self.root[group], c, start, stop, None if len(keep) == stop - start else keep))
             idx_parts.append(start + keep)
         idx = np.concatenate(idx_parts)
         perm = np.random.default_rng(perm_seed).permutation(len(idx)) if perm_seed is not None else None
         feats = {}
         for name in layers:
-            stored = self._gather(g[f"layers/{name}"], rows, perm)
-            scales = self._gather(g[f"scales/{name}"], rows, perm) if self.encoding.has_scales else None
+            stored = self._gather(f"layers/{name}", rows, perm)
+            scales = self._gather(f"scales/{name}", rows, perm) if self.encoding.has_scales else None
             feats[name] = self.encoding.decode(stored, scales, out)
             if not torch.isfinite(feats[name]).all():  # find the chunk to name it
-                self._name_non_finite(g, f"{split}/layers/{name}", name, rows)
+                self._name_non_finite(name, rows)
         return feats, (idx[perm] if perm is not None else idx)
 
-    def _gather(self, arr: zarr.Array, rows, perm: Optional[np.ndarray]) -> np.ndarray:
+    def _gather(self, path: str, rows, perm: Optional[np.ndarray]) -> np.ndarray:
         parts = []
-        for chunk, start, stop, keep in rows:
-            block = self._checked(arr, start, stop, chunk)
+        for g, chunk, start, stop, keep in rows:
+            block = self._checked(g[path], start, stop, chunk)
             parts.append(block if keep is None else block[keep])
         joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return joined if perm is None else joined[perm]
 
-    def _name_non_finite(self, g: zarr.Group, path: str, name: str, rows) -> None:
-        for chunk, start, stop, keep in rows:
+    def _name_non_finite(self, name: str, rows) -> None:
+        for g, chunk, start, stop, keep in rows:
             scales = g[f"scales/{name}"][start:stop] if self.encoding.has_scales else None
             values = self.encoding.decode(g[f"layers/{name}"][start:stop], scales)
-            require_finite(values if keep is None else values[keep], path, start, stop, self.path, chunk)
+            require_finite(values if keep is None else values[keep], f"{g.path}/layers/{name}", start, stop, self.path, chunk)
 
 
 def open_store(path: str | Path | StoreLocation, allow_partial: bool = False, storage_options: Optional[dict] = None) -> CacheReader:

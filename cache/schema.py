@@ -26,6 +26,13 @@ The store layout (zarr v3, readable by any v3 implementation):
     <root>/<split>/chunk_done    array [n_chunks] uint8, chunked one element per chunk so that
                                  every completion stamp is its own object: 1 once that chunk's
                                  samples are written in every array above.
+    <root>/<split>/views/<v>/    optional (extract with store.views = K > 1), v = 1 .. K-1, for the
+                                 one augmented split (Fingerprint.views): group with the layers/,
+                                 scales/, stats/, valid and chunk_done arrays of augmented view v
+                                 of every sample, chunked exactly as the split's (its labels and
+                                 ids are the split's). The split's own arrays are view 0: clean.
+                                 View v of sample i has its own chunk, so a reader that draws one
+                                 view per chunk reads one object per chunk, as without views.
 
 Every array's codecs end with crc32c (cache/codecs.py); layer arrays are filled with NaN, and a
 layer's values are stored as its storage dtype's encoding says (cache/encodings.py).
@@ -44,7 +51,8 @@ from cache.layout import ChunkPlan
 
 # 2: crc32c on every object, NaN-filled layers, sample ids as UTF-8 bytes + offsets.
 # 3: per-chunk feature sums (stats/<layer>).
-# 4: a role per layer (keys/values are a role, not a name prefix); the typed manifest below.
+# 4: a role per layer (keys/values are a role, not a name prefix); the typed manifest below;
+#    augmented views of one split.
 FORMAT_VERSION = 4
 MANIFEST_KEY = "feature_cache"
 # The root's only attribute while a store on an object store is being created (no rename
@@ -134,12 +142,34 @@ class StorageRecord:
 
 
 @dataclass(frozen=True)
+class ViewsRecord:
+    """Augmented views of one split: `count` views per sample (view 0 clean, 1 .. count-1
+    augmented), made as `augmentation` says (the pipeline's description of its transform and
+    seeds; the cache only stores it)."""
+
+    split: str
+    count: int
+    augmentation: dict
+
+
+def view_group(split: str, view: int) -> str:
+    """The group that holds view `view` of `split`: the split's own for view 0 (clean)."""
+    return split if view == 0 else f"{split}/views/{view}"
+
+
+def split_of(group: str) -> str:
+    """The split a group belongs to ("train/views/3" -> "train")."""
+    return group.split("/", 1)[0]
+
+
+@dataclass(frozen=True)
 class Fingerprint:
     """Everything that decides a store's values and layout; a store refuses any change.
 
     preprocessing: the backbone's resolved timm data config (input_size, mean, std, ...).
     dataset: the data source's own description (kind, and per split what identifies its samples).
     layout: samples_per_chunk, chunks_per_shard and the compressor [name, level].
+    views: the augmented views of one split; None when every split is stored clean only.
     """
 
     backbone: BackboneRecord
@@ -148,6 +178,10 @@ class Fingerprint:
     preprocessing: dict
     dataset: dict
     layout: dict
+    views: Optional[ViewsRecord] = None
+
+    def view_count(self, split: str) -> int:
+        return self.views.count if self.views is not None and self.views.split == split else 1
 
     def to_json(self) -> dict:
         return {
@@ -157,6 +191,7 @@ class Fingerprint:
             "preprocessing": self.preprocessing,
             "dataset": self.dataset,
             "layout": self.layout,
+            **({"views": dataclasses.asdict(self.views)} if self.views is not None else {}),
         }
 
     @classmethod
@@ -168,6 +203,7 @@ class Fingerprint:
             preprocessing=d["preprocessing"],
             dataset=d.get("dataset", {}),
             layout=d.get("layout", {}),
+            views=ViewsRecord(**d["views"]) if d.get("views") else None,
         )
 
     def differences(self, other: "Fingerprint", labels: tuple[str, str] = ("store has", "now")) -> list[str]:
@@ -217,6 +253,15 @@ class Manifest:
     @property
     def dtype(self) -> str:
         return self.fingerprint.storage.dtype
+
+    @property
+    def groups(self) -> list[str]:
+        """Every group that is written chunk by chunk: each split, then its augmented views."""
+        return [view_group(s, v) for s in self.splits for v in range(self.fingerprint.view_count(s))]
+
+    def record(self, group: str) -> SplitRecord:
+        """The sample count and chunks of a split or of one of its views."""
+        return self.splits[split_of(group)]
 
     def completed(self, skipped: dict[str, list[str]]) -> "Manifest":
         return dataclasses.replace(self, complete=True, skipped=skipped, completed_at=_now())

@@ -19,13 +19,14 @@ def summarize(path: str | Path, storage_options: dict | None = None) -> dict:
         valid = reader.valid(split)
         splits[split] = {
             "num_samples": reader.num_samples(split),
+            "views": reader.views(split),
             "chunks_done": int(np.count_nonzero(done)),
             "chunks_total": int(len(done)),
             "skipped": int(np.count_nonzero(~valid[_done_mask(reader, split, done)])),
         }
     layers = []
     for name, spec in reader.layers.items():
-        disk = sum(reader.location.size_bytes(f"{s}/layers/{name}") for s in reader.splits)
+        disk = sum(reader.location.size_bytes(f"{g}/layers/{name}") for g in m.groups)
         layers.append({**spec.to_json(), "dtype": reader.dtype, "bytes_on_disk": disk})
     return {
         "path": str(path),

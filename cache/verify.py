@@ -20,7 +20,7 @@ from cache.errors import StoreError
 from cache.integrity import read_region
 from cache.lease import StoreLease
 from cache.reader import CacheReader
-from cache.schema import MANIFEST_KEY, Manifest
+from cache.schema import MANIFEST_KEY, Manifest, split_of
 
 
 @dataclass
@@ -35,13 +35,14 @@ class SplitReport:
 
 def verify_store(path: str, repair: bool = False, storage_options: dict | None = None) -> list[SplitReport]:
     reader = CacheReader(path, allow_partial=True, storage_options=storage_options)
-    reports = [_verify_split(reader, split) for split in reader.splits]
+    reports = [_verify_split(reader, group) for group in reader.manifest.groups]
     if repair and any(r.bad for r in reports):
         _unstamp(reader, {r.split: sorted(r.bad) for r in reports if r.bad})
     return reports
 
 
 def _verify_split(reader: CacheReader, split: str) -> SplitReport:
+    """One split, or one augmented view of it (split is then its group, "train/views/2")."""
     g = reader.root[split]
     n = reader.num_samples(split)
     n_chunks = reader.plan.n_chunks(n)
@@ -55,7 +56,7 @@ def _verify_split(reader: CacheReader, split: str) -> SplitReport:
             report.bad.setdefault(c, []).append(f"chunk_done: its stamp cannot be read ({type(e).__name__})")
     report.stamped = int(done.sum())
 
-    for name in ("labels", "sample_ids", "sample_id_offsets"):
+    for name in ("labels", "sample_ids", "sample_id_offsets") if split == split_of(split) else ():  # a view's are its split's
         try:
             reader.objects.require(g[name], 0, max(g[name].shape[0], 1))
             read_region(g[name], 0, g[name].shape[0], reader.path)

@@ -170,9 +170,9 @@ class StoreWriter:
         try:
             if self.complete:
                 return self.manifest
-            missing = {s: len(self.missing_chunks(s)) for s in self.manifest.splits}
+            missing = {g: len(self.missing_chunks(g)) for g in self.manifest.groups}
             if any(missing.values()):
-                raise StoreError(f"cannot finalize {self.location}: chunks still missing per split: {missing}")
+                raise StoreError(f"cannot finalize {self.location}: chunks still missing per split (and view): {missing}")
             self._check_arrays_match_manifest()
             skipped = {}
             for split in self.manifest.splits:
@@ -193,9 +193,10 @@ class StoreWriter:
         every split with the manifest's shape and encoding."""
         on_disk = _root_attributes(self.location).get(MANIFEST_KEY, {})
         problems = store_differences(on_disk, self.manifest.fingerprint) if on_disk else ["the root manifest is gone"]
-        for split, info in self.manifest.splits.items():
+        for group in self.manifest.groups:
+            info = self.manifest.record(group)
             for spec in self.layers:
-                key = f"{split}/layers/{spec.name}"
+                key = f"{group}/layers/{spec.name}"
                 try:
                     arr = self.root[key]
                 except KeyError:
@@ -255,33 +256,39 @@ def _create(root: zarr.Group, manifest: Manifest, splits, compressor: tuple[str,
     codecs = checked_codecs(*compressor)
     dtype, plan, layers = manifest.dtype, manifest.plan, manifest.fingerprint.layers
     enc = encoding(dtype)
-    c, s = plan.samples_per_chunk, plan.samples_per_shard
     for split, (ids, labels) in splits.items():
         n = len(ids)
         g = root.create_group(split)
-        for spec in layers:
-            g.create_array(
-                f"layers/{spec.name}", shape=(n, spec.tokens, spec.dim), dtype=enc.zarr_dtype,
-                chunks=(c, spec.tokens, spec.dim), shards=(s, spec.tokens, spec.dim),
-                compressors=codecs, fill_value=enc.fill_value, dimension_names=("sample", "token", "channel"),
-                attributes={"encoding": dtype, **spec.to_json()},
-            )
-            if enc.has_scales:
-                g.create_array(
-                    f"scales/{spec.name}", shape=(n, spec.dim), dtype=enc.scale_dtype, chunks=(c, spec.dim),
-                    shards=(s, spec.dim), compressors=codecs, fill_value=float("nan"), dimension_names=("sample", "channel"),
-                )
-            # One object per chunk, like the stamps: writers of different chunks never share one.
-            g.create_array(
-                f"stats/{spec.name}", shape=(plan.n_chunks(n), len(STATS_ROWS), spec.dim), dtype="float64",
-                chunks=(1, len(STATS_ROWS), spec.dim), compressors=codecs, fill_value=float("nan"),
-                dimension_names=("chunk", "sum", "channel"), attributes={"rows": list(STATS_ROWS)},
-            )
-        g.create_array("valid", shape=(n,), dtype="bool", chunks=(c,), shards=(s,), compressors=codecs, fill_value=False,
-                       dimension_names=("sample",))
-        g.create_array("labels", shape=(n,), dtype="int64", chunks=(s,), compressors=codecs, fill_value=-1,
+        g.create_array("labels", shape=(n,), dtype="int64", chunks=(plan.samples_per_shard,), compressors=codecs, fill_value=-1,
                        dimension_names=("sample",))[:] = labels
         write_sample_ids(g, ids, codecs)
-        g.create_array("chunk_done", shape=(plan.n_chunks(n),), dtype="uint8", chunks=(1,), compressors=checked_codecs("none", 0),
-                       fill_value=0)
+        for view in range(manifest.fingerprint.view_count(split)):
+            _create_chunked(g if view == 0 else g.require_group("views").create_group(str(view)), n, layers, enc, dtype, plan, codecs)
     root.attrs.put({MANIFEST_KEY: manifest.to_json()})
+
+
+def _create_chunked(g: zarr.Group, n: int, layers, enc, dtype: str, plan: ChunkPlan, codecs) -> None:
+    """The arrays written chunk by chunk, for one split or one view of it."""
+    c, s = plan.samples_per_chunk, plan.samples_per_shard
+    for spec in layers:
+        g.create_array(
+            f"layers/{spec.name}", shape=(n, spec.tokens, spec.dim), dtype=enc.zarr_dtype,
+            chunks=(c, spec.tokens, spec.dim), shards=(s, spec.tokens, spec.dim),
+            compressors=codecs, fill_value=enc.fill_value, dimension_names=("sample", "token", "channel"),
+            attributes={"encoding": dtype, **spec.to_json()},
+        )
+        if enc.has_scales:
+            g.create_array(
+                f"scales/{spec.name}", shape=(n, spec.dim), dtype=enc.scale_dtype, chunks=(c, spec.dim),
+                shards=(s, spec.dim), compressors=codecs, fill_value=float("nan"), dimension_names=("sample", "channel"),
+            )
+        # One object per chunk, like the stamps: writers of different chunks never share one.
+        g.create_array(
+            f"stats/{spec.name}", shape=(plan.n_chunks(n), len(STATS_ROWS), spec.dim), dtype="float64",
+            chunks=(1, len(STATS_ROWS), spec.dim), compressors=codecs, fill_value=float("nan"),
+            dimension_names=("chunk", "sum", "channel"), attributes={"rows": list(STATS_ROWS)},
+        )
+    g.create_array("valid", shape=(n,), dtype="bool", chunks=(c,), shards=(s,), compressors=codecs, fill_value=False,
+                   dimension_names=("sample",))
+    g.create_array("chunk_done", shape=(plan.n_chunks(n),), dtype="uint8", chunks=(1,), compressors=checked_codecs("none", 0),
+                   fill_value=0)

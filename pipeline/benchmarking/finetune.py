@@ -22,12 +22,13 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from timm.data import create_transform
 from tqdm import tqdm
 
-from pipeline.backbones.build import Backbone, build_backbone
+from pipeline.backbones.build import build_backbone
 from pipeline.config import ExtractConfig, build
+from pipeline.config.extract_config import AugmentConfig
 from pipeline.data import open_split
+from pipeline.data.augment import train_transform
 from pipeline.data.loader import make_loader
 from pipeline.training.schedule import warmup_cosine
 from pipeline.training.splits import validation_mask
@@ -55,7 +56,9 @@ def finetune(extract_cfg: dict, settings: dict, seed: int, train_split: str, tes
     model.requires_grad_(True).to(device)
     is_val = validation_mask(len(train_source), val_fraction, seed)
     train_idx, val_idx, test_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val), np.arange(len(test_source))
-    train_tf, eval_tf = training_transform(backbone, settings["crop_scale"]), backbone.transform()
+    # The same train transform as the store's augmented views (crop and flip), at the bench's crop scale.
+    train_tf = train_transform(backbone.data_config, AugmentConfig(scale=tuple(settings["crop_scale"])))
+    eval_tf = backbone.transform()
     workers = 4 if device.type == "cuda" else 1
 
     def loader(source, indices, transform):
@@ -85,14 +88,6 @@ def finetune(extract_cfg: dict, settings: dict, seed: int, train_split: str, tes
             "stopped_by_budget": len(history) < settings["epochs"], "converged": converged(history), "converged_rule": CONVERGED_RULE,
             "params": sum(p.numel() for p in model.parameters()), "image_size": settings["image_size"],
             "train_transform": repr(train_tf), "eval_transform": repr(eval_tf), "history": history, "device": device.type}
-
-
-def training_transform(backbone: Backbone, crop_scale) -> object:
-    """Random resized crop + horizontal flip at the backbone's size, mean, std and interpolation."""
-    dc = backbone.data_config
-    return create_transform(dc["input_size"], is_training=True, scale=tuple(crop_scale), hflip=0.5, vflip=0.0,
-                            color_jitter=None, auto_augment=None, re_prob=0.0,
-                            interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"])
 
 
 def converged(history: list[dict]) -> bool:

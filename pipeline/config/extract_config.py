@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Union
 from cache import COMPRESSORS, ENCODINGS, option_problems
 from pipeline.backbones.tokens import TOKEN_REDUCTIONS
 from pipeline.data import DATA_SOURCES
+from pipeline.data.augment import AugmentPolicy
 
 # The choices of these keys are the names in their registries, read once at import.
 DataKind = Literal[tuple(DATA_SOURCES)]  # pipeline/data/__init__.py
@@ -171,9 +172,14 @@ class StoreConfig:
     samples_per_chunk: Optional[int] = None
     chunks_per_shard: int = 8
     compressor: CompressorConfig = field(default_factory=CompressorConfig)
+    # Views per sample of the augmented split (augment.split): 1 = clean only; K > 1 adds K-1
+    # augmented views (augment section), K times that split's disk and extraction time.
+    views: int = 1
 
     def problems(self) -> list[str]:
         out = option_problems(self.path, self.storage_options)
+        if self.views < 1:
+            out.append(f"views: got {self.views}, expected >= 1 (1: clean only)")
         if self.chunk_mb <= 0:
             out.append(f"chunk_mb: got {self.chunk_mb}, expected > 0")
         if self.samples_per_chunk is not None and self.samples_per_chunk <= 0:
@@ -183,6 +189,41 @@ class StoreConfig:
         if TOKEN_REDUCTIONS[self.tokens].pools_grid and self.grid_size <= 0:
             out.append(f"grid_size: got {self.grid_size}, expected > 0")
         return out
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """How the augmented views (store.views > 1) are made: pipeline/data/augment.py."""
+
+    # The one split that gets augmented views (training images); every other split is clean.
+    split: str = "train"
+    policy: AugmentPolicy = "crop_flip"
+    # Random resized crop: the range of the crop's area (fraction of the image) and aspect ratio.
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    # policy randaugment: timm's RandAugment config string.
+    randaugment: str = "rand-m9-mstd0.5-inc1"
+    # View v of sample i is drawn with seed sha256("<seed>:<i>:<v>") (augment.view_seed).
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            out.append(f"scale: got {list(self.scale)}, expected 0 < low <= high <= 1")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            out.append(f"ratio: got {list(self.ratio)}, expected 0 < low <= high")
+        if not 0 <= self.hflip <= 1:
+            out.append(f"hflip: got {self.hflip}, expected a probability in [0, 1]")
+        if self.policy == "randaugment" and not self.randaugment.startswith("rand"):
+            out.append(f"randaugment: got {self.randaugment!r}, expected a timm RandAugment string such as 'rand-m9-mstd0.5-inc1'")
+        return out
+
+    def describe(self) -> dict:
+        """What decides the pixels of the views (the store's fingerprint records it)."""
+        out = {"policy": self.policy, "scale": list(self.scale), "ratio": list(self.ratio), "hflip": self.hflip, "seed": self.seed,
+               "seeding": "sha256(seed:index:view)[:8] little-endian -> random, numpy (mod 2**32), torch"}
+        return {**out, "randaugment": self.randaugment} if self.policy == "randaugment" else out
 
 
 @dataclass(frozen=True)
@@ -214,10 +255,14 @@ class ExtractConfig:
     store: StoreConfig
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def problems(self) -> list[str]:
         """Contradictions between sections (each section checks its own fields)."""
         out = []
+        if self.store.views > 1 and self.augment.split not in self.data.splits:
+            out.append(f"augment.split: got {self.augment.split!r}, which is not one of data.splits {list(self.data.splits)} "
+                       f"(store.views={self.store.views} augments that split)")
         if self.backbone.cache_kv and self.store.tokens != "all":
             out.append(f"backbone.cache_kv needs store.tokens='all' (VQT attends to every token), got {self.store.tokens!r}")
         return out

@@ -84,6 +84,10 @@ class TrainingSettings:
     warmup_epochs: float = 1.0
     seed: int = 0
     save_top: int = 3  # how many of the best members (by validation) to save
+    # A train split stored with augmented views (extract store.views > 1): "random" draws one
+    # view per sample each epoch (the exact probe solves on every view at once); "clean" reads
+    # view 0 only. Validation and test are always clean. A split without views reads it either way.
+    views: Literal["clean", "random"] = "random"
 
     def training_problems(self) -> list[str]:
         out = []

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.data.augment import SeededView
 from pipeline.data.source import CorruptImageError, SplitSource
 
 
@@ -26,7 +27,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, k: int):
         i = int(self.indices[k])
         try:
-            return i, self.transform(self.source.load(i)), ""
+            image = self.source.load(i)
+            # An augmented view is drawn from the sample's index (pipeline/data/augment.py).
+            return i, self.transform(image, i) if isinstance(self.transform, SeededView) else self.transform(image), ""
         except CorruptImageError as e:
             return i, self.blank, str(e)
 

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from cache import FeatureCacheError
+from cache import FeatureCacheError, split_of
 from pipeline.config import ExtractConfig, build, to_dict
 from pipeline.dask_cluster import dask_client, require_dask, torch_threads, workers_per_host
 from pipeline.runners.extract import Extraction, extract_chunks, open_writer, plan_extraction
@@ -57,14 +57,14 @@ def run_distributed_extract(cfg: ExtractConfig, scheduler: Optional[str] = None,
     plan = plan_extraction(cfg)
     log.info("plan:\n%s", plan.report())
     with open_writer(plan, overwrite) as writer:  # the driver holds the lease; workers write under it
-        missing = {split: writer.missing_chunks(split) for split in plan.sources}
+        missing = {group: writer.missing_chunks(group) for group, _, _ in plan.groups}  # each split, then its views
         if any(missing.values()):
             from distributed import as_completed
 
             with dask_client(scheduler, workers, host) as client:
                 per_host = workers_per_host(client)
                 pieces = shard_pieces(missing, plan.chunks.chunks_per_shard, 2 * sum(per_host.values()), cfg.runtime.batch_size,
-                                      lambda split, c: len(range(*plan.chunks.chunk_range(c, len(plan.sources[split])))))
+                                      lambda group, c: len(range(*plan.chunks.chunk_range(c, len(plan.sources[split_of(group)])))))
                 log.info("dask: %d pieces of whole shards on %d workers, %d torch thread(s) each; dashboard %s",
                          len(pieces), sum(per_host.values()), threads, client.dashboard_link)
                 cores = os.cpu_count() or 1
@@ -85,7 +85,7 @@ def run_distributed_extract(cfg: ExtractConfig, scheduler: Optional[str] = None,
         writer.finalize()
     log.info("store complete: %s (%.1f s)", cfg.store.path, time.perf_counter() - t0)
     plan.taps.close()
-    streamed = sum(len(range(*plan.chunks.chunk_range(c, len(plan.sources[split])))) for split, chunks in missing.items() for c in chunks)
+    streamed = sum(len(range(*plan.chunks.chunk_range(c, len(plan.sources[split_of(g)])))) for g, chunks in missing.items() for c in chunks)
     return Extraction(plan, streamed, time.perf_counter() - t0 if streamed else 0.0)
 
 

@@ -31,7 +31,10 @@ from cache import (
     StorageRecord,
     StoreError,
     StoreWriter,
+    ViewsRecord,
     encoding,
+    split_of,
+    view_group,
 )
 from pipeline import __version__
 from pipeline.backbones.build import Backbone, build_backbone
@@ -39,6 +42,7 @@ from pipeline.backbones.taps import LayerTaps
 from pipeline.backbones.tokens import TOKEN_REDUCTIONS, reduce_tokens, reduced_spec
 from pipeline.config import ExtractConfig, to_dict
 from pipeline.data import CorruptImageError, SplitSource, open_split
+from pipeline.data.augment import SeededView, train_transform
 from pipeline.data.loader import make_loader
 
 log = logging.getLogger(__name__)
@@ -58,12 +62,29 @@ class ExtractPlan:
     def bytes_per_sample(self, spec: LayerSpec) -> int:
         return encoding(self.cfg.store.dtype).bytes_per_sample(spec.tokens, spec.dim)
 
+    def views(self, split: str) -> int:
+        return self.cfg.store.views if split == self.cfg.augment.split else 1
+
+    @property
+    def groups(self) -> list[tuple[str, str, int]]:
+        """(store group, split, view) of everything to compute: each split, then its augmented views."""
+        return [(view_group(s, v), s, v) for s in self.sources for v in range(self.views(s))]
+
+    def view_transform(self, view: int):
+        """The clean extraction transform for view 0; the seeded train transform for the others."""
+        if view == 0:
+            return self.backbone.transform()
+        return SeededView(train_transform(self.backbone.data_config, self.cfg.augment), self.cfg.augment.seed, view)
+
     def report(self) -> str:
-        total_samples = sum(len(s) for s in self.sources.values())
+        total_samples = sum(len(s) * self.views(k) for k, s in self.sources.items())
+        views = ", ".join(f"{k}: {len(v)} x {self.views(k)} views" for k, v in self.sources.items() if self.views(k) > 1)
         lines = [
             f"backbone   {self.backbone.name} ({self.cfg.backbone.weights} weights, {self.backbone.num_parameters / 1e6:.1f}M params) on {self.device}",
             f"preprocess {_fmt_preprocess(self.backbone.data_config)}",
-            "samples    " + ", ".join(f"{k}: {len(v)}" for k, v in self.sources.items()) + f" (total {total_samples})",
+            "samples    " + ", ".join(f"{k}: {len(v)}" for k, v in self.sources.items()) + f" (total {total_samples} images to compute"
+            + (f"; {views}, view 0 clean, the others {self.cfg.augment.policy}: that split costs {self.cfg.store.views}x on disk "
+               "and in extraction time)" if views else ")"),
             f"storage    {self.cfg.store.dtype}, tokens={self.cfg.store.tokens}, {self.chunks.samples_per_chunk} samples/chunk, "
             f"{self.chunks.chunks_per_shard} chunks/shard, {self.cfg.store.compressor.name} compression",
             f"{'layer':<20}{'stored [T, D]':>16}{'KB/sample':>12}{'GB total':>11}",
@@ -112,6 +133,7 @@ def fingerprint(plan: ExtractPlan) -> Fingerprint:
         storage=StorageRecord(cfg.store.dtype, cfg.store.tokens, cfg.store.grid_size if TOKEN_REDUCTIONS[cfg.store.tokens].pools_grid else None),
         preprocessing=_jsonable(plan.backbone.data_config),
         dataset={"kind": cfg.data.kind, "splits": {k: s.fingerprint() for k, s in plan.sources.items()}},
+        views=ViewsRecord(cfg.augment.split, cfg.store.views, cfg.augment.describe()) if cfg.store.views > 1 else None,
         layout={
             "samples_per_chunk": plan.chunks.samples_per_chunk,
             "chunks_per_shard": plan.chunks.chunks_per_shard,
@@ -138,12 +160,12 @@ def run_extract(cfg: ExtractConfig, overwrite: bool = False) -> Extraction:
     log.info("plan:\n%s", plan.report())
     done = Extraction(plan)
     with store_os_errors(cfg.store.path), open_writer(plan, overwrite) as writer:  # the lease is given back on any exit
-        for split in plan.sources:
-            samples, seconds = extract_chunks(plan, writer, split, range(plan.chunks.n_chunks(len(plan.sources[split]))))
+        for group, split, _ in plan.groups:
+            samples, seconds = extract_chunks(plan, writer, group, range(plan.chunks.n_chunks(len(plan.sources[split]))))
             done.streamed += samples
             done.stream_seconds += seconds
             if not samples:
-                log.info("split %s: complete, nothing to do", split)
+                log.info("%s: complete, nothing to do", group)
         manifest = writer.finalize()
     report_skipped(manifest)
     skipped = sum(len(v) for v in manifest.skipped.values())
@@ -210,23 +232,24 @@ def report_skipped(manifest: Manifest) -> None:
                         "`train` refuses this split", split, n)
 
 
-def extract_chunks(plan: ExtractPlan, writer: StoreWriter, split: str, chunks: Iterable[int]) -> tuple[int, float]:
-    """Compute the given chunks of one split that are not stamped yet; returns the samples
-    computed and their wall time."""
-    todo = sorted(set(chunks) & set(writer.missing_chunks(split)))
+def extract_chunks(plan: ExtractPlan, writer: StoreWriter, group: str, chunks: Iterable[int]) -> tuple[int, float]:
+    """Compute the given chunks of one split, or of one augmented view of it (group
+    "train/views/2"), that are not stamped yet; returns the samples computed and their wall time."""
+    todo = sorted(set(chunks) & set(writer.missing_chunks(group)))
     if not todo:
         return 0, 0.0
     _prepare_model(plan)
-    return _extract_split(plan, writer, split, plan.sources[split], todo)
+    view = next(v for g, _, v in plan.groups if g == group)
+    return _extract_split(plan, writer, group, plan.sources[split_of(group)], plan.view_transform(view), todo)
 
 
-def _extract_split(plan: ExtractPlan, writer: StoreWriter, split: str, source: SplitSource, missing: list[int]) -> tuple[int, float]:
+def _extract_split(plan: ExtractPlan, writer: StoreWriter, split: str, source: SplitSource, transform, missing: list[int]) -> tuple[int, float]:
     cfg = plan.cfg
     n = len(source)
     indices = np.concatenate([np.arange(*plan.chunks.chunk_range(c, n)) for c in missing])
-    log.info("split %s: %d of %d chunks to compute (%d samples)", split, len(missing), plan.chunks.n_chunks(n), len(indices))
+    log.info("%s: %d of %d chunks to compute (%d samples)", split, len(missing), plan.chunks.n_chunks(n), len(indices))
     on_cuda = plan.device.type == "cuda"
-    loader = make_loader(source, plan.backbone.transform(), indices, plan.backbone.image_size, cfg.runtime.batch_size, _workers(cfg, on_cuda), on_cuda)
+    loader = make_loader(source, transform, indices, plan.backbone.image_size, cfg.runtime.batch_size, _workers(cfg, on_cuda), on_cuda)
     background = BackgroundWriter(writer, split, missing, cfg.runtime.write_queue)
     raw = {s.name: s for s in plan.raw_specs}
     bytes_per_sample = sum(plan.bytes_per_sample(s) for s in plan.specs)
@@ -255,7 +278,7 @@ def _extract_split(plan: ExtractPlan, writer: StoreWriter, split: str, source: S
         bar.close()
     background.close()
     elapsed = time.perf_counter() - start
-    log.info("split %s: %d samples in %.1f s (%.1f img/s, %.1f MB/s written before compression)", split, len(indices), elapsed,
+    log.info("%s: %d samples in %.1f s (%.1f img/s, %.1f MB/s written before compression)", split, len(indices), elapsed,
              len(indices) / elapsed, background.bytes_written / 1e6 / elapsed)
     return len(indices), elapsed
 

@@ -97,7 +97,7 @@ def _setup(cfg: TrainConfig) -> Run:
     backbone_modules = _backbone_modules(reader) if any(m.kind == "vqt" for m in members) else None
     num_classes = len(reader.classes)
     standardizer = _standardizer(reader, splits, members)
-    groups = [_make_group(ms, reader, num_classes, backbone_modules, standardizer, splits) for ms in group_by_shape(members)]
+    groups = [_make_group(ms, reader, num_classes, backbone_modules, standardizer, splits, cfg.views) for ms in group_by_shape(members)]
     layers = sorted({l for g in groups for l in g.fused.template.required_layers()}, key=list(reader.layers).index)
     trained = [g for g in groups if g.optimizer is not None]  # solved groups (lbfgs) are done already
     train_layers = [l for l in layers if any(l in g.fused.template.required_layers() for g in trained)]
@@ -127,7 +127,7 @@ def _train_epochs(run: Run, metrics) -> list[float]:
         losses = [torch.zeros(len(g.members)) for g in groups]
         # Features in the default dtype, as the adapters' parameters are made (float64 in exactness tests).
         bar = tqdm(reader.batches(splits.train, run.train_layers, cfg.batch_size, seed=cfg.seed, epoch=epoch, keep=splits.train_keep,
-                                  out=torch.get_default_dtype()),
+                                  out=torch.get_default_dtype(), views=cfg.views),
                    total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", unit="batch", dynamic_ncols=True)
         seen, t_epoch = 0, time.perf_counter()
         for batch in bar:
@@ -254,9 +254,9 @@ def _standardizer(reader: CacheReader, splits: Splits, members: list[Member]) ->
 
 
 def _make_group(members: list[Member], reader: CacheReader, num_classes: int, backbone_modules, standardizer: Optional[Standardizer],
-                splits: Splits) -> Group:
+                splits: Splits, views: str) -> Group:
     if members[0].solver == "lbfgs":
-        return _solved_group(members, reader, num_classes, splits)
+        return _solved_group(members, reader, num_classes, splits, views)
     adapters = []
     for m in members:
         torch.manual_seed(m.seed)  # a member's init depends on its own seed only
@@ -276,14 +276,16 @@ def _make_group(members: list[Member], reader: CacheReader, num_classes: int, ba
 LBFGS_GTOL = 1e-6
 
 
-def _solved_group(members: list[Member], reader: CacheReader, num_classes: int, splits: Splits) -> Group:
+def _solved_group(members: list[Member], reader: CacheReader, num_classes: int, splits: Splits, views: str) -> Group:
     """Linear probes solved exactly (convex_probe.py), one per L2 strength, largest first and
     each warm-started from the previous; weights folded onto raw pooled features."""
     t0 = time.perf_counter()
     adapters = [build_adapter(m.kind, reader.layers, num_classes, **m.hparams) for m in members]
     probe = adapters[0]
     pooled, labels = [], []
-    for batch in reader.batches(splits.train, [probe.spec.name], 1024, shuffle=False, keep=splits.train_keep):
+    # views "random": the augmented set whole, every view of every sample.
+    views = "all" if views == "random" else "clean"
+    for batch in reader.batches(splits.train, [probe.spec.name], 1024, shuffle=False, keep=splits.train_keep, views=views):
         pooled.append(pool_tokens(batch.features[probe.spec.name], probe.spec, probe.hparams.pool).double())
         labels.append(batch.labels)
     mean, std = standardize_fit(torch.cat(pooled))
