@@ -75,6 +75,6 @@ def test_a_contradiction_between_sections_is_listed_with_the_other_problems():
                               "store": {"path": "s", "tokens": "mean"}, "runtime": {"batch_size": 0}, "extra": 1})
     assert sorted(e.value.problems) == sorted([
         "runtime.batch_size: got 0, expected > 0",
-        "extra: unknown key; valid keys: backbone, data, store, preprocess, runtime",
+        "extra: unknown key; valid keys: backbone, data, store, preprocess, runtime, augment",
         "backbone.cache_kv needs store.tokens='all' (VQT attends to every token), got 'mean'",
     ])

@@ -1,0 +1,157 @@
+"""Augmented views in the cache (store.views = K): view 0 is the clean extraction, view v of
+sample i is timm's train transform drawn with the seed of (i, v), reruns and resumes give the
+same bytes, the reader hands out one view per sample per epoch, and val/test stay clean."""
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+import zarr
+from timm.data import create_transform
+
+from cache import ConfigError, StoreMismatchError, open_store
+from pipeline.config import TrainConfig, build, to_dict
+from pipeline.data import open_split
+from pipeline.runners.extract import run_extract
+from pipeline.runners.train import run_train
+from tests.conftest import REPO, tiny_config, write_image_folder
+from tests.test_resume import CHILD
+
+LAYERS = ["embed", "blocks.0", "blocks.5", "blocks.2.mlp"]
+
+
+def views_config(tmp_path, images, *overrides):
+    return tiny_config(tmp_path, images, "store.views=3", "store.dtype=float32", *overrides)
+
+
+def stored(path, group: str) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r")
+    return {name: root[f"{group}/layers/{name}"][:] for name in LAYERS}
+
+
+def hand_seed(seed: int, index: int, view: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}:{view}".encode()).digest()[:8], "little")
+
+
+def test_view_0_is_the_clean_extraction_and_val_stays_clean(tmp_path, image_folder):
+    cfg = views_config(tmp_path / "k3", image_folder)
+    run_extract(cfg)
+    clean = tiny_config(tmp_path / "k1", image_folder, "store.dtype=float32")
+    run_extract(clean)
+    for group in ("train", "val"):
+        for name, values in stored(cfg.store.path, group).items():
+            np.testing.assert_array_equal(values, stored(clean.store.path, group)[name], err_msg=f"{group}/{name}")
+    reader = open_store(cfg.store.path)
+    assert reader.views("train") == 3 and reader.views("val") == 1
+    root = zarr.open_group(cfg.store.path, mode="r")
+    assert sorted(root["train/views"].group_keys()) == ["1", "2"] and "views" not in root["val"]
+    for v in (1, 2):  # augmented views differ from the clean one and from each other
+        assert not np.array_equal(stored(cfg.store.path, f"train/views/{v}")["blocks.5"], stored(clean.store.path, "train")["blocks.5"])
+    assert not np.array_equal(stored(cfg.store.path, "train/views/1")["blocks.5"], stored(cfg.store.path, "train/views/2")["blocks.5"])
+
+
+@pytest.mark.parametrize("policy", ["crop_flip", "randaugment"])
+def test_an_augmented_view_is_timms_train_transform_with_its_seed(tmp_path, image_folder, policy):
+    cfg = views_config(tmp_path, image_folder, f"augment.policy={policy}", "augment.seed=7", "augment.scale=[0.3,1.0]")
+    run_extract(cfg)
+    # By hand: timm's train transform for the model's data config, the generators seeded with
+    # sha256("seed:index:view"), one forward of timm's own model.
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=64).eval()
+    from pipeline.backbones.build import build_backbone
+
+    model.load_state_dict(build_backbone(cfg.backbone, cfg.preprocess).model.state_dict())  # the store's random weights
+    tf = create_transform((3, 64, 64), is_training=True, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=None,
+                          auto_augment="rand-m9-mstd0.5-inc1" if policy == "randaugment" else None,
+                          interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    source = open_split(cfg.data, "train")
+    pixels = []
+    for i in range(len(source)):
+        s = hand_seed(7, i, 2)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
+        pixels.append(tf(source.load(i)))
+    out = {}
+    model.blocks[5].register_forward_hook(lambda module, args, output: out.update(tokens=output.clone()))
+    with torch.no_grad():
+        model(torch.stack(pixels))
+    final = out["tokens"]  # block 5's output, CLS first, before the final norm
+    got = torch.from_numpy(stored(cfg.store.path, "train/views/2")["blocks.5"])
+    torch.testing.assert_close(got, final, atol=2e-3, rtol=1e-2)
+
+
+def test_views_are_the_same_bytes_after_sigkill_and_resume(tmp_path):
+    images = write_image_folder(tmp_path / "images", per_class=8)  # 24 samples/split, 6 chunks
+    cfg = views_config(tmp_path / "a", images, "runtime.batch_size=2", "store.chunks_per_shard=1")
+    (tmp_path / "a").mkdir()
+    config_file = tmp_path / "a" / "cfg.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    child = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=str(REPO), config=str(config_file))], stderr=subprocess.DEVNULL)
+    stamps = tmp_path / "a" / "store.zarr" / "train" / "views" / "1" / "chunk_done"
+    deadline, done = time.time() + 120, 0
+    while time.time() < deadline and child.poll() is None:
+        if stamps.exists():
+            done = int(zarr.open_array(str(stamps), mode="r")[:].sum())
+            if done >= 2:
+                break
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert 2 <= done < 6, f"the child should be killed inside view 1, it had stamped {done} of its chunks"
+    run_extract(cfg)  # the same config: resumes, view 1 from its first missing chunk
+
+    fresh = views_config(tmp_path / "b", images, "runtime.batch_size=3", "store.chunks_per_shard=1")  # other batches too
+    run_extract(fresh)
+    for group in ("train", "train/views/1", "train/views/2", "val"):
+        for name, values in stored(cfg.store.path, group).items():
+            np.testing.assert_array_equal(values, stored(fresh.store.path, group)[name], err_msg=f"{group}/{name}")
+
+
+def test_the_reader_gives_each_sample_once_per_epoch_with_one_view_for_every_layer(tmp_path, image_folder):
+    cfg = views_config(tmp_path, image_folder)
+    run_extract(cfg)
+    views = [stored(cfg.store.path, g) for g in ("train", "train/views/1", "train/views/2")]
+    reader = open_store(cfg.store.path)
+    drawn = set()
+    for epoch in range(6):
+        seen = []
+        for batch in reader.batches("train", ["blocks.0", "blocks.5"], 5, seed=1, epoch=epoch, views="random"):
+            for row, i in enumerate(batch.indices.tolist()):
+                which = {name: [v for v in range(3) if np.array_equal(batch.features[name][row].numpy(), views[v][name][i])]
+                         for name in ("blocks.0", "blocks.5")}
+                assert len(which["blocks.0"]) == 1 and which["blocks.0"] == which["blocks.5"], (epoch, i, which)
+                drawn.add(which["blocks.0"][0])
+                seen.append(i)
+        assert sorted(seen) == list(range(12))
+    assert drawn == {0, 1, 2}
+    clean = [i for b in reader.batches("train", ["blocks.0"], 5, views="clean") for i in b.indices.tolist()]
+    assert sorted(clean) == list(range(12))
+    every = [(b.features["blocks.0"], b.indices) for b in reader.batches("train", ["blocks.0"], 5, shuffle=False, views="all")]
+    rows = torch.cat([f for f, _ in every]).numpy()
+    np.testing.assert_array_equal(rows, np.concatenate([v["blocks.0"] for v in views]))  # K passes, view by view
+
+
+def test_training_on_views_runs_and_the_views_enter_the_fingerprint(tmp_path, image_folder):
+    cfg = views_config(tmp_path, image_folder)
+    run_extract(cfg)
+    for views in ("random", "clean"):
+        result = run_train(build(TrainConfig, {
+            "store": cfg.store.path, "output": str(tmp_path / f"run_{views}"), "epochs": 2, "batch_size": 4, "views": views,
+            "adapters": [{"kind": "linear", "layers": ["blocks.5"]}, {"kind": "linear", "layers": ["blocks.5"], "solver": "lbfgs"}]}))
+        assert len(result["rows"]) == 2
+    with pytest.raises(StoreMismatchError, match="views.count: store has 3, now 4"):
+        run_extract(tiny_config(tmp_path, image_folder, "store.views=4", "store.dtype=float32"))
+    with pytest.raises(StoreMismatchError, match="views.augmentation.policy: store has 'crop_flip', now 'trivialaugment'"):
+        run_extract(views_config(tmp_path, image_folder, "augment.policy=trivialaugment"))
+    with pytest.raises(ConfigError, match="augment.split: got 'training', which is not one of data.splits"):
+        views_config(tmp_path, image_folder, "augment.split=training")
