@@ -7,11 +7,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
+import yaml
 import zarr
 
 from cache import open_store
+from pipeline.config import to_dict
 from pipeline.runners.extract import run_extract
 from tests.conftest import REPO, tiny_config, write_image_folder
 
@@ -32,28 +35,31 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_sigkill_then_rerun_equals_clean_run(tmp_path):
-    images = write_image_folder(tmp_path / "images", per_class=8)  # 24 samples/split, 6 chunks
-    cfg = tiny_config(tmp_path / "a", images, "runtime.batch_size=2", "store.chunks_per_shard=1")
-    (tmp_path / "a").mkdir()
-    config_file = tmp_path / "a" / "cfg.yaml"
-    import yaml
-
-    from pipeline.config import to_dict
-
+def extract_and_kill(cfg, group: str = "train", stamped: int = 2) -> int:
+    """Run `cfg`'s extraction in a child process and SIGKILL it once `stamped` chunks of store
+    group `group` are stamped; returns how many were."""
+    config_file = Path(cfg.store.path).parent / "cfg.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(to_dict(cfg)))
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=str(REPO), config=str(config_file))], stderr=subprocess.DEVNULL)
-    store = tmp_path / "a" / "store.zarr"
-    deadline = time.time() + 120
-    done = 0
+    stamps = Path(cfg.store.path) / group / "chunk_done"
+    deadline, done = time.time() + 120, 0
     while time.time() < deadline and child.poll() is None:
-        if (store / "train" / "chunk_done").exists():
-            done = int(zarr.open_array(str(store / "train" / "chunk_done"), mode="r")[:].sum())
-            if done >= 2:
+        if stamps.exists():
+            done = int(zarr.open_array(str(stamps), mode="r")[:].sum())
+            if done >= stamped:
                 break
         time.sleep(0.05)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
+    return done
+
+
+def test_sigkill_then_rerun_equals_clean_run(tmp_path):
+    images = write_image_folder(tmp_path / "images", per_class=8)  # 24 samples/split, 6 chunks
+    cfg = tiny_config(tmp_path / "a", images, "runtime.batch_size=2", "store.chunks_per_shard=1")
+    done = extract_and_kill(cfg)
+    store = tmp_path / "a" / "store.zarr"
     assert 2 <= done < 6, f"the child should be killed mid-split, it had stamped {done} chunks"
     partial = open_store(store, allow_partial=True)
     assert not partial.is_complete()

@@ -3,28 +3,22 @@ sample i is timm's train transform drawn with the seed of (i, v), reruns and res
 same bytes, the reader hands out one view per sample per epoch, and val/test stay clean."""
 
 import hashlib
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import timm
 import torch
-import yaml
 import zarr
 from timm.data import create_transform
 
 from cache import ConfigError, StoreMismatchError, open_store
-from pipeline.config import TrainConfig, build, to_dict
+from pipeline.config import TrainConfig, build
 from pipeline.data import open_split
 from pipeline.runners.extract import run_extract
 from pipeline.runners.train import run_train
-from tests.conftest import REPO, tiny_config, write_image_folder
-from tests.test_resume import CHILD
+from tests.conftest import tiny_config, write_image_folder
+from tests.test_resume import extract_and_kill
 
 LAYERS = ["embed", "blocks.0", "blocks.5", "blocks.2.mlp"]
 
@@ -93,20 +87,7 @@ def test_an_augmented_view_is_timms_train_transform_with_its_seed(tmp_path, imag
 def test_views_are_the_same_bytes_after_sigkill_and_resume(tmp_path):
     images = write_image_folder(tmp_path / "images", per_class=8)  # 24 samples/split, 6 chunks
     cfg = views_config(tmp_path / "a", images, "runtime.batch_size=2", "store.chunks_per_shard=1")
-    (tmp_path / "a").mkdir()
-    config_file = tmp_path / "a" / "cfg.yaml"
-    config_file.write_text(yaml.safe_dump(to_dict(cfg)))
-    child = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=str(REPO), config=str(config_file))], stderr=subprocess.DEVNULL)
-    stamps = tmp_path / "a" / "store.zarr" / "train" / "views" / "1" / "chunk_done"
-    deadline, done = time.time() + 120, 0
-    while time.time() < deadline and child.poll() is None:
-        if stamps.exists():
-            done = int(zarr.open_array(str(stamps), mode="r")[:].sum())
-            if done >= 2:
-                break
-        time.sleep(0.05)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    done = extract_and_kill(cfg, "train/views/1")
     assert 2 <= done < 6, f"the child should be killed inside view 1, it had stamped {done} of its chunks"
     run_extract(cfg)  # the same config: resumes, view 1 from its first missing chunk
 
