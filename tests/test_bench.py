@@ -38,7 +38,10 @@ def _bench_yaml(tmp, sklearn_C=(0.1, 1.0)) -> str:
         "cases": [{"name": "tiny", "extract": str(tmp / "extract.yaml"), "test_split": "val", "methods": METHODS,
                    "sklearn": {"C": list(sklearn_C), "per_layer": True},
                    "finetune": {"image_size": 32, "epochs": 2, "time_budget_s": 0, "lr": [1e-4, 1e-3], "batch_size": 8, "seeds": [0]},
-                   "store_variants": [["store.dtype=int8"], ["store.tokens=mean"]]}],
+                   "store_variants": [["store.dtype=int8"], ["store.tokens=mean"]],
+                   "views": {"counts": [1, 2], "augment": ["augment.scale=[0.5,1.0]"],
+                             "methods": [{"kind": "linear", "layers": ["blocks.5"], "solver": "lbfgs", "weight_decay": [0.01, 0.1]},
+                                         {"kind": "inca", "layers": ["blocks.5"], "hparams": {"dim": 16}, "lr": [0.001]}]}}],
         "speed": {"case": "tiny", "images": 8, "rounds": 1, "fused": 2, "sweep_configs": 2},
     }
     path = tmp / "bench.yaml"
@@ -123,6 +126,20 @@ def test_store_variants_price_disk_and_accuracy(bench):
     assert options["dtype=int8"]["kb_raw"] < options["as extracted"]["kb_raw"]
     assert options["tokens=mean"]["layer_shapes"]["blocks.5"] == [1, 64]  # the mean of the patch tokens
     assert all(set(o["accuracy"]) == {"linear", "inca"} for o in options.values())
+
+
+@pytest.mark.slow
+def test_views_study_prices_accuracy_disk_and_time_against_k(bench):
+    tmp, _, result = bench
+    k1, k2 = result["cases"][0]["views"]
+    assert (k1["views"], k2["views"]) == (1, 2) and ".views2." in k2["store"]
+    # train has 24 images and val 24: two views of train are 3/2 of the clean store's layers on disk.
+    assert k2["kb_on_disk"] > 1.3 * k1["kb_on_disk"]
+    assert k2["extract_s"] is not None and k2["images_computed"] == 24 * 2 + 24
+    assert set(k2["methods"]) == {"linear_lbfgs", "inca_d16"} and k2["best"] in k2["methods"]
+    assert all(m["seeds"] == 2 and m["test_acc"] is not None for r in (k1, k2) for m in r["methods"].values())
+    report = (tmp / "out" / "BENCHMARKS.md").read_text()
+    assert "### Augmented views per training image (tiny)" in report and "Target (K=2 adds >= 1 point over K=1" in report
 
 
 @pytest.mark.slow

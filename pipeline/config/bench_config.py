@@ -86,6 +86,26 @@ class FinetuneSettings:
 
 
 @dataclass(frozen=True)
+class ViewsStudy:
+    """Accuracy and cost against the number of views per training image (extract store.views):
+    each count is its own store of the same images, each method's grid trains on it per seed."""
+
+    methods: tuple[AdapterEntry, ...]
+    counts: tuple[int, ...] = (1, 4, 8)
+    augment: tuple[str, ...] = ()  # extract overrides of the augmentation, e.g. [augment.scale=[0.35,1.0]]
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.counts or any(k < 1 for k in self.counts) or list(self.counts) != sorted(set(self.counts)):
+            out.append(f"counts: got {list(self.counts)}, expected increasing view counts >= 1 (1 first to compare with)")
+        if not self.methods:
+            out.append("methods: got [], expected at least one adapter entry")
+        if any(not o.startswith("augment.") or "=" not in o for o in self.augment):
+            out.append(f"augment: got {list(self.augment)}, expected augment.KEY=VALUE overrides")
+        return out
+
+
+@dataclass(frozen=True)
 class BenchCase:
     name: str
     extract: str  # an extract config file (configs/*.yaml)
@@ -99,6 +119,7 @@ class BenchCase:
     # Other stores of the same images to price: each a list of extract overrides
     # (e.g. [store.dtype=int8]); the chosen linear and InCA configs are retrained on each.
     store_variants: tuple[tuple[str, ...], ...] = ()
+    views: Optional[ViewsStudy] = None  # accuracy and cost against augmented views per training image
     notes: str = ""  # printed under the case's heading: what was cut for time, caveats of the weights
 
     def problems(self) -> list[str]:

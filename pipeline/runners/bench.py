@@ -29,6 +29,7 @@ from pipeline.benchmarking.sklearn_reference import fit_logistic
 from pipeline.benchmarking.speed import measure_speed
 from pipeline.benchmarking.store_variants import disk_per_sample, option_label, variant_config
 from pipeline.benchmarking.units import Units, key_hash
+from pipeline.benchmarking.views_study import run_views_study
 from pipeline.config import ExtractConfig, load_config, to_dict
 from pipeline.config.bench_config import BenchCase, BenchConfig, method_id
 from pipeline.runners.extract import plan_extraction, run_extract
@@ -75,7 +76,9 @@ def _print_cost(cfg: BenchConfig, extract_cfgs: dict) -> None:
               f"   stage two: {len(case.methods)} adapter method(s) x {len(cfg.seeds)} seeds = {runs} grid runs of {cfg.epochs} epochs"
               + (f"; sklearn x {len(cfg.seeds)}" if case.sklearn else "")
               + (f"; full fine-tuning {fine.epochs} epochs at {fine.image_size} px x {len(fine.seeds or cfg.seeds)} seeds" if fine else "")
-              + (f"; {len(case.store_variants)} storage option store(s) to extract and train" if case.store_variants else ""),
+              + (f"; {len(case.store_variants)} storage option store(s) to extract and train" if case.store_variants else "")
+              + (f"; views study: stores with {list(case.views.counts)} views per training image, {len(case.views.methods)} "
+                 f"method(s) x {len(cfg.seeds)} seeds each" if case.views else ""),
               flush=True)
 
 
@@ -141,6 +144,8 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
     # The store as extracted is the baseline each storage option is compared with.
     options = ((),) + case.store_variants if case.store_variants else ()
     result["store_variants"] = [_store_variant(cfg, case, ecfg, option, chosen, units, out) for option in options]
+    if case.views is not None:
+        result["views"] = run_views_study(cfg, case, ecfg, units, out)
     return result
 
 
