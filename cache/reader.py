@@ -13,6 +13,9 @@ StoreError that names the array and the chunk.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 import zarr
 
+from cache import resident
 from cache.encodings import encoding
 from cache.errors import StoreError, require_extra
 from cache.integrity import ObjectIndex, read_region, require_finite
@@ -30,6 +34,8 @@ from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids
 from cache.schema import CREATING_KEY, MANIFEST_KEY, Fingerprint, Manifest, SplitRecord, split_of, view_group
 from cache.stats import summarize, sums
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +67,9 @@ class CacheReader:
         self.allow_partial = allow_partial
         self.layers = self.manifest.layers
         self.plan = self.manifest.plan
+        # Names this store's arrays held in RAM (cache/resident.py): its place and what it holds.
+        self.identity = f"{self.path}#{hashlib.sha256(json.dumps(manifest['fingerprint'], sort_keys=True).encode()).hexdigest()[:16]}" \
+                        f"#{self.manifest.created_at}"
         self.dtype = self.manifest.dtype
         self.encoding = encoding(self.dtype)
         if not allow_partial and not self.is_complete():
@@ -217,6 +226,49 @@ class CacheReader:
             raise StoreError(f"split {split!r} of {self.path!r}: no valid sample to compute feature statistics from")
         return {name: summarize(totals[name], samples, self.layers[name]) for name in layers}
 
+    # -- held in RAM --------------------------------------------------------------------
+    def hold(self, split: str, layers: Sequence[str], views: Literal["clean", "random", "all"] = "clean",
+             budget: Optional[int] = None) -> bool:
+        """Keep these layers of `split` (and of its augmented views, unless views is "clean") in
+        RAM as stored, checked once as a streamed read checks them, for every later read of
+        this store by any reader in this process (cache/resident.py). Returns False and holds
+        nothing new when they would take what is held past `budget` bytes (None: half the
+        memory available now), or the split is incomplete: reads then stream as before."""
+        self._check_layers(layers)
+        groups = [split] + ([view_group(split, v) for v in range(1, self.views(split))] if views != "clean" else [])
+        kinds = ["layers", "scales"] if self.encoding.has_scales else ["layers"]
+        todo = [(g, f"{kind}/{name}") for g in groups for name in layers for kind in kinds
+                if resident.get(self.identity, f"{g}/{kind}/{name}") is None]
+        need = sum(self.root[g][p].nbytes for g, p in todo)
+        budget = resident.default_budget() if budget is None else budget
+        if resident.held_bytes() + need > budget:
+            log.info("%s of %s: %.0f MB to hold in RAM, %.0f MB held, budget %.0f MB: streaming from the store", split, self.path,
+                     need / 1e6, resident.held_bytes() / 1e6, budget / 1e6)
+            return False
+        if any(self.missing_chunks(g) for g in groups):
+            log.info("%s of %s is incomplete: streaming from the store", split, self.path)
+            return False
+        for g in groups:
+            loaded = {p: self._checked(self.root[g][p], 0, self.num_samples(g)) for gg, p in todo if gg == g}
+            valid = self._whole(g, "valid")
+            for name in layers:  # what a streamed read refuses: non-finite values of computed samples
+                if f"layers/{name}" not in loaded:
+                    continue
+                values = self.encoding.decode(loaded[f"layers/{name}"], loaded.get(f"scales/{name}"))
+                for c in range(self.plan.n_chunks(self.num_samples(g))):
+                    a, b = self.plan.chunk_range(c, self.num_samples(g))
+                    require_finite(values[a:b][valid[a:b]], f"{g}/layers/{name}", a, b, self.path, c)
+            for p, values in loaded.items():
+                resident.put(self.identity, f"{g}/{p}", values)
+        if todo:
+            log.info("%s of %s: %d array(s), %.0f MB held in RAM (%.0f MB in all)", split, self.path, len(todo), need / 1e6,
+                     resident.held_bytes() / 1e6)
+        return True
+
+    def release(self) -> None:
+        """Forget what this store holds in RAM, for every reader of it in this process."""
+        resident.release(self.identity)
+
     # -- mini-batches -------------------------------------------------------------------
     def batches(
         self,
@@ -325,14 +377,16 @@ class CacheReader:
             stored = self._gather(f"layers/{name}", rows, perm)
             scales = self._gather(f"scales/{name}", rows, perm) if self.encoding.has_scales else None
             feats[name] = self.encoding.decode(stored, scales, out)
-            if not torch.isfinite(feats[name]).all():  # find the chunk to name it
+            held = all(resident.get(self.identity, f"{g.path}/layers/{name}") is not None for g, *_ in rows)
+            if not held and not torch.isfinite(feats[name]).all():  # held arrays were checked once; find the chunk to name it
                 self._name_non_finite(name, rows)
         return feats, (idx[perm] if perm is not None else idx)
 
     def _gather(self, path: str, rows, perm: Optional[np.ndarray]) -> np.ndarray:
         parts = []
         for g, chunk, start, stop, keep in rows:
-            block = self._checked(g[path], start, stop, chunk)
+            held = resident.get(self.identity, f"{g.path}/{path}")
+            block = held[start:stop] if held is not None else self._checked(g[path], start, stop, chunk)
             parts.append(block if keep is None else block[keep])
         joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return joined if perm is None else joined[perm]

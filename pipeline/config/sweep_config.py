@@ -179,7 +179,8 @@ class SweepConfig(StoreJob):
 
     def train_settings(self) -> dict:
         """The train-config keys every trial shares (they enter each trial's id)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingSettings) if f.name != "save_top"}
+        # Not what decides a result: how many adapters are saved, whether the store is held in RAM.
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingSettings) if f.name not in ("save_top", "memory_budget_mb")}
 
     def problems(self) -> list[str]:
         out = self.job_problems()

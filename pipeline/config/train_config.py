@@ -88,6 +88,10 @@ class TrainingSettings:
     # view per sample each epoch (the exact probe solves on every view at once); "clean" reads
     # view 0 only. Validation and test are always clean. A split without views reads it either way.
     views: Literal["clean", "random"] = "random"
+    # Hold the layers a run reads in RAM (decoded once, as stored) when they fit this budget
+    # (MB; null: half the memory available at setup; 0: always stream from the store). Shared
+    # by every fused group, and by the sweep jobs a worker runs on the same store.
+    memory_budget_mb: Optional[float] = None
 
     def training_problems(self) -> list[str]:
         out = []
@@ -102,6 +106,8 @@ class TrainingSettings:
             out.append(f"warmup_epochs: got {self.warmup_epochs}, expected >= 0")
         if self.save_top < 0:
             out.append(f"save_top: got {self.save_top}, expected >= 0")
+        if self.memory_budget_mb is not None and self.memory_budget_mb < 0:
+            out.append(f"memory_budget_mb: got {self.memory_budget_mb}, expected >= 0 (0: always stream) or null")
         return out
 
 

@@ -71,9 +71,10 @@ class Run:
     steps_per_epoch: int
 
 
-def run_train(cfg: TrainConfig, overwrite: bool = False) -> dict:
+def run_train(cfg: TrainConfig, overwrite: bool = False, keep_held: bool = False) -> dict:
     """Train into cfg.output, which must be unused unless `overwrite` (then it is replaced
-    once this run has finished); an interrupted run leaves it as it was.
+    once this run has finished); an interrupted run leaves it as it was. keep_held: leave the
+    store's layers held in RAM for the next run in this process (a sweep worker's next job).
 
     setup (store, splits, members, fused groups, the plan printed) -> train (one pass over
     the cache per epoch for every group, validation per member) -> finish (best states,
@@ -83,9 +84,13 @@ def run_train(cfg: TrainConfig, overwrite: bool = False) -> dict:
     with staged_output(final, overwrite) as out:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         run = _setup(cfg)
-        with (out / "metrics.jsonl").open("w") as metrics:  # closed however training ends
-            epoch_seconds = _train_epochs(run, metrics)
-        results = _finish(run, out, final, epoch_seconds)
+        try:
+            with (out / "metrics.jsonl").open("w") as metrics:  # closed however training ends
+                epoch_seconds = _train_epochs(run, metrics)
+            results = _finish(run, out, final, epoch_seconds)
+        finally:
+            if not keep_held:
+                run.reader.release()
     log.info("done in %.1f s; results in %s", time.perf_counter() - t_start, final)
     return results
 
@@ -114,7 +119,20 @@ def _setup(cfg: TrainConfig) -> Run:
         n_train * sum(reader.layers[l].tokens * reader.layers[l].dim * 4 for l in train_layers) / 1e6,
         splits.val, int(count_samples(reader, splits.val, splits.val_keep)), splits.test,
     )
+    _hold_in_memory(cfg, reader, splits, layers, train_layers)
     return Run(cfg, reader, splits, groups, layers, train_layers, epochs, steps_per_epoch)
+
+
+def _hold_in_memory(cfg: TrainConfig, reader: CacheReader, splits: Splits, layers: list[str], train_layers: list[str]) -> None:
+    """The training layers (every view the epochs draw from), then the evaluated splits, held
+    in RAM while they fit the budget; the rest streams (cache/resident.py)."""
+    budget = None if cfg.memory_budget_mb is None else int(cfg.memory_budget_mb * 1e6)
+    if budget == 0:
+        return
+    if train_layers:
+        reader.hold(splits.train, train_layers, cfg.views, budget)
+    for split in dict.fromkeys(s for s in (splits.val, splits.test) if s is not None):
+        reader.hold(split, layers, "clean", budget)
 
 
 def _train_epochs(run: Run, metrics) -> list[float]:

@@ -86,7 +86,7 @@ def _job(cfg: SweepConfig, trials: list[Trial], member_ids: list[str]) -> Job:
     # (s3://...) and its storage options travel as they are; each worker opens the store itself.
     store = cfg.store if is_url(cfg.store) else str(Path(cfg.store).resolve())
     data = {**cfg.train_settings(), "store": store, "storage_options": cfg.storage_options, "save_top": cfg.save_top,
-            "output": str((Path(cfg.output) / "jobs" / job_id).resolve()),
+            "memory_budget_mb": cfg.memory_budget_mb, "output": str((Path(cfg.output) / "jobs" / job_id).resolve()),
             "adapters": [adapter_entry(t) for t in trials]}
     return Job(job_id, tuple(trials), tuple(member_ids), build(TrainConfig, data, source=f"job {job_id}"))
 
@@ -98,7 +98,9 @@ def run_job(cfg: TrainConfig, workers_per_host: Optional[dict[str, int]]) -> lis
     None in-process.
     """
     share_cores(workers_per_host)
-    return run_train(cfg, overwrite=True)["rows"]  # the job's own folder: a retried job replaces it
+    # The job's own folder: a retried job replaces it. The store stays held in RAM for the
+    # worker's next job on it (keyed by the store's identity: cache/resident.py).
+    return run_train(cfg, overwrite=True, keep_held=True)["rows"]
 
 
 def trial_rows(job: Job, rows: list[dict]) -> list[dict]:

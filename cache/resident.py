@@ -1,0 +1,70 @@
+"""Layers held in RAM, in their stored dtype, shared by every reader of a store in a process.
+
+Reading a store every epoch re-reads and re-decompresses the same chunks: for a store that
+fits in memory, `CacheReader.hold(...)` reads each array of a split (and of its views) once,
+checks it as a streamed read would (every stamped chunk's objects present, checksums, finite
+values for computed samples), and keeps the raw values here. Batches then slice them from
+RAM by the same permutation, so they equal streamed batches value for value.
+
+The arrays are kept per process and keyed by the store's identity (its location and a hash of
+its manifest's fingerprint and creation time) and the array's path, so every fused group of
+a `train`, and every sweep job a dask worker runs on the same store, decode a store once.
+What does not fit the budget streams, as before; the choice is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# (store identity, array path) -> the array's values as stored.
+_ARRAYS: dict[tuple[str, str], np.ndarray] = {}
+_LOCK = threading.Lock()
+# How many arrays were read into RAM by this process (tests count decodes with it).
+loads = 0
+
+
+def available_bytes() -> int:
+    """The memory the kernel says can be given to a process without swapping (MemAvailable),
+    or the physical memory where /proc/meminfo is absent."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_budget() -> int:
+    """Half of the memory available now: room is left for the adapters, the batches and
+    whatever else the machine runs."""
+    return available_bytes() // 2
+
+
+def get(store: str, path: str) -> np.ndarray | None:
+    return _ARRAYS.get((store, path))
+
+
+def held_bytes() -> int:
+    return sum(a.nbytes for a in _ARRAYS.values())
+
+
+def put(store: str, path: str, values: np.ndarray) -> None:
+    global loads
+    with _LOCK:
+        _ARRAYS[(store, path)] = values
+        loads += 1
+
+
+def release(store: str | None = None) -> None:
+    """Forget the arrays of one store (None: of every store)."""
+    with _LOCK:
+        for key in [k for k in _ARRAYS if store is None or k[0] == store]:
+            del _ARRAYS[key]

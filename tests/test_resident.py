@@ -1,0 +1,92 @@
+"""Layers held in RAM (cache/resident.py): batches equal streamed ones value for value, the
+budget is kept, held arrays are checked as streamed reads are, and a store is decoded once
+per process across runs and sweep jobs."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from cache import StoreError, open_store, resident
+from pipeline.config import SweepConfig, TrainConfig, build
+from pipeline.runners.extract import run_extract
+from pipeline.runners.sweep import run_sweep
+from pipeline.runners.train import run_train
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def nothing_held():
+    resident.release()
+    yield
+    resident.release()
+
+
+def epoch(reader, views="clean", epoch=0, layers=("blocks.0", "blocks.5")):
+    return [(b.indices.clone(), b.labels.clone(), {k: v.clone() for k, v in b.features.items()})
+            for b in reader.batches("train", list(layers), 5, seed=3, epoch=epoch, keep=np.arange(12) != 4, views=views)]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_held_batches_equal_streamed_batches(tmp_path, image_folder, dtype, monkeypatch):
+    cfg = tiny_config(tmp_path, image_folder, f"store.dtype={dtype}", "store.views=3")
+    run_extract(cfg)
+    streamed = [epoch(open_store(cfg.store.path), "random", e) for e in range(2)]
+    reader = open_store(cfg.store.path)
+    before = resident.loads
+    assert reader.hold("train", ["blocks.0", "blocks.5"], "random", budget=10**9)
+    arrays = 3 * 2 * (2 if dtype == "int8" else 1)  # 3 views x 2 layers (+ their scales)
+    assert resident.loads == before + arrays
+    monkeypatch.setattr(reader, "_checked", lambda *a, **k: pytest.fail("a held layer was read from the store"))
+    for e in range(2):
+        held = epoch(reader, "random", e)
+        assert len(held) == len(streamed[e])
+        for (i, y, f), (i2, y2, f2) in zip(held, streamed[e]):
+            assert torch.equal(i, i2) and torch.equal(y, y2)
+            assert all(torch.equal(f[k], f2[k]) for k in f)
+    # Another reader of the same store in this process reads from RAM: nothing is loaded again.
+    again = open_store(cfg.store.path)
+    assert again.hold("train", ["blocks.0"], "random", budget=10**9) and resident.loads == before + arrays
+
+
+def test_a_store_over_the_budget_streams(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, "store.dtype=float32")
+    run_extract(cfg)
+    reader = open_store(cfg.store.path)
+    need, before = 12 * 17 * 64 * 4, resident.loads  # one layer of train, float32
+    assert not reader.hold("train", ["blocks.0"], budget=need - 1)
+    assert resident.held_bytes() == 0 and resident.loads == before
+    assert len(epoch(reader, layers=["blocks.0"])) == 3  # streamed
+    assert reader.hold("train", ["blocks.0"], budget=need) and resident.held_bytes() == need
+
+
+def test_held_arrays_are_checked_once_as_a_streamed_read_checks_them(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, "store.dtype=float32")
+    run_extract(cfg)
+    arr = zarr.open_array(f"{cfg.store.path}/train/layers/blocks.5", mode="r+")
+    arr[5, 0, 0] = np.nan  # a computed sample of chunk 1 (4 samples per chunk)
+    with pytest.raises(StoreError, match="train/layers/blocks.5.*chunk 1"):
+        open_store(cfg.store.path).hold("train", ["blocks.5"], budget=10**9)
+    assert resident.held_bytes() == 0
+
+
+def test_a_store_is_decoded_once_across_runs_and_sweep_jobs(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder)
+    run_extract(cfg)
+    settings = {"store": cfg.store.path, "epochs": 1, "batch_size": 4, "test_split": "val"}
+    adapters = [{"kind": "linear", "layers": ["blocks.5"], "lr": [0.01, 0.1]}]
+    start = resident.loads
+    run_train(build(TrainConfig, {**settings, "output": str(tmp_path / "a"), "adapters": adapters}), keep_held=True)
+    first = resident.loads
+    assert first == start + 2  # train and val of blocks.5
+    run_train(build(TrainConfig, {**settings, "output": str(tmp_path / "b"), "adapters": adapters}))
+    assert resident.loads == first and resident.held_bytes() == 0  # reused, then released by the run that does not keep it
+    # A sweep of several jobs in one process (as on one dask worker): decoded by its first job only.
+    sweep = build(SweepConfig, {**settings, "output": str(tmp_path / "sweep"), "trials_per_job": 1,
+                                "space": [{"kind": "linear", "layer": ["blocks.5"], "lr": [0.01, 0.03, 0.1]}]})
+    result = run_sweep(sweep, workers=0)
+    assert len(result["rows"]) == 3 and resident.loads == first + 2
+    off = build(TrainConfig, {**settings, "output": str(tmp_path / "c"), "adapters": adapters, "memory_budget_mb": 0})
+    resident.release()
+    run_train(off)
+    assert resident.loads == first + 2  # budget 0: streamed, nothing held
