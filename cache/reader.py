@@ -70,6 +70,7 @@ class CacheReader:
         # Names this store's arrays held in RAM (cache/resident.py): its place and what it holds.
         self.identity = f"{self.path}#{hashlib.sha256(json.dumps(manifest['fingerprint'], sort_keys=True).encode()).hexdigest()[:16]}" \
                         f"#{self.manifest.created_at}"
+        self.read_held = True  # False: always read the store, even what this process holds in RAM
         self.dtype = self.manifest.dtype
         self.encoding = encoding(self.dtype)
         if not allow_partial and not self.is_complete():
@@ -265,6 +266,9 @@ class CacheReader:
                      resident.held_bytes() / 1e6)
         return True
 
+    def _held(self, path: str) -> Optional[np.ndarray]:
+        return resident.get(self.identity, path) if self.read_held else None
+
     def release(self) -> None:
         """Forget what this store holds in RAM, for every reader of it in this process."""
         resident.release(self.identity)
@@ -377,7 +381,7 @@ class CacheReader:
             stored = self._gather(f"layers/{name}", rows, perm)
             scales = self._gather(f"scales/{name}", rows, perm) if self.encoding.has_scales else None
             feats[name] = self.encoding.decode(stored, scales, out)
-            held = all(resident.get(self.identity, f"{g.path}/layers/{name}") is not None for g, *_ in rows)
+            held = all(self._held(f"{g.path}/layers/{name}") is not None for g, *_ in rows)
             if not held and not torch.isfinite(feats[name]).all():  # held arrays were checked once; find the chunk to name it
                 self._name_non_finite(name, rows)
         return feats, (idx[perm] if perm is not None else idx)
@@ -385,7 +389,7 @@ class CacheReader:
     def _gather(self, path: str, rows, perm: Optional[np.ndarray]) -> np.ndarray:
         parts = []
         for g, chunk, start, stop, keep in rows:
-            held = resident.get(self.identity, f"{g.path}/{path}")
+            held = self._held(f"{g.path}/{path}")
             block = held[start:stop] if held is not None else self._checked(g[path], start, stop, chunk)
             parts.append(block if keep is None else block[keep])
         joined = parts[0] if len(parts) == 1 else np.concatenate(parts)

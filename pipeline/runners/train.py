@@ -83,7 +83,7 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, keep_held: bool = False
     final = Path(cfg.output)
     with staged_output(final, overwrite) as out:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        run = _setup(cfg)
+        run = plan_training(cfg)
         try:
             with (out / "metrics.jsonl").open("w") as metrics:  # closed however training ends
                 epoch_seconds = _train_epochs(run, metrics)
@@ -95,7 +95,9 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, keep_held: bool = False
     return results
 
 
-def _setup(cfg: TrainConfig) -> Run:
+def plan_training(cfg: TrainConfig) -> Run:
+    """setup: the store (its layers held in RAM when they fit), the splits, the members in
+    fused groups (solved ones solved), the plan logged."""
     reader = open_store(cfg.store, storage_options=cfg.storage_options)
     splits = resolve_splits(cfg, reader)
     members = expand(cfg.adapters, reader.layers, cfg.seed, cfg.store)
@@ -128,6 +130,7 @@ def _hold_in_memory(cfg: TrainConfig, reader: CacheReader, splits: Splits, layer
     in RAM while they fit the budget; the rest streams (cache/resident.py)."""
     budget = None if cfg.memory_budget_mb is None else int(cfg.memory_budget_mb * 1e6)
     if budget == 0:
+        reader.read_held = False  # stream, even what another run in this process holds
         return
     if train_layers:
         reader.hold(splits.train, train_layers, cfg.views, budget)
@@ -154,13 +157,9 @@ def _train_epochs(run: Run, metrics) -> list[float]:
                 if g.optimizer is None:
                     continue
                 t0 = time.perf_counter()
-                loss = per_member_cross_entropy(g(batch.features), batch.labels)
-                g.optimizer.zero_grad()
-                loss.sum().backward()
-                g.optimizer.set_lr_factor(factor)
-                g.optimizer.step()
+                loss = train_step(g, batch.features, batch.labels, factor)
                 g.seconds += time.perf_counter() - t0
-                losses[gi] += loss.detach() * len(batch.labels)
+                losses[gi] += loss * len(batch.labels)
                 if step % cfg.log_every == 0:
                     metrics.write(json.dumps({"step": step, "epoch": epoch, "group": gi, "lr_factor": factor,
                                               "loss": {m.id: float(l) for m, l in zip(g.members, loss.detach())}}) + "\n")
@@ -174,6 +173,16 @@ def _train_epochs(run: Run, metrics) -> list[float]:
             log.info("early stop after epoch %d: no member improved for %d epochs", epoch + 1, stale)
             break
     return epoch_seconds
+
+
+def train_step(g: Group, features: dict[str, torch.Tensor], labels: torch.Tensor, lr_factor: float) -> torch.Tensor:
+    """One optimiser step of every member of a fused group on one batch; their losses [M]."""
+    loss = per_member_cross_entropy(g(features), labels)
+    g.optimizer.zero_grad()
+    loss.sum().backward()
+    g.optimizer.set_lr_factor(lr_factor)
+    g.optimizer.step()
+    return loss.detach()
 
 
 def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, metrics) -> bool:
