@@ -50,6 +50,49 @@ def write_image_folder(root: Path, splits=("train", "val"), classes=("cat", "dog
     return root
 
 
+def real_subset(root: Path, name: str = "imagenette", splits=("train", "val"), classes: int = 2, per_class: int = 4) -> Path:
+    """An ImageFolder tree under `root` holding copies of the first files of the first classes
+    of a real data set in ../shared/data (skips when it is absent); other sources are written
+    from it, in its order (classes, then files, sorted), so that their stores can be compared."""
+    source = shared_data(name)
+    for split in splits:
+        for cls in sorted(p.name for p in (source / split).iterdir())[:classes]:
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((source / split / cls).iterdir())[:per_class]:
+                (root / split / cls / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+def image_folder_samples(root: Path, split: str) -> list[tuple[Path, int]]:
+    """(file, class index) of an ImageFolder split, in the order image_folder reads it."""
+    classes = sorted(p.name for p in (root / split).iterdir())
+    return [(f, c) for c, cls in enumerate(classes) for f in sorted((root / split / cls).iterdir())]
+
+
+def assert_same_features(a_path, b_path, splits=("train", "val")) -> None:
+    """Two stores hold the same features, labels and valid flags, byte for byte."""
+    from cache import open_store
+
+    a, b = open_store(a_path), open_store(b_path)
+    assert a.layers == b.layers
+    for split, other in (splits.items() if isinstance(splits, dict) else zip(splits, splits)):
+        for layer in a.layers:
+            np.testing.assert_array_equal(a.zarr_array(split, layer)[:], b.zarr_array(other, layer)[:])
+        np.testing.assert_array_equal(a.labels(split), b.labels(other))
+        np.testing.assert_array_equal(a.valid(split), b.valid(other))
+
+
+def assert_same_but_skipped(a_path, b_path, split: str, skipped: list[int]) -> None:
+    """Store b skipped exactly the samples `skipped` of `split`, and holds a's bytes for the others."""
+    from cache import open_store
+
+    a, b = open_store(a_path), open_store(b_path)
+    valid = b.valid(split)
+    assert np.flatnonzero(~valid).tolist() == skipped
+    for layer in a.layers:
+        np.testing.assert_array_equal(a.zarr_array(split, layer)[:][valid], b.zarr_array(split, layer)[:][valid])
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "images")

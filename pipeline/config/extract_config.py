@@ -10,7 +10,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from cache import COMPRESSORS, ENCODINGS, option_problems
+from cache import COMPRESSORS, ENCODINGS, is_url, option_problems
 from pipeline.backbones.tokens import TOKEN_REDUCTIONS
 from pipeline.data import DATA_SOURCES
 from pipeline.data.augment import AugmentPolicy
@@ -100,6 +100,18 @@ class DataConfig:
     # A corrupt/unreadable image: "fail" stops with the file's path; "skip" marks the sample
     # invalid (label -1, valid=False), counts it and lists it in the manifest.
     on_corrupt: Literal["fail", "skip"] = "fail"
+    # webdataset: per split, its tar shards (a brace pattern or a list; relative to root unless
+    # absolute or a URL), the image members (webdataset's "jpg;png" alternatives) and the label member.
+    shards: dict[str, Union[str, tuple[str, ...]]] = field(default_factory=dict)
+    image_key: str = "jpg;jpeg;png;webp"
+    label_key: str = "cls"
+    # huggingface: the image and label columns.
+    image_column: str = "image"
+    label_column: str = "label"
+    # webdataset, huggingface: class names by label (null: the dataset's ClassLabel names, else "0".."max").
+    classes: Optional[tuple[str, ...]] = None
+    # webdataset shards at URLs: passed to fsspec (cache.location.SAFE_OPTIONS only, as for stores).
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     def limit_for(self, split: str) -> Optional[int]:
         if isinstance(self.limit, dict):
@@ -120,6 +132,13 @@ class DataConfig:
                     out.append(f"limit.{split}: got {n}, expected a positive integer")
         elif self.limit is not None and self.limit <= 0:
             out.append(f"limit: got {self.limit}, expected a positive integer or null")
+        if self.kind == "webdataset":
+            out += [f"shards.{s}: missing; webdataset needs the tar shards of every split (a brace pattern or a list)"
+                    for s in self.splits if s not in self.shards]
+            shard_url = next((s for v in self.shards.values() for s in ([v] if isinstance(v, str) else v) if is_url(s)), None)
+            out += option_problems(shard_url or self.root, self.storage_options, path_key="shards" if shard_url else "root")
+        elif self.storage_options:
+            out.append(f"storage_options: only webdataset shards at URLs take them; data.kind is {self.kind!r}")
         return out
 
 

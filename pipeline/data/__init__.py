@@ -1,4 +1,5 @@
-"""Dataset sources (ImageFolder, npz, idx, torchvision) and the image loader for extraction.
+"""Dataset sources (ImageFolder, npz, idx, torchvision, WebDataset shards, Hugging Face datasets)
+and the image loader for extraction.
 
 `DATA_SOURCES` is the registry of `data.kind` values: what each reads, and how a split is
 opened. `python -m pipeline list` prints it.
@@ -10,10 +11,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from pipeline.data.arrays import idx_split, npz_split
+from pipeline.data.huggingface_source import huggingface_split
 from pipeline.data.image_folder import image_folder_split
 from pipeline.data.source import CorruptImageError, SplitSource, read_image, stratified_prefix
 from pipeline.data.torchvision_source import torchvision_split
 from pipeline.data.valid_samples import require_valid_samples
+from pipeline.data.webdataset_source import webdataset_split
 
 if TYPE_CHECKING:  # the config imports DATA_SOURCES: its data.kind choices are the names below
     from pipeline.config.extract_config import DataConfig
@@ -37,6 +40,13 @@ DATA_SOURCES: dict[str, DataSourceKind] = {
     "torchvision": DataSourceKind("a torchvision dataset by class name (data.name, e.g. CIFAR10), kept under ROOT; "
                                   "data.download fetches it",
                                   lambda cfg, split: torchvision_split(cfg.name, cfg.root, split, cfg.download), needs_name=True),
+    "webdataset": DataSourceKind("WebDataset tar shards per split (data.shards: a brace pattern or a list, under ROOT or URLs), "
+                                 "image and label members by data.image_key / data.label_key (extra: webdataset)",
+                                 lambda cfg, split: webdataset_split(cfg.root, cfg.shards[split], split, cfg.image_key, cfg.label_key,
+                                                                     cfg.classes, cfg.storage_options)),
+    "huggingface": DataSourceKind("a datasets dataset: ROOT saved with save_to_disk, a folder load_dataset reads (Parquet...), "
+                                  "or a hub name; columns data.image_column / data.label_column (extra: hf)",
+                                  lambda cfg, split: huggingface_split(cfg.root, split, cfg.image_column, cfg.label_column, cfg.classes)),
 }
 
 

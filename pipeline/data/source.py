@@ -12,6 +12,7 @@ file. It never becomes a plausible-looking wrong picture (a 16-bit PNG clipped t
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import struct
 from dataclasses import dataclass, field
@@ -53,6 +54,17 @@ def read_image(path: str | Path) -> Image.Image:
             return to_rgb(img)
     except DECODE_ERRORS as e:
         raise CorruptImageError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """`read_image` for an encoded image held in memory (a tar member, a dataset cell); `name`
+    says which sample in the error."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return to_rgb(img)
+    except DECODE_ERRORS as e:
+        raise CorruptImageError(f"cannot read image of {name}: {type(e).__name__}: {e}") from e
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

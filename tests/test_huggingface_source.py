@@ -1,0 +1,124 @@
+"""data.kind huggingface: datasets built from real images, saved with save_to_disk and as Parquet.
+
+The oracle is the ImageFolder extraction of the same files: a store from a dataset must hold
+the same bytes. Rows are written in ImageFolder's order (classes, then files, sorted)."""
+
+from pathlib import Path
+
+import pytest
+
+from cache import ConfigError, FeatureCacheError, open_store
+from pipeline.runners.extract import run_extract
+from tests.conftest import assert_same_but_skipped, assert_same_features, image_folder_samples, real_subset, tiny_config
+from tests.test_resume import extract_and_kill
+
+datasets = pytest.importorskip("datasets", reason="datasets is not installed (pip install -e '.[dev]' installs it)")
+
+
+@pytest.fixture(autouse=True)
+def private_hf_cache(tmp_path, monkeypatch):
+    """load_dataset writes Arrow copies into the datasets cache: keep them out of the home folder."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(tmp_path / "hf_cache"))
+
+
+def build_dataset(images: Path, split_names=("train", "val"), corrupt: int = -1):
+    """A DatasetDict of the ImageFolder's splits: an Image column of the files' bytes and a ClassLabel."""
+    classes = sorted(p.name for p in (images / "train").iterdir())
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    out = {}
+    for split, name in zip(("train", "val"), split_names):
+        samples = image_folder_samples(images, split)
+        rows = {"image": [{"bytes": b"not an image" if k == corrupt else f.read_bytes(), "path": None} for k, (f, _) in enumerate(samples)],
+                "label": [c for _, c in samples]}
+        out[name] = datasets.Dataset.from_dict(rows, features=features)
+    return datasets.DatasetDict(out)
+
+
+def hf_config(tmp_path, name, root, splits=("train", "val"), *overrides, **data):
+    return tiny_config(tmp_path / name, root, *overrides, data={"kind": "huggingface", "root": str(root), "splits": list(splits), **data})
+
+
+@pytest.fixture
+def images(tmp_path):
+    return real_subset(tmp_path / "images", per_class=5)
+
+
+def test_saved_dataset_store_equals_image_folder_store(tmp_path, images):
+    build_dataset(images).save_to_disk(str(tmp_path / "saved"))
+    folder = tiny_config(tmp_path / "folder", images)
+    hf = hf_config(tmp_path, "hf", tmp_path / "saved")
+    run_extract(folder)
+    run_extract(hf)
+    assert_same_features(folder.store.path, hf.store.path)
+    assert open_store(hf.store.path).classes == sorted(p.name for p in (images / "train").iterdir())  # the ClassLabel names
+
+
+def test_parquet_dataset_store_equals_image_folder_store(tmp_path, images):
+    data = tmp_path / "parquet" / "data"
+    data.mkdir(parents=True)
+    ds = build_dataset(images, split_names=("train", "validation"))
+    for split in ds:  # load_dataset finds the splits by these file names
+        ds[split].to_parquet(str(data / f"{split}-00000-of-00001.parquet"))
+    folder = tiny_config(tmp_path / "folder", images)
+    hf = hf_config(tmp_path, "hf", tmp_path / "parquet", ("train", "validation"))
+    run_extract(folder)
+    run_extract(hf)
+    assert_same_features(folder.store.path, hf.store.path, {"train": "train", "val": "validation"})
+
+
+def test_sigkill_then_rerun_equals_clean_run(tmp_path):
+    images = real_subset(tmp_path / "images", per_class=8)  # 16 samples: 4 chunks of 4
+    build_dataset(images).save_to_disk(str(tmp_path / "saved"))
+    overrides = ("runtime.batch_size=2", "store.chunks_per_shard=1")
+    cfg = hf_config(tmp_path, "killed", tmp_path / "saved", ("train", "val"), *overrides)
+    done = extract_and_kill(cfg)
+    assert 2 <= done < 4, f"the child should be killed mid-split, it had stamped {done} chunks"
+    assert not open_store(cfg.store.path, allow_partial=True).is_complete()
+    run_extract(cfg)  # resumes: the dataset's fingerprint is the same in this process
+    clean = hf_config(tmp_path, "clean", tmp_path / "saved", ("train", "val"), *overrides)
+    run_extract(clean)
+    assert_same_features(clean.store.path, cfg.store.path)
+
+
+def test_a_corrupt_row_follows_on_corrupt(tmp_path, images):
+    build_dataset(images, corrupt=3).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(FeatureCacheError, match=r"row 3 of split 'train'.*cannot identify image"):
+        run_extract(hf_config(tmp_path, "fail", tmp_path / "saved"))
+    skipping = hf_config(tmp_path, "skip", tmp_path / "saved", ("train", "val"), "data.on_corrupt=skip")
+    run_extract(skipping)
+    folder = tiny_config(tmp_path / "folder", images)
+    run_extract(folder)
+    assert_same_but_skipped(folder.store.path, skipping.store.path, "train", skipped=[3])
+
+
+def test_missing_columns_and_splits_are_named(tmp_path, images):
+    build_dataset(images).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ConfigError, match=r"has no column 'img'; it has \['image', 'label'\]"):
+        run_extract(hf_config(tmp_path, "a", tmp_path / "saved", image_column="img"))
+    with pytest.raises(ConfigError, match=r"'test' is not a split of .*; it has \['train', 'val'\]"):
+        run_extract(hf_config(tmp_path, "b", tmp_path / "saved", ("train", "test")))
+    for name in ("a", "b"):
+        assert not (tmp_path / name / "store.zarr").exists()
+
+
+def test_a_changed_dataset_is_refused_by_the_store(tmp_path, images):
+    build_dataset(images).save_to_disk(str(tmp_path / "saved"))
+    cfg = hf_config(tmp_path, "hf", tmp_path / "saved")
+    run_extract(cfg)
+    # Rewritten in place with one image replaced: same ids and labels, another datasets fingerprint.
+    build_dataset(images, corrupt=0).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(FeatureCacheError, match="fingerprint|differ"):
+        run_extract(cfg)
+
+
+@pytest.mark.dask
+def test_distributed_extraction_equals_single_process(tmp_path, images):
+    from pipeline.runners.distributed_extract import run_distributed_extract
+
+    build_dataset(images).save_to_disk(str(tmp_path / "saved"))
+    single = hf_config(tmp_path, "single", tmp_path / "saved", ("train", "val"), "runtime.batch_size=4")
+    spread = hf_config(tmp_path, "spread", tmp_path / "saved", ("train", "val"), "runtime.batch_size=4")
+    run_extract(single)
+    run_distributed_extract(spread, workers=2)
+    assert_same_features(single.store.path, spread.store.path)
