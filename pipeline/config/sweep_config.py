@@ -16,13 +16,13 @@ YAML format (every key but `store`, `output` and `space` has a default):
     warmup_epochs: 0.5
     seed: 0                  # data order, validation split, random search, default init seed
     save_top: 0              # adapters each job saves (0: none, a sweep only needs scores)
-    search: random           # grid | random
-    num_trials: 8            # random only: configurations sampled from EACH space entry
+    search: random           # grid | random | tpe (Optuna's TPE, the `optuna` extra)
+    num_trials: 8            # random: configurations sampled from EACH space entry; tpe: in all
     trials_per_job: 16       # trials trained together in one job (one cache pass per epoch)
     space:                   # one entry per adapter kind (or several per kind)
       - kind: linear
         layer: [blocks.6, bn2]                            # choices (kinds with one `layer`)
-        lr: {low: 1.0e-4, high: 1.0e-2, log: true}        # a range (random search only)
+        lr: {low: 1.0e-4, high: 1.0e-2, log: true}        # a range (random and tpe only)
         weight_decay: [0.0, 1.0e-4]                        # choices
       - kind: inca
         layer: [blocks.6]
@@ -34,12 +34,15 @@ YAML format (every key but `store`, `output` and `space` has a default):
         seeds: [0, 1]                                      # every configuration once per seed
 
 Axes: `lr`, `weight_decay` and every value under `hparams` take a single value, a list of
-choices, or (random search only) a range `{low, high, log}`: uniform, or log-uniform with
+choices, or (random and tpe search) a range `{low, high, log}`: uniform, or log-uniform with
 `log: true`; floats are rounded to 4 significant digits, integer hyperparameters to
 integers. `layer` / `layers` take lists of choices. `seeds` is never sampled: each grid
 point or random sample is trained once per listed seed (default: `[seed]`). A grid is the
 product of every axis; random search draws `num_trials` samples per space entry from a
 generator seeded with (seed, entry index), so a larger `num_trials` extends the same list.
+`tpe` asks Optuna's TPE sampler (seeded by `seed`) for `num_trials` configurations in all,
+a batch of `trials_per_job` per worker at a time, each told its validation accuracy
+(pipeline.sweeping.tpe); ranges and choices as for random search, one seed per entry.
 """
 
 from __future__ import annotations
@@ -172,8 +175,8 @@ class SpaceEntry:
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig(StoreJob):
     space: tuple[SpaceEntry, ...]
-    search: Literal["grid", "random"] = "grid"
-    num_trials: Optional[int] = None  # random search: samples per space entry
+    search: Literal["grid", "random", "tpe"] = "grid"
+    num_trials: Optional[int] = None  # random search: samples per space entry; tpe: trials in all
     trials_per_job: int = 16
     save_top: int = 0  # adapters saved per job (the exported best config retrains them)
 
@@ -186,8 +189,11 @@ class SweepConfig(StoreJob):
         out = self.job_problems()
         if not self.space:
             out.append("space: got [], expected at least one adapter entry")
-        if self.search == "random" and (self.num_trials is None or self.num_trials <= 0):
-            out.append(f"num_trials: got {self.num_trials}, expected an integer > 0 for search: random")
+        if self.search in ("random", "tpe") and (self.num_trials is None or self.num_trials <= 0):
+            out.append(f"num_trials: got {self.num_trials}, expected an integer > 0 for search: {self.search}")
+        if self.search == "tpe":
+            out += [f"space[{i}].seeds: got {list(e.seeds)}, but search: tpe tells one value per configuration; give one seed"
+                    for i, e in enumerate(self.space) if e.seeds and len(e.seeds) > 1]
         if self.search == "grid" and self.num_trials is not None:
             out.append(f"num_trials: got {self.num_trials}, but a grid runs every point; remove it or use search: random")
         if self.search == "grid":

@@ -2,7 +2,8 @@
 
     python -m pipeline sweep configs/sweep_fashion_mnist_lite0.yaml [key=value ...] [--workers N | --scheduler tcp://HOST:PORT]
 
-config -> trials (grid or seeded random samples; see pipeline.config.sweep_config) ->
+config -> trials (grid or seeded random samples; see pipeline.config.sweep_config; or, for
+`search: tpe`, batches asked of Optuna's TPE and told their results: pipeline.sweeping.tpe) ->
 drop the trials already in OUTPUT/trials.jsonl -> pack the rest into fused jobs (one
 `train` run each, one cache pass per epoch for all its trials) -> log the cost -> run the
 jobs as dask tasks (a local cluster of worker processes, an existing cluster, or, with
@@ -17,6 +18,7 @@ reschedules the task; `retries` covers exceptions raised by a job).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from cache import CacheReader, FeatureCacheError, open_store
+from cache.lease import StoreLease
+from cache.location import StoreLocation
 from pipeline.adapters import adapter_class, build_adapter
 from pipeline.config import ConfigError, to_dict
 from pipeline.config.sweep_config import SweepConfig
@@ -35,6 +39,7 @@ from pipeline.sweeping.jobs import Job, plan_jobs, run_job, trial_member, trial_
 from pipeline.sweeping.plots import plot_scores
 from pipeline.sweeping.results_log import TrialsLog
 from pipeline.sweeping.space import Trial, make_trials
+from pipeline.sweeping.tpe import TpeSearch
 from pipeline.training.members import check_layers
 
 log = logging.getLogger(__name__)
@@ -61,37 +66,87 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
     reader = open_store(cfg.store, storage_options=cfg.storage_options)
     _check_layers(cfg, reader)
     fingerprint = hashlib.sha256(json.dumps(reader.fingerprint.to_json(), sort_keys=True, default=str).encode()).hexdigest()
-    trials = make_trials(cfg, {"store": fingerprint, "train": cfg.train_settings()})
-    _check_architectures(trials, reader)
+    context = {"store": fingerprint, "train": cfg.train_settings()}
     results = TrialsLog(out / "trials.jsonl")
-    todo = [t for t in trials if t.id not in results.rows]
-    jobs = plan_jobs(todo, cfg, reader.layers)
     if scheduler:
         where = f"on the dask cluster at {scheduler}"
     else:
         where = f"on {workers} local dask worker processes" if workers else "in this process"
-    log.info("plan: %d trials (%s search), %d already in %s; %d to run in %d fused jobs of <= %d trials, %s; "
-             "each job reads the cache once per epoch for %d epochs", len(trials), cfg.search, len(trials) - len(todo),
-             results.path, len(todo), len(jobs), cfg.trials_per_job, where, cfg.epochs)
 
-    t0, failed = time.perf_counter(), []
-    for done, (job, outcome) in enumerate(_execute(jobs, scheduler, workers), 1):
+    t0 = time.perf_counter()
+    # One driver per output folder: two would append to one trials.jsonl and study journal.
+    with StoreLease(StoreLocation(str(out)), what="sweep output folder"), _executor(scheduler, workers) as executor:
+        if cfg.search == "tpe":
+            ids, failed, jobs, already = _run_tpe(cfg, context, reader, results, executor, where, t0)
+        else:
+            trials = make_trials(cfg, context)
+            _check_architectures(trials, reader)
+            todo = [t for t in trials if t.id not in results.rows]
+            planned = plan_jobs(todo, cfg, reader.layers)
+            log.info("plan: %d trials (%s search), %d already in %s; %d to run in %d fused jobs of <= %d trials, %s; "
+                     "each job reads the cache once per epoch for %d epochs", len(trials), cfg.search, len(trials) - len(todo),
+                     results.path, len(todo), len(planned), cfg.trials_per_job, where, cfg.epochs)
+            failed = [job.id for job, rows in _run_jobs(planned, executor, results, t0) if rows is None]
+            ids, jobs, already = [t.id for t in trials], len(planned), len(trials) - len(todo)
+
+    rows = [results.rows[i] for i in dict.fromkeys(ids) if i in results.rows]
+    best = _export(cfg, rows, out) if rows else {}
+    if failed:
+        raise SweepJobsFailed(f"{len(failed)} of {jobs} jobs failed ({', '.join(failed)}); see the log. "
+                              f"Rerunning the sweep runs only their trials.")
+    return {"trials": len(dict.fromkeys(ids)), "already_done": already, "jobs": jobs, "rows": rows, "best": best}
+
+
+def _run_jobs(jobs: list[Job], executor, results: TrialsLog, t0: float) -> Iterator[tuple[Job, Optional[list[dict]]]]:
+    """Run the jobs; as each returns, append its trials' rows to trials.jsonl and yield
+    (job, its rows), or (job, None) for a job that failed after its retries."""
+    for done, (job, outcome) in enumerate(executor(jobs), 1):
         if isinstance(outcome, Exception):
             log.error("job %s (%d trials) failed: %r", job.id, len(job.trials), outcome)
-            failed.append(job.id)
+            yield job, None
             continue
         rows = trial_rows(job, outcome)
         for row in rows:
             results.append(row)
         log.info("job %d/%d (%s) done after %.0f s: %d trials, best val acc %.4f", done, len(jobs), job.id,
                  time.perf_counter() - t0, len(rows), max(r["metrics"]["val_acc"] for r in rows))
+        yield job, rows
 
-    rows = [results.rows[t.id] for t in trials if t.id in results.rows]
-    best = _export(cfg, rows, out) if rows else {}
-    if failed:
-        raise SweepJobsFailed(f"{len(failed)} of {len(jobs)} jobs failed ({', '.join(failed)}); see the log. "
-                           f"Rerunning the sweep runs only their trials.")
-    return {"trials": len(trials), "already_done": len(trials) - len(todo), "jobs": len(jobs), "rows": rows, "best": best}
+
+def _run_tpe(cfg: SweepConfig, context: dict, reader: CacheReader, results: TrialsLog, executor, where: str,
+             t0: float) -> tuple[list[str], list[str], int, int]:
+    """Ask, train and tell batches until num_trials are told; (trial ids told, failed job ids,
+    jobs run, trials told before this run)."""
+    search = TpeSearch(cfg, context, Path(cfg.output))
+    search.recover(results.rows)
+    batch = cfg.trials_per_job * executor.slots
+    log.info("plan: %d trials (tpe search, study %s in %s), %d already told; batches of %d (%d per job, %d worker slot(s)) %s; "
+             "each job reads the cache once per epoch for %d epochs", cfg.num_trials, search.study.study_name, search.path,
+             search.finished(), batch, cfg.trials_per_job, executor.slots, where, cfg.epochs)
+    failed: list[str] = []
+    jobs_run, already = 0, search.finished()
+    while (left := cfg.num_trials - search.finished()) > 0:
+        asked = search.ask(min(batch, left))
+        for number, trial in asked:  # a configuration trained before: its row is its value
+            if trial.id in results.rows:
+                search.tell(number, results.rows[trial.id])
+        fresh = list({t.id: t for _, t in asked if t.id not in results.rows}.values())
+        _check_architectures(fresh, reader)
+        jobs = plan_jobs(fresh, cfg, reader.layers)
+        jobs_run += len(jobs)
+        waiting = {}
+        for number, trial in asked:
+            waiting.setdefault(trial.id, []).append(number)
+        for job, rows in _run_jobs(jobs, executor, results, t0):
+            for trial in job.trials:
+                for number in waiting.pop(trial.id, []):
+                    search.tell(number, results.rows.get(trial.id) if rows is not None else None)
+            if rows is None:
+                failed.append(job.id)
+        if failed:
+            break  # as for grid and random: report, keep what finished; a rerun asks again
+        log.info("tpe: %d of %d trials told; best val acc so far %.4f", search.finished(), cfg.num_trials, search.study.best_value)
+    return search.finished_ids(), failed, jobs_run, already
 
 
 def _check_layers(cfg: SweepConfig, reader: CacheReader) -> None:
@@ -121,29 +176,45 @@ def _check_architectures(trials: list[Trial], reader: CacheReader) -> None:
         raise ConfigError(problems, "the search space (these combinations cannot be built)")
 
 
-def _execute(jobs: list[Job], scheduler: Optional[str], workers: int) -> Iterator[tuple[Job, object]]:
-    """Yield (job, rows or the exception it ended with) as jobs finish."""
-    if not jobs:
-        return
-    if not scheduler and workers == 0:
-        for job in jobs:
-            try:
-                yield job, run_job(job.config, None)
-            except Exception as e:  # as on dask: report the job, go on with the others
-                yield job, e
-        return
-    from distributed import as_completed
+class _Executor:
+    """Runs jobs in this process or on one dask client kept for the whole sweep; `slots` is how
+    many jobs run at once (TPE asks that many jobs' worth of trials per batch)."""
 
-    with dask_client(scheduler, workers) as client:
-        per_host = workers_per_host(client)
-        log.info("dask: %d workers on %d host(s); dashboard %s", sum(per_host.values()), len(per_host), client.dashboard_link)
-        futures = {client.submit(run_job, job.config, per_host, key=f"sweep-job-{job.id}", pure=False, retries=JOB_RETRIES): job
+    def __init__(self, client=None, per_host: Optional[dict[str, int]] = None):
+        self.client, self.per_host = client, per_host
+        self.slots = sum(per_host.values()) if per_host else 1
+
+    def __call__(self, jobs: list[Job]) -> Iterator[tuple[Job, object]]:
+        """Yield (job, rows or the exception it ended with) as jobs finish."""
+        if not jobs:
+            return
+        if self.client is None:
+            for job in jobs:
+                try:
+                    yield job, run_job(job.config, None)
+                except Exception as e:  # as on dask: report the job, go on with the others
+                    yield job, e
+            return
+        from distributed import as_completed
+
+        futures = {self.client.submit(run_job, job.config, self.per_host, key=f"sweep-job-{job.id}", pure=False, retries=JOB_RETRIES): job
                    for job in jobs}
         for future in as_completed(futures):
             try:
                 yield futures[future], future.result()
             except Exception as e:
                 yield futures[future], e
+
+
+@contextlib.contextmanager
+def _executor(scheduler: Optional[str], workers: int) -> Iterator[_Executor]:
+    if not scheduler and workers == 0:
+        yield _Executor()
+        return
+    with dask_client(scheduler, workers) as client:
+        per_host = workers_per_host(client)
+        log.info("dask: %d workers on %d host(s); dashboard %s", sum(per_host.values()), len(per_host), client.dashboard_link)
+        yield _Executor(client, per_host)
 
 
 def _export(cfg: SweepConfig, rows: list[dict], out: Path) -> dict:

@@ -58,18 +58,19 @@ def new_trial(kind: str, hparams: dict, lr: float, weight_decay: float, seed: in
     return Trial(hashlib.sha256(canonical.encode()).hexdigest()[:12], kind, hparams, float(lr), float(weight_decay), int(seed))
 
 
-def _layer_axes(entry: SpaceEntry) -> dict[str, tuple]:
-    out = {}
+def entry_axes(entry: SpaceEntry) -> dict[str, Any]:
+    """Every axis a space entry samples, in a fixed order: layer(s), lr, weight_decay, hparams by name."""
+    out: dict[str, Any] = {}
     if entry.layer is not None:
         out["layer"] = entry.layer
     if entry.layers is not None:
         out["layers"] = tuple(list(s) for s in entry.layers)
-    return out
+    return {**out, **entry.axes()}
 
 
 def _grid(cfg: SweepConfig):
     for entry in cfg.space:
-        axes = {**_layer_axes(entry), **entry.axes()}
+        axes = entry_axes(entry)
         for values in itertools.product(*axes.values()):
             point = dict(zip(axes, values))
             lr, wd = point.pop("lr"), point.pop("weight_decay")
@@ -81,7 +82,7 @@ def _random(cfg: SweepConfig):
     for i, entry in enumerate(cfg.space):
         # One generator per entry: adding an entry leaves the others' samples unchanged.
         rng = np.random.default_rng([cfg.seed, i])
-        axes = {**_layer_axes(entry), **entry.axes()}
+        axes = entry_axes(entry)
         for _ in range(cfg.num_trials):
             point = {key: _sample(rng, axis, integer_hparam(entry.kind, key)) for key, axis in axes.items()}
             lr, wd = point.pop("lr"), point.pop("weight_decay")
