@@ -146,3 +146,40 @@ def fake_fingerprint(layers: tuple[LayerSpec, ...] = (), dtype: str = "float32",
     return Fingerprint(BackboneRecord("test_vit", "random", "0" * 64), tuple(layers), StorageRecord(dtype, "all"),
                        {"input_size": [3, image_size, image_size]}, {"kind": "test"},
                        {"samples_per_chunk": samples_per_chunk, "chunks_per_shard": chunks_per_shard, "compressor": ["zstd", 3]})
+
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+def colour_folder(root, per_class=16, seed=0):
+    """Class = dominant colour plus noise: learnable from any backbone's features."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for cls, rgb in COLOURS.items():
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def colour_store(tmp_path_factory):
+    from pipeline.runners.extract import run_extract
+
+    tmp = tmp_path_factory.mktemp("colour")
+    cfg = tiny_config(tmp, colour_folder(tmp / "images"), "backbone.layers=[0, -1]", "store.samples_per_chunk=8")
+    run_extract(cfg)
+    return cfg.store.path
+
+
+@pytest.fixture
+def float64_training():
+    """The trainer in float64: adapters are built, and features decoded, in the default dtype.
+    float64 keeps Adam from amplifying the CPU's float32 rounding noise into differences
+    between fused and solo runs."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

@@ -11,8 +11,7 @@ from cache import ConfigError, open_store
 from pipeline import extract, load_config, predict, sweep, train
 from pipeline.config import ExtractConfig, TrainConfig, to_dict
 from pipeline.training.output import OutputInUse
-from tests.conftest import REPO, tiny_config
-from tests.test_train import colour_folder
+from tests.conftest import REPO, colour_folder, tiny_config
 
 
 def test_import_pipeline_stays_light():

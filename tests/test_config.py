@@ -72,7 +72,8 @@ def test_config_choices_are_the_registries_names():
     from pipeline.backbones.tokens import TOKEN_REDUCTIONS
     from pipeline.data import DATA_SOURCES
 
-    base = {"backbone": {"name": "m"}, "data": {"kind": "npz", "root": "r", "name": "X"}, "store": {"path": "p"}}
+    shards = {"train": "train.tar", "val": "val.tar"}  # what data.kind webdataset needs besides its name
+    base = {"backbone": {"name": "m"}, "data": {"kind": "npz", "root": "r", "name": "X", "shards": shards}, "store": {"path": "p"}}
     for key, registry in [("store.dtype", ENCODINGS), ("store.tokens", TOKEN_REDUCTIONS),
                           ("store.compressor.name", COMPRESSORS), ("data.kind", DATA_SOURCES)]:
         for name in registry:

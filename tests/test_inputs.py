@@ -25,8 +25,8 @@ from pipeline.data import CorruptImageError, open_split, read_image, require_val
 from pipeline.data.source import to_rgb
 from pipeline.runners.extract import run_extract
 from pipeline.runners.train import run_train
-from tests.conftest import tiny_config, write_image_folder
-from tests.test_train import colour_folder, train_config
+from tests.conftest import colour_folder, tiny_config, write_image_folder
+from tests.test_train import train_config
 
 
 def single_image_folder(root, name, write, classes=("cat", "dog")):

@@ -14,8 +14,8 @@ from pipeline.runners.extract import run_extract
 from pipeline.runners.predict import task_names
 from pipeline.runners.train import run_train
 from pipeline.training.output import OutputInUse
-from tests.conftest import tiny_config
-from tests.test_train import colour_folder, train_config
+from tests.conftest import colour_folder, tiny_config
+from tests.test_train import train_config
 
 LINEAR = [{"kind": "linear", "layers": ["blocks.5"], "lr": [0.01, 0.003]}]
 

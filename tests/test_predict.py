@@ -13,8 +13,8 @@ from pipeline.cli import main
 from pipeline.config import ExtractConfig, build
 from pipeline.runners.extract import run_extract
 from pipeline.runners.train import run_train
-from tests.conftest import tiny_config
-from tests.test_train import colour_folder, train_config
+from tests.conftest import colour_folder, tiny_config
+from tests.test_train import train_config
 
 
 @pytest.mark.parametrize("dtype,extra", [("float16", []), ("int8", []),

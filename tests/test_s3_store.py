@@ -18,8 +18,7 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, SweepConfig, TrainConfig, build, load_config
 from pipeline.runners.extract import run_extract
 from pipeline.runners.train import run_train
-from tests.conftest import BUCKET, tiny_config
-from tests.test_train import colour_folder
+from tests.conftest import BUCKET, colour_folder, tiny_config
 
 TRAIN = {"val_fraction": 0.25, "epochs": 2, "batch_size": 8, "warmup_epochs": 0.5}
 

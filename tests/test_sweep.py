@@ -21,8 +21,7 @@ from pipeline.runners.sweep import run_sweep
 from pipeline.runners.train import run_train
 from pipeline.sweeping.jobs import plan_jobs, trial_member
 from pipeline.sweeping.space import make_trials, new_trial
-from tests.conftest import REPO, tiny_config
-from tests.test_train import colour_folder
+from tests.conftest import REPO, colour_folder, tiny_config
 
 pytestmark = pytest.mark.dask
 
@@ -309,3 +308,42 @@ def test_a_second_driver_on_one_output_folder_is_refused(store, tmp_path):
         with pytest.raises(StoreError, match=r"sweep output folder '.*sweep' is being written by .*pid"):
             run_sweep(build(SweepConfig, sweep_data(store, out)), workers=0)
     assert not (out / "trials.jsonl").exists()
+
+
+def test_pruned_trials_are_recorded_and_never_the_best(store, tmp_path):
+    """Successive halving across jobs: the first job's rung values are the later jobs' history."""
+    out = tmp_path / "pruned"
+    space = [{"kind": "linear", "layer": ["blocks.0", "blocks.5"], "lr": [1e-5, 1e-4, 1e-3, 3e-2], "weight_decay": [0.0]}]
+    result = run_sweep(build(SweepConfig, sweep_data(store, out, space, epochs=4, pruning={"min_epochs": 1, "reduction_factor": 2})),
+                       workers=0)
+    rows = read_rows(out)
+    pruned = [r for r in rows if r["metrics"]["pruned_at"] is not None]
+    assert pruned and len(pruned) < len(rows)
+    assert all(set(r["metrics"]["rung_acc"]) <= {"1", "2"} for r in rows)
+    # The second job (blocks.5) was ranked against the first job's rung values too: a trial
+    # below the top half of every value at epoch 1 never trains past it.
+    at_1 = sorted((r["metrics"]["rung_acc"]["1"] for r in rows), reverse=True)
+    job_order = list(dict.fromkeys(r["job"] for r in rows))
+    second = [r for r in rows if r["job"] == job_order[1]]
+    history = [r["metrics"]["rung_acc"]["1"] for r in rows if r["job"] == job_order[0]]
+    for r in second:
+        competing = sorted(history + [s["metrics"]["rung_acc"]["1"] for s in second], reverse=True)
+        assert (r["metrics"]["pruned_at"] == 1) == (r["metrics"]["rung_acc"]["1"] < competing[len(competing) // 2 - 1])
+    best = result["best"]["linear"]
+    assert best["metrics"]["pruned_at"] is None and at_1
+    assert best["trial"] not in {r["trial"] for r in pruned}
+    assert "stopped at epoch" in (out / "results.md").read_text()
+
+
+def test_tpe_with_pruning_tells_pruned_trials_as_pruned(store, tmp_path):
+    out = tmp_path / "tpe_pruned"
+    cfg = build(SweepConfig, sweep_data(store, out, SPACE, search="tpe", num_trials=8, epochs=4,
+                                        pruning={"min_epochs": 1, "reduction_factor": 2}))
+    run_sweep(cfg, workers=0)
+    rows = {r["trial"]: r for r in read_rows(out)}
+    told = [t for t in study_trials(out) if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(told) == 8
+    for t in told:
+        row = rows[t.user_attrs["trial_id"]]
+        assert (t.state.name == "PRUNED") == (row["metrics"]["pruned_at"] is not None)
+        assert t.intermediate_values == {int(e): v for e, v in row["metrics"]["rung_acc"].items()}

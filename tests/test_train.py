@@ -5,37 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cache import ConfigError, open_store
 from pipeline.adapters import load_adapter
 from pipeline.config import TrainConfig, build
-from pipeline.runners.extract import run_extract
 from pipeline.runners.train import run_train
-from tests.conftest import tiny_config
-
-COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
-
-
-def colour_folder(root, per_class=16, seed=0):
-    """Class = dominant colour plus noise: learnable from any backbone's features."""
-    rng = np.random.default_rng(seed)
-    for split in ("train", "val"):
-        for cls, rgb in COLOURS.items():
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = np.clip(np.array(rgb) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(d / f"{i:03d}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def colour_store(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("colour")
-    cfg = tiny_config(tmp, colour_folder(tmp / "images"), "backbone.layers=[0, -1]", "store.samples_per_chunk=8")
-    run_extract(cfg)
-    return cfg.store.path
 
 
 def train_config(store, out, adapters, **extra):
@@ -67,17 +41,6 @@ def test_learns_and_writes_results(colour_store, tmp_path):
     feats = reader.read("val", adapter.required_layers(), 0, reader.num_samples("val"))
     acc = float((adapter(feats).argmax(-1) == torch.from_numpy(reader.labels("val"))).float().mean())
     assert acc == pytest.approx(results["summary"]["top1"]["test_acc"])
-
-
-@pytest.fixture
-def float64_training():
-    """The trainer in float64: adapters are built, and features decoded, in the default dtype.
-    float64 keeps Adam from amplifying the CPU's float32 rounding noise into differences
-    between fused and solo runs."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def test_fused_members_equal_members_trained_alone(colour_store, tmp_path, float64_training):

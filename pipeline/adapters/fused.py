@@ -73,6 +73,17 @@ class FusedAdapters:
 
     __call__ = forward
 
+    def subset(self, index: torch.Tensor) -> FusedAdapters:
+        """The members at `index` (in that order), their stacked rows copied as they are now:
+        the members pruning keeps training, or those it stops. The template (structure and
+        borrowed frozen modules) is shared."""
+        out = object.__new__(FusedAdapters)
+        out.members = [self.members[i] for i in index.tolist()]
+        out.template = self.template
+        out.params = {n: p.detach()[index].clone().requires_grad_(p.requires_grad) for n, p in self.params.items()}
+        out.buffers = {n: b.detach()[index].clone() for n, b in self.buffers.items()}
+        return out
+
     @torch.no_grad()
     def unstack(self) -> list[Adapter]:
         """Write the trained rows back into the member adapters and return them."""

@@ -47,6 +47,18 @@ class StackedAdamW:
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
 
+    def subset(self, index: torch.Tensor, params: Sequence[torch.Tensor]) -> StackedAdamW:
+        """The optimiser of the members at `index`, over `params` (their rows of this one's
+        parameters, in order): their lr, weight decay and moments, at the same step count,
+        so each continues exactly as it would have here."""
+        out = object.__new__(StackedAdamW)
+        out.params = list(params)
+        out.base_lr, out.lr, out.weight_decay = self.base_lr[index], self.lr[index], self.weight_decay[index]
+        out.betas, out.eps, out.steps = self.betas, self.eps, self.steps
+        out.exp_avg = [m[index].clone() for m in self.exp_avg]
+        out.exp_avg_sq = [v[index].clone() for v in self.exp_avg_sq]
+        return out
+
     def set_lr_factor(self, factor: float) -> None:
         """lr = base lr * factor for every member (the schedule's multiplier for the next step)."""
         self.lr = self.base_lr * factor

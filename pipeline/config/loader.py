@@ -137,6 +137,9 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str], checks: list[st
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        sections = [o for o in options if dataclasses.is_dataclass(o)]
+        if isinstance(value, dict) and len(sections) == 1:  # an optional section: its own problems, by key
+            return _convert(sections[0], value, key, problems, checks)
         for opt in options:
             if opt is type(None):
                 continue

@@ -54,6 +54,7 @@ from typing import Any, Literal, Optional, Union
 
 from pipeline.adapters import ADAPTERS, AdapterConfigError, adapter_class, parse_hparams
 from pipeline.adapters.registry import unknown_kind
+from pipeline.config.loader import to_dict
 from pipeline.config.train_config import StoreJob, TrainingSettings
 
 
@@ -183,7 +184,8 @@ class SweepConfig(StoreJob):
     def train_settings(self) -> dict:
         """The train-config keys every trial shares (they enter each trial's id)."""
         # Not what decides a result: how many adapters are saved, whether the store is held in RAM.
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingSettings) if f.name not in ("save_top", "memory_budget_mb")}
+        return {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(TrainingSettings)
+                if f.name not in ("save_top", "memory_budget_mb")}
 
     def problems(self) -> list[str]:
         out = self.job_problems()

@@ -67,6 +67,43 @@ class AdapterEntry:
         return out
 
 
+@dataclass(frozen=True)
+class Pruning:
+    """Successive halving of the members that train together, by ASHA's promotion rule.
+
+    Rungs are the epochs min_epochs * reduction_factor**k below the last epoch. At a rung, a
+    member goes on only if its best validation accuracy so far is among the top
+    1/reduction_factor (at least the top one) of every value reached at that rung: by the
+    members training with it, and (in a sweep) by the trials of earlier jobs. A stopped
+    member trains no more, keeps its best state, and its row says the epoch it stopped at.
+    """
+
+    min_epochs: int = 1
+    reduction_factor: int = 3
+
+    def rungs(self, epochs: int) -> list[int]:
+        out, r = [], self.min_epochs
+        while r < epochs:
+            out.append(r)
+            r *= self.reduction_factor
+        return out
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.min_epochs < 1:
+            out.append(f"min_epochs: got {self.min_epochs}, expected >= 1")
+        if self.reduction_factor < 2:
+            out.append(f"reduction_factor: got {self.reduction_factor}, expected an integer >= 2")
+        return out
+
+
+def promoted(value: float, competing: list[float], reduction_factor: int) -> bool:
+    """ASHA's rule: `value` is among the top 1/reduction_factor of `competing` (which holds
+    it), and the best value always is."""
+    ranked = sorted(competing, reverse=True)
+    return value >= ranked[max(len(ranked) // reduction_factor - 1, 0)]
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainingSettings:
     """How every adapter is trained; shared by `train` configs and by each trial of a sweep."""
@@ -92,6 +129,8 @@ class TrainingSettings:
     # (MB; null: half the memory available at setup; 0: always stream from the store). Shared
     # by every fused group, and by the sweep jobs a worker runs on the same store.
     memory_budget_mb: Optional[float] = None
+    # Stop losing members at rungs (successive halving; null: every member trains every epoch).
+    pruning: Optional[Pruning] = None
 
     def training_problems(self) -> list[str]:
         out = []
@@ -130,6 +169,9 @@ class TrainConfig(StoreJob):
     early_stopping_patience: Optional[int] = None
     ensemble_top_k: int = 3
     log_every: int = 20  # steps between metrics lines
+    # Set by `sweep` for each job: the validation accuracies trials of earlier jobs reached at
+    # each rung epoch (keys: the epoch), which `pruning` ranks this run's members against.
+    rung_history: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
         out = self.job_problems()

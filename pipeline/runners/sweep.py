@@ -19,23 +19,25 @@ reschedules the task; `retries` covers exceptions raised by a job).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from cache import CacheReader, FeatureCacheError, open_store
 from cache.lease import StoreLease
 from cache.location import StoreLocation
 from pipeline.adapters import adapter_class, build_adapter
-from pipeline.config import ConfigError, to_dict
+from pipeline.config import ConfigError, TrainConfig, to_dict
 from pipeline.config.sweep_config import SweepConfig
 from pipeline.dask_cluster import dask_client, require_dask, workers_per_host
 from pipeline.sweeping.export import best_per_kind, results_markdown, write_best_train_config
-from pipeline.sweeping.jobs import Job, plan_jobs, run_job, trial_member, trial_rows
+from pipeline.sweeping.jobs import Job, plan_jobs, run_job, rung_history, trial_member, trial_rows
 from pipeline.sweeping.plots import plot_scores
 from pipeline.sweeping.results_log import TrialsLog
 from pipeline.sweeping.space import Trial, make_trials
@@ -86,7 +88,9 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
             log.info("plan: %d trials (%s search), %d already in %s; %d to run in %d fused jobs of <= %d trials, %s; "
                      "each job reads the cache once per epoch for %d epochs", len(trials), cfg.search, len(trials) - len(todo),
                      results.path, len(todo), len(planned), cfg.trials_per_job, where, cfg.epochs)
-            failed = [job.id for job, rows in _run_jobs(planned, executor, results, t0) if rows is None]
+            ours = {t.id for t in trials}
+            prepare = _with_history(cfg, lambda: [r for i, r in results.rows.items() if i in ours])
+            failed = [job.id for job, rows in _run_jobs(planned, executor, prepare, results, t0) if rows is None]
             ids, jobs, already = [t.id for t in trials], len(planned), len(trials) - len(todo)
 
     rows = [results.rows[i] for i in dict.fromkeys(ids) if i in results.rows]
@@ -97,10 +101,19 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
     return {"trials": len(dict.fromkeys(ids)), "already_done": already, "jobs": jobs, "rows": rows, "best": best}
 
 
-def _run_jobs(jobs: list[Job], executor, results: TrialsLog, t0: float) -> Iterator[tuple[Job, Optional[list[dict]]]]:
+def _with_history(cfg: SweepConfig, rows: Callable[[], list[dict]]) -> Callable[[Job], TrainConfig]:
+    """A job's train config as it is handed out: with pruning, the rung values the sweep's
+    finished trials reached so far (`rows()`), which its members are ranked against."""
+    if not cfg.pruning:
+        return lambda job: job.config
+    return lambda job: dataclasses.replace(job.config, rung_history=rung_history(rows()))
+
+
+def _run_jobs(jobs: list[Job], executor, prepare: Callable[[Job], TrainConfig], results: TrialsLog,
+              t0: float) -> Iterator[tuple[Job, Optional[list[dict]]]]:
     """Run the jobs; as each returns, append its trials' rows to trials.jsonl and yield
     (job, its rows), or (job, None) for a job that failed after its retries."""
-    for done, (job, outcome) in enumerate(executor(jobs), 1):
+    for done, (job, outcome) in enumerate(executor(jobs, prepare), 1):
         if isinstance(outcome, Exception):
             log.error("job %s (%d trials) failed: %r", job.id, len(job.trials), outcome)
             yield job, None
@@ -137,7 +150,8 @@ def _run_tpe(cfg: SweepConfig, context: dict, reader: CacheReader, results: Tria
         waiting = {}
         for number, trial in asked:
             waiting.setdefault(trial.id, []).append(number)
-        for job, rows in _run_jobs(jobs, executor, results, t0):
+        prepare = _with_history(cfg, lambda: [r for i, r in results.rows.items() if i in search.known_ids()])
+        for job, rows in _run_jobs(jobs, executor, prepare, results, t0):
             for trial in job.trials:
                 for number in waiting.pop(trial.id, []):
                     search.tell(number, results.rows.get(trial.id) if rows is not None else None)
@@ -145,7 +159,7 @@ def _run_tpe(cfg: SweepConfig, context: dict, reader: CacheReader, results: Tria
                 failed.append(job.id)
         if failed:
             break  # as for grid and random: report, keep what finished; a rerun asks again
-        log.info("tpe: %d of %d trials told; best val acc so far %.4f", search.finished(), cfg.num_trials, search.study.best_value)
+        log.info("tpe: %d of %d trials told; best val acc so far %.4f", search.finished(), cfg.num_trials, search.best_value())
     return search.finished_ids(), failed, jobs_run, already
 
 
@@ -184,26 +198,37 @@ class _Executor:
         self.client, self.per_host = client, per_host
         self.slots = sum(per_host.values()) if per_host else 1
 
-    def __call__(self, jobs: list[Job]) -> Iterator[tuple[Job, object]]:
-        """Yield (job, rows or the exception it ended with) as jobs finish."""
+    def __call__(self, jobs: list[Job], prepare: Callable[[Job], TrainConfig]) -> Iterator[tuple[Job, object]]:
+        """Yield (job, rows or the exception it ended with) as jobs finish. Each job's config
+        is `prepare(job)` when it is handed out, after the rows of the jobs that finished
+        before it were taken in; on dask, 2 jobs per worker are out at a time."""
         if not jobs:
             return
         if self.client is None:
             for job in jobs:
                 try:
-                    yield job, run_job(job.config, None)
+                    yield job, run_job(prepare(job), None)
                 except Exception as e:  # as on dask: report the job, go on with the others
                     yield job, e
             return
         from distributed import as_completed
 
-        futures = {self.client.submit(run_job, job.config, self.per_host, key=f"sweep-job-{job.id}", pure=False, retries=JOB_RETRIES): job
-                   for job in jobs}
-        for future in as_completed(futures):
+        waiting, futures = iter(jobs), {}
+
+        def submit(job: Job):
+            future = self.client.submit(run_job, prepare(job), self.per_host, key=f"sweep-job-{job.id}", pure=False, retries=JOB_RETRIES)
+            futures[future] = job
+            return future
+
+        finished = as_completed([submit(job) for job in itertools.islice(waiting, 2 * self.slots)])
+        for future in finished:
             try:
                 yield futures[future], future.result()
             except Exception as e:
                 yield futures[future], e
+            following = next(waiting, None)
+            if following is not None:
+                finished.add(submit(following))
 
 
 @contextlib.contextmanager

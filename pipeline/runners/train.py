@@ -26,6 +26,7 @@ from pipeline.adapters import FusedAdapters, StackedAdamW, build_adapter, per_me
 from pipeline.adapters.pooling import pool_tokens
 from pipeline.adapters.standardize import Standardizer
 from pipeline.config import TrainConfig, to_dict
+from pipeline.config.train_config import promoted
 from pipeline.training.convex_probe import fit_logistic_lbfgs, fold_standardization, standardize, standardize_fit
 from pipeline.training.ensembles import calibrated_ensembles
 from pipeline.training.evaluate import accuracy, split_logits
@@ -46,6 +47,7 @@ class Group:
     seconds: float = 0.0
     best_val: torch.Tensor = None  # [N]
     best_params: dict = field(default_factory=dict)
+    stopped: bool = False  # pruned: trains and validates no more, ends at its best state
 
     def __call__(self, features):
         return self.fused(features)
@@ -69,6 +71,10 @@ class Run:
     train_layers: list[str]  # those the trained (not solved) groups read each epoch
     epochs: int
     steps_per_epoch: int
+    # Pruning: each member's best validation accuracy at each rung it reached, and the epoch
+    # a stopped member stopped at.
+    rung_acc: dict[str, dict[str, float]] = field(default_factory=dict)
+    pruned_at: dict[str, int] = field(default_factory=dict)
 
 
 def run_train(cfg: TrainConfig, overwrite: bool = False, keep_held: bool = False) -> dict:
@@ -121,6 +127,9 @@ def plan_training(cfg: TrainConfig) -> Run:
         n_train * sum(reader.layers[l].tokens * reader.layers[l].dim * 4 for l in train_layers) / 1e6,
         splits.val, int(count_samples(reader, splits.val, splits.val_keep)), splits.test,
     )
+    if cfg.pruning and trained:
+        log.info("pruning: at epochs %s, members outside the top 1/%d of the values reached there stop (%d earlier values given)",
+                 cfg.pruning.rungs(epochs), cfg.pruning.reduction_factor, sum(len(v) for v in cfg.rung_history.values()))
     _hold_in_memory(cfg, reader, splits, layers, train_layers)
     return Run(cfg, reader, splits, groups, layers, train_layers, epochs, steps_per_epoch)
 
@@ -141,10 +150,12 @@ def _hold_in_memory(cfg: TrainConfig, reader: CacheReader, splits: Splits, layer
 def _train_epochs(run: Run, metrics) -> list[float]:
     """Every epoch: one shuffled pass over the cache feeds every trained group, then each
     member is validated (its best state kept). Returns each pass's wall time."""
-    cfg, reader, splits, groups = run.cfg, run.reader, run.splits, run.groups
+    cfg, reader, splits = run.cfg, run.reader, run.splits
     total_steps = run.steps_per_epoch * run.epochs
+    rungs = cfg.pruning.rungs(run.epochs) if cfg.pruning else []
     step, stale, epoch_seconds = 0, 0, []
     for epoch in range(run.epochs):
+        groups = [g for g in run.groups if not g.stopped]
         losses = [torch.zeros(len(g.members)) for g in groups]
         # Features in the default dtype, as the adapters' parameters are made (float64 in exactness tests).
         bar = tqdm(reader.batches(splits.train, run.train_layers, cfg.batch_size, seed=cfg.seed, epoch=epoch, keep=splits.train_keep,
@@ -172,7 +183,44 @@ def _train_epochs(run: Run, metrics) -> list[float]:
         if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
             log.info("early stop after epoch %d: no member improved for %d epochs", epoch + 1, stale)
             break
+        if epoch + 1 in rungs and not _prune(run, epoch + 1):
+            break
     return epoch_seconds
+
+
+def _prune(run: Run, epoch: int) -> int:
+    """At a rung: record each training member's best validation accuracy, and split the
+    members ASHA does not promote off into stopped groups. Returns how many still train."""
+    reduction = run.cfg.pruning.reduction_factor
+    training = [g for g in run.groups if g.optimizer is not None and not g.stopped]
+    values = {m.id: float(v) for g in training for m, v in zip(g.members, g.best_val)}
+    for member_id, value in values.items():
+        run.rung_acc.setdefault(member_id, {})[str(epoch)] = value
+    competing = list(values.values()) + list(run.cfg.rung_history.get(str(epoch), ()))
+    groups = []
+    for g in run.groups:
+        keep = torch.tensor([promoted(values[m.id], competing, reduction) for m in g.members]) if g in training else None
+        if keep is None or bool(keep.all()):
+            groups.append(g)
+            continue
+        run.pruned_at.update({m.id: epoch for m, k in zip(g.members, keep.tolist()) if not k})
+        if keep.any():
+            groups.append(_subgroup(g, keep.nonzero().flatten(), stopped=False))
+        groups.append(_subgroup(g, (~keep).nonzero().flatten(), stopped=True))
+    run.groups = groups
+    going_on = sum(len(g.members) for g in groups if g.optimizer is not None and not g.stopped)
+    log.info("epoch %d (a rung): %d of %d training members go on (top 1/%d of %d values at this rung), %d stopped",
+             epoch, going_on, len(values), reduction, len(competing), len(values) - going_on)
+    return going_on
+
+
+def _subgroup(g: Group, index: torch.Tensor, stopped: bool) -> Group:
+    """The members of `g` at `index`, as they are now: training on with their own optimiser
+    state, or stopped (the share of the group's training time they took so far goes with them)."""
+    fused = g.fused.subset(index)
+    return Group([g.members[i] for i in index.tolist()], fused, g.optimizer.subset(index, fused.parameters()),
+                 seconds=g.seconds * len(index) / len(g.members), best_val=g.best_val[index].clone(),
+                 best_params={n: b[index].clone() for n, b in g.best_params.items()}, stopped=stopped)
 
 
 def train_step(g: Group, features: dict[str, torch.Tensor], labels: torch.Tensor, lr_factor: float) -> torch.Tensor:
@@ -232,6 +280,7 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float]) -> dic
                 "params": params, "pct_backbone": 100.0 * params / backbone_params if backbone_params else None,
                 "val_acc": float(val_acc[i]), "test_acc": float(test_acc[i]) if test_acc is not None else None,
                 "train_s": g.seconds / len(g.members), "fused_with": len(g.members),
+                "pruned_at": run.pruned_at.get(m.id), "rung_acc": run.rung_acc.get(m.id, {}),
             })
             adapters.append(adapter)
     order = sorted(range(len(rows)), key=lambda i: -rows[i]["val_acc"])

@@ -18,9 +18,12 @@ from pipeline.training.members import layer_label
 
 
 def best_per_kind(rows: list[dict]) -> dict[str, dict]:
-    """rows in sweep order -> {kind: best row by validation accuracy}."""
+    """rows in sweep order -> {kind: best row by validation accuracy}; a trial that pruning
+    stopped early is never the best (its accuracy is that of a shorter training)."""
     best: dict[str, dict] = {}
     for r in rows:
+        if r["metrics"].get("pruned_at") is not None:
+            continue
         kind = r["config"]["kind"]
         if kind not in best or r["metrics"]["val_acc"] > best[kind]["metrics"]["val_acc"]:
             best[kind] = r
@@ -43,13 +46,14 @@ def write_best_train_config(cfg: SweepConfig, best: dict[str, dict], path: Path)
 
 
 def results_markdown(rows: list[dict], best: dict[str, dict]) -> str:
-    lines = ["| trial | kind | layer | hparams | lr | wd | seed | params | val acc | test acc | train s |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| trial | kind | layer | hparams | lr | wd | seed | params | val acc | test acc | train s | stopped at epoch |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: -r["metrics"]["val_acc"]):
         c, m = r["config"], r["metrics"]
         arch = {k: v for k, v in c["hparams"].items() if k not in ("layer", "layers")}
         lines.append(f"| {r['trial']} | {c['kind']} | {layer_label(c['hparams'])} | {json.dumps(arch) if arch else '-'} | {c['lr']:g} | "
-                     f"{c['weight_decay']:g} | {c['seed']} | {m['params']:,} | {_pct(m['val_acc'])} | {_pct(m['test_acc'])} | {m['train_s']:.1f} |")
+                     f"{c['weight_decay']:g} | {c['seed']} | {m['params']:,} | {_pct(m['val_acc'])} | {_pct(m['test_acc'])} | {m['train_s']:.1f} | "
+                     f"{m.get('pruned_at') or '-'} |")
     lines += ["", "**Best per kind** (by validation accuracy):", ""]
     for kind, r in best.items():
         lines.append(f"- {kind}: trial {r['trial']} ({r['member']}): val {_pct(r['metrics']['val_acc'])}, test {_pct(r['metrics']['test_acc'])}")

@@ -8,7 +8,10 @@ serves many trials. A group larger than the cap is cut into pieces of the cap.
 A trial's result does not depend on which other trials share its job: the batches depend on
 the seed and epoch only (not on which layers are read), each member's init on its own seed,
 and the schedule is per step. Early stopping is not offered because in `train` it stops a
-whole job at once, which would couple trials.
+whole job at once, which would couple trials. Pruning (`pruning:`, successive halving) does
+couple them, by design: a trial stops at a rung when its validation accuracy is not in the
+top 1/reduction_factor of its job mates' and earlier trials' there (`rung_history`, which
+the driver fills from trials.jsonl as it hands each job out).
 """
 
 from __future__ import annotations
@@ -103,6 +106,15 @@ def run_job(cfg: TrainConfig, workers_per_host: Optional[dict[str, int]]) -> lis
     return run_train(cfg, overwrite=True, keep_held=True)["rows"]
 
 
+def rung_history(rows) -> dict[str, tuple[float, ...]]:
+    """The validation accuracies the finished trials reached at each rung epoch."""
+    out: dict[str, list[float]] = {}
+    for row in rows:
+        for epoch, value in row["metrics"].get("rung_acc", {}).items():
+            out.setdefault(epoch, []).append(value)
+    return {epoch: tuple(values) for epoch, values in out.items()}
+
+
 def trial_rows(job: Job, rows: list[dict]) -> list[dict]:
     """Match `train`'s rows to the job's trials by member id; one row per trial (with the
     member's name, for people)."""
@@ -114,5 +126,5 @@ def trial_rows(job: Job, rows: list[dict]) -> list[dict]:
     for trial, member_id in zip(job.trials, job.members):
         r = by_id[member_id]
         out.append({"trial": trial.id, "config": trial.config(), "member": r["adapter"], "member_id": member_id, "job": job.id,
-                    "metrics": {k: r[k] for k in ("val_acc", "test_acc", "params", "train_s")}})
+                    "metrics": {k: r[k] for k in ("val_acc", "test_acc", "params", "train_s", "pruned_at", "rung_acc")}})
     return out

@@ -5,6 +5,10 @@ worker), trains them as ordinary sweep jobs, appends their rows to trials.jsonl,
 the study each trial's validation accuracy, and asks again, until `num_trials` are told.
 TPE's `constant_liar` keeps a batch's proposals apart while none of them is told yet.
 
+With `pruning:`, a trial's validation accuracies at the rungs it reached are reported as its
+intermediate values, and a trial that pruning stopped is told PRUNED (TPE then ranks it by
+its last rung value), so `num_trials` counts trials told either way.
+
 The study lives in OUTPUT/study.journal (Optuna's JournalStorage: an append-only file), so
 a rerun continues it. Its name hashes the space and everything that decides a result (the
 store's fingerprint, the shared train settings): a changed sweep starts a new study in the
@@ -55,13 +59,26 @@ class TpeSearch:
         storage = JournalStorage(JournalFileBackend(str(out / "study.journal"), lock_obj=_lease_held()))
         self.study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True)
         self.path = out / "study.journal"
+        self._asked: dict[int, object] = {}  # trial number -> the optuna Trial asked in this run
+
+    def _told(self) -> list:
+        states = (self.optuna.trial.TrialState.COMPLETE, self.optuna.trial.TrialState.PRUNED)
+        return self.study.get_trials(deepcopy=False, states=states)
 
     def finished(self) -> int:
-        return sum(t.state == self.optuna.trial.TrialState.COMPLETE for t in self.study.get_trials(deepcopy=False))
+        """Trials told a result: trained to the end, or stopped by pruning."""
+        return len(self._told())
 
     def finished_ids(self) -> list[str]:
-        return [t.user_attrs[TRIAL_ID] for t in self.study.get_trials(deepcopy=False)
-                if t.state == self.optuna.trial.TrialState.COMPLETE and TRIAL_ID in t.user_attrs]
+        return [t.user_attrs[TRIAL_ID] for t in self._told() if TRIAL_ID in t.user_attrs]
+
+    def known_ids(self) -> set[str]:
+        """The sweep trials this study has asked for, told or not."""
+        return {t.user_attrs[TRIAL_ID] for t in self.study.get_trials(deepcopy=False) if TRIAL_ID in t.user_attrs}
+
+    def best_value(self) -> float:
+        complete = self.study.get_trials(deepcopy=False, states=(self.optuna.trial.TrialState.COMPLETE,))
+        return max((t.value for t in complete), default=float("nan"))
 
     def recover(self, rows: dict[str, dict]) -> None:
         """Settle trials an interrupted run asked and never told: from their row, else failed."""
@@ -69,7 +86,7 @@ class TpeSearch:
         for t in self.study.get_trials(deepcopy=False, states=(self.optuna.trial.TrialState.RUNNING,)):
             row = rows.get(t.user_attrs.get(TRIAL_ID))
             if row is not None:
-                self.study.tell(t.number, row["metrics"]["val_acc"])
+                self.tell(t.number, row)
                 told += 1
             else:
                 self.study.tell(t.number, state=self.optuna.trial.TrialState.FAIL)
@@ -85,15 +102,26 @@ class TpeSearch:
             ot = self.study.ask()
             trial = self._suggest(ot)
             ot.set_user_attr(TRIAL_ID, trial.id)
+            self._asked[ot.number] = ot
             out.append((ot.number, trial))
         return out
 
     def tell(self, number: int, row: dict | None) -> None:
-        """A trained trial's validation accuracy; None: its job failed."""
+        """A trained trial's validation accuracy (with its values at the rungs it reached, and
+        pruned if pruning stopped it); None: its job failed."""
+        states = self.optuna.trial.TrialState
         if row is None:
-            self.study.tell(number, state=self.optuna.trial.TrialState.FAIL)
+            self.study.tell(number, state=states.FAIL)
+            return
+        metrics = row["metrics"]
+        asked = self._asked.pop(number, None)  # a trial recovered from an earlier run has no handle: no reports
+        if asked is not None:
+            for epoch, value in metrics.get("rung_acc", {}).items():
+                asked.report(value, int(epoch))
+        if metrics.get("pruned_at") is not None:
+            self.study.tell(number, state=states.PRUNED)
         else:
-            self.study.tell(number, row["metrics"]["val_acc"])
+            self.study.tell(number, metrics["val_acc"])
 
     def _suggest(self, ot) -> Trial:
         space = self.cfg.space
