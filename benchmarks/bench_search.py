@@ -1,0 +1,154 @@
+"""How soon each search finds a configuration as good as the exhaustive grid's best.
+
+    python benchmarks/bench_search.py [stores/bench/imagenette_lite0.zarr] [--epochs 4] [--trials-per-job 8]
+
+One space of over 200 configurations on the store's layers: linear probes (layer x 5 lr x 3
+weight decays), InCA (layer x 3 lr x 2 wd x 2 heads x 2 widths x 2 query counts) and LoSA
+over every layer (3 ranks x 3 lr). Every search runs in this process (`--workers 0`), one
+after the other, with the store held in RAM for all of them (decoded once, before the first):
+1. grid: every configuration; its best validation accuracy is the target;
+2. random, 3. tpe, 4. tpe + pruning (successive halving, min 1 epoch, reduction factor 3):
+   each until a trial reaches the target minus 0.2 points, or as many trials as the grid ran.
+For each: trials run, wall time, the time the target was first reached (a trial row's
+arrival in trials.jsonl), trials (completed or pruned) per hour, and the test accuracy of the
+configuration it would export (the best by validation among its non-pruned trials). The
+grid's best is also trained with seeds 0, 1, 2 to give the seed spread of its test accuracy.
+Prints a markdown table; writes bench_out/bench_search.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache import open_store  # noqa: E402
+from pipeline.config import SweepConfig, TrainConfig, build  # noqa: E402
+from pipeline.runners.sweep import run_sweep  # noqa: E402
+from pipeline.runners.train import plan_training, run_train  # noqa: E402
+from pipeline.sweeping import results_log  # noqa: E402
+from pipeline.sweeping.jobs import adapter_entry  # noqa: E402
+from pipeline.sweeping.space import Trial  # noqa: E402
+
+TOLERANCE = 0.002  # "within 0.2 points"
+
+
+def space(layers: list[str]) -> list[dict]:
+    return [
+        {"kind": "linear", "layer": layers, "lr": [1e-3, 2e-3, 5e-3, 1e-2, 3e-2], "weight_decay": [0.0, 1e-4, 1e-2]},
+        {"kind": "inca", "layer": layers, "lr": [1e-3, 3e-3, 1e-2], "weight_decay": [1e-4, 1e-2],
+         "hparams": {"num_heads": [2, 4], "dim": [32, 64], "num_queries": [1, 2]}},
+        {"kind": "losa", "layers": [layers], "lr": [1e-3, 3e-3, 1e-2], "hparams": {"rank": [8, 16, 32]}},
+    ]
+
+
+def grid_size(entries: list[dict]) -> int:
+    total = 0
+    for e in entries:
+        n = len(e.get("layer") or e.get("layers"))
+        for axis in (e["lr"], e.get("weight_decay", [0.0]), *e.get("hparams", {}).values()):
+            n *= len(axis) if isinstance(axis, list) else 1
+        total += n
+    return total
+
+
+class Stop(Exception):
+    """Raised from a trial row's arrival: the search reached the target, or its trial cap."""
+
+
+def run_search(name: str, base: dict, extra: dict, target: float | None, cap: int) -> dict:
+    """One search from scratch, in a fresh output folder; each trial row's arrival time in
+    trials.jsonl is recorded (TrialsLog.append, patched); it stops at the target or at `cap` trials."""
+    real, arrivals = results_log.TrialsLog.append, []
+
+    def append(log, row):
+        real(log, row)
+        arrivals.append((time.perf_counter() - t0, row))
+        if (target is not None and reaches(row, target)) or len(arrivals) >= cap:
+            raise Stop
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = build(SweepConfig, {**base, **extra, "output": out})
+        results_log.TrialsLog.append = append
+        t0 = time.perf_counter()
+        try:
+            run_sweep(cfg, workers=0)
+        except Stop:
+            pass
+        finally:
+            results_log.TrialsLog.append = real
+        wall = time.perf_counter() - t0
+    rows = [r for _, r in arrivals]
+    best = max((r for r in rows if r["metrics"].get("pruned_at") is None), key=lambda r: r["metrics"]["val_acc"])
+    goal = best["metrics"]["val_acc"] if target is None else target  # the grid's own best is the target
+    hit = next((t for t, r in arrivals if reaches(r, goal)), None)
+    print(f"{name}: {len(rows)} trials in {wall:.0f} s; best val {best['metrics']['val_acc']:.4f}; target reached at "
+          f"{'-' if hit is None else f'{hit:.0f} s'}", flush=True)
+    return {"search": name, "trials": len(rows), "pruned": sum(r["metrics"].get("pruned_at") is not None for r in rows),
+            "wall_s": wall, "target_s": hit, "trials_per_hour": 3600 * len(rows) / wall, "best": best}
+
+
+def reaches(row: dict, target: float) -> bool:
+    return row["metrics"].get("pruned_at") is None and row["metrics"]["val_acc"] >= target - TOLERANCE
+
+
+def seed_spread(base: dict, best: dict) -> list[float]:
+    c = best["config"]
+    entry = adapter_entry(Trial(best["trial"], c["kind"], c["hparams"], c["lr"], c["weight_decay"], 0))
+    entry["seeds"] = [0, 1, 2]
+    with tempfile.TemporaryDirectory() as out:
+        keys = ("store", "epochs", "batch_size", "warmup_epochs", "val_fraction", "test_split", "seed")
+        rows = run_train(build(TrainConfig, {**{k: base[k] for k in keys}, "output": out, "save_top": 0, "adapters": [entry]}))["rows"]
+    return [r["test_acc"] for r in rows]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("store", nargs="?", default="stores/bench/imagenette_lite0.zarr")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--trials-per-job", type=int, default=8)
+    p.add_argument("--test-split", default="val")
+    args = p.parse_args()
+    logging.disable(logging.INFO)
+    layers = list(open_store(args.store).layers)
+    entries = space(layers)
+    n = grid_size(entries)
+    base = {"store": args.store, "epochs": args.epochs, "batch_size": 128, "warmup_epochs": 0.5, "val_fraction": 0.1,
+            "test_split": args.test_split, "seed": 0, "trials_per_job": args.trials_per_job, "space": entries}
+    print(f"space: {n} configurations on {layers}; {args.epochs} epochs per trial", flush=True)
+    with tempfile.TemporaryDirectory() as out:  # hold the store in RAM once, for every search
+        plan_training(build(TrainConfig, {**{k: base[k] for k in ("store", "val_fraction", "test_split")}, "output": out,
+                                          "adapters": [{"kind": "linear", "layers": "all"}]}))
+    results = [run_search("grid", base, {"search": "grid"}, None, n)]
+    target = results[0]["best"]["metrics"]["val_acc"]
+    per_entry = -(-n // len(entries))
+    results.append(run_search("random", base, {"search": "random", "num_trials": per_entry}, target, n))
+    results.append(run_search("tpe", base, {"search": "tpe", "num_trials": n}, target, n))
+    pruning = {"min_epochs": 1, "reduction_factor": 3}
+    results.append(run_search("tpe + pruning", base, {"search": "tpe", "num_trials": n, "pruning": pruning}, target, n))
+    spread = seed_spread(base, results[0]["best"])
+    print(f"\ntarget: the grid's best validation accuracy {target:.4f} (minus {100 * TOLERANCE:.1f} points); "
+          f"grid best's test accuracy over seeds 0-2: {', '.join(f'{a:.4f}' for a in spread)} (spread {max(spread) - min(spread):.4f})\n")
+    grid_hit = results[0]["target_s"]
+    print("search | trials | pruned | wall s | target reached at s | sooner than grid | trials/hour | exported best: val / test")
+    print("--- | --- | --- | --- | --- | --- | --- | ---")
+    for r in results:
+        hit = r["target_s"]
+        print(f"{r['search']} | {r['trials']} | {r['pruned']} | {r['wall_s']:.0f} | {'-' if hit is None else f'{hit:.0f}'} | "
+              f"{'-' if hit is None else f'{grid_hit / hit:.1f}x'} | {r['trials_per_hour']:.0f} | "
+              f"{r['best']['metrics']['val_acc']:.4f} / {r['best']['metrics']['test_acc']:.4f}")
+    Path("bench_out").mkdir(exist_ok=True)
+    Path("bench_out/bench_search.json").write_text(json.dumps({"configurations": n, "target": target, "seed_test_acc": spread,
+                                                                "median_seed_test_acc": statistics.median(spread), "searches": results},
+                                                               indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
