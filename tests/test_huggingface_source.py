@@ -35,6 +35,16 @@ def build_dataset(images: Path, split_names=("train", "val"), corrupt: int = -1)
     return datasets.DatasetDict(out)
 
 
+def parquet_dataset(images, root):
+    """The ImageFolder's splits as Parquet files load_dataset finds (val -> 'validation')."""
+    data = root / "data"
+    data.mkdir(parents=True)
+    ds = build_dataset(images, split_names=("train", "validation"))
+    for split in ds:
+        ds[split].to_parquet(str(data / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
 def hf_config(tmp_path, name, root, splits=("train", "val"), *overrides, **data):
     return tiny_config(tmp_path / name, root, *overrides, data={"kind": "huggingface", "root": str(root), "splits": list(splits), **data})
 
@@ -55,11 +65,7 @@ def test_saved_dataset_store_equals_image_folder_store(tmp_path, images):
 
 
 def test_parquet_dataset_store_equals_image_folder_store(tmp_path, images):
-    data = tmp_path / "parquet" / "data"
-    data.mkdir(parents=True)
-    ds = build_dataset(images, split_names=("train", "validation"))
-    for split in ds:  # load_dataset finds the splits by these file names
-        ds[split].to_parquet(str(data / f"{split}-00000-of-00001.parquet"))
+    parquet_dataset(images, tmp_path / "parquet")
     folder = tiny_config(tmp_path / "folder", images)
     hf = hf_config(tmp_path, "hf", tmp_path / "parquet", ("train", "validation"))
     run_extract(folder)
@@ -122,3 +128,38 @@ def test_distributed_extraction_equals_single_process(tmp_path, images):
     run_extract(single)
     run_distributed_extract(spread, workers=2)
     assert_same_features(single.store.path, spread.store.path)
+
+
+def test_a_streamed_dataset_gives_the_image_folder_store(tmp_path, images):
+    parquet_dataset(images, tmp_path / "parquet")
+    folder = tiny_config(tmp_path / "folder", images, "runtime.num_workers=2")
+    streamed = hf_config(tmp_path, "streamed", tmp_path / "parquet", ("train", "validation"), "runtime.num_workers=2", streaming=True)
+    run_extract(folder)
+    run_extract(streamed)
+    assert_same_features(folder.store.path, streamed.store.path, {"train": "train", "val": "validation"})
+
+
+def test_a_killed_streaming_extraction_resumes_at_chunk_boundaries(tmp_path):
+    images = real_subset(tmp_path / "images", per_class=8)  # 16 samples: 4 chunks of 4
+    parquet_dataset(images, tmp_path / "parquet")
+    overrides = ("runtime.batch_size=2", "store.chunks_per_shard=1")
+    cfg = hf_config(tmp_path, "killed", tmp_path / "parquet", ("train", "validation"), *overrides, streaming=True)
+    done = extract_and_kill(cfg)
+    assert 2 <= done < 4, f"the child should be killed mid-split, it had stamped {done} chunks"
+    run_extract(cfg)  # resumes: streams past the stored chunks
+    clean = hf_config(tmp_path, "clean", tmp_path / "parquet", ("train", "validation"), *overrides, streaming=True)
+    run_extract(clean)
+    assert_same_features(clean.store.path, cfg.store.path, {"train": "train", "validation": "validation"})
+
+
+def test_a_rewritten_streamed_file_is_refused_by_the_store(tmp_path, images):
+    root = parquet_dataset(images, tmp_path / "parquet")
+    cfg = hf_config(tmp_path, "hf", root, ("train", "validation"), streaming=True)
+    run_extract(cfg)
+    data = root / "data" / "train-00000-of-00001.parquet"
+    data.write_bytes(data.read_bytes())  # the same bytes, rewritten: a new modification time
+    with pytest.raises(FeatureCacheError, match=r"dataset\.splits\.train\.samples_sha256"):
+        run_extract(cfg)
+    with pytest.raises(ConfigError, match="save_to_disk, which is read memory-mapped, never streamed"):
+        build_dataset(images).save_to_disk(str(tmp_path / "saved"))
+        run_extract(hf_config(tmp_path, "saved", tmp_path / "saved", streaming=True))

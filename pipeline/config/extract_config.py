@@ -105,9 +105,10 @@ class DataConfig:
     shards: dict[str, Union[str, tuple[str, ...]]] = field(default_factory=dict)
     image_key: str = "jpg;jpeg;png;webp"
     label_key: str = "cls"
-    # huggingface: the image and label columns.
+    # huggingface: the image and label columns; streaming: load_dataset(..., streaming=True).
     image_column: str = "image"
     label_column: str = "label"
+    streaming: bool = False
     # webdataset, huggingface: class names by label (null: the dataset's ClassLabel names, else "0".."max").
     classes: Optional[tuple[str, ...]] = None
     # webdataset shards at URLs: passed to fsspec (cache.location.SAFE_OPTIONS only, as for stores).
@@ -137,7 +138,9 @@ class DataConfig:
                     for s in self.splits if s not in self.shards]
             shard_url = next((s for v in self.shards.values() for s in ([v] if isinstance(v, str) else v) if is_url(s)), None)
             out += option_problems(shard_url or self.root, self.storage_options, path_key="shards" if shard_url else "root")
-        elif self.storage_options:
+        if self.streaming and self.kind != "huggingface":
+            out.append(f"streaming: only data.kind huggingface streams; data.kind is {self.kind!r}")
+        if self.storage_options and self.kind != "webdataset":
             out.append(f"storage_options: only webdataset shards at URLs take them; data.kind is {self.kind!r}")
         return out
 

@@ -46,7 +46,8 @@ DATA_SOURCES: dict[str, DataSourceKind] = {
                                                                      cfg.classes, cfg.storage_options)),
     "huggingface": DataSourceKind("a datasets dataset: ROOT saved with save_to_disk, a folder load_dataset reads (Parquet...), "
                                   "or a hub name; columns data.image_column / data.label_column (extra: hf)",
-                                  lambda cfg, split: huggingface_split(cfg.root, split, cfg.image_column, cfg.label_column, cfg.classes)),
+                                  lambda cfg, split: huggingface_split(cfg.root, split, cfg.image_column, cfg.label_column, cfg.classes,
+                                                                       cfg.streaming)),
 }
 
 

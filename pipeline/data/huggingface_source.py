@@ -12,8 +12,14 @@ the dataset's row order; a sample's id is `<split>:<row>`.
   or `data.classes`). A missing column is refused, naming what the split has.
 - Fingerprint: the dataset's own `_fingerprint` (datasets' hash of its data and the
   transforms that made it), the split's row count, and every label.
-- Not yet: streaming (`load_dataset(..., streaming=True)`) for data sets larger than the
-  disk cache; a split is opened as an Arrow table (memory-mapped, so not read into RAM).
+- `data.streaming: true` (not for save_to_disk folders): `load_dataset(..., streaming=True)`,
+  for data sets larger than the disk cache. Opening a split streams its label column once
+  (with Parquet, only that column's bytes are read) for the labels and the sample count;
+  images are then read in one forward pass, in the extraction's own process (a stream has no
+  random access, so no loader workers), and a resumed run streams past the samples of the
+  chunks already stored without decoding them. Its fingerprint is the dataset builder's hash
+  (datasets' hash of the data files with their modification times or hub ETags), the split,
+  and every label.
 """
 
 from __future__ import annotations
@@ -36,8 +42,11 @@ def _load(root: str):
     return datasets.load_dataset(root)
 
 
-def huggingface_split(root: str, split: str, image_column: str, label_column: str, classes: Optional[list[str]]) -> SplitSource:
+def huggingface_split(root: str, split: str, image_column: str, label_column: str, classes: Optional[list[str]],
+                      streaming: bool = False) -> SplitSource:
     require_extra("data.kind huggingface", "hf", "datasets")
+    if streaming:
+        return _streaming_split(root, split, image_column, label_column, classes)
     import datasets
 
     try:
@@ -50,36 +59,92 @@ def huggingface_split(root: str, split: str, image_column: str, label_column: st
         ds = loaded[split]
     else:
         ds = loaded  # a single Dataset saved without splits: every configured split name reads it
-    missing = [c for c in (image_column, label_column) if c not in ds.column_names]
+    _check_columns(ds.column_names, root, split, image_column, label_column)
+    labels = np.asarray(ds[label_column], dtype=np.int64)
+    images = _undecoded(ds.select_columns([image_column]), image_column)
+    where = f"split {split!r} of {root!r}"
+    return SplitSource(split, [f"{split}:{i}" for i in range(len(ds))], labels, _class_names(ds.features[label_column], labels, classes),
+                       lambda i: _decode_cell(images[i][image_column], f"row {i} of {where}", image_column),
+                       content_hash=f"datasets:{ds._fingerprint}",
+                       stamps_cover="the dataset's own fingerprint (datasets' hash of its data and history)")
+
+
+def _streaming_split(root: str, split: str, image_column: str, label_column: str, classes: Optional[list[str]]) -> SplitSource:
+    import datasets
+
+    if (Path(root) / "dataset_dict.json").is_file() or (Path(root) / "state.json").is_file():
+        raise ConfigError(f"data.streaming: {root!r} was written by save_to_disk, which is read memory-mapped, never streamed; "
+                          "set data.streaming: false")
+    try:
+        builder = datasets.load_dataset_builder(root)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.root: {root!r} is not a dataset load_dataset finds: {e}") from e
+    splits = sorted(builder.config.data_files or {})
+    if split not in splits:
+        raise ConfigError(f"data.splits: {split!r} is not a split of {root!r}; it has {splits}")
+    ds = datasets.load_dataset(root, split=split, streaming=True)
+    if ds.features is None:
+        raise ConfigError(f"data.streaming: the files of {root!r} do not declare their columns (Parquet and Arrow do); "
+                          "stream those, or set data.streaming: false")
+    _check_columns(list(ds.features), root, split, image_column, label_column)
+    labels = np.fromiter((row[label_column] for row in ds.select_columns([label_column])), dtype=np.int64)  # the labels pass
+    stream = _StreamCursor(_undecoded(ds.select_columns([image_column]), image_column), image_column, f"split {split!r} of {root!r}")
+    return SplitSource(split, [f"{split}:{i}" for i in range(len(labels))], labels, _class_names(ds.features[label_column], labels, classes),
+                       stream.load, content_hash=f"datasets-builder:{builder.hash}",
+                       stamps_cover="the dataset builder's hash (its data files with their mtimes or ETags)", sequential=True)
+
+
+class _StreamCursor:
+    """Row i of a stream, for reads in increasing order (as extraction asks): one pass over
+    the stream, skipping forward past rows not asked for; an earlier row restarts it."""
+
+    def __init__(self, stream, column: str, where: str):
+        self.stream, self.column, self.where = stream, column, where
+        self.rows, self.next = None, 0
+
+    def load(self, i: int):
+        if self.rows is None or i < self.next:
+            self.rows, self.next = iter(self.stream), 0
+        for _ in range(i - self.next):
+            next(self.rows)
+        self.next = i + 1
+        return _decode_cell(next(self.rows)[self.column], f"row {i} of {self.where}", self.column)
+
+
+def _check_columns(columns: list[str], root: str, split: str, image_column: str, label_column: str) -> None:
+    missing = [c for c in (image_column, label_column) if c not in columns]
     if missing:
         raise ConfigError(f"data.image_column / data.label_column: split {split!r} of {root!r} has no column "
-                          f"{', '.join(map(repr, missing))}; it has {ds.column_names}")
-    feature = ds.features[label_column]
-    labels = np.asarray(ds[label_column], dtype=np.int64)
+                          f"{', '.join(map(repr, missing))}; it has {list(columns)}")
+
+
+def _class_names(feature, labels: np.ndarray, classes: Optional[list[str]]) -> list[str]:
+    import datasets
+
     if classes:
-        names = list(classes)
-    elif isinstance(feature, datasets.ClassLabel):
-        names = list(feature.names)
-    else:
-        names = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
-    images = ds.select_columns([image_column])
-    if isinstance(images.features[image_column], datasets.Image):
-        images = images.cast_column(image_column, datasets.Image(decode=False))  # {"bytes", "path"}: we decode
+        return list(classes)
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    return [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
 
-    def load(i: int):
-        name = f"row {i} of split {split!r} of {root!r}"
-        value = images[i][image_column]
-        if isinstance(value, dict):
-            if value.get("bytes") is None and value.get("path") is None:
-                raise CorruptImageError(f"{name}: column {image_column!r} is empty")
-            try:
-                value = value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
-            except OSError as e:
-                raise CorruptImageError(f"{name}: cannot read {value['path']!r}: {e}") from e
-        if not isinstance(value, (bytes, bytearray)):
-            raise CorruptImageError(f"{name}: column {image_column!r} holds {type(value).__name__}, not an encoded image")
-        return decode_image(bytes(value), name)
 
-    ids = [f"{split}:{i}" for i in range(len(ds))]
-    return SplitSource(split, ids, labels, names, load, content_hash=f"datasets:{ds._fingerprint}",
-                       stamps_cover="the dataset's own fingerprint (datasets' hash of its data and history)")
+def _undecoded(ds, image_column: str):
+    """The image column as stored ({"bytes", "path"} for an Image feature): we decode it."""
+    import datasets
+
+    if isinstance(ds.features[image_column], datasets.Image):
+        return ds.cast_column(image_column, datasets.Image(decode=False))
+    return ds
+
+
+def _decode_cell(value, name: str, image_column: str):
+    if isinstance(value, dict):
+        if value.get("bytes") is None and value.get("path") is None:
+            raise CorruptImageError(f"{name}: column {image_column!r} is empty")
+        try:
+            value = value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
+        except OSError as e:
+            raise CorruptImageError(f"{name}: cannot read {value['path']!r}: {e}") from e
+    if not isinstance(value, (bytes, bytearray)):
+        raise CorruptImageError(f"{name}: column {image_column!r} holds {type(value).__name__}, not an encoded image")
+    return decode_image(bytes(value), name)

@@ -37,6 +37,7 @@ class ImageDataset(Dataset):
 def make_loader(source: SplitSource, transform, indices: np.ndarray, image_size: tuple[int, int], batch_size: int, num_workers: int,
                 pin_memory: bool) -> DataLoader:
     # Order is kept (no shuffle): the writer fills chunks front to back.
+    num_workers = 0 if source.sequential else num_workers  # a stream is read in order, here
     return DataLoader(
         ImageDataset(source, transform, indices, image_size),
         batch_size=batch_size,

@@ -113,6 +113,8 @@ class SplitSource:
     sample_stamps: Optional[list[str]] = None
     # What the stamps are, stated in the fingerprint (so a mismatch says what was compared).
     stamps_cover: str = ""
+    # A stream: samples load only in increasing order, in one process (no loader workers).
+    sequential: bool = False
     # Paths under the split's folder that are not samples (stray files, nested folders,
     # non-image files, hidden files), relative to the split folder; folders end in "/".
     ignored: list[str] = field(default_factory=list)
@@ -147,6 +149,7 @@ class SplitSource:
             content_hash=self.content_hash,
             sample_stamps=None if self.sample_stamps is None else [self.sample_stamps[i] for i in idx],
             stamps_cover=self.stamps_cover,
+            sequential=self.sequential,  # indices are sorted: a stream still reads forward
             ignored=self.ignored,
         )
 
