@@ -163,3 +163,14 @@ def test_a_rewritten_streamed_file_is_refused_by_the_store(tmp_path, images):
     with pytest.raises(ConfigError, match="save_to_disk, which is read memory-mapped, never streamed"):
         build_dataset(images).save_to_disk(str(tmp_path / "saved"))
         run_extract(hf_config(tmp_path, "saved", tmp_path / "saved", streaming=True))
+
+
+def test_unlabeled_rows_and_a_dataset_without_splits_are_refused(tmp_path, images):
+    ds = build_dataset(images)
+    ds["train"] = ds["train"].map(lambda row, i: {"label": -1 if i == 2 else row["label"]}, with_indices=True)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ConfigError, match=r"row 2 of split 'train' .* has label -1, not a class index in \[0, 2\)"):
+        run_extract(hf_config(tmp_path, "a", tmp_path / "saved"))
+    build_dataset(images)["val"].save_to_disk(str(tmp_path / "single"))  # one Dataset, no splits
+    with pytest.raises(ConfigError, match=r"one dataset saved without splits; it can only be split 'train'"):
+        run_extract(hf_config(tmp_path, "b", tmp_path / "single"))

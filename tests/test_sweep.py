@@ -294,6 +294,8 @@ def test_a_killed_tpe_sweep_resumes_without_training_a_trial_twice(store, tmp_pa
     assert len({r["trial"] for r in lines}) == len(lines)  # no configuration trained twice
     complete = [t for t in study_trials(out) if t.state.name == "COMPLETE"]
     assert len(complete) == 12
+    # Continuous learning rates: 12 distinct configurations, unless the rerun replayed the first run's proposals.
+    assert len({t.user_attrs["trial_id"] for t in complete}) == 12
     assert again["already_done"] >= 0 and {r["trial"] for r in lines} >= {t.user_attrs["trial_id"] for t in complete}
     assert json.loads((out / "sweep_config.json").read_text())["search"] == "tpe"
 
@@ -307,7 +309,7 @@ def test_a_second_driver_on_one_output_folder_is_refused(store, tmp_path):
     with StoreLease(StoreLocation(str(out)), what="sweep output folder"):  # a running driver's lease
         with pytest.raises(StoreError, match=r"sweep output folder '.*sweep' is being written by .*pid"):
             run_sweep(build(SweepConfig, sweep_data(store, out)), workers=0)
-    assert not (out / "trials.jsonl").exists()
+    assert not (out / "trials.jsonl").exists() and not (out / "sweep_config.json").exists()  # nothing touched
 
 
 def test_pruned_trials_are_recorded_and_never_the_best(store, tmp_path):
@@ -331,6 +333,7 @@ def test_pruned_trials_are_recorded_and_never_the_best(store, tmp_path):
         assert (r["metrics"]["pruned_at"] == 1) == (r["metrics"]["rung_acc"]["1"] < competing[len(competing) // 2 - 1])
     best = result["best"]["linear"]
     assert best["metrics"]["pruned_at"] is None and at_1
+    assert "pruning" not in yaml.safe_load((out / "best_train_config.yaml").read_text())  # the winners train to the end
     assert best["trial"] not in {r["trial"] for r in pruned}
     assert "stopped at epoch" in (out / "results.md").read_text()
 

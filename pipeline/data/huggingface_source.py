@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from cache import ConfigError, require_extra
-from pipeline.data.source import CorruptImageError, SplitSource, decode_image
+from pipeline.data.source import CorruptImageError, SplitSource, check_labels, decode_image
 
 
 def _load(root: str):
@@ -57,13 +57,17 @@ def huggingface_split(root: str, split: str, image_column: str, label_column: st
         if split not in loaded:
             raise ConfigError(f"data.splits: {split!r} is not a split of {root!r}; it has {sorted(loaded)}")
         ds = loaded[split]
+    elif split == "train":
+        ds = loaded  # a single Dataset saved without splits: it is the train split, and only that
     else:
-        ds = loaded  # a single Dataset saved without splits: every configured split name reads it
+        raise ConfigError(f"data.splits: {root!r} is one dataset saved without splits; it can only be split 'train' "
+                          f"(save a DatasetDict for {split!r}), or every split would read the same rows")
     _check_columns(ds.column_names, root, split, image_column, label_column)
-    labels = np.asarray(ds[label_column], dtype=np.int64)
-    images = _undecoded(ds.select_columns([image_column]), image_column)
     where = f"split {split!r} of {root!r}"
-    return SplitSource(split, [f"{split}:{i}" for i in range(len(ds))], labels, _class_names(ds.features[label_column], labels, classes),
+    labels = np.asarray(ds[label_column], dtype=np.int64)
+    names = _class_names(ds.features[label_column], labels, classes, where)
+    images = _undecoded(ds.select_columns([image_column]), image_column)
+    return SplitSource(split, [f"{split}:{i}" for i in range(len(ds))], labels, names,
                        lambda i: _decode_cell(images[i][image_column], f"row {i} of {where}", image_column),
                        content_hash=f"datasets:{ds._fingerprint}",
                        stamps_cover="the dataset's own fingerprint (datasets' hash of its data and history)")
@@ -87,9 +91,11 @@ def _streaming_split(root: str, split: str, image_column: str, label_column: str
         raise ConfigError(f"data.streaming: the files of {root!r} do not declare their columns (Parquet and Arrow do); "
                           "stream those, or set data.streaming: false")
     _check_columns(list(ds.features), root, split, image_column, label_column)
+    where = f"split {split!r} of {root!r}"
     labels = np.fromiter((row[label_column] for row in ds.select_columns([label_column])), dtype=np.int64)  # the labels pass
-    stream = _StreamCursor(_undecoded(ds.select_columns([image_column]), image_column), image_column, f"split {split!r} of {root!r}")
-    return SplitSource(split, [f"{split}:{i}" for i in range(len(labels))], labels, _class_names(ds.features[label_column], labels, classes),
+    names = _class_names(ds.features[label_column], labels, classes, where)
+    stream = _StreamCursor(_undecoded(ds.select_columns([image_column]), image_column), image_column, where)
+    return SplitSource(split, [f"{split}:{i}" for i in range(len(labels))], labels, names,
                        stream.load, content_hash=f"datasets-builder:{builder.hash}",
                        stamps_cover="the dataset builder's hash (its data files with their mtimes or ETags)", sequential=True)
 
@@ -118,14 +124,19 @@ def _check_columns(columns: list[str], root: str, split: str, image_column: str,
                           f"{', '.join(map(repr, missing))}; it has {list(columns)}")
 
 
-def _class_names(feature, labels: np.ndarray, classes: Optional[list[str]]) -> list[str]:
+def _class_names(feature, labels: np.ndarray, classes: Optional[list[str]], where: str) -> list[str]:
+    """data.classes, else the ClassLabel's names, else "0".."max"; every label must index them
+    (a ClassLabel's -1, "no label", is refused: it would be scored as a wrong answer)."""
     import datasets
 
     if classes:
-        return list(classes)
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    return [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
+        names = list(classes)
+    elif isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    else:
+        names = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
+    check_labels(labels, len(names), lambda i: f"row {i} of {where}")
+    return names
 
 
 def _undecoded(ds, image_column: str):

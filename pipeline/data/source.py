@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
-from cache import FeatureCacheError
+from cache import ConfigError, FeatureCacheError
 
 
 class CorruptImageError(FeatureCacheError):
@@ -65,6 +65,15 @@ def decode_image(data: bytes, name: str) -> Image.Image:
             return to_rgb(img)
     except DECODE_ERRORS as e:
         raise CorruptImageError(f"cannot read image of {name}: {type(e).__name__}: {e}") from e
+
+
+def check_labels(labels: np.ndarray, num_classes: int, name: Callable[[int], str]) -> None:
+    """A ConfigError naming the first sample whose label is not a class index in [0, num_classes)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise ConfigError(f"{name(i)} has label {int(labels[i])}, not a class index in [0, {num_classes}) "
+                          f"({len(bad)} such sample(s)); unlabeled samples cannot be stored, and data.classes must name every class")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -9,7 +9,7 @@ its missing chunks, and each dask piece only its own. The shards come from
 `data.shards[split]`: a brace pattern (`train-{000000..000009}.tar`, expanded by webdataset's
 `braceexpand`) or a list, each relative to `data.root` unless absolute or a URL.
 
-- Sample id: `<shard file name>/<key>`. Label: the integer in the label member (`.cls` text,
+- Sample id: `<shard as listed>/<key>` (the listed name, relative to data.root or the URL). Label: the integer in the label member (`.cls` text,
   as webdataset's writer stores it); class names from `data.classes`, else "0".."max".
 - Image: the first of the members named by `data.image_key` (`jpg;png`: webdataset's
   alternatives syntax), decoded as image files are (`pipeline.data.source.decode_image`); a
@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 
 from cache import ConfigError, FeatureCacheError, is_url, require_extra
-from pipeline.data.source import CorruptImageError, SplitSource, decode_image
+from pipeline.data.source import CorruptImageError, SplitSource, check_labels, decode_image
 
 END_OF_ARCHIVE = bytes(2 * tarfile.BLOCKSIZE)  # tar ends with two zero blocks
 
@@ -52,13 +52,16 @@ class _Member:
     size: int
 
 
-def shard_paths(root: str, shards: str | list[str]) -> list[str]:
-    """The split's shard files: a brace pattern or a list, each under `root` unless absolute or a URL."""
+def shard_names(shards: str | list[str]) -> list[str]:
+    """The split's shards as listed: a brace pattern or a list, expanded; each once."""
     require_extra("data.kind webdataset", "webdataset", "webdataset", "braceexpand")
     from braceexpand import braceexpand
 
     names = [n for pattern in ([shards] if isinstance(shards, str) else shards) for n in braceexpand(pattern)]
-    return [n if is_url(n) or n.startswith("/") else f"{root.rstrip('/')}/{n}" for n in names]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"data.shards: {repeated[:3]} listed more than once; every sample would be stored twice")
+    return names
 
 
 def _open(path: str, storage_options: dict):
@@ -117,7 +120,8 @@ def _index_shard(path: str, number: int, label_key: str, storage_options: dict) 
 
 def webdataset_split(root: str, shards: str | list[str], split: str, image_key: str, label_key: str,
                      classes: Optional[list[str]], storage_options: dict) -> SplitSource:
-    paths = shard_paths(root, shards)
+    names = shard_names(shards)
+    paths = [n if is_url(n) or n.startswith("/") else f"{root.rstrip('/')}/{n}" for n in names]
     if not paths:
         raise ConfigError(f"data.shards.{split}: the pattern names no shard")
     image_exts = [e.lower() for e in image_key.split(";")]
@@ -129,8 +133,8 @@ def webdataset_split(root: str, shards: str | list[str], split: str, image_key: 
         shard_hash = hashlib.sha256()
         for _, _, where, info, payload in members:
             shard_hash.update(f"{info.name}\t{info.size}\t{info.mtime}\t{where.offset}\t{payload!r}\n".encode())
-        name = PurePosixPath(path).name
-        digest.update(f"{name}\t{size}\t{shard_hash.hexdigest()}\n".encode())
+        name = names[number]  # as listed (under data.root or a URL): two shards never share one
+        digest.update(f"{PurePosixPath(path).name}\t{size}\t{shard_hash.hexdigest()}\n".encode())
         for key, group in _samples(members):
             label = group.get(label_key)
             if label is None:
@@ -140,8 +144,7 @@ def webdataset_split(root: str, shards: str | list[str], split: str, image_key: 
             images.append(next((group[e] for e in image_exts if e in group), None))
     labels = np.asarray(labels, dtype=np.int64)
     names = list(classes) if classes else [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
-    if len(labels) and int(labels.max()) >= len(names):
-        raise ConfigError(f"data.classes: {len(names)} names, but split {split!r} has label {int(labels.max())}")
+    check_labels(labels, len(names), lambda i: f"sample {ids[i]!r}")
 
     def load(i: int):
         where = images[i]

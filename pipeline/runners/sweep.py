@@ -64,6 +64,13 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
         require_dask("a sweep on dask (--workers 0 runs its jobs in this process without it)")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    # One driver per output folder, from before it reads or writes anything there: two would
+    # append to one trials.jsonl and study journal.
+    with StoreLease(StoreLocation(str(out)), what="sweep output folder"):
+        return _sweep(cfg, out, scheduler, workers)
+
+
+def _sweep(cfg: SweepConfig, out: Path, scheduler: Optional[str], workers: int) -> dict:
     (out / "sweep_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     reader = open_store(cfg.store, storage_options=cfg.storage_options)
     _check_layers(cfg, reader)
@@ -76,8 +83,7 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
         where = f"on {workers} local dask worker processes" if workers else "in this process"
 
     t0 = time.perf_counter()
-    # One driver per output folder: two would append to one trials.jsonl and study journal.
-    with StoreLease(StoreLocation(str(out)), what="sweep output folder"), _executor(scheduler, workers) as executor:
+    with _executor(scheduler, workers) as executor:
         if cfg.search == "tpe":
             ids, failed, jobs, already = _run_tpe(cfg, context, reader, results, executor, where, t0)
         else:
@@ -150,7 +156,11 @@ def _run_tpe(cfg: SweepConfig, context: dict, reader: CacheReader, results: Tria
         waiting = {}
         for number, trial in asked:
             waiting.setdefault(trial.id, []).append(number)
-        prepare = _with_history(cfg, lambda: [r for i, r in results.rows.items() if i in search.known_ids()])
+        def sweep_rows() -> list[dict]:
+            known = search.known_ids()
+            return [r for i, r in results.rows.items() if i in known]
+
+        prepare = _with_history(cfg, sweep_rows)
         for job, rows in _run_jobs(jobs, executor, prepare, results, t0):
             for trial in job.trials:
                 for number in waiting.pop(trial.id, []):
@@ -244,6 +254,14 @@ def _executor(scheduler: Optional[str], workers: int) -> Iterator[_Executor]:
 
 def _export(cfg: SweepConfig, rows: list[dict], out: Path) -> dict:
     best = best_per_kind(rows)
+    unfinished = sorted({r["config"]["kind"] for r in rows} - set(best))
+    if unfinished:  # pruning ranks across kinds: every trial of a kind may have been stopped
+        log.warning("no %s trial trained to the end (pruning stopped every one); %s not in the best train config",
+                    " or ".join(unfinished), "it is" if len(unfinished) == 1 else "they are")
+    if not best:
+        (out / "results.md").write_text(results_markdown(rows, best))
+        log.warning("no trial trained to the end: no best train config written; see %s", out / "results.md")
+        return best
     write_best_train_config(cfg, best, out / "best_train_config.yaml")
     (out / "results.md").write_text(results_markdown(rows, best))
     plots = plot_scores(rows, out)

@@ -37,7 +37,9 @@ def write_best_train_config(cfg: SweepConfig, best: dict[str, dict], path: Path)
         c = r["config"]
         entries.append(adapter_entry(Trial(r["trial"], c["kind"], c["hparams"], c["lr"], c["weight_decay"], c["seed"])))
     store = {"store": cfg.store, **({"storage_options": cfg.storage_options} if cfg.storage_options else {})}
-    data = {**store, "output": str(Path(cfg.output) / "best"), **cfg.train_settings(), "adapters": entries}
+    # Without `pruning`: the winners are retrained to the end, not ranked against each other.
+    settings = {k: v for k, v in cfg.train_settings().items() if k != "pruning"}
+    data = {**store, "output": str(Path(cfg.output) / "best"), **settings, "adapters": entries}
     header = [f"# python -m pipeline train {path}",
               f"# The best configuration per adapter kind from the sweep in {cfg.output} (by validation accuracy):"]
     header += [f"#   {kind}: val {_pct(r['metrics']['val_acc'])}, test {_pct(r['metrics']['test_acc'])} (trial {r['trial']})"

@@ -31,6 +31,8 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from cache import require_extra
 from pipeline.config import to_dict
 from pipeline.config.sweep_config import Range, SweepConfig, integer_hparam
@@ -53,11 +55,14 @@ class TpeSearch:
         self.optuna = optuna
         space = json.dumps({"space": [to_dict(e) for e in cfg.space], "context": context}, sort_keys=True, default=str)
         name = "sweep-" + hashlib.sha256(space.encode()).hexdigest()[:12]
-        sampler = optuna.samplers.TPESampler(seed=cfg.seed, constant_liar=True)
         # The journal's own lock file would outlive a SIGKILL (the rerun waits 30 s, then
         # breaks it); the sweep driver holds its output folder's lease instead (run_sweep).
         storage = JournalStorage(JournalFileBackend(str(out / "study.journal"), lock_obj=_lease_held()))
-        self.study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True)
+        self.study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+        # Seeded by the sweep's seed and how far the study got: a rerun continues the search
+        # instead of replaying the first run's proposals (TPE's first ones are random draws).
+        seed = int(np.random.SeedSequence([cfg.seed, len(self.study.trials)]).generate_state(1)[0])
+        self.study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
         self.path = out / "study.journal"
         self._asked: dict[int, object] = {}  # trial number -> the optuna Trial asked in this run
 
@@ -86,6 +91,7 @@ class TpeSearch:
         for t in self.study.get_trials(deepcopy=False, states=(self.optuna.trial.TrialState.RUNNING,)):
             row = rows.get(t.user_attrs.get(TRIAL_ID))
             if row is not None:
+                self._asked[t.number] = self.optuna.trial.Trial(self.study, t._trial_id)  # to report its rung values
                 self.tell(t.number, row)
                 told += 1
             else:
@@ -114,7 +120,7 @@ class TpeSearch:
             self.study.tell(number, state=states.FAIL)
             return
         metrics = row["metrics"]
-        asked = self._asked.pop(number, None)  # a trial recovered from an earlier run has no handle: no reports
+        asked = self._asked.pop(number, None)
         if asked is not None:
             for epoch, value in metrics.get("rung_acc", {}).items():
                 asked.report(value, int(epoch))
