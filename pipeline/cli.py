@@ -292,9 +292,10 @@ def _shipped_configs() -> str:
     if not files:
         return f"shipped configs: none in {CONFIGS} (they are in configs/ of a checkout)"
     lines = [f"shipped configs ({CONFIGS}):"]
+    width = max(len(p.name) for p in files) + 2
     for path in files:
         command, about = _config_header(path)
-        lines.append(f"  {path.name:<34}{command:<9}{about}")
+        lines.append(f"  {path.name:<{width}}{command:<9}{about}")
     return "\n".join(lines)
 
 
