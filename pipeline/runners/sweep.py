@@ -138,12 +138,15 @@ def _run_tpe(cfg: SweepConfig, context: dict, reader: CacheReader, results: Tria
     jobs run, trials told before this run)."""
     search = TpeSearch(cfg, context, Path(cfg.output))
     search.recover(results.rows)
+    failed: list[str] = []
+    jobs_run, already = 0, search.finished()
+    if already >= cfg.num_trials:
+        log.info("plan: %d trials (tpe search, study %s in %s), all told already", cfg.num_trials, search.study.study_name, search.path)
+        return search.finished_ids(), failed, jobs_run, already
     batch = cfg.trials_per_job * executor.slots
     log.info("plan: %d trials (tpe search, study %s in %s), %d already told; batches of %d (%d per job, %d worker slot(s)) %s; "
              "each job reads the cache once per epoch for %d epochs", cfg.num_trials, search.study.study_name, search.path,
-             search.finished(), batch, cfg.trials_per_job, executor.slots, where, cfg.epochs)
-    failed: list[str] = []
-    jobs_run, already = 0, search.finished()
+             already, batch, cfg.trials_per_job, executor.slots, where, cfg.epochs)
     while (left := cfg.num_trials - search.finished()) > 0:
         asked = search.ask(min(batch, left))
         for number, trial in asked:  # a configuration trained before: its row is its value
@@ -201,12 +204,29 @@ def _check_architectures(trials: list[Trial], reader: CacheReader) -> None:
 
 
 class _Executor:
-    """Runs jobs in this process or on one dask client kept for the whole sweep; `slots` is how
-    many jobs run at once (TPE asks that many jobs' worth of trials per batch)."""
+    """Runs jobs in this process, or on one dask client kept for the whole sweep and started
+    only when a job (or `slots`) first needs it, so a sweep with nothing left to run starts
+    no cluster. `slots` is how many jobs run at once (TPE asks that many jobs' worth of
+    trials per batch)."""
 
-    def __init__(self, client=None, per_host: Optional[dict[str, int]] = None):
-        self.client, self.per_host = client, per_host
-        self.slots = sum(per_host.values()) if per_host else 1
+    def __init__(self, scheduler: Optional[str], workers: int, stack: contextlib.ExitStack):
+        self.scheduler, self.workers, self.stack = scheduler, workers, stack
+        self.in_process = not scheduler and workers == 0
+        self.client, self.per_host = None, None
+
+    def _start(self) -> None:
+        if self.client is None:
+            self.client = self.stack.enter_context(dask_client(self.scheduler, self.workers))
+            self.per_host = workers_per_host(self.client)
+            log.info("dask: %d workers on %d host(s); dashboard %s", sum(self.per_host.values()), len(self.per_host),
+                     self.client.dashboard_link)
+
+    @property
+    def slots(self) -> int:
+        if self.in_process:
+            return 1
+        self._start()
+        return sum(self.per_host.values())
 
     def __call__(self, jobs: list[Job], prepare: Callable[[Job], TrainConfig]) -> Iterator[tuple[Job, object]]:
         """Yield (job, rows or the exception it ended with) as jobs finish. Each job's config
@@ -214,7 +234,7 @@ class _Executor:
         before it were taken in; on dask, 2 jobs per worker are out at a time."""
         if not jobs:
             return
-        if self.client is None:
+        if self.in_process:
             for job in jobs:
                 try:
                     yield job, run_job(prepare(job), None)
@@ -223,6 +243,7 @@ class _Executor:
             return
         from distributed import as_completed
 
+        self._start()
         waiting, futures = iter(jobs), {}
 
         def submit(job: Job):
@@ -243,13 +264,8 @@ class _Executor:
 
 @contextlib.contextmanager
 def _executor(scheduler: Optional[str], workers: int) -> Iterator[_Executor]:
-    if not scheduler and workers == 0:
-        yield _Executor()
-        return
-    with dask_client(scheduler, workers) as client:
-        per_host = workers_per_host(client)
-        log.info("dask: %d workers on %d host(s); dashboard %s", sum(per_host.values()), len(per_host), client.dashboard_link)
-        yield _Executor(client, per_host)
+    with contextlib.ExitStack() as stack:  # closes the dask client, if one was started
+        yield _Executor(scheduler, workers, stack)
 
 
 def _export(cfg: SweepConfig, rows: list[dict], out: Path) -> dict:
