@@ -30,16 +30,17 @@ from typing import Optional
 import numpy as np
 
 from cache import ConfigError, require_extra
-from pipeline.data.source import CorruptImageError, SplitSource, check_labels, decode_image
+from pipeline.data.source import CorruptImageError, SplitSource, class_names, decode_image
+
+
+def _saved_to_disk(root: str) -> bool:
+    return (Path(root) / "dataset_dict.json").is_file() or (Path(root) / "state.json").is_file()
 
 
 def _load(root: str):
     import datasets
 
-    path = Path(root)
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        return datasets.load_from_disk(str(path))
-    return datasets.load_dataset(root)
+    return datasets.load_from_disk(root) if _saved_to_disk(root) else datasets.load_dataset(root)
 
 
 def huggingface_split(root: str, split: str, image_column: str, label_column: str, classes: Optional[list[str]],
@@ -76,7 +77,7 @@ def huggingface_split(root: str, split: str, image_column: str, label_column: st
 def _streaming_split(root: str, split: str, image_column: str, label_column: str, classes: Optional[list[str]]) -> SplitSource:
     import datasets
 
-    if (Path(root) / "dataset_dict.json").is_file() or (Path(root) / "state.json").is_file():
+    if _saved_to_disk(root):
         raise ConfigError(f"data.streaming: {root!r} was written by save_to_disk, which is read memory-mapped, never streamed; "
                           "set data.streaming: false")
     try:
@@ -125,18 +126,11 @@ def _check_columns(columns: list[str], root: str, split: str, image_column: str,
 
 
 def _class_names(feature, labels: np.ndarray, classes: Optional[list[str]], where: str) -> list[str]:
-    """data.classes, else the ClassLabel's names, else "0".."max"; every label must index them
-    (a ClassLabel's -1, "no label", is refused: it would be scored as a wrong answer)."""
+    """data.classes, else a ClassLabel's names, else "0".."max" (source.class_names checks every label)."""
     import datasets
 
-    if classes:
-        names = list(classes)
-    elif isinstance(feature, datasets.ClassLabel):
-        names = list(feature.names)
-    else:
-        names = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
-    check_labels(labels, len(names), lambda i: f"row {i} of {where}")
-    return names
+    declared = feature.names if isinstance(feature, datasets.ClassLabel) else None
+    return class_names(labels, classes, declared, lambda i: f"row {i} of {where}")
 
 
 def _undecoded(ds, image_column: str):

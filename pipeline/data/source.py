@@ -17,7 +17,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -48,32 +48,42 @@ def read_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if path.is_symlink() and not path.exists():
         raise CorruptImageError(f"cannot read image {str(path)!r}: broken symbolic link to {os.readlink(path)!r}")
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so a truncated file fails here and not later
-            return to_rgb(img)
-    except DECODE_ERRORS as e:
-        raise CorruptImageError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
+    return _decoded(path, repr(str(path)))
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
     """`read_image` for an encoded image held in memory (a tar member, a dataset cell); `name`
     says which sample in the error."""
+    return _decoded(io.BytesIO(data), f"of {name}")
+
+
+def _decoded(source, what: str) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
+        with Image.open(source) as img:
+            img.load()  # decode now, so a truncated file fails here and not later
             return to_rgb(img)
     except DECODE_ERRORS as e:
-        raise CorruptImageError(f"cannot read image of {name}: {type(e).__name__}: {e}") from e
+        raise CorruptImageError(f"cannot read image {what}: {type(e).__name__}: {e}") from e
 
 
-def check_labels(labels: np.ndarray, num_classes: int, name: Callable[[int], str]) -> None:
-    """A ConfigError naming the first sample whose label is not a class index in [0, num_classes)."""
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+def class_names(labels: np.ndarray, given: Optional[Sequence[str]], declared: Optional[Sequence[str]],
+                sample: Callable[[int], str]) -> list[str]:
+    """The class names of a split whose samples carry integer labels: `data.classes` when given,
+    else the dataset's own (`declared`), else "0".."max". Every label must index them: a
+    ConfigError names the first `sample(i)` that does not (an unlabeled -1 would be stored,
+    and scored as a wrong answer)."""
+    if given:
+        names = list(given)
+    elif declared:
+        names = list(declared)
+    else:
+        names = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
+    bad = np.flatnonzero((labels < 0) | (labels >= len(names)))
     if len(bad):
         i = int(bad[0])
-        raise ConfigError(f"{name(i)} has label {int(labels[i])}, not a class index in [0, {num_classes}) "
+        raise ConfigError(f"{sample(i)} has label {int(labels[i])}, not a class index in [0, {len(names)}) "
                           f"({len(bad)} such sample(s)); unlabeled samples cannot be stored, and data.classes must name every class")
+    return names
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Optional
@@ -36,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 from cache import ConfigError, FeatureCacheError, is_url, require_extra
-from pipeline.data.source import CorruptImageError, SplitSource, check_labels, decode_image
+from pipeline.data.source import CorruptImageError, SplitSource, class_names, decode_image
 
 END_OF_ARCHIVE = bytes(2 * tarfile.BLOCKSIZE)  # tar ends with two zero blocks
 
@@ -58,29 +59,22 @@ def shard_names(shards: str | list[str]) -> list[str]:
     from braceexpand import braceexpand
 
     names = [n for pattern in ([shards] if isinstance(shards, str) else shards) for n in braceexpand(pattern)]
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = sorted(n for n, count in Counter(names).items() if count > 1)
     if repeated:
         raise ConfigError(f"data.shards: {repeated[:3]} listed more than once; every sample would be stored twice")
     return names
 
 
-def _open(path: str, storage_options: dict):
-    if is_url(path):
-        import fsspec
+def _filesystem(path: str, storage_options: dict):
+    """fsspec's filesystem and path for a shard, local or at a URL (fsspec caches the instances)."""
+    from fsspec.core import url_to_fs
 
-        return fsspec.open(path, "rb", **storage_options).open()
-    return open(path, "rb")
+    return url_to_fs(path, **storage_options)
 
 
 def _read_range(path: str, start: int, size: int, storage_options: dict) -> bytes:
-    if is_url(path):
-        from fsspec.core import url_to_fs
-
-        fs, where = url_to_fs(path, **storage_options)  # fsspec caches the filesystem instance
-        return fs.cat_file(where, start=start, end=start + size)
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.read(size)
+    fs, where = _filesystem(path, storage_options)
+    return fs.cat_file(where, start=start, end=start + size)
 
 
 def _index_shard(path: str, number: int, label_key: str, storage_options: dict) -> tuple[list[tuple], int]:
@@ -90,7 +84,8 @@ def _index_shard(path: str, number: int, label_key: str, storage_options: dict) 
 
     members = []
     try:
-        with _open(path, storage_options) as f:
+        fs, where = _filesystem(path, storage_options)
+        with fs.open(where, "rb") as f:
             size = f.seek(0, io.SEEK_END)
             f.seek(0)
             with tarfile.open(fileobj=f, mode="r:") as tar:
@@ -120,8 +115,8 @@ def _index_shard(path: str, number: int, label_key: str, storage_options: dict) 
 
 def webdataset_split(root: str, shards: str | list[str], split: str, image_key: str, label_key: str,
                      classes: Optional[list[str]], storage_options: dict) -> SplitSource:
-    names = shard_names(shards)
-    paths = [n if is_url(n) or n.startswith("/") else f"{root.rstrip('/')}/{n}" for n in names]
+    listed = shard_names(shards)
+    paths = [n if is_url(n) or n.startswith("/") else f"{root.rstrip('/')}/{n}" for n in listed]
     if not paths:
         raise ConfigError(f"data.shards.{split}: the pattern names no shard")
     image_exts = [e.lower() for e in image_key.split(";")]
@@ -133,7 +128,7 @@ def webdataset_split(root: str, shards: str | list[str], split: str, image_key: 
         shard_hash = hashlib.sha256()
         for _, _, where, info, payload in members:
             shard_hash.update(f"{info.name}\t{info.size}\t{info.mtime}\t{where.offset}\t{payload!r}\n".encode())
-        name = names[number]  # as listed (under data.root or a URL): two shards never share one
+        name = listed[number]  # as listed (under data.root or a URL): two shards never share one
         digest.update(f"{PurePosixPath(path).name}\t{size}\t{shard_hash.hexdigest()}\n".encode())
         for key, group in _samples(members):
             label = group.get(label_key)
@@ -143,8 +138,7 @@ def webdataset_split(root: str, shards: str | list[str], split: str, image_key: 
             labels.append(_label(path, label, key))
             images.append(next((group[e] for e in image_exts if e in group), None))
     labels = np.asarray(labels, dtype=np.int64)
-    names = list(classes) if classes else [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
-    check_labels(labels, len(names), lambda i: f"sample {ids[i]!r}")
+    names = class_names(labels, classes, None, lambda i: f"sample {ids[i]!r}")
 
     def load(i: int):
         where = images[i]

@@ -147,23 +147,24 @@ def _run_tpe(cfg: SweepConfig, context: dict, reader: CacheReader, results: Tria
     log.info("plan: %d trials (tpe search, study %s in %s), %d already told; batches of %d (%d per job, %d worker slot(s)) %s; "
              "each job reads the cache once per epoch for %d epochs", cfg.num_trials, search.study.study_name, search.path,
              already, batch, cfg.trials_per_job, executor.slots, where, cfg.epochs)
+
+    def sweep_rows() -> list[dict]:  # the rows of this study's trials: the rung history pruning ranks against
+        known = search.known_ids()
+        return [r for i, r in results.rows.items() if i in known]
+
+    prepare = _with_history(cfg, sweep_rows)
     while (left := cfg.num_trials - search.finished()) > 0:
         asked = search.ask(min(batch, left))
-        for number, trial in asked:  # a configuration trained before: its row is its value
-            if trial.id in results.rows:
+        waiting: dict[str, list[int]] = {}  # trial id -> the proposals it answers
+        for number, trial in asked:
+            if trial.id in results.rows:  # a configuration trained before: its row is its value
                 search.tell(number, results.rows[trial.id])
-        fresh = list({t.id: t for _, t in asked if t.id not in results.rows}.values())
+            else:
+                waiting.setdefault(trial.id, []).append(number)
+        fresh = list({t.id: t for _, t in asked if t.id in waiting}.values())
         _check_architectures(fresh, reader)
         jobs = plan_jobs(fresh, cfg, reader.layers)
         jobs_run += len(jobs)
-        waiting = {}
-        for number, trial in asked:
-            waiting.setdefault(trial.id, []).append(number)
-        def sweep_rows() -> list[dict]:
-            known = search.known_ids()
-            return [r for i, r in results.rows.items() if i in known]
-
-        prepare = _with_history(cfg, sweep_rows)
         for job, rows in _run_jobs(jobs, executor, prepare, results, t0):
             for trial in job.trials:
                 for number in waiting.pop(trial.id, []):

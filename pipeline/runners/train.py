@@ -43,11 +43,11 @@ log = logging.getLogger(__name__)
 class Group:
     members: list[Member]
     fused: FusedAdapters
-    optimizer: Optional[StackedAdamW]  # None: solved, not trained (lbfgs)
+    optimizer: Optional[StackedAdamW]  # None: solved, not trained (lbfgs), or stopped by pruning
     seconds: float = 0.0
     best_val: torch.Tensor = None  # [N]
     best_params: dict = field(default_factory=dict)
-    stopped: bool = False  # pruned: trains and validates no more, ends at its best state
+    stopped: bool = False  # pruned: no optimiser, validated no more, ends at its best state
 
     def __call__(self, features):
         return self.fused(features)
@@ -192,15 +192,17 @@ def _prune(run: Run, epoch: int) -> int:
     """At a rung: record each training member's best validation accuracy, and split the
     members ASHA does not promote off into stopped groups. Returns how many still train."""
     reduction = run.cfg.pruning.reduction_factor
-    training = [g for g in run.groups if g.optimizer is not None and not g.stopped]
-    values = {m.id: float(v) for g in training for m, v in zip(g.members, g.best_val)}
+    values = {m.id: float(v) for g in run.groups if g.optimizer is not None for m, v in zip(g.members, g.best_val)}
     for member_id, value in values.items():
         run.rung_acc.setdefault(member_id, {})[str(epoch)] = value
     competing = list(values.values()) + list(run.cfg.rung_history.get(str(epoch), ()))
     groups = []
     for g in run.groups:
-        keep = torch.tensor([promoted(values[m.id], competing, reduction) for m in g.members]) if g in training else None
-        if keep is None or bool(keep.all()):
+        if g.optimizer is None:  # solved, or stopped at an earlier rung
+            groups.append(g)
+            continue
+        keep = torch.tensor([promoted(values[m.id], competing, reduction) for m in g.members])
+        if bool(keep.all()):
             groups.append(g)
             continue
         run.pruned_at.update({m.id: epoch for m, k in zip(g.members, keep.tolist()) if not k})
@@ -208,7 +210,7 @@ def _prune(run: Run, epoch: int) -> int:
             groups.append(_subgroup(g, keep.nonzero().flatten(), stopped=False))
         groups.append(_subgroup(g, (~keep).nonzero().flatten(), stopped=True))
     run.groups = groups
-    going_on = sum(len(g.members) for g in groups if g.optimizer is not None and not g.stopped)
+    going_on = sum(len(g.members) for g in groups if g.optimizer is not None)
     log.info("epoch %d (a rung): %d of %d training members go on (top 1/%d of %d values at this rung), %d stopped",
              epoch, going_on, len(values), reduction, len(competing), len(values) - going_on)
     return going_on
@@ -216,9 +218,10 @@ def _prune(run: Run, epoch: int) -> int:
 
 def _subgroup(g: Group, index: torch.Tensor, stopped: bool) -> Group:
     """The members of `g` at `index`, as they are now: training on with their own optimiser
-    state, or stopped (the share of the group's training time they took so far goes with them)."""
+    state, or stopped, without one (the share of the group's training time they took so far
+    goes with them)."""
     fused = g.fused.subset(index)
-    return Group([g.members[i] for i in index.tolist()], fused, g.optimizer.subset(index, fused.parameters()),
+    return Group([g.members[i] for i in index.tolist()], fused, None if stopped else g.optimizer.subset(index, fused.parameters()),
                  seconds=g.seconds * len(index) / len(g.members), best_val=g.best_val[index].clone(),
                  best_params={n: b[index].clone() for n, b in g.best_params.items()}, stopped=stopped)
 

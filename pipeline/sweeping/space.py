@@ -98,4 +98,9 @@ def _sample(rng: np.random.Generator, axis, integer: bool):
     value = math.exp(value) if axis.log else value
     if integer:
         return int(min(max(round(value), math.ceil(axis.low)), math.floor(axis.high)))
+    return significant(value)
+
+
+def significant(value: float) -> float:
+    """A sampled float rounded to SIGNIFICANT_DIGITS (random search and TPE alike)."""
     return float(f"{value:.{SIGNIFICANT_DIGITS}g}")

@@ -36,7 +36,7 @@ import numpy as np
 from cache import require_extra
 from pipeline.config import to_dict
 from pipeline.config.sweep_config import Range, SweepConfig, integer_hparam
-from pipeline.sweeping.space import SIGNIFICANT_DIGITS, Trial, entry_axes, new_trial
+from pipeline.sweeping.space import Trial, entry_axes, new_trial, significant
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class TpeSearch:
                 self.tell(t.number, row)
                 told += 1
             else:
-                self.study.tell(t.number, state=self.optuna.trial.TrialState.FAIL)
+                self.tell(t.number, None)
                 failed += 1
         if told or failed:
             log.info("%s: an interrupted run left %d trials asked: %d told from trials.jsonl, %d never trained (marked failed)",
@@ -145,7 +145,7 @@ def _suggest_axis(ot, name: str, axis, integer: bool):
     if isinstance(axis, Range):
         if integer:
             return ot.suggest_int(name, int(round(axis.low)), int(round(axis.high)), log=axis.log)
-        return float(f"{ot.suggest_float(name, axis.low, axis.high, log=axis.log):.{SIGNIFICANT_DIGITS}g}")
+        return significant(ot.suggest_float(name, axis.low, axis.high, log=axis.log))
     choices = [json.dumps(v) for v in axis]
     return axis[choices.index(ot.suggest_categorical(name, choices))]  # the value itself, in YAML's own type
 
