@@ -71,6 +71,9 @@ class CacheReader:
         self.identity = f"{self.path}#{hashlib.sha256(json.dumps(manifest['fingerprint'], sort_keys=True).encode()).hexdigest()[:16]}" \
                         f"#{self.manifest.created_at}"
         self.read_held = True  # False: always read the store, even what this process holds in RAM
+        # A held split's per-sample metadata (stamps, labels, valid), read once by `hold`: a held
+        # split is complete, and a complete split's metadata never changes.
+        self._held_meta: dict[str, np.ndarray] = {}
         self.dtype = self.manifest.dtype
         self.encoding = encoding(self.dtype)
         if not allow_partial and not self.is_complete():
@@ -122,6 +125,8 @@ class CacheReader:
     def _whole(self, split: str, name: str, done: Optional[np.ndarray] = None) -> np.ndarray:
         """The whole array, once the objects of every stamped chunk (`done`, read if not given)
         are known to exist."""
+        if self.read_held and f"{split}/{name}" in self._held_meta:
+            return self._held_meta[f"{split}/{name}"]
         arr = self.root[f"{split}/{name}"]
         n = self.num_samples(split)
         done = self._done(split) if done is None else done
@@ -132,6 +137,8 @@ class CacheReader:
 
     def _done(self, split: str) -> np.ndarray:
         """[n_chunks] bool: the chunks stamped complete."""
+        if self.read_held and f"{split}/chunk_done" in self._held_meta:
+            return self._held_meta[f"{split}/chunk_done"].copy()  # callers combine stamps in place
         return read_region(self.root[f"{split}/chunk_done"], 0, self.plan.n_chunks(self.num_samples(split)), self.path) != 0
 
     def _split(self, split: str) -> SplitRecord:
@@ -261,6 +268,10 @@ class CacheReader:
                     require_finite(values[a:b][valid[a:b]], f"{g}/layers/{name}", a, b, self.path, c)
             for p, values in loaded.items():
                 resident.put(self.identity, f"{g}/{p}", values)
+        for g in groups:
+            self._held_meta[f"{g}/chunk_done"] = self._done(g)
+        for name in ("labels", "valid"):
+            self._held_meta[f"{split}/{name}"] = self._whole(split, name)
         if todo:
             log.info("%s of %s: %d array(s), %.0f MB held in RAM (%.0f MB in all)", split, self.path, len(todo), need / 1e6,
                      resident.held_bytes() / 1e6)
@@ -330,6 +341,11 @@ class CacheReader:
         valid = self._whole(split, "valid", stamped)
         usable = valid if keep is None else valid & keep
 
+        if all(self._held(f"{g}/{kind}/{name}") is not None for g in set(group_of.values()) for name in layers
+               for kind in (["layers", "scales"] if self.encoding.has_scales else ["layers"])):
+            yield from self._held_epoch(split, layers, windows, usable, perm_seeds, group_of, labels_all, batch_size, out)
+            return
+
         def submit(pool, w):
             return pool.submit(self._read_window, split, layers, windows[w], usable, out, perm_seeds[w], group_of)
 
@@ -361,21 +377,48 @@ class CacheReader:
                 sl = carry[1]
                 yield Batch(carry[0], torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
 
+    def _held_epoch(self, split, layers, windows, usable, perm_seeds, group_of, labels_all, batch_size, out) -> Iterator[Batch]:
+        """`_epoch` for a split whose arrays are all held in RAM: the same samples in the same
+        order (each window's samples, permuted by its seed, one window after the other, cut into
+        batches), each batch gathered from RAM and decoded alone. No window is assembled, no
+        thread is needed, and no store metadata is read (`hold` kept it)."""
+        order = [self._window_order(split, chunks, usable, perm_seeds[w])[0] for w, chunks in enumerate(windows)]
+        order = np.concatenate(order) if order else np.zeros(0, np.int64)
+        groups = sorted(set(group_of.values()))
+        per_chunk = np.full(self.plan.n_chunks(self.num_samples(split)), -1)
+        for c, g in group_of.items():
+            per_chunk[c] = groups.index(g)
+        source = per_chunk[order // self.plan.samples_per_chunk]  # the group each sample is read from
+        kinds = ["layers", "scales"] if self.encoding.has_scales else ["layers"]
+        held = {(k, name): [self._held(f"{g}/{k}/{name}") for g in groups] for k in kinds for name in layers}
+        for start in range(0, len(order), batch_size):
+            sl, src = order[start: start + batch_size], source[start: start + batch_size]
+            stored = {key: _gather_rows(arrays, sl, src) for key, arrays in held.items()}
+            feats = {name: self.encoding.decode(stored["layers", name], stored.get(("scales", name)), out) for name in layers}
+            yield Batch(feats, torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
+
+    def _window_order(self, split: str, chunks: np.ndarray, usable: np.ndarray, perm_seed=None):
+        """The samples a window yields, in order: its chunks' usable samples, permuted by
+        perm_seed. Also, per chunk, (chunk, start, stop, kept offsets or None for all), and the
+        permutation of their concatenation."""
+        n = self.num_samples(split)
+        parts, idx_parts = [], []
+        for c in sorted(int(c) for c in chunks):
+            start, stop = self.plan.chunk_range(c, n)
+            keep = np.flatnonzero(usable[start:stop])
+            parts.append((c, start, stop, None if len(keep) == stop - start else keep))
+            idx_parts.append(start + keep)
+        idx = np.concatenate(idx_parts)
+        perm = np.random.default_rng(perm_seed).permutation(len(idx)) if perm_seed is not None else None
+        return (idx[perm] if perm is not None else idx), parts, perm
+
     def _read_window(self, split: str, layers: Sequence[str], chunks: np.ndarray, usable: np.ndarray, out: torch.dtype, perm_seed=None,
                      group_of: Optional[dict[int, str]] = None):
         """Read chunks (chunk c from group_of[c]: the split or one of its views), drop the
         samples `usable` [N] excludes, permute, decode. Everything before the final decode
         happens in the stored dtype (half the bytes of float32 for fp16)."""
-        n = self.num_samples(split)
-        rows, idx_parts = [], []
-        for c in sorted(int(c) for c in chunks):
-            start, stop = self.plan.chunk_range(c, n)
-            keep = np.flatnonzero(usable[start:stop])
-            group = group_of[c] if group_of is not None else split
-            rows.append((self.root[group], c, start, stop, None if len(keep) == stop - start else keep))
-            idx_parts.append(start + keep)
-        idx = np.concatenate(idx_parts)
-        perm = np.random.default_rng(perm_seed).permutation(len(idx)) if perm_seed is not None else None
+        order, parts, perm = self._window_order(split, chunks, usable, perm_seed)
+        rows = [(self.root[group_of[c] if group_of is not None else split], c, start, stop, keep) for c, start, stop, keep in parts]
         feats = {}
         for name in layers:
             stored = self._gather(f"layers/{name}", rows, perm)
@@ -384,7 +427,7 @@ class CacheReader:
             held = all(self._held(f"{g.path}/layers/{name}") is not None for g, *_ in rows)
             if not held and not torch.isfinite(feats[name]).all():  # held arrays were checked once; find the chunk to name it
                 self._name_non_finite(name, rows)
-        return feats, (idx[perm] if perm is not None else idx)
+        return feats, order
 
     def _gather(self, path: str, rows, perm: Optional[np.ndarray]) -> np.ndarray:
         parts = []
@@ -400,6 +443,17 @@ class CacheReader:
             scales = g[f"scales/{name}"][start:stop] if self.encoding.has_scales else None
             values = self.encoding.decode(g[f"layers/{name}"][start:stop], scales)
             require_finite(values if keep is None else values[keep], f"{g.path}/layers/{name}", start, stop, self.path, chunk)
+
+
+def _gather_rows(arrays: list[np.ndarray], rows: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """out[i] = arrays[source[i]][rows[i]]: one batch's samples from the held split or views."""
+    if len(arrays) == 1:
+        return arrays[0][rows]
+    out = np.empty((len(rows),) + arrays[0].shape[1:], arrays[0].dtype)
+    for s, arr in enumerate(arrays):
+        pick = source == s
+        out[pick] = arr[rows[pick]]
+    return out
 
 
 def open_store(path: str | Path | StoreLocation, allow_partial: bool = False, storage_options: Optional[dict] = None) -> CacheReader:

@@ -38,12 +38,15 @@ def test_held_batches_equal_streamed_batches(tmp_path, image_folder, dtype, monk
     arrays = 3 * 2 * (2 if dtype == "int8" else 1)  # 3 views x 2 layers (+ their scales)
     assert resident.loads == before + arrays
     monkeypatch.setattr(reader, "_checked", lambda *a, **k: pytest.fail("a held layer was read from the store"))
+    # Nor are the stamps, labels and validity re-read each epoch.
+    monkeypatch.setattr("cache.reader.read_region", lambda *a, **k: pytest.fail("a held split read the store"))
     for e in range(2):
         held = epoch(reader, "random", e)
         assert len(held) == len(streamed[e])
         for (i, y, f), (i2, y2, f2) in zip(held, streamed[e]):
             assert torch.equal(i, i2) and torch.equal(y, y2)
             assert all(torch.equal(f[k], f2[k]) for k in f)
+    monkeypatch.undo()  # holding does read the stamps, labels and validity
     # Another reader of the same store in this process reads from RAM: nothing is loaded again.
     again = open_store(cfg.store.path)
     assert again.hold("train", ["blocks.0"], "random", budget=10**9) and resident.loads == before + arrays
