@@ -1,6 +1,6 @@
 """How soon each search finds a configuration as good as the exhaustive grid's best.
 
-    python benchmarks/bench_search.py [stores/bench/imagenette_lite0.zarr] [--epochs 4] [--trials-per-job 8]
+    python benchmarks/bench_search.py [stores/bench/imagenette_lite0.zarr] [--epochs 4] [--trials-per-job 8] [--val-fraction 0.1]
 
 One space of over 200 configurations on the store's layers: linear probes (every layer x 5 lr
 x 3 weight decays), InCA (every layer but the first x 3 lr x 2 wd x 2 heads x 2 widths x 2
@@ -123,12 +123,14 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--trials-per-job", type=int, default=8)
     p.add_argument("--test-split", default="val")
+    # A larger validation carve separates configurations that a small one ties (0.1 of 3,000: 300 samples).
+    p.add_argument("--val-fraction", type=float, default=0.1)
     args = p.parse_args()
     logging.disable(logging.INFO)
     layers = list(open_store(args.store).layers)
     entries = space(layers)
     n = grid_size(entries)
-    base = {"store": args.store, "epochs": args.epochs, "batch_size": 128, "warmup_epochs": 0.5, "val_fraction": 0.1,
+    base = {"store": args.store, "epochs": args.epochs, "batch_size": 128, "warmup_epochs": 0.5, "val_fraction": args.val_fraction,
             "test_split": args.test_split, "seed": 0, "trials_per_job": args.trials_per_job, "space": entries}
     print(f"space: {n} configurations on {layers}; {args.epochs} epochs per trial", flush=True)
     with tempfile.TemporaryDirectory() as out:  # hold the store in RAM once, for every search

@@ -71,9 +71,9 @@ class CacheReader:
         self.identity = f"{self.path}#{hashlib.sha256(json.dumps(manifest['fingerprint'], sort_keys=True).encode()).hexdigest()[:16]}" \
                         f"#{self.manifest.created_at}"
         self.read_held = True  # False: always read the store, even what this process holds in RAM
-        # A held split's per-sample metadata (stamps, labels, valid), read once by `hold`: a held
-        # split is complete, and a complete split's metadata never changes.
-        self._held_meta: dict[str, np.ndarray] = {}
+        # The per-sample metadata (stamps, labels, valid) of complete splits, read and checked
+        # once per reader: every chunk of them is stamped, and a stamped chunk is never rewritten.
+        self._complete_meta: dict[str, np.ndarray] = {}
         self.dtype = self.manifest.dtype
         self.encoding = encoding(self.dtype)
         if not allow_partial and not self.is_complete():
@@ -125,21 +125,27 @@ class CacheReader:
     def _whole(self, split: str, name: str, done: Optional[np.ndarray] = None) -> np.ndarray:
         """The whole array, once the objects of every stamped chunk (`done`, read if not given)
         are known to exist."""
-        if self.read_held and f"{split}/{name}" in self._held_meta:
-            return self._held_meta[f"{split}/{name}"]
+        if self.read_held and f"{split}/{name}" in self._complete_meta:
+            return self._complete_meta[f"{split}/{name}"]
         arr = self.root[f"{split}/{name}"]
         n = self.num_samples(split)
         done = self._done(split) if done is None else done
         for c in np.flatnonzero(done):
             start, stop = self.plan.chunk_range(int(c), n)
             self.objects.require(arr, start, stop, int(c))
-        return read_region(arr, 0, n, self.path)
+        values = read_region(arr, 0, n, self.path)
+        if self.read_held and done.all():
+            self._complete_meta[f"{split}/{name}"] = values
+        return values
 
     def _done(self, split: str) -> np.ndarray:
         """[n_chunks] bool: the chunks stamped complete."""
-        if self.read_held and f"{split}/chunk_done" in self._held_meta:
-            return self._held_meta[f"{split}/chunk_done"].copy()  # callers combine stamps in place
-        return read_region(self.root[f"{split}/chunk_done"], 0, self.plan.n_chunks(self.num_samples(split)), self.path) != 0
+        if self.read_held and f"{split}/chunk_done" in self._complete_meta:
+            return self._complete_meta[f"{split}/chunk_done"].copy()  # callers combine stamps in place
+        done = read_region(self.root[f"{split}/chunk_done"], 0, self.plan.n_chunks(self.num_samples(split)), self.path) != 0
+        if self.read_held and done.all():
+            self._complete_meta[f"{split}/chunk_done"] = done.copy()
+        return done
 
     def _split(self, split: str) -> SplitRecord:
         """The record of a split, or of the split a view group belongs to."""
@@ -268,10 +274,8 @@ class CacheReader:
                     require_finite(values[a:b][valid[a:b]], f"{g}/layers/{name}", a, b, self.path, c)
             for p, values in loaded.items():
                 resident.put(self.identity, f"{g}/{p}", values)
-        for g in groups:
-            self._held_meta[f"{g}/chunk_done"] = self._done(g)
-        for name in ("labels", "valid"):
-            self._held_meta[f"{split}/{name}"] = self._whole(split, name)
+        for name in ("labels", "valid"):  # read and kept now (with the stamps, read above): all else an epoch reads
+            self._whole(split, name)
         if todo:
             log.info("%s of %s: %d array(s), %.0f MB held in RAM (%.0f MB in all)", split, self.path, len(todo), need / 1e6,
                      resident.held_bytes() / 1e6)
@@ -381,7 +385,7 @@ class CacheReader:
         """`_epoch` for a split whose arrays are all held in RAM: the same samples in the same
         order (each window's samples, permuted by its seed, one window after the other, cut into
         batches), each batch gathered from RAM and decoded alone. No window is assembled, no
-        thread is needed, and no store metadata is read (`hold` kept it)."""
+        thread is needed, and no store metadata is read (the reader keeps a complete split's)."""
         order = [self._window_order(split, chunks, usable, perm_seeds[w])[0] for w, chunks in enumerate(windows)]
         order = np.concatenate(order) if order else np.zeros(0, np.int64)
         groups = sorted(set(group_of.values()))

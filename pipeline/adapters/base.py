@@ -61,8 +61,9 @@ class Adapter(nn.Module):
         self.standardizer = standardizer
 
     def standardized(self, features: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        """The features as the adapter computes on them: every forward starts here."""
-        return features if self.standardizer is None else self.standardizer(features)
+        """The features as the adapter computes on them: every forward starts here. Only the
+        layers it reads: a fused job's batches carry every layer its groups read."""
+        return features if self.standardizer is None else self.standardizer({name: features[name] for name in self.layer_specs})
 
     def _apply(self, fn: Callable, recurse: bool = True):
         if self.standardizer is not None:

@@ -77,10 +77,11 @@ class Run:
     pruned_at: dict[str, int] = field(default_factory=dict)
 
 
-def run_train(cfg: TrainConfig, overwrite: bool = False, keep_held: bool = False) -> dict:
+def run_train(cfg: TrainConfig, overwrite: bool = False, keep_held: bool = False, plot: bool = True) -> dict:
     """Train into cfg.output, which must be unused unless `overwrite` (then it is replaced
     once this run has finished); an interrupted run leaves it as it was. keep_held: leave the
     store's layers held in RAM for the next run in this process (a sweep worker's next job).
+    plot: draw the accuracy-by-layer plot (a sweep job's results are plotted by the sweep).
 
     setup (store, splits, members, fused groups, the plan printed) -> train (one pass over
     the cache per epoch for every group, validation per member) -> finish (best states,
@@ -93,7 +94,7 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, keep_held: bool = False
         try:
             with (out / "metrics.jsonl").open("w") as metrics:  # closed however training ends
                 epoch_seconds = _train_epochs(run, metrics)
-            results = _finish(run, out, final, epoch_seconds)
+            results = _finish(run, out, final, epoch_seconds, plot)
         finally:
             if not keep_held:
                 run.reader.release()
@@ -109,11 +110,19 @@ def plan_training(cfg: TrainConfig) -> Run:
     members = expand(cfg.adapters, reader.layers, cfg.seed, cfg.store)
     backbone_modules = _backbone_modules(reader) if any(m.kind == "vqt" for m in members) else None
     num_classes = len(reader.classes)
-    standardizer = _standardizer(reader, splits, members)
-    groups = [_make_group(ms, reader, num_classes, backbone_modules, standardizer, splits, cfg.views) for ms in group_by_shape(members)]
-    layers = sorted({l for g in groups for l in g.fused.template.required_layers()}, key=list(reader.layers).index)
-    trained = [g for g in groups if g.optimizer is not None]  # solved groups (lbfgs) are done already
-    train_layers = [l for l in layers if any(l in g.fused.template.required_layers() for g in trained)]
+    shapes = group_by_shape(members)
+    # One adapter per architecture says which layers its group reads: they are held in RAM
+    # first, so that the standardizer's statistics and every epoch read them from there.
+    reads = [build_adapter(ms[0].kind, reader.layers, num_classes, backbone_modules=backbone_modules, **ms[0].hparams).required_layers()
+             for ms in shapes]
+    layers = sorted({l for r in reads for l in r}, key=list(reader.layers).index)
+    trained = [r for ms, r in zip(shapes, reads) if ms[0].solver == "adamw"]  # solved groups (lbfgs) are done at setup
+    train_layers = [l for l in layers if any(l in r for r in trained)]
+    _hold_in_memory(cfg, reader, splits, layers, train_layers)
+    standardized = sorted({l for ms, r in zip(shapes, reads) if ms[0].standardize and ms[0].solver == "adamw" for l in r},
+                          key=list(reader.layers).index)
+    standardizer = _standardizer(reader, splits, standardized)
+    groups = [_make_group(ms, reader, num_classes, backbone_modules, standardizer, splits, cfg.views) for ms in shapes]
     n_train = int(count_samples(reader, splits.train, splits.train_keep))
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch)) if trained else 0
@@ -130,7 +139,6 @@ def plan_training(cfg: TrainConfig) -> Run:
     if cfg.pruning and trained:
         log.info("pruning: at epochs %s, members outside the top 1/%d of the values reached there stop (%d earlier values given)",
                  cfg.pruning.rungs(epochs), cfg.pruning.reduction_factor, sum(len(v) for v in cfg.rung_history.values()))
-    _hold_in_memory(cfg, reader, splits, layers, train_layers)
     return Run(cfg, reader, splits, groups, layers, train_layers, epochs, steps_per_epoch)
 
 
@@ -257,7 +265,7 @@ def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, m
     return improved
 
 
-def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float]) -> dict:
+def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: bool) -> dict:
     cfg, groups, reader, splits, layers = run.cfg, run.groups, run.reader, run.splits, run.layers
     # Every member ends at its best validation epoch.
     with torch.no_grad():
@@ -313,21 +321,16 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float]) -> dic
         save_adapter(adapters[i], out / "adapters" / name, reader.fingerprint, class_names=reader.classes)
         saved.append(str(final / "adapters" / name))
     summary["saved"] = saved
-    write_report(out, rows, summary, list(reader.layers))
+    write_report(out, rows, summary, list(reader.layers) if plot else None)
     return {"rows": rows, "summary": summary}
 
 
-def _standardizer(reader: CacheReader, splits: Splits, members: list[Member]) -> Optional[Standardizer]:
-    """The per-channel affine of the layers that standardised members read, from the
-    statistics of the training samples only (a validation carve is left out)."""
-    layers = set()
-    for shape in group_by_shape(members):  # one adapter per architecture says which layers it reads
-        m = shape[0]
-        if m.standardize and m.solver == "adamw":  # lbfgs standardises its pooled features itself
-            layers.update(build_adapter(m.kind, reader.layers, len(reader.classes), **m.hparams).required_layers())
+def _standardizer(reader: CacheReader, splits: Splits, layers: list[str]) -> Optional[Standardizer]:
+    """The per-channel affine of the layers that standardised members read (lbfgs standardises
+    its pooled features itself), from the statistics of the training samples only (a
+    validation carve is left out)."""
     if not layers:
         return None
-    layers = sorted(layers, key=list(reader.layers).index)
     log.info("standardize: per-channel statistics of %d layer(s) over the training samples", len(layers))
     return Standardizer.from_stats(reader.feature_stats(splits.train, layers, keep=splits.train_keep), reader.layers)
 

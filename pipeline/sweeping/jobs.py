@@ -102,8 +102,9 @@ def run_job(cfg: TrainConfig, workers_per_host: Optional[dict[str, int]]) -> lis
     """
     share_cores(workers_per_host)
     # The job's own folder: a retried job replaces it. The store stays held in RAM for the
-    # worker's next job on it (keyed by the store's identity: cache/resident.py).
-    return run_train(cfg, overwrite=True, keep_held=True)["rows"]
+    # worker's next job on it (keyed by the store's identity: cache/resident.py). The sweep
+    # plots every trial's scores; a plot per job costs about what training a linear probe does.
+    return run_train(cfg, overwrite=True, keep_held=True, plot=False)["rows"]
 
 
 def rung_history(rows) -> dict[str, tuple[float, ...]]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 
-def write_report(out: Path, rows: list[dict], summary: dict, layer_order: list[str]) -> None:
+def write_report(out: Path, rows: list[dict], summary: dict, layer_order: Optional[list[str]]) -> None:
+    """results.json, results.md, and accuracy_by_layer.png unless layer_order is None (no plot)."""
     (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
     (out / "results.md").write_text(results_markdown(rows, summary))
-    plot_accuracy_by_layer(rows, layer_order, out / "accuracy_by_layer.png")
+    if layer_order is not None:
+        plot_accuracy_by_layer(rows, layer_order, out / "accuracy_by_layer.png")
 
 
 def results_markdown(rows: list[dict], summary: dict) -> str:
