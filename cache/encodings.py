@@ -32,6 +32,12 @@ def _cpu_float32(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to("cpu", torch.float32)
 
 
+def _tensor(stored: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A stored array as a tensor: read from the store (numpy) or held in memory (a tensor,
+    on the CPU or a GPU; decoding then happens there)."""
+    return stored if isinstance(stored, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(stored))
+
+
 @dataclass(frozen=True)
 class Encoding:
     """One storage dtype. Subclasses say how values become stored bytes and back."""
@@ -64,8 +70,10 @@ class Encoding:
         """float tensor [B, T, D] -> (stored array, scales [B, D] or None)."""
         raise NotImplementedError
 
-    def decode(self, stored: np.ndarray, scales: Optional[np.ndarray] = None, out: torch.dtype = torch.float32) -> torch.Tensor:
-        """Stored array -> float tensor (the inverse of `encode`, up to its rounding)."""
+    def decode(self, stored: np.ndarray | torch.Tensor, scales: np.ndarray | torch.Tensor | None = None,
+               out: torch.dtype = torch.float32) -> torch.Tensor:
+        """Stored array (numpy, or a tensor on any device) -> float tensor on the same device
+        (the inverse of `encode`, up to its rounding)."""
         raise NotImplementedError
 
     def decode_numpy(self, stored: np.ndarray, scales: Optional[np.ndarray] = None, dtype="float32") -> np.ndarray:
@@ -81,7 +89,7 @@ class NativeFloat(Encoding):
         return _cpu_float32(x).to(getattr(torch, self.zarr_dtype)).numpy(), None
 
     def decode(self, stored, scales=None, out=torch.float32):
-        return torch.from_numpy(np.ascontiguousarray(stored)).to(out)
+        return _tensor(stored).to(out)
 
     def decode_numpy(self, stored, scales=None, dtype="float32"):
         return stored.astype(dtype)
@@ -95,7 +103,7 @@ class BFloat16Bits(Encoding):
         return _cpu_float32(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), None
 
     def decode(self, stored, scales=None, out=torch.float32):
-        return torch.from_numpy(np.ascontiguousarray(stored)).view(torch.bfloat16).to(out)
+        return _tensor(stored).view(torch.bfloat16).to(out)
 
     def decode_numpy(self, stored, scales=None, dtype="float32"):
         return (stored.astype(np.uint32) << 16).view(np.float32).astype(dtype)
@@ -113,8 +121,7 @@ class Int8Absmax(Encoding):
         return q.numpy(), scale.to(torch.float16).numpy()
 
     def decode(self, stored, scales=None, out=torch.float32):
-        t = torch.from_numpy(np.ascontiguousarray(stored))
-        return (t.to(torch.float32) * torch.from_numpy(scales.astype(np.float32))[:, None, :]).to(out)
+        return (_tensor(stored).to(torch.float32) * _tensor(scales).to(torch.float32)[:, None, :]).to(out)
 
     def decode_numpy(self, stored, scales=None, dtype="float32"):
         return stored.astype(dtype) * scales[:, None, :].astype(dtype)

@@ -242,21 +242,23 @@ class CacheReader:
 
     # -- held in RAM --------------------------------------------------------------------
     def hold(self, split: str, layers: Sequence[str], views: Literal["clean", "random", "all"] = "clean",
-             budget: Optional[int] = None) -> bool:
+             budget: Optional[int] = None, device: str | torch.device = "cpu") -> bool:
         """Keep these layers of `split` (and of its augmented views, unless views is "clean") in
-        RAM as stored, checked once as a streamed read checks them, for every later read of
-        this store by any reader in this process (cache/resident.py). Returns False and holds
-        nothing new when they would take what is held past `budget` bytes (None: half the
-        memory available now), or the split is incomplete: reads then stream as before."""
+        memory as stored, checked once as a streamed read checks them, for every later read of
+        this store by any reader in this process (cache/resident.py): in RAM, or on `device` (a
+        GPU: batches are then gathered and decoded there). Returns False and holds nothing new
+        when they would take what is held past `budget` bytes (None: half the memory available
+        now, on the device for a GPU), or the split is incomplete: reads then stream as before."""
         self._check_layers(layers)
+        device = torch.device(device)
         groups = [split] + ([view_group(split, v) for v in range(1, self.views(split))] if views != "clean" else [])
         kinds = ["layers", "scales"] if self.encoding.has_scales else ["layers"]
-        todo = [(g, f"{kind}/{name}") for g in groups for name in layers for kind in kinds
-                if resident.get(self.identity, f"{g}/{kind}/{name}") is None]
+        wanted = [(g, f"{kind}/{name}") for g in groups for name in layers for kind in kinds]
+        todo = [(g, p) for g, p in wanted if resident.get(self.identity, f"{g}/{p}") is None]
         need = sum(self.root[g][p].nbytes for g, p in todo)
-        budget = resident.default_budget() if budget is None else budget
+        budget = resident.default_budget(device) if budget is None else budget
         if resident.held_bytes() + need > budget:
-            log.info("%s of %s: %.0f MB to hold in RAM, %.0f MB held, budget %.0f MB: streaming from the store", split, self.path,
+            log.info("%s of %s: %.0f MB to hold in memory, %.0f MB held, budget %.0f MB: streaming from the store", split, self.path,
                      need / 1e6, resident.held_bytes() / 1e6, budget / 1e6)
             return False
         if any(self.missing_chunks(g) for g in groups):
@@ -273,15 +275,17 @@ class CacheReader:
                     a, b = self.plan.chunk_range(c, self.num_samples(g))
                     require_finite(values[a:b][valid[a:b]], f"{g}/layers/{name}", a, b, self.path, c)
             for p, values in loaded.items():
-                resident.put(self.identity, f"{g}/{p}", values)
+                resident.put(self.identity, f"{g}/{p}", torch.from_numpy(values).to(device))
+        for g, p in wanted:  # held by an earlier run on another device: moved, not read again
+            resident.move(self.identity, f"{g}/{p}", device)
         for name in ("labels", "valid"):  # read and kept now (with the stamps, read above): all else an epoch reads
             self._whole(split, name)
         if todo:
-            log.info("%s of %s: %d array(s), %.0f MB held in RAM (%.0f MB in all)", split, self.path, len(todo), need / 1e6,
+            log.info("%s of %s: %d array(s), %.0f MB held on %s (%.0f MB in all)", split, self.path, len(todo), need / 1e6, device,
                      resident.held_bytes() / 1e6)
         return True
 
-    def _held(self, path: str) -> Optional[np.ndarray]:
+    def _held(self, path: str) -> Optional[torch.Tensor]:
         return resident.get(self.identity, path) if self.read_held else None
 
     def release(self) -> None:
@@ -384,8 +388,9 @@ class CacheReader:
     def _held_epoch(self, split, layers, windows, usable, perm_seeds, group_of, labels_all, batch_size, out) -> Iterator[Batch]:
         """`_epoch` for a split whose arrays are all held in RAM: the same samples in the same
         order (each window's samples, permuted by its seed, one window after the other, cut into
-        batches), each batch gathered from RAM and decoded alone. No window is assembled, no
-        thread is needed, and no store metadata is read (the reader keeps a complete split's)."""
+        batches), each batch gathered from memory and decoded alone, on the device that holds
+        the arrays. No window is assembled, no thread is needed, and no store metadata is read
+        (the reader keeps a complete split's). Labels and indices stay on the CPU."""
         order = [self._window_order(split, chunks, usable, perm_seeds[w])[0] for w, chunks in enumerate(windows)]
         order = np.concatenate(order) if order else np.zeros(0, np.int64)
         groups = sorted(set(group_of.values()))
@@ -395,9 +400,12 @@ class CacheReader:
         source = per_chunk[order // self.plan.samples_per_chunk]  # the group each sample is read from
         kinds = ["layers", "scales"] if self.encoding.has_scales else ["layers"]
         held = {(k, name): [self._held(f"{g}/{k}/{name}") for g in groups] for k in kinds for name in layers}
+        device = held["layers", layers[0]][0].device
+        rows, sources = torch.from_numpy(order).to(device), torch.from_numpy(source).to(device)
         for start in range(0, len(order), batch_size):
-            sl, src = order[start: start + batch_size], source[start: start + batch_size]
-            stored = {key: _gather_rows(arrays, sl, src) for key, arrays in held.items()}
+            sl = order[start: start + batch_size]
+            at, src = rows[start: start + batch_size], sources[start: start + batch_size]
+            stored = {key: _gather_rows(arrays, at, src) for key, arrays in held.items()}
             feats = {name: self.encoding.decode(stored["layers", name], stored.get(("scales", name)), out) for name in layers}
             yield Batch(feats, torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
 
@@ -437,7 +445,8 @@ class CacheReader:
         parts = []
         for g, chunk, start, stop, keep in rows:
             held = self._held(f"{g.path}/{path}")
-            block = held[start:stop] if held is not None else self._checked(g[path], start, stop, chunk)
+            # Part of what a window reads may be held (another run's layers), on any device.
+            block = held[start:stop].cpu().numpy() if held is not None else self._checked(g[path], start, stop, chunk)
             parts.append(block if keep is None else block[keep])
         joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return joined if perm is None else joined[perm]
@@ -449,15 +458,14 @@ class CacheReader:
             require_finite(values if keep is None else values[keep], f"{g.path}/layers/{name}", start, stop, self.path, chunk)
 
 
-def _gather_rows(arrays: list[np.ndarray], rows: np.ndarray, source: np.ndarray) -> np.ndarray:
-    """out[i] = arrays[source[i]][rows[i]]: one batch's samples from the held split or views."""
+def _gather_rows(arrays: list[torch.Tensor], rows: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """out[i] = arrays[source[i]][rows[i]]: one batch's samples from the held split or its
+    views. index_select only (torch has no index_put for the uint16 of bfloat16 bits)."""
     if len(arrays) == 1:
-        return arrays[0][rows]
-    out = np.empty((len(rows),) + arrays[0].shape[1:], arrays[0].dtype)
-    for s, arr in enumerate(arrays):
-        pick = source == s
-        out[pick] = arr[rows[pick]]
-    return out
+        return arrays[0].index_select(0, rows)
+    picks = [torch.nonzero(source == s).flatten() for s in range(len(arrays))]
+    parts = torch.cat([arr.index_select(0, rows.index_select(0, pick)) for arr, pick in zip(arrays, picks)])
+    return parts.index_select(0, torch.argsort(torch.cat(picks)))  # back to the batch's order
 
 
 def open_store(path: str | Path | StoreLocation, allow_partial: bool = False, storage_options: Optional[dict] = None) -> CacheReader:

@@ -1,10 +1,12 @@
-"""Layers held in RAM, in their stored dtype, shared by every reader of a store in a process.
+"""Layers held in memory, in their stored dtype, shared by every reader of a store in a process.
 
 Reading a store every epoch re-reads and re-decompresses the same chunks: for a store that
 fits in memory, `CacheReader.hold(...)` reads each array of a split (and of its views) once,
 checks it as a streamed read would (every stamped chunk's objects present, checksums, finite
 values for computed samples), and keeps the raw values here. Batches then slice them from
-RAM by the same permutation, so they equal streamed batches value for value.
+RAM by the same permutation, so they equal streamed batches value for value. On a GPU run
+the arrays live on the GPU, and batches are gathered and decoded there: no host-to-device
+copy per batch.
 
 The arrays are kept per process and keyed by the store's identity (its location and a hash of
 its manifest's fingerprint and creation time) and the array's path, so every fused group of
@@ -18,12 +20,13 @@ import logging
 import os
 import threading
 
-import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
-# (store identity, array path) -> the array's values as stored.
-_ARRAYS: dict[tuple[str, str], np.ndarray] = {}
+# (store identity, array path) -> the array's values as stored (a CPU tensor shares the
+# numpy array's memory).
+_ARRAYS: dict[tuple[str, str], torch.Tensor] = {}
 _LOCK = threading.Lock()
 # How many arrays were read into RAM by this process (tests count decodes with it).
 loads = 0
@@ -42,13 +45,15 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def default_budget() -> int:
-    """Half of the memory available now: room is left for the adapters, the batches and
-    whatever else the machine runs."""
+def default_budget(device: torch.device = torch.device("cpu")) -> int:
+    """Half of the memory available now (on a GPU, of its free memory): room is left for the
+    adapters, the batches and whatever else the machine runs."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
     return available_bytes() // 2
 
 
-def get(store: str, path: str) -> np.ndarray | None:
+def get(store: str, path: str) -> torch.Tensor | None:
     return _ARRAYS.get((store, path))
 
 
@@ -56,11 +61,19 @@ def held_bytes() -> int:
     return sum(a.nbytes for a in _ARRAYS.values())
 
 
-def put(store: str, path: str, values: np.ndarray) -> None:
+def put(store: str, path: str, values: torch.Tensor) -> None:
     global loads
     with _LOCK:
         _ARRAYS[(store, path)] = values
         loads += 1
+
+
+def move(store: str, path: str, device: torch.device) -> None:
+    """Keep a held array on `device` from now on (a copy; nothing is read again)."""
+    with _LOCK:
+        values = _ARRAYS.get((store, path))
+        if values is not None and values.device != device:
+            _ARRAYS[(store, path)] = values.to(device)
 
 
 def release(store: str | None = None) -> None:

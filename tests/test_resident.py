@@ -7,7 +7,7 @@ import pytest
 import torch
 import zarr
 
-from cache import StoreError, open_store, resident
+from cache import ConfigError, StoreError, open_store, resident
 from pipeline.config import SweepConfig, TrainConfig, build
 from pipeline.runners.extract import run_extract
 from pipeline.runners.sweep import run_sweep
@@ -93,3 +93,40 @@ def test_a_store_is_decoded_once_across_runs_and_sweep_jobs(tmp_path, image_fold
     resident.release()
     run_train(off)
     assert resident.loads == first + 2  # budget 0: streamed, nothing held
+
+
+def test_cuda_asked_for_without_one_is_refused_naming_the_key(tmp_path, image_folder):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = tiny_config(tmp_path, image_folder)
+    run_extract(cfg)
+    train = build(TrainConfig, {"store": cfg.store.path, "output": str(tmp_path / "out"), "epochs": 1, "device": "cuda",
+                                "adapters": [{"kind": "linear", "layers": ["blocks.5"]}]})
+    with pytest.raises(ConfigError, match="^device: 'cuda' was asked for but no CUDA device is available"):
+        run_train(train)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_training_on_the_gpu_holds_the_store_there_and_equals_the_cpu(tmp_path, image_folder, float64_training, dtype):
+    """Held batches are gathered and decoded on the GPU, and the fused groups train there: in
+    float64, every member's validation and test logits equal a CPU run's up to rounding (one
+    epoch, where Adam has not yet amplified it; logits.npz keeps them as float32, so up to
+    its rounding), and every held array is on the device that trained."""
+    cfg = tiny_config(tmp_path, image_folder, f"store.dtype={dtype}", "store.views=2")
+    run_extract(cfg)
+    settings = {"store": cfg.store.path, "epochs": 1, "batch_size": 4, "test_split": "val", "views": "random",
+                "adapters": [{"kind": "linear", "layers": ["blocks.5"], "lr": [0.01, 0.1]},
+                             {"kind": "inca", "layers": ["blocks.0"], "hparams": {"dim": 16}, "lr": [0.001, 0.01]}]}
+    logits = {}
+    for device in ("cpu", "cuda"):
+        resident.release()
+        run_train(build(TrainConfig, {**settings, "output": str(tmp_path / device), "device": device}), keep_held=True)
+        identity = open_store(cfg.store.path).identity
+        held = [resident.get(identity, f"{group}/{kind}/{layer}") for group in ("train", "train/views/1", "val")
+                for layer in ("blocks.0", "blocks.5") for kind in (["layers", "scales"] if dtype == "int8" else ["layers"])]
+        assert all(a is not None and a.device.type == device for a in held)
+        logits[device] = np.load(tmp_path / device / "logits.npz")
+    for key in ("val_logits", "test_logits"):
+        np.testing.assert_allclose(logits["cuda"][key], logits["cpu"][key], rtol=1e-6, atol=1e-6)

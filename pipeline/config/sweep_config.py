@@ -183,10 +183,11 @@ class SweepConfig(StoreJob):
 
     def train_settings(self) -> dict:
         """The train-config keys every trial shares (they enter each trial's id)."""
-        # Not what decides a result: how many adapters are saved, whether the store is held in RAM.
+        # Not what decides a result: how many adapters are saved, whether the store is held in
+        # memory, the device (a sweep resumed on a GPU keeps the trials its CPU run finished).
         # `pruning` only when set: sweeps from before it existed keep their trial ids.
         return {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(TrainingSettings)
-                if f.name not in ("save_top", "memory_budget_mb") and not (f.name == "pruning" and self.pruning is None)}
+                if f.name not in ("save_top", "memory_budget_mb", "device") and not (f.name == "pruning" and self.pruning is None)}
 
     def problems(self) -> list[str]:
         out = self.job_problems()

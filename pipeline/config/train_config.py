@@ -125,10 +125,13 @@ class TrainingSettings:
     # view per sample each epoch (the exact probe solves on every view at once); "clean" reads
     # view 0 only. Validation and test are always clean. A split without views reads it either way.
     views: Literal["clean", "random"] = "random"
-    # Hold the layers a run reads in RAM (decoded once, as stored) when they fit this budget
-    # (MB; null: half the memory available at setup; 0: always stream from the store). Shared
-    # by every fused group, and by the sweep jobs a worker runs on the same store.
+    # Hold the layers a run reads in memory (decoded once, as stored) when they fit this budget
+    # (MB; null: half the memory available at setup, of the GPU's on a GPU; 0: always stream
+    # from the store). Shared by every fused group, and by the sweep jobs a worker runs on the
+    # same store.
     memory_budget_mb: Optional[float] = None
+    # Where the adapters train and the held layers live: auto = the GPU when CUDA is present.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # Stop losing members at rungs (successive halving; null: every member trains every epoch).
     pruning: Optional[Pruning] = None
 

@@ -44,6 +44,7 @@ from pipeline.config import ExtractConfig, to_dict
 from pipeline.data import CorruptImageError, SplitSource, open_split
 from pipeline.data.augment import SeededView, train_transform
 from pipeline.data.loader import make_loader
+from pipeline.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class ExtractPlan:
 
 
 def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
-    device = _device(cfg.runtime.device)
+    device = resolve_device(cfg.runtime.device, "runtime.device")
     backbone = build_backbone(cfg.backbone, cfg.preprocess)
     taps = LayerTaps(backbone.model, cfg.backbone.layers, cfg.backbone.block_input, backbone.image_size, cfg.backbone.cache_kv,
                      cfg.backbone.through_final_norm)
@@ -300,14 +301,6 @@ def _prepare_model(plan: ExtractPlan) -> None:
     if plan.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device: 'cuda' was asked for but no CUDA device is available")
-    return torch.device(name)
 
 
 def _workers(cfg: ExtractConfig, on_cuda: bool) -> int:

@@ -27,6 +27,7 @@ from pipeline.adapters.pooling import pool_tokens
 from pipeline.adapters.standardize import Standardizer
 from pipeline.config import TrainConfig, to_dict
 from pipeline.config.train_config import promoted
+from pipeline.devices import resolve_device
 from pipeline.training.convex_probe import fit_logistic_lbfgs, fold_standardization, standardize, standardize_fit
 from pipeline.training.ensembles import calibrated_ensembles
 from pipeline.training.evaluate import accuracy, split_logits
@@ -71,6 +72,7 @@ class Run:
     train_layers: list[str]  # those the trained (not solved) groups read each epoch
     epochs: int
     steps_per_epoch: int
+    device: torch.device  # where the groups train (the held layers live there too)
     # Pruning: each member's best validation accuracy at each rung it reached, and the epoch
     # a stopped member stopped at.
     rung_acc: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -105,6 +107,7 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, keep_held: bool = False
 def plan_training(cfg: TrainConfig) -> Run:
     """setup: the store (its layers held in RAM when they fit), the splits, the members in
     fused groups (solved ones solved), the plan logged."""
+    device = resolve_device(cfg.device, "device")
     reader = open_store(cfg.store, storage_options=cfg.storage_options)
     splits = resolve_splits(cfg, reader)
     members = expand(cfg.adapters, reader.layers, cfg.seed, cfg.store)
@@ -118,20 +121,20 @@ def plan_training(cfg: TrainConfig) -> Run:
     layers = sorted({l for r in reads for l in r}, key=list(reader.layers).index)
     trained = [r for ms, r in zip(shapes, reads) if ms[0].solver == "adamw"]  # solved groups (lbfgs) are done at setup
     train_layers = [l for l in layers if any(l in r for r in trained)]
-    _hold_in_memory(cfg, reader, splits, layers, train_layers)
+    _hold_in_memory(cfg, reader, splits, layers, train_layers, device)
     standardized = sorted({l for ms, r in zip(shapes, reads) if ms[0].standardize and ms[0].solver == "adamw" for l in r},
                           key=list(reader.layers).index)
     standardizer = _standardizer(reader, splits, standardized)
-    groups = [_make_group(ms, reader, num_classes, backbone_modules, standardizer, splits, cfg.views) for ms in shapes]
+    groups = [_make_group(ms, reader, num_classes, backbone_modules, standardizer, splits, cfg.views, device) for ms in shapes]
     n_train = int(count_samples(reader, splits.train, splits.train_keep))
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch)) if trained else 0
     if epochs > cfg.epochs:
         log.info("min_steps=%d: %d epochs instead of %d (%d steps per epoch)", cfg.min_steps, epochs, cfg.epochs, steps_per_epoch)
     log.info(
-        "plan: %d adapters in %d fused groups, %d trainable parameters in all; %d train samples x %d epochs "
+        "plan: %d adapters in %d fused groups on %s, %d trainable parameters in all; %d train samples x %d epochs "
         "(%d steps); reading %d layers (%.1f MB per epoch); val %s (%d), test %s",
-        len(members), len(groups), sum(g.fused.template.num_trainable_parameters() * len(g.members) for g in groups),
+        len(members), len(groups), device, sum(g.fused.template.num_trainable_parameters() * len(g.members) for g in groups),
         n_train, epochs, steps_per_epoch * epochs, len(train_layers),
         n_train * sum(reader.layers[l].tokens * reader.layers[l].dim * 4 for l in train_layers) / 1e6,
         splits.val, int(count_samples(reader, splits.val, splits.val_keep)), splits.test,
@@ -139,20 +142,22 @@ def plan_training(cfg: TrainConfig) -> Run:
     if cfg.pruning and trained:
         log.info("pruning: at epochs %s, members outside the top 1/%d of the values reached there stop (%d earlier values given)",
                  cfg.pruning.rungs(epochs), cfg.pruning.reduction_factor, sum(len(v) for v in cfg.rung_history.values()))
-    return Run(cfg, reader, splits, groups, layers, train_layers, epochs, steps_per_epoch)
+    return Run(cfg, reader, splits, groups, layers, train_layers, epochs, steps_per_epoch, device)
 
 
-def _hold_in_memory(cfg: TrainConfig, reader: CacheReader, splits: Splits, layers: list[str], train_layers: list[str]) -> None:
+def _hold_in_memory(cfg: TrainConfig, reader: CacheReader, splits: Splits, layers: list[str], train_layers: list[str],
+                    device: torch.device) -> None:
     """The training layers (every view the epochs draw from), then the evaluated splits, held
-    in RAM while they fit the budget; the rest streams (cache/resident.py)."""
+    on the training device (RAM, or the GPU's memory) while they fit the budget; the rest
+    streams (cache/resident.py)."""
     budget = None if cfg.memory_budget_mb is None else int(cfg.memory_budget_mb * 1e6)
     if budget == 0:
         reader.read_held = False  # stream, even what another run in this process holds
         return
     if train_layers:
-        reader.hold(splits.train, train_layers, cfg.views, budget)
+        reader.hold(splits.train, train_layers, cfg.views, budget, device)
     for split in dict.fromkeys(s for s in (splits.val, splits.test) if s is not None):
-        reader.hold(split, layers, "clean", budget)
+        reader.hold(split, layers, "clean", budget, device)
 
 
 def _train_epochs(run: Run, metrics) -> list[float]:
@@ -164,7 +169,7 @@ def _train_epochs(run: Run, metrics) -> list[float]:
     step, stale, epoch_seconds = 0, 0, []
     for epoch in range(run.epochs):
         groups = [g for g in run.groups if not g.stopped]
-        losses = [torch.zeros(len(g.members)) for g in groups]
+        losses = [torch.zeros(len(g.members), device=run.device) for g in groups]
         # Features in the default dtype, as the adapters' parameters are made (float64 in exactness tests).
         bar = tqdm(reader.batches(splits.train, run.train_layers, cfg.batch_size, seed=cfg.seed, epoch=epoch, keep=splits.train_keep,
                                   out=torch.get_default_dtype(), views=cfg.views),
@@ -172,13 +177,16 @@ def _train_epochs(run: Run, metrics) -> list[float]:
         seen, t_epoch = 0, time.perf_counter()
         for batch in bar:
             factor = warmup_cosine(step, total_steps, int(cfg.warmup_epochs * run.steps_per_epoch))
+            # No copy when the batch was gathered where the layers are held.
+            features = {k: v.to(run.device, non_blocking=True) for k, v in batch.features.items()}
+            labels = batch.labels.to(run.device, non_blocking=True)
             for gi, g in enumerate(groups):
                 if g.optimizer is None:
                     continue
                 t0 = time.perf_counter()
-                loss = train_step(g, batch.features, batch.labels, factor)
+                loss = train_step(g, features, labels, factor)
                 g.seconds += time.perf_counter() - t0
-                losses[gi] += loss * len(batch.labels)
+                losses[gi] += loss * len(labels)
                 if step % cfg.log_every == 0:
                     metrics.write(json.dumps({"step": step, "epoch": epoch, "group": gi, "lr_factor": factor,
                                               "loss": {m.id: float(l) for m, l in zip(g.members, loss.detach())}}) + "\n")
@@ -186,7 +194,8 @@ def _train_epochs(run: Run, metrics) -> list[float]:
             step += 1
             bar.set_postfix(samples_per_s=f"{seen / (time.perf_counter() - t_epoch):.0f}", refresh=False)
         epoch_seconds.append(time.perf_counter() - t_epoch)
-        improved = _validate(groups, reader, splits, run.layers, cfg.batch_size, epoch, [l / max(seen, 1) for l in losses], metrics)
+        improved = _validate(groups, reader, splits, run.layers, cfg.batch_size, epoch, [(l / max(seen, 1)).cpu() for l in losses], metrics,
+                             run.device)
         stale = 0 if improved else stale + 1
         if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
             log.info("early stop after epoch %d: no member improved for %d epochs", epoch + 1, stale)
@@ -244,8 +253,8 @@ def train_step(g: Group, features: dict[str, torch.Tensor], labels: torch.Tensor
     return loss.detach()
 
 
-def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, metrics) -> bool:
-    logits, labels = split_logits(groups, reader, splits.val, layers, batch_size, splits.val_keep)
+def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, metrics, device) -> bool:
+    logits, labels = split_logits(groups, reader, splits.val, layers, batch_size, splits.val_keep, device)
     accs = accuracy(logits, labels)
     improved, offset = False, 0
     for g, train_loss in zip(groups, train_losses):
@@ -255,8 +264,9 @@ def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, m
         if better.any():
             improved = True
             g.best_val = torch.where(better, acc, g.best_val)
+            on = better.to(next(iter(g.best_params.values())).device)  # the mask where the parameters are
             for name, p in g.fused.params.items():
-                g.best_params[name][better] = p.detach()[better]
+                g.best_params[name][on] = p.detach()[on]
         for m, a, l in zip(g.members, acc, train_loss):
             metrics.write(json.dumps({"epoch": epoch, "member": m.name, "member_id": m.id, "train_loss": float(l), "val_acc": float(a)}) + "\n")
     metrics.flush()
@@ -272,16 +282,16 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: 
         for g in groups:
             for name, p in g.fused.params.items():
                 p.copy_(g.best_params[name])
-    val_logits, val_labels = split_logits(groups, reader, splits.val, layers, cfg.batch_size, splits.val_keep)
+    val_logits, val_labels = split_logits(groups, reader, splits.val, layers, cfg.batch_size, splits.val_keep, run.device)
     val_acc = accuracy(val_logits, val_labels)
     test_acc = None
     if splits.test:
-        test_logits, test_labels = split_logits(groups, reader, splits.test, layers, cfg.batch_size)
+        test_logits, test_labels = split_logits(groups, reader, splits.test, layers, cfg.batch_size, device=run.device)
         test_acc = accuracy(test_logits, test_labels)
     backbone_params = reader.manifest.backbone_parameters
     rows, adapters = [], []
     for g in groups:
-        trained = g.fused.unstack()
+        trained = [a.cpu() for a in g.fused.unstack()]  # saved and returned on the CPU, wherever they trained
         for m, adapter in zip(g.members, trained):
             i = len(rows)
             params = adapter.num_trainable_parameters()
@@ -336,16 +346,16 @@ def _standardizer(reader: CacheReader, splits: Splits, layers: list[str]) -> Opt
 
 
 def _make_group(members: list[Member], reader: CacheReader, num_classes: int, backbone_modules, standardizer: Optional[Standardizer],
-                splits: Splits, views: str) -> Group:
+                splits: Splits, views: str, device: torch.device) -> Group:
     if members[0].solver == "lbfgs":
-        return _solved_group(members, reader, num_classes, splits, views)
+        return _solved_group(members, reader, num_classes, splits, views, device)
     adapters = []
     for m in members:
         torch.manual_seed(m.seed)  # a member's init depends on its own seed only
         adapter = build_adapter(m.kind, reader.layers, num_classes, backbone_modules=backbone_modules, **m.hparams)
         if m.standardize:
             adapter.standardize_with(standardizer)
-        adapters.append(adapter)
+        adapters.append(adapter.to(device))  # initialised on the CPU: the same init on any device
     fused = FusedAdapters(adapters)
     optimizer = StackedAdamW(fused.parameters(), lr=[m.lr for m in members], weight_decay=[m.weight_decay for m in members])
     best_params = {name: p.detach().clone() for name, p in fused.params.items()}
@@ -358,7 +368,7 @@ def _make_group(members: list[Member], reader: CacheReader, num_classes: int, ba
 LBFGS_GTOL = 1e-6
 
 
-def _solved_group(members: list[Member], reader: CacheReader, num_classes: int, splits: Splits, views: str) -> Group:
+def _solved_group(members: list[Member], reader: CacheReader, num_classes: int, splits: Splits, views: str, device: torch.device) -> Group:
     """Linear probes solved exactly (convex_probe.py), one per L2 strength, largest first and
     each warm-started from the previous; weights folded onto raw pooled features."""
     t0 = time.perf_counter()
@@ -382,7 +392,7 @@ def _solved_group(members: list[Member], reader: CacheReader, num_classes: int, 
         with torch.no_grad():
             adapters[i].head.weight.copy_(weight)
             adapters[i].head.bias.copy_(bias)
-    fused = FusedAdapters(adapters)
+    fused = FusedAdapters([a.to(device) for a in adapters])
     best_params = {name: p.detach().clone() for name, p in fused.params.items()}
     return Group(members, fused, None, seconds=time.perf_counter() - t0, best_val=torch.full((len(members),), -1.0), best_params=best_params)
 

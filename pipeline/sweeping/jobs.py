@@ -89,7 +89,7 @@ def _job(cfg: SweepConfig, trials: list[Trial], member_ids: list[str]) -> Job:
     # (s3://...) and its storage options travel as they are; each worker opens the store itself.
     store = cfg.store if is_url(cfg.store) else str(Path(cfg.store).resolve())
     data = {**cfg.train_settings(), "store": store, "storage_options": cfg.storage_options, "save_top": cfg.save_top,
-            "memory_budget_mb": cfg.memory_budget_mb, "output": str((Path(cfg.output) / "jobs" / job_id).resolve()),
+            "memory_budget_mb": cfg.memory_budget_mb, "device": cfg.device, "output": str((Path(cfg.output) / "jobs" / job_id).resolve()),
             "adapters": [adapter_entry(t) for t in trials]}
     return Job(job_id, tuple(trials), tuple(member_ids), build(TrainConfig, data, source=f"job {job_id}"))
 

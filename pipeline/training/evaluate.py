@@ -12,13 +12,15 @@ from cache import CacheReader
 
 @torch.no_grad()
 def split_logits(groups: Sequence, reader: CacheReader, split: str, layers: list[str], batch_size: int,
-                 keep: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [members, n, C] (groups concatenated in order) and labels [n], in sample order."""
+                 keep: Optional[np.ndarray] = None, device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [members, n, C] (groups concatenated in order) and labels [n], in sample order,
+    on the CPU; the groups compute on `device`, where their parameters are."""
     for g in groups:
         g.eval()
     outs, labels = [], []
     for batch in reader.batches(split, layers, batch_size, shuffle=False, keep=keep, out=torch.get_default_dtype()):
-        outs.append(torch.cat([g(batch.features) for g in groups], dim=0))
+        features = {k: v.to(device, non_blocking=True) for k, v in batch.features.items()}
+        outs.append(torch.cat([g(features) for g in groups], dim=0).cpu())
         labels.append(batch.labels)
     for g in groups:
         g.train()
