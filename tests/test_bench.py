@@ -71,6 +71,10 @@ def test_report_has_every_method_table_and_plot(bench):
         assert f"| {method}" in text, method
     for section in ("## Protocol", "### inca_d16 per layer", "### Storage options", "## Speed and scale", " cores ("):
         assert section in text
+    # Held in RAM against streaming and the floor, for 1 and for N fused adapters, side by side.
+    assert [h["adapters"] for h in result["speed"]["held"]] == [1, 2]
+    assert all(len(h["seconds"][k]) == 1 for h in result["speed"]["held"] for k in ("held", "streamed", "floor"))
+    assert "1 InCA adapter(s) on `blocks.5`, one epoch on cpu: store held in memory / streamed / floor" in text
     for plot in ("accuracy_vs_params.png", "accuracy_per_layer.png", "time_vs_accuracy.png", "accuracy_vs_training_time.png"):
         assert (tmp / "report" / "benchmark_plots" / plot).read_bytes()[:4] == b"\x89PNG"
     rows = {r["method"]: r for r in result["cases"][0]["rows"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 PLOTS = "benchmark_plots"
@@ -340,6 +341,11 @@ def _speed_section(s: dict) -> list[str]:
         f"| {t['fused_n']} InCA adapters (lr grid), fused, one pass | {t['fused_epoch_s']:.2f} s | **{t['fused_epoch_s'] / t['one_epoch_s']:.2f}** x one |",
         f"| {t['mixed_n']} mixed adapters (linear + InCA x every layer x 2 lr), one pass | {t['mixed_epoch_s']:.2f} s | "
         f"{t['mixed_epoch_s'] / t['one_epoch_s']:.2f} x one |",
+        *[f"| {h['adapters']} InCA adapter(s) on `{h['layer']}`, one epoch on {h['device']}: store held in memory / streamed / "
+          f"floor (float32 batches already in a list) | {statistics.median(h['seconds']['held']):.2f} / {statistics.median(h['seconds']['streamed']):.2f} / "
+          f"{statistics.median(h['seconds']['floor']):.2f} s | "
+          f"held **{h['held_over_floor']:.2f}**, streamed {h['streamed_over_floor']:.2f} x the floor's speed |"
+          for h in s["held"]],
         f"| the same InCA adapter with the backbone in the loop ({t['online_samples']} samples) | {t['online_s']:.1f} s | "
         f"**{t['online_over_cached_per_sample']:.0f}x** slower per sample |",
         f"| sweep of {t['sweep_k']} configs x {t['sweep_epochs']} epochs: extract once ({t['extract_once_s']:.0f} s) + cached trainings | "

@@ -7,7 +7,9 @@
    chunks in the same order vs the raw bytes of the shard files (all from the OS page
    cache, as training reads after its first epoch);
 3. one epoch of 1 InCA adapter vs N fused InCA adapters (a learning-rate grid) vs mixed
-   adapters (linear + InCA on every layer) in one pass;
+   adapters (linear + InCA on every layer) in one pass; and, for 1 and for N fused adapters,
+   one epoch with the store held in RAM vs streamed vs the floor (the same steps over the
+   same batches already decoded to float32 in a list), in alternating rounds;
 4. one epoch from the cache vs the same adapter with the backbone in the loop (decode +
    preprocess + frozen forward every step), per sample; and a sweep of K configurations:
    extract once + K cached trainings vs K online trainings, from the measured rates.
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache import open_store
+from cache import open_store, resident
 from pipeline.adapters.base import last_layer_name, layers_in_backbone_order
 from pipeline.config import ExtractConfig, TrainConfig, build
 from pipeline.config.extract_config import DataConfig
@@ -44,6 +46,8 @@ def measure_speed(cfg: ExtractConfig, store: str, settings: dict, epochs: int, b
     fused = cached_epoch(store, [{**inca, "lr": [float(x) for x in np.geomspace(1e-4, 1e-2, n)]}], batch_size)
     layers = layers_in_backbone_order(reader.layers)
     mixed = cached_epoch(store, [{"kind": "linear", "layers": layers, "lr": [1e-3, 3e-3]}, {**inca, "layers": layers, "lr": [1e-3, 3e-3]}], batch_size)
+    out["held"] = [held_vs_floor(store, {**inca, "lr": lrs}, batch_size, settings["rounds"])
+                   for lrs in ([1e-3], [float(x) for x in np.geomspace(1e-4, 1e-2, n)])]
     online_s, online_n = online_epoch(store, cfg.data, layer, batch_size, settings["images"])
     n_train = reader.num_samples(reader.splits[0])
     cached_per_sample, online_per_sample = one["seconds"] / one["samples"], online_s / online_n
@@ -130,6 +134,56 @@ def cached_epoch(store: str, adapters: list[dict], batch_size: int, epochs: int 
         result = run_train(cfg)
     samples = round(open_store(store).num_samples(cfg.train_split) * (1 - cfg.val_fraction))
     return {"seconds": min(result["summary"]["epoch_seconds"]), "samples": samples}
+
+
+def held_vs_floor(store: str, adapters: dict, batch_size: int, rounds: int) -> dict:
+    """Seconds of one training epoch of the `adapters` entry (its members fused), three ways
+    side by side, in alternating rounds after one warm-up: held (the store's layers in RAM,
+    the default), streamed (`memory_budget_mb: 0`) and the floor (the same steps over the same
+    batches, decoded to float32 beforehand and kept in a list: no reader at all). The ratios
+    are the medians of the rounds' floor / held and floor / streamed (1.0: as fast as the floor)."""
+    from pipeline.runners.train import plan_training
+
+    with tempfile.TemporaryDirectory() as out:
+        base = {"store": store, "output": out, "epochs": 1, "batch_size": batch_size, "adapters": [adapters]}
+        resident.release()
+        streamed = plan_training(build(TrainConfig, {**base, "memory_budget_mb": 0}))
+        held = plan_training(build(TrainConfig, base))
+        if resident.held_bytes() == 0:
+            raise RuntimeError(f"{store}: its layers do not fit half the available memory; nothing to compare")
+        s = held.splits
+        floor = [({k: v.to(held.device) for k, v in b.features.items()}, b.labels.to(held.device))  # on the training device
+                 for b in held.reader.batches(s.train, held.train_layers, batch_size, seed=held.cfg.seed, epoch=0, keep=s.train_keep)]
+        times: dict[str, list[float]] = {"floor": [], "held": [], "streamed": []}
+        _epoch_seconds(held, floor)  # warm-up: allocator, thread pools
+        for _ in range(rounds):
+            times["floor"].append(_epoch_seconds(held, floor))
+            times["held"].append(_epoch_seconds(held))
+            times["streamed"].append(_epoch_seconds(streamed))
+        resident.release()
+    ratio = {k: float(np.median([f / t for f, t in zip(times["floor"], times[k])])) for k in ("held", "streamed")}
+    return {"layer": adapters["layers"][0], "adapters": len(held.groups[0].members), "samples": sum(len(labels) for _, labels in floor),
+            "device": str(held.device),
+            "seconds": times, "held_over_floor": ratio["held"], "streamed_over_floor": ratio["streamed"]}
+
+
+def _epoch_seconds(run, batches=None) -> float:
+    """One training pass of every group of a planned run: over its reader's batches (moved to
+    the run's device, as `train` does), or over `batches` ((features, labels) already there)."""
+    from pipeline.runners.train import train_step
+
+    cfg, s = run.cfg, run.splits
+    if batches is None:
+        batches = ((b.features, b.labels) for b in run.reader.batches(s.train, run.train_layers, cfg.batch_size, seed=cfg.seed, epoch=0,
+                                                                       keep=s.train_keep))
+    t0 = time.perf_counter()
+    for features, labels in batches:
+        features = {k: v.to(run.device, non_blocking=True) for k, v in features.items()}
+        for g in run.groups:
+            train_step(g, features, labels.to(run.device, non_blocking=True), 1.0)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # the steps are queued: time them done
+    return time.perf_counter() - t0
 
 
 def online_epoch(store: str, data: DataConfig, layer: str, batch_size: int, samples: int) -> tuple[float, int]:
