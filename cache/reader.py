@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
-    features: dict[str, torch.Tensor]  # layer -> [B, T, D]
+    # layer -> [B, T, D], on the device its arrays are held on (a GPU run holds them there),
+    # else on the CPU
+    features: dict[str, torch.Tensor]
     labels: torch.Tensor  # [B] int64
     indices: torch.Tensor  # [B] sample index within the split
 
@@ -251,15 +253,19 @@ class CacheReader:
         now, on the device for a GPU), or the split is incomplete: reads then stream as before."""
         self._check_layers(layers)
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # as tensors name it: "cuda:0", not "cuda"
+            device = torch.device("cuda", torch.cuda.current_device())
         groups = [split] + ([view_group(split, v) for v in range(1, self.views(split))] if views != "clean" else [])
         kinds = ["layers", "scales"] if self.encoding.has_scales else ["layers"]
         wanted = [(g, f"{kind}/{name}") for g in groups for name in layers for kind in kinds]
         todo = [(g, p) for g, p in wanted if resident.get(self.identity, f"{g}/{p}") is None]
-        need = sum(self.root[g][p].nbytes for g, p in todo)
+        elsewhere = [resident.get(self.identity, f"{g}/{p}") for g, p in wanted if (g, p) not in todo]
+        # What is new on this device: arrays read now, and those held on another device, moved.
+        need = sum(self.root[g][p].nbytes for g, p in todo) + sum(a.nbytes for a in elsewhere if a.device != device)
         budget = resident.default_budget(device) if budget is None else budget
-        if resident.held_bytes() + need > budget:
-            log.info("%s of %s: %.0f MB to hold in memory, %.0f MB held, budget %.0f MB: streaming from the store", split, self.path,
-                     need / 1e6, resident.held_bytes() / 1e6, budget / 1e6)
+        if resident.held_bytes(device) + need > budget:
+            log.info("%s of %s: %.0f MB to hold on %s, %.0f MB held there, budget %.0f MB: streaming from the store", split, self.path,
+                     need / 1e6, device, resident.held_bytes(device) / 1e6, budget / 1e6)
             return False
         if any(self.missing_chunks(g) for g in groups):
             log.info("%s of %s is incomplete: streaming from the store", split, self.path)
@@ -349,8 +355,10 @@ class CacheReader:
         valid = self._whole(split, "valid", stamped)
         usable = valid if keep is None else valid & keep
 
-        if all(self._held(f"{g}/{kind}/{name}") is not None for g in set(group_of.values()) for name in layers
-               for kind in (["layers", "scales"] if self.encoding.has_scales else ["layers"])):
+        held = [self._held(f"{g}/{kind}/{name}") for g in set(group_of.values()) for name in layers
+                for kind in (["layers", "scales"] if self.encoding.has_scales else ["layers"])]
+        # All held, on one device (runs on another device may hold some, which then stream).
+        if all(a is not None for a in held) and len({a.device for a in held}) == 1:
             yield from self._held_epoch(split, layers, windows, usable, perm_seeds, group_of, labels_all, batch_size, out)
             return
 
@@ -401,11 +409,13 @@ class CacheReader:
         kinds = ["layers", "scales"] if self.encoding.has_scales else ["layers"]
         held = {(k, name): [self._held(f"{g}/{k}/{name}") for g in groups] for k in kinds for name in layers}
         device = held["layers", layers[0]][0].device
-        rows, sources = torch.from_numpy(order).to(device), torch.from_numpy(source).to(device)
         for start in range(0, len(order), batch_size):
-            sl = order[start: start + batch_size]
-            at, src = rows[start: start + batch_size], sources[start: start + batch_size]
-            stored = {key: _gather_rows(arrays, at, src) for key, arrays in held.items()}
+            sl, src = order[start: start + batch_size], source[start: start + batch_size]
+            # Which rows each group gives, and where they go, worked out on the CPU (no device sync).
+            picks = [np.flatnonzero(src == s) for s in range(len(groups))]
+            rows = [torch.from_numpy(sl[p]).to(device, non_blocking=True) for p in picks]
+            order_back = torch.from_numpy(np.argsort(np.concatenate(picks))).to(device, non_blocking=True) if len(groups) > 1 else None
+            stored = {key: _gather_rows(arrays, rows, order_back) for key, arrays in held.items()}
             feats = {name: self.encoding.decode(stored["layers", name], stored.get(("scales", name)), out) for name in layers}
             yield Batch(feats, torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
 
@@ -458,14 +468,14 @@ class CacheReader:
             require_finite(values if keep is None else values[keep], f"{g.path}/layers/{name}", start, stop, self.path, chunk)
 
 
-def _gather_rows(arrays: list[torch.Tensor], rows: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """out[i] = arrays[source[i]][rows[i]]: one batch's samples from the held split or its
-    views. index_select only (torch has no index_put for the uint16 of bfloat16 bits)."""
+def _gather_rows(arrays: list[torch.Tensor], rows: list[torch.Tensor], order_back: Optional[torch.Tensor]) -> torch.Tensor:
+    """One batch's samples: rows[s] of arrays[s] (the held split and its views), concatenated,
+    then put back in the batch's order. index_select only: torch has no index_put for the
+    uint16 of bfloat16 bits."""
     if len(arrays) == 1:
-        return arrays[0].index_select(0, rows)
-    picks = [torch.nonzero(source == s).flatten() for s in range(len(arrays))]
-    parts = torch.cat([arr.index_select(0, rows.index_select(0, pick)) for arr, pick in zip(arrays, picks)])
-    return parts.index_select(0, torch.argsort(torch.cat(picks)))  # back to the batch's order
+        return arrays[0].index_select(0, rows[0])
+    parts = torch.cat([arr.index_select(0, r) for arr, r in zip(arrays, rows)])
+    return parts.index_select(0, order_back)
 
 
 def open_store(path: str | Path | StoreLocation, allow_partial: bool = False, storage_options: Optional[dict] = None) -> CacheReader:

@@ -46,19 +46,20 @@ def available_bytes() -> int:
 
 
 def default_budget(device: torch.device = torch.device("cpu")) -> int:
-    """Half of the memory available now (on a GPU, of its free memory): room is left for the
-    adapters, the batches and whatever else the machine runs."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
-    return available_bytes() // 2
+    """Half of the memory available to hold arrays on `device` (RAM, or a GPU's memory): what
+    is free now plus what is held there already. Room is left for the adapters, the batches
+    and whatever else the machine runs."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_bytes()
+    return (free + held_bytes(device)) // 2
 
 
 def get(store: str, path: str) -> torch.Tensor | None:
     return _ARRAYS.get((store, path))
 
 
-def held_bytes() -> int:
-    return sum(a.nbytes for a in _ARRAYS.values())
+def held_bytes(device: torch.device | None = None) -> int:
+    """Bytes held on `device` (None: anywhere)."""
+    return sum(a.nbytes for a in _ARRAYS.values() if device is None or a.device == device)
 
 
 def put(store: str, path: str, values: torch.Tensor) -> None:

@@ -26,13 +26,13 @@ STATS_ROWS = ("prefix_sum", "prefix_sumsq", "patch_sum", "patch_sumsq", "pooled_
 
 
 def sums(values: torch.Tensor, valid: np.ndarray, spec: LayerSpec) -> np.ndarray:
-    """Decoded values [n, T, D] of n samples -> [len(STATS_ROWS), D] float64 sums over the valid ones."""
-    x = values[torch.from_numpy(np.asarray(valid, dtype=bool))].to(torch.float64)
+    """Decoded values [n, T, D] of n samples (on any device) -> [len(STATS_ROWS), D] float64 sums over the valid ones."""
+    x = values[torch.from_numpy(np.asarray(valid, dtype=bool)).to(values.device)].to(torch.float64)
     prefix, patch = x[:, : spec.prefix_tokens], x[:, spec.prefix_tokens :]
     pooled = patch.mean(dim=1) if patch.shape[1] else patch.sum(dim=1)  # [n, D]; no patch tokens: zeros, count 0
     rows = [prefix.sum((0, 1)), (prefix * prefix).sum((0, 1)), patch.sum((0, 1)), (patch * patch).sum((0, 1)),
             pooled.sum(0), (pooled * pooled).sum(0)]
-    return torch.stack(rows).numpy()
+    return torch.stack(rows).cpu().numpy()
 
 
 def summarize(total: np.ndarray, samples: int, spec: LayerSpec) -> dict[str, torch.Tensor]:

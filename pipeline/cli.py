@@ -68,7 +68,8 @@ def build_parser(prog: str = "featurecache") -> argparse.ArgumentParser:
 
     sw = command("sweep", "hyperparameter search: many fused train jobs from a store, run on dask")
     _config_arguments(sw, "a sweep config (configs/sweep_*.yaml)", "epochs=2 num_trials=20")
-    _dask_arguments(sw, workers_help="worker processes of the local cluster (default: one per core); 0 runs the jobs in this process",
+    _dask_arguments(sw, workers_help="worker processes of the local cluster (default: one per core, or one when training on a GPU); "
+                                     "0 runs the jobs in this process",
                     scheduler_help="address of a running dask scheduler (tcp://HOST:PORT); default: a local cluster")
 
     pr = command("predict", "apply saved adapters (several tasks) to images, one backbone pass per batch")

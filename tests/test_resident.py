@@ -12,7 +12,7 @@ from pipeline.config import SweepConfig, TrainConfig, build
 from pipeline.runners.extract import run_extract
 from pipeline.runners.sweep import run_sweep
 from pipeline.runners.train import run_train
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, write_image_folder
 
 
 @pytest.fixture(autouse=True)
@@ -108,15 +108,16 @@ def test_cuda_asked_for_without_one_is_refused_naming_the_key(tmp_path, image_fo
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float16", "int8"])
-def test_training_on_the_gpu_holds_the_store_there_and_equals_the_cpu(tmp_path, image_folder, float64_training, dtype):
+@pytest.mark.parametrize("dtype", ["float16", "int8", "bfloat16"])
+def test_training_on_the_gpu_holds_the_store_there_and_equals_the_cpu(tmp_path, float64_training, dtype):
     """Held batches are gathered and decoded on the GPU, and the fused groups train there: in
     float64, every member's validation and test logits equal a CPU run's up to rounding (one
     epoch, where Adam has not yet amplified it; logits.npz keeps them as float32, so up to
     its rounding), and every held array is on the device that trained."""
-    cfg = tiny_config(tmp_path, image_folder, f"store.dtype={dtype}", "store.views=2")
+    # 24 training samples in batches of 20: index_select's large-index kernel, as at real batch sizes.
+    cfg = tiny_config(tmp_path, write_image_folder(tmp_path / "images", per_class=8), f"store.dtype={dtype}", "store.views=2")
     run_extract(cfg)
-    settings = {"store": cfg.store.path, "epochs": 1, "batch_size": 4, "test_split": "val", "views": "random",
+    settings = {"store": cfg.store.path, "epochs": 1, "batch_size": 20, "test_split": "val", "views": "random",
                 "adapters": [{"kind": "linear", "layers": ["blocks.5"], "lr": [0.01, 0.1]},
                              {"kind": "inca", "layers": ["blocks.0"], "hparams": {"dim": 16}, "lr": [0.001, 0.01]}]}
     logits = {}

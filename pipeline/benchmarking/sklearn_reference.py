@@ -23,7 +23,7 @@ def pooled_features(store: str, split: str, layer: str, keep=None) -> tuple[np.n
     spec = reader.layers[layer]
     xs, ys = [], []
     for batch in reader.batches(split, [layer], 512, shuffle=False, keep=keep):
-        xs.append(pool_tokens(batch.features[layer], spec, "mean").numpy())
+        xs.append(pool_tokens(batch.features[layer], spec, "mean").cpu().numpy())  # held on a GPU by an earlier run: there
         ys.append(batch.labels.numpy())
     return np.concatenate(xs), np.concatenate(ys)
 

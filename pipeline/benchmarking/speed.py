@@ -141,7 +141,8 @@ def held_vs_floor(store: str, adapters: dict, batch_size: int, rounds: int) -> d
     side by side, in alternating rounds after one warm-up: held (the store's layers in RAM,
     the default), streamed (`memory_budget_mb: 0`) and the floor (the same steps over the same
     batches, decoded to float32 beforehand and kept in a list: no reader at all). The ratios
-    are the medians of the rounds' floor / held and floor / streamed (1.0: as fast as the floor)."""
+    are the medians of the rounds' floor / held and floor / streamed (1.0: as fast as the floor).
+    On a GPU the floor's epoch of float32 batches sits in its memory beside the held arrays."""
     from pipeline.runners.train import plan_training
 
     with tempfile.TemporaryDirectory() as out:

@@ -36,6 +36,7 @@ from pipeline.adapters import adapter_class, build_adapter
 from pipeline.config import ConfigError, TrainConfig, to_dict
 from pipeline.config.sweep_config import SweepConfig
 from pipeline.dask_cluster import dask_client, require_dask, workers_per_host
+from pipeline.devices import resolve_device
 from pipeline.sweeping.export import best_per_kind, results_markdown, write_best_train_config
 from pipeline.sweeping.jobs import Job, plan_jobs, run_job, rung_history, trial_member, trial_rows
 from pipeline.sweeping.plots import plot_scores
@@ -56,8 +57,10 @@ JOB_RETRIES = 2
 
 def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Optional[int] = None) -> dict:
     """scheduler: address of a running dask scheduler; otherwise a LocalCluster of `workers`
-    processes (None: one per core), or no dask at all when workers == 0."""
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    processes (None: one per core, or one when the jobs train on a GPU: each worker would hold
+    its own copy of the store in the GPU's memory), or no dask at all when workers == 0."""
+    if workers is None:
+        workers = 1 if resolve_device(cfg.device, "device").type == "cuda" else (os.cpu_count() or 1)
     if workers < 0:
         raise ConfigError(f"workers: got {workers}, expected >= 0 (0: run the jobs in this process)")
     if scheduler or workers:

@@ -189,7 +189,7 @@ def _train_epochs(run: Run, metrics) -> list[float]:
                 losses[gi] += loss * len(labels)
                 if step % cfg.log_every == 0:
                     metrics.write(json.dumps({"step": step, "epoch": epoch, "group": gi, "lr_factor": factor,
-                                              "loss": {m.id: float(l) for m, l in zip(g.members, loss.detach())}}) + "\n")
+                                              "loss": dict(zip((m.id for m in g.members), loss.tolist()))}) + "\n")
             seen += len(batch.labels)
             step += 1
             bar.set_postfix(samples_per_s=f"{seen / (time.perf_counter() - t_epoch):.0f}", refresh=False)
@@ -378,7 +378,8 @@ def _solved_group(members: list[Member], reader: CacheReader, num_classes: int, 
     # views "random": the augmented set whole, every view of every sample.
     views = "all" if views == "random" else "clean"
     for batch in reader.batches(splits.train, [probe.spec.name], 1024, shuffle=False, keep=splits.train_keep, views=views):
-        pooled.append(pool_tokens(batch.features[probe.spec.name], probe.spec, probe.hparams.pool).double())
+        # Views are held (or streamed) each on its own, so batches may come from RAM or the GPU.
+        pooled.append(pool_tokens(batch.features[probe.spec.name], probe.spec, probe.hparams.pool).double().to(device))
         labels.append(batch.labels)
     mean, std = standardize_fit(torch.cat(pooled))
     x, y = standardize(torch.cat(pooled), mean, std), torch.cat(labels)
