@@ -126,7 +126,7 @@ class TrainingSettings:
     # view 0 only. Validation and test are always clean. A split without views reads it either way.
     views: Literal["clean", "random"] = "random"
     # Hold the layers a run reads in memory (decoded once, as stored) when they fit this budget
-    # (MB; null: half the memory available at setup, of the GPU's on a GPU; 0: always stream
+    # (MB; null: half of what is free at setup plus what is held, in RAM or on the GPU; 0: always stream
     # from the store). Shared by every fused group, and by the sweep jobs a worker runs on the
     # same store.
     memory_budget_mb: Optional[float] = None
