@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,13 @@ class TpeSearch:
         # Seeded by the sweep's seed and how far the study got: a rerun continues the search
         # instead of replaying the first run's proposals (TPE's first ones are random draws).
         seed = int(np.random.SeedSequence([cfg.seed, len(self.study.trials)]).generate_state(1)[0])
-        self.study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        # multivariate + group: one density over the parameters sampled together, per entry
+        # (the space is conditional on `entry`). On bench_search's 213-configuration space it
+        # proposed fewer repeats of trained configurations and reached the grid's best on every
+        # seed tried, where independent (univariate) densities missed it on one seed of three.
+        with warnings.catch_warnings():  # both options are "experimental" in Optuna's terms
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True, group=True)
         self.path = out / "study.journal"
         self._asked: dict[int, object] = {}  # trial number -> the optuna Trial asked in this run
 
