@@ -394,7 +394,8 @@ def _accuracy_per_layer(ax, case) -> bool:
         drawn = True
     ax.set(xlabel="cached layer (shallow to deep)", ylabel="accuracy (%)", title=f"{case['name']}: accuracy per layer (mean ± sd over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if drawn:  # a case without per-layer rows has nothing to name
+        ax.legend(fontsize=7)
     return drawn
 
 
