@@ -1,6 +1,7 @@
 """How soon each search finds a configuration as good as the exhaustive grid's best.
 
     python benchmarks/bench_search.py [stores/bench/imagenette_lite0.zarr] [--epochs 4] [--trials-per-job 8] [--val-fraction 0.1]
+                                      [--sampler-seeds 1]
 
 One space of over 200 configurations on the store's layers: linear probes (every layer x 5 lr
 x 3 weight decays), InCA (every layer but the first x 3 lr x 2 wd x 2 heads x 2 widths x 2
@@ -10,7 +11,8 @@ after the other, with the store held in RAM for all of them (decoded once, befor
 2. random, 3. tpe, 4. tpe + pruning (successive halving, min 1 epoch, reduction factor 3):
    each as many trials as the grid ran (random: that many per entry, split evenly).
    The target: the grid's best minus 0.2 points; a search reaches it with its first trial
-   row at or above that.
+   row at or above that. With --sampler-seeds K, tpe and tpe + pruning run K times, the
+   sampler alone reseeded (the sweep's seed, so the split and the training, stay fixed).
 For each: trials run, time, the time the target was first reached (a trial row's arrival in
 trials.jsonl), trials (completed or pruned) per hour, and the test accuracy of the
 configuration it would export (the best by validation among its non-pruned trials). The
@@ -23,6 +25,7 @@ Prints a markdown table; writes bench_out/bench_search.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -103,6 +106,24 @@ def run_search(name: str, base: dict, extra: dict, target: float | None, cap: in
             "trials_per_hour": 3600 * len(rows) / wall, "best": best}
 
 
+@contextlib.contextmanager
+def sampler_offset(k: int):
+    """TPE's sampler seed shifted by k, nothing else: TpeSearch seeds the sampler from the
+    sweep's seed, which also seeds the split and the training."""
+    import optuna
+
+    real = optuna.samplers.TPESampler
+
+    def shifted(seed=None, **kw):
+        return real(seed=None if seed is None else seed + 7919 * k, **kw)
+
+    optuna.samplers.TPESampler = shifted
+    try:
+        yield
+    finally:
+        optuna.samplers.TPESampler = real
+
+
 def reaches(row: dict, target: float) -> bool:
     return row["metrics"].get("pruned_at") is None and row["metrics"]["val_acc"] >= target - TOLERANCE
 
@@ -125,6 +146,7 @@ def main() -> None:
     p.add_argument("--test-split", default="val")
     # A larger validation carve separates configurations that a small one ties (0.1 of 3,000: 300 samples).
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--sampler-seeds", type=int, default=1, help="runs of tpe and tpe + pruning, each with another sampler seed")
     args = p.parse_args()
     logging.disable(logging.INFO)
     layers = list(open_store(args.store).layers)
@@ -140,9 +162,12 @@ def main() -> None:
     target = results[0]["best"]["metrics"]["val_acc"]
     per_entry = -(-n // len(entries))
     results.append(run_search("random", base, {"search": "random", "num_trials": per_entry}, target, n))
-    results.append(run_search("tpe", base, {"search": "tpe", "num_trials": n}, target, n))
     pruning = {"min_epochs": 1, "reduction_factor": 3}
-    results.append(run_search("tpe + pruning", base, {"search": "tpe", "num_trials": n, "pruning": pruning}, target, n))
+    for k in range(args.sampler_seeds):
+        suffix = f" (sampler seed +{k})" if k else ""
+        with sampler_offset(k):
+            results.append(run_search("tpe" + suffix, base, {"search": "tpe", "num_trials": n}, target, n))
+            results.append(run_search("tpe + pruning" + suffix, base, {"search": "tpe", "num_trials": n, "pruning": pruning}, target, n))
     spread = seed_spread(base, results[0]["best"])
     print(f"\ntarget: the grid's best validation accuracy {target:.4f} (minus {100 * TOLERANCE:.1f} points); "
           f"grid best's test accuracy over seeds 0-2: {', '.join(f'{a:.4f}' for a in spread)} (spread {max(spread) - min(spread):.4f})\n")
