@@ -1,7 +1,7 @@
 """How soon each search finds a configuration as good as the exhaustive grid's best.
 
     python benchmarks/bench_search.py [stores/bench/imagenette_lite0.zarr] [--epochs 4] [--trials-per-job 8] [--val-fraction 0.1]
-                                      [--sampler-seeds 1]
+                                      [--sampler-seeds 1] [--report BENCHMARKS.md]
 
 One space of over 200 configurations on the store's layers: linear probes (every layer x 5 lr
 x 3 weight decays), InCA (every layer but the first x 3 lr x 2 wd x 2 heads x 2 widths x 2
@@ -19,7 +19,8 @@ configuration it would export (the best by validation among its non-pruned trial
 grid's best is also trained with seeds 0, 1, 2 to give the seed spread of its test accuracy.
 Time is this process's CPU time (time.process_time; wall time beside it): run with
 OMP_NUM_THREADS=1 it is the work done, so the ratios hold on a machine busy with other work.
-Prints a markdown table; writes bench_out/bench_search.json.
+Prints a markdown table; writes bench_out/bench_search.json and, with --report, the table as a
+section of that markdown file (BENCHMARKS.md; `bench` keeps the section when it rewrites the file).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache import open_store  # noqa: E402
+from pipeline.benchmarking.machine import machine_info  # noqa: E402
+from pipeline.benchmarking.report import replace_block, standalone_markers  # noqa: E402
 from pipeline.config import SweepConfig, TrainConfig, build  # noqa: E402
 from pipeline.runners.sweep import run_sweep  # noqa: E402
 from pipeline.runners.train import plan_training, run_train  # noqa: E402
@@ -147,6 +150,7 @@ def main() -> None:
     # A larger validation carve separates configurations that a small one ties (0.1 of 3,000: 300 samples).
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--sampler-seeds", type=int, default=1, help="runs of tpe and tpe + pruning, each with another sampler seed")
+    p.add_argument("--report", help="also write the table as a section of this markdown file (BENCHMARKS.md)")
     args = p.parse_args()
     logging.disable(logging.INFO)
     layers = list(open_store(args.store).layers)
@@ -169,22 +173,36 @@ def main() -> None:
             results.append(run_search("tpe" + suffix, base, {"search": "tpe", "num_trials": n}, target, n))
             results.append(run_search("tpe + pruning" + suffix, base, {"search": "tpe", "num_trials": n, "pruning": pruning}, target, n))
     spread = seed_spread(base, results[0]["best"])
-    print(f"\ntarget: the grid's best validation accuracy {target:.4f} (minus {100 * TOLERANCE:.1f} points); "
-          f"grid best's test accuracy over seeds 0-2: {', '.join(f'{a:.4f}' for a in spread)} (spread {max(spread) - min(spread):.4f})\n")
-    grid_hit = results[0]["target_cpu_s"]
-    print("search | trials | pruned | CPU s (wall s) | target reached at CPU s | sooner than grid | trials per CPU hour | "
-          "exported best: val / test")
-    print("--- | --- | --- | --- | --- | --- | --- | ---")
-    for r in results:
-        hit = r["target_cpu_s"]
-        print(f"{r['search']} | {r['trials']} | {r['pruned']} | {r['cpu_s']:.0f} ({r['wall_s']:.0f}) | {'-' if hit is None else f'{hit:.0f}'} | "
-              f"{'-' if hit is None else f'{grid_hit / hit:.1f}x'} | {r['trials_per_cpu_hour']:.0f} | "
-              f"{r['best']['metrics']['val_acc']:.4f} / {r['best']['metrics']['test_acc']:.4f}")
+    summary = {"machine": machine_info(), "command": " ".join(sys.argv), "configurations": n, "layers": layers,
+               "epochs": args.epochs, "val_fraction": args.val_fraction, "target": target, "seed_test_acc": spread,
+               "median_seed_test_acc": statistics.median(spread), "searches": results}
+    text = markdown(summary)
+    print("\n" + text)
     Path("bench_out").mkdir(exist_ok=True)
-    Path("bench_out/bench_search.json").write_text(json.dumps({"configurations": n, "target": target, "seed_test_acc": spread,
-                                                                "median_seed_test_acc": statistics.median(spread), "searches": results},
-                                                               indent=1, default=str))
+    Path("bench_out/bench_search.json").write_text(json.dumps(summary, indent=1, default=str))
+    if args.report:
+        replace_block(Path(args.report), *standalone_markers("benchmarks/bench_search.py"), text, append=True)
 
+
+def markdown(s: dict) -> str:
+    """The section for BENCHMARKS.md: what ran, on what, and one row per search."""
+    m, spread = s["machine"], s["seed_test_acc"]
+    grid_hit = s["searches"][0]["target_cpu_s"]
+    lines = ["## Search speed: grid, random, TPE, TPE + pruning", "",
+             f"`OMP_NUM_THREADS=1 python {s['command']}` on {m['date']}, commit `{m['commit']}`, {m['cpu']}, {m['cores']} cores, "
+             f"GPU: {m['gpu'] or 'none'}. {s['configurations']} configurations on {', '.join(s['layers'])}; {s['epochs']} epochs per "
+             f"trial; validation {s['val_fraction']} of the training split. Time is the process's CPU time. Target: the grid's "
+             f"best validation accuracy ({100 * s['target']:.2f}) minus {100 * TOLERANCE:.1f} points. The grid's best scores "
+             f"{', '.join(f'{100 * a:.2f}' for a in spread)} on test over seeds 0-2.", "",
+             "| search | trials | pruned | CPU s (wall s) | target reached at CPU s | sooner than grid | trials per CPU hour | "
+             "exported best: val / test |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in s["searches"]:
+        hit = r["target_cpu_s"]
+        lines.append(f"| {r['search']} | {r['trials']} | {r['pruned']} | {r['cpu_s']:.0f} ({r['wall_s']:.0f}) | "
+                     f"{'never' if hit is None else f'{hit:.0f}'} | {'-' if hit is None else f'{grid_hit / hit:.1f}x'} | "
+                     f"{r['trials_per_cpu_hour']:,.0f} | {100 * r['best']['metrics']['val_acc']:.2f} / "
+                     f"{100 * r['best']['metrics']['test_acc']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()

@@ -29,9 +29,13 @@ def _bench_yaml(tmp, sklearn_C=(0.1, 1.0)) -> str:
         "runtime": {"batch_size": 8, "num_workers": 0},
     }
     (tmp / "extract.yaml").write_text(yaml.safe_dump(extract))
-    from pipeline.benchmarking.report import HEADLINE_END, HEADLINE_START
+    from pipeline.benchmarking.report import HEADLINE_END, HEADLINE_START, standalone_markers
 
     (tmp / "README.md").write_text(f"# tiny\n\nbefore\n{HEADLINE_START}\nstale\n{HEADLINE_END}\nafter\n")
+    # An earlier report with a section from a stand-alone script, which the bench must keep.
+    (tmp / "report").mkdir(exist_ok=True)
+    (tmp / "report" / "BENCHMARKS.md").write_text("# stale bench\n\n" + "\n".join(
+        [standalone_markers("benchmarks/bench_x.py")[0], "## X kept", standalone_markers("benchmarks/bench_x.py")[1]]) + "\n")
     bench = {
         "output": str(tmp / "out"), "report": str(tmp / "report" / "BENCHMARKS.md"), "readme": str(tmp / "README.md"),
         "seeds": [0, 1], "epochs": 2, "batch_size": 8,
@@ -91,6 +95,8 @@ def test_report_has_every_method_table_and_plot(bench):
                    "LoSA >= last-layer linear probe (exact)", "VQT >= best-layer linear probe (exact)"):
         assert target in text, target
     assert "| sklearn test (C) | difference |" in text
+    # A stand-alone script's section survives the rewrite, after the bench's own text.
+    assert "# stale bench" not in text and text.rstrip().endswith("## X kept\n<!-- end of benchmarks/bench_x.py -->")
     # The README's headline block is rewritten from the same results, the rest of the file kept.
     readme = (tmp / "README.md").read_text()
     assert readme.startswith("# tiny\n\nbefore\n") and readme.endswith("after\n") and "stale" not in readme
@@ -237,3 +243,18 @@ def test_a_unit_is_recomputed_when_its_settings_or_the_training_code_change(tmp_
     monkeypatch.setattr(units_module, "CODE_VERSION", "another")
     assert units.get("grid", {"lr": 2}, compute) == 3
     assert (units.reused, units.computed) == (1, 3)
+
+
+def test_a_standalone_section_is_appended_then_rewritten_in_place(tmp_path):
+    from pipeline.benchmarking.report import replace_block, standalone_markers, with_standalone_sections
+
+    path, markers = tmp_path / "BENCHMARKS.md", standalone_markers("benchmarks/bench_y.py")
+    path.write_text("# Benchmarks\n\nbody\n")
+    replace_block(path, *markers, "## Y\nfirst", append=True)
+    replace_block(path, *markers, "## Y\nsecond", append=True)
+    assert path.read_text() == f"# Benchmarks\n\nbody\n\n{markers[0]}\n## Y\nsecond\n{markers[1]}\n"
+    # A new bench report keeps it; a file with no such section adds nothing.
+    assert with_standalone_sections("# New\n", path.read_text()) == f"# New\n\n{markers[0]}\n## Y\nsecond\n{markers[1]}\n"
+    assert with_standalone_sections("# New\n", "# Old\n") == "# New\n"
+    with pytest.raises(ValueError, match="no block to rewrite"):
+        replace_block(tmp_path / "README.md", *markers, "x")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -200,14 +201,39 @@ def headline_markdown(result: dict) -> str:
 
 def write_headline(path: Path, result: dict) -> None:
     """Replace the block between the markers in `path` (a README) with the headline."""
-    text = path.read_text()
-    if HEADLINE_START not in text or HEADLINE_END not in text:
-        raise ValueError(f"{path}: no bench headline block to rewrite; add the two marker lines {HEADLINE_START!r} and {HEADLINE_END!r}")
-    head, rest = text.split(HEADLINE_START, 1)
-    _, tail = rest.split(HEADLINE_END, 1)
+    replace_block(path, HEADLINE_START, HEADLINE_END, headline_markdown(result))
+
+
+def replace_block(path: Path, start: str, end: str, body: str, append: bool = False) -> None:
+    """Rewrite the text between the marker lines `start` and `end` in `path`, atomically;
+    with `append`, a file without them (or no file) gets the block at its end."""
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+    elif append:
+        head, tail = (text.rstrip("\n") + "\n\n" if text else ""), "\n"
+    else:
+        raise ValueError(f"{path}: no block to rewrite; add the two marker lines {start!r} and {end!r}")
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{head}{HEADLINE_START}\n{headline_markdown(result)}\n{HEADLINE_END}{tail}")
+    tmp.write_text(f"{head}{start}\n{body.rstrip()}\n{end}{tail}")
     tmp.replace(path)
+
+
+def standalone_markers(script: str) -> tuple[str, str]:
+    """The marker lines of the section a stand-alone script (benchmarks/...) writes into
+    BENCHMARKS.md; `bench` keeps such sections when it rewrites the file."""
+    return f"<!-- {script}: written by that script; kept when `bench` rewrites this file -->", f"<!-- end of {script} -->"
+
+
+_STANDALONE = re.compile(r"<!-- (benchmarks/[\w./-]+): written by that script; kept when `bench` rewrites this file -->\n"
+                         r".*?<!-- end of \1 -->\n?", re.S)
+
+
+def with_standalone_sections(report: str, previous: str) -> str:
+    """`report` followed by every stand-alone script's section found in `previous`."""
+    kept = [m.group(0).rstrip("\n") for m in _STANDALONE.finditer(previous)]
+    return "\n\n".join([report.rstrip("\n"), *kept]) + "\n"
 
 
 BACK_RAZOR = ("For scale: Back Razor (Jiang et al., NeurIPS 2022) reports saving up to 9.2x memory by fine-tuning with "

@@ -24,7 +24,7 @@ from pipeline.benchmarking import methods as M
 from pipeline.benchmarking.finetune import finetune
 from pipeline.benchmarking.machine import machine_info
 from pipeline.benchmarking.measured import run_measured
-from pipeline.benchmarking.report import PLOTS, write_benchmarks, write_headline
+from pipeline.benchmarking.report import PLOTS, with_standalone_sections, write_benchmarks, write_headline
 from pipeline.benchmarking.sklearn_reference import fit_logistic
 from pipeline.benchmarking.speed import measure_speed
 from pipeline.benchmarking.store_variants import disk_per_sample, option_label, variant_config
@@ -58,10 +58,14 @@ def run_bench(cfg: BenchConfig, config_path: str) -> dict:
     if cfg.readme:
         write_headline(Path(cfg.readme), result)
     if cfg.report:
-        # The copy (e.g. at the repository root) links its plots by the same relative path.
+        # The copy (e.g. at the repository root) links its plots by the same relative path, and
+        # keeps the sections that stand-alone scripts (benchmarks/) wrote into it.
         target = Path(cfg.report)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(report, target)
+        previous = target.read_text() if target.exists() else ""
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(with_standalone_sections(report.read_text(), previous))
+        tmp.replace(target)
         shutil.copytree(out / PLOTS, target.parent / PLOTS, dirs_exist_ok=True)
     log.info("bench done in %.0f s (%d units computed, %d reused); report %s", result["wall_s"], units.computed, units.reused, report)
     return result
