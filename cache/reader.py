@@ -114,12 +114,13 @@ class CacheReader:
         return [int(i) for i in np.flatnonzero(~self._done(split))]
 
     def labels(self, split: str) -> np.ndarray:
-        return self._whole(split, "labels")
+        """[N] int labels, the caller's own copy (the reader keeps its read-only one)."""
+        return self._whole(split, "labels").copy()
 
     def valid(self, split: str) -> np.ndarray:
         """[N] bool, False for skipped samples; its objects must exist for every stamped chunk
-        (a missing one would read as all-False: samples silently dropped)."""
-        return self._whole(split, "valid")
+        (a missing one would read as all-False: samples silently dropped). The caller's own copy."""
+        return self._whole(split, "valid").copy()
 
     def sample_ids(self, split: str) -> np.ndarray:
         return np.asarray(read_sample_ids(self.root[split]), dtype=object)
@@ -137,6 +138,7 @@ class CacheReader:
             self.objects.require(arr, start, stop, int(c))
         values = read_region(arr, 0, n, self.path)
         if self.read_held and done.all():
+            values.flags.writeable = False  # shared by every later read: a caller must not edit it
             self._complete_meta[f"{split}/{name}"] = values
         return values
 
@@ -185,7 +187,7 @@ class CacheReader:
         """Samples [start, stop) of each layer, decoded; skipped (invalid) samples included."""
         self._check_layers(layers)
         g = self.root[split]
-        computed = self._whole(split, "valid")[start:stop]  # skipped samples were never computed
+        computed = torch.from_numpy(self._whole(split, "valid")[start:stop].copy())  # skipped samples were never computed
         result = {}
         for name in layers:
             stored = self._checked(g[f"layers/{name}"], start, stop)
@@ -272,7 +274,7 @@ class CacheReader:
             return False
         for g in groups:
             loaded = {p: self._checked(self.root[g][p], 0, self.num_samples(g)) for gg, p in todo if gg == g}
-            valid = self._whole(g, "valid")
+            valid = torch.from_numpy(self._whole(g, "valid").copy())  # the kept array is read-only, which torch does not take
             for name in layers:  # what a streamed read refuses: non-finite values of computed samples
                 if f"layers/{name}" not in loaded:
                     continue
@@ -455,8 +457,10 @@ class CacheReader:
         parts = []
         for g, chunk, start, stop, keep in rows:
             held = self._held(f"{g.path}/{path}")
-            # Part of what a window reads may be held (another run's layers), on any device.
-            block = held[start:stop].cpu().numpy() if held is not None else self._checked(g[path], start, stop, chunk)
+            # Part of what a window reads may be held (another run's layers), on any device. A
+            # copy: a slice of a held CPU array is a view of it, and a batch that a consumer
+            # edits in place must not change what later reads of it return.
+            block = held[start:stop].cpu().numpy().copy() if held is not None else self._checked(g[path], start, stop, chunk)
             parts.append(block if keep is None else block[keep])
         joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return joined if perm is None else joined[perm]

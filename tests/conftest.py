@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cache import BackboneRecord, Fingerprint, LayerSpec, StorageRecord
+from cache import BackboneRecord, Fingerprint, LayerSpec, StorageRecord, resident
 from pipeline.config import ExtractConfig, apply_overrides, build
 
 # Tiny models gain nothing from a second thread, and OpenMP's barriers make them ~50x slower
@@ -91,6 +91,15 @@ def assert_same_but_skipped(a_path, b_path, split: str, skipped: list[int]) -> N
     assert np.flatnonzero(~valid).tolist() == skipped
     for layer in a.layers:
         np.testing.assert_array_equal(a.zarr_array(split, layer)[:][valid], b.zarr_array(split, layer)[:][valid])
+
+
+@pytest.fixture(autouse=True)
+def nothing_held():
+    """Each test starts and ends with nothing held in RAM (cache/resident.py is process-wide), so
+    that no test reads what another one held."""
+    resident.release()
+    yield
+    resident.release()
 
 
 @pytest.fixture

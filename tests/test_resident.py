@@ -15,23 +15,18 @@ from pipeline.runners.train import run_train
 from tests.conftest import tiny_config, write_image_folder
 
 
-@pytest.fixture(autouse=True)
-def nothing_held():
-    resident.release()
-    yield
-    resident.release()
-
-
-def epoch(reader, views="clean", epoch=0, layers=("blocks.0", "blocks.5")):
+def epoch(reader, views="clean", epoch=0, layers=("blocks.0", "blocks.5"), **how):
     return [(b.indices.clone(), b.labels.clone(), {k: v.clone() for k, v in b.features.items()})
-            for b in reader.batches("train", list(layers), 5, seed=3, epoch=epoch, keep=np.arange(12) != 4, views=views)]
+            for b in reader.batches("train", list(layers), 5, seed=3, epoch=epoch, keep=np.arange(12) != 4, views=views, **how)]
 
 
+# One window of 3 chunks; then one chunk per window, so batches carry samples over windows.
+@pytest.mark.parametrize("how", [{}, {"buffer_chunks": 1}, {"buffer_chunks": 1, "shuffle": False}], ids=["window", "windows", "in-order"])
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
-def test_held_batches_equal_streamed_batches(tmp_path, image_folder, dtype, monkeypatch):
+def test_held_batches_equal_streamed_batches(tmp_path, image_folder, dtype, how, monkeypatch):
     cfg = tiny_config(tmp_path, image_folder, f"store.dtype={dtype}", "store.views=3")
     run_extract(cfg)
-    streamed = [epoch(open_store(cfg.store.path), "random", e) for e in range(2)]
+    streamed = [epoch(open_store(cfg.store.path), "random", e, **how) for e in range(2)]
     reader = open_store(cfg.store.path)
     before = resident.loads
     assert reader.hold("train", ["blocks.0", "blocks.5"], "random", budget=10**9)
@@ -41,7 +36,7 @@ def test_held_batches_equal_streamed_batches(tmp_path, image_folder, dtype, monk
     # Nor are the stamps, labels and validity re-read each epoch.
     monkeypatch.setattr("cache.reader.read_region", lambda *a, **k: pytest.fail("a held split read the store"))
     for e in range(2):
-        held = epoch(reader, "random", e)
+        held = epoch(reader, "random", e, **how)
         assert len(held) == len(streamed[e])
         for (i, y, f), (i2, y2, f2) in zip(held, streamed[e]):
             assert torch.equal(i, i2) and torch.equal(y, y2)
@@ -131,3 +126,33 @@ def test_training_on_the_gpu_holds_the_store_there_and_equals_the_cpu(tmp_path, 
         logits[device] = np.load(tmp_path / device / "logits.npz")
     for key in ("val_logits", "test_logits"):
         np.testing.assert_allclose(logits["cuda"][key], logits["cpu"][key], rtol=1e-6, atol=1e-6)
+
+
+def test_a_batch_never_aliases_a_held_array(tmp_path, image_folder):
+    # One layer held, one streamed, read in store order with one chunk per window: the held
+    # layer's rows come out of RAM unchanged. A consumer that edits its batch in place must
+    # not change what later epochs (or other sweep jobs) read.
+    cfg = tiny_config(tmp_path, image_folder, "store.dtype=float32")
+    run_extract(cfg)
+    reader = open_store(cfg.store.path)
+    assert reader.hold("train", ["blocks.0"], budget=10**9)
+    for batch in reader.batches("train", ["blocks.0", "blocks.5"], 4, shuffle=False, buffer_chunks=1):
+        batch.features["blocks.0"].zero_()
+    stored = zarr.open_array(f"{cfg.store.path}/train/layers/blocks.0", mode="r")[:]
+    again = torch.cat([b.features["blocks.0"] for b in reader.batches("train", ["blocks.0", "blocks.5"], 4, shuffle=False, buffer_chunks=1)])
+    assert np.abs(stored).sum() > 0 and torch.equal(again, torch.from_numpy(stored))
+
+
+def test_the_labels_and_validity_a_reader_keeps_are_its_own(tmp_path, image_folder):
+    # Every epoch reads the labels and validity the reader keeps; a caller that edits what it
+    # was given must not change them, and the reader cannot edit its own by mistake.
+    cfg = tiny_config(tmp_path, image_folder)
+    run_extract(cfg)
+    reader = open_store(cfg.store.path)
+    labels, valid = reader.labels("train"), reader.valid("train")
+    labels[:], valid[:] = 99, False
+    stored = zarr.open_array(f"{cfg.store.path}/train/labels", mode="r")[:]
+    assert np.array_equal(reader.labels("train"), stored) and reader.valid("train").all()
+    assert torch.equal(torch.cat([b.labels for b in reader.batches("train", ["blocks.0"], 4, shuffle=False)]), torch.from_numpy(stored))
+    with pytest.raises(ValueError, match="read-only"):
+        reader._whole("train", "labels")[0] = 0
