@@ -2,6 +2,8 @@
 budget is kept, held arrays are checked as streamed reads are, and a store is decoded once
 per process across runs and sweep jobs."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,19 @@ def test_the_labels_and_validity_a_reader_keeps_are_its_own(tmp_path, image_fold
     assert torch.equal(torch.cat([b.labels for b in reader.batches("train", ["blocks.0"], 4, shuffle=False)]), torch.from_numpy(stored))
     with pytest.raises(ValueError, match="read-only"):
         reader._whole("train", "labels")[0] = 0
+
+
+def test_a_store_extracted_again_at_the_same_path_is_read_afresh(tmp_path):
+    # What a process holds is keyed by the store's place, fingerprint and creation: a new
+    # store at the path of a held one is read from disk, never answered from the old one's RAM.
+    first = tiny_config(tmp_path, write_image_folder(tmp_path / "a", seed=0), "store.dtype=float32")
+    run_extract(first)
+    assert open_store(first.store.path).hold("train", ["blocks.0"], budget=10**9)
+    shutil.rmtree(first.store.path)
+    second = tiny_config(tmp_path, write_image_folder(tmp_path / "b", seed=1), "store.dtype=float32")
+    assert second.store.path == first.store.path
+    run_extract(second)
+    reader = open_store(second.store.path)
+    got = torch.cat([b.features["blocks.0"] for b in reader.batches("train", ["blocks.0"], 4, shuffle=False)])
+    stored = zarr.open_array(f"{second.store.path}/train/layers/blocks.0", mode="r")[:]
+    assert torch.equal(got, torch.from_numpy(stored))
