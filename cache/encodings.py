@@ -80,6 +80,12 @@ class Encoding:
         """Stored array -> float numpy array of `dtype`; for float32, equal to `decode`."""
         raise NotImplementedError
 
+    def finite_rows(self, stored: np.ndarray, scales: Optional[np.ndarray] = None) -> np.ndarray:
+        """Per sample [N] (bool): whether every value `decode` gives it (in float32) is finite,
+        read from the stored values without decoding them (a held store is checked whole:
+        decoding it would take seconds and four times its size in RAM for a moment)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class NativeFloat(Encoding):
@@ -94,6 +100,9 @@ class NativeFloat(Encoding):
     def decode_numpy(self, stored, scales=None, dtype="float32"):
         return stored.astype(dtype)
 
+    def finite_rows(self, stored, scales=None):  # widening to float32 keeps a value finite or not
+        return np.isfinite(stored).reshape(len(stored), -1).all(axis=1)
+
 
 @dataclass(frozen=True)
 class BFloat16Bits(Encoding):
@@ -107,6 +116,9 @@ class BFloat16Bits(Encoding):
 
     def decode_numpy(self, stored, scales=None, dtype="float32"):
         return (stored.astype(np.uint32) << 16).view(np.float32).astype(dtype)
+
+    def finite_rows(self, stored, scales=None):  # non-finite: the 8 exponent bits all set
+        return ((stored & 0x7F80) != 0x7F80).reshape(len(stored), -1).all(axis=1)
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,11 @@ class Int8Absmax(Encoding):
 
     def decode_numpy(self, stored, scales=None, dtype="float32"):
         return stored.astype(dtype) * scales[:, None, :].astype(dtype)
+
+    def finite_rows(self, stored, scales=None):
+        # |q| <= 127 times a finite float16 scale (<= 65504) is finite in float32; a non-finite
+        # scale makes every value of its channel non-finite (0 * NaN included).
+        return np.isfinite(scales).reshape(len(scales), -1).all(axis=1)
 
 
 BFLOAT16_NAN_BITS = 0x7FC0

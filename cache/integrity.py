@@ -67,8 +67,12 @@ def read_region(arr: zarr.Array, start: int, stop: int, where: str, chunk: int |
 def require_finite(values: torch.Tensor | np.ndarray, path: str, start: int, stop: int, where: str, chunk: int | None = None) -> None:
     finite = torch.isfinite(values).all() if isinstance(values, torch.Tensor) else np.isfinite(values).all()
     if not finite:
-        raise StoreError(f"store {where!r}: {_what(path, start, stop, chunk)} holds non-finite values (damaged, or never "
-                         f"written); run `python -m pipeline verify {where} --repair`, then the same extract command")
+        raise non_finite_error(path, start, stop, where, chunk)
+
+
+def non_finite_error(path: str, start: int, stop: int, where: str, chunk: int | None = None) -> StoreError:
+    return StoreError(f"store {where!r}: {_what(path, start, stop, chunk)} holds non-finite values (damaged, or never "
+                      f"written); run `python -m pipeline verify {where} --repair`, then the same extract command")
 
 
 def _what(path: str, start: int, stop: int, chunk: int | None) -> str:

@@ -29,7 +29,7 @@ import zarr
 from cache import resident
 from cache.encodings import encoding
 from cache.errors import StoreError, require_extra
-from cache.integrity import ObjectIndex, read_region, require_finite
+from cache.integrity import ObjectIndex, non_finite_error, read_region, require_finite
 from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids
 from cache.schema import CREATING_KEY, MANIFEST_KEY, Fingerprint, Manifest, SplitRecord, split_of, view_group
@@ -274,14 +274,16 @@ class CacheReader:
             return False
         for g in groups:
             loaded = {p: self._checked(self.root[g][p], 0, self.num_samples(g)) for gg, p in todo if gg == g}
-            valid = torch.from_numpy(self._whole(g, "valid").copy())  # the kept array is read-only, which torch does not take
+            valid = self._whole(g, "valid")
             for name in layers:  # what a streamed read refuses: non-finite values of computed samples
                 if f"layers/{name}" not in loaded:
                     continue
-                values = self.encoding.decode(loaded[f"layers/{name}"], loaded.get(f"scales/{name}"))
-                for c in range(self.plan.n_chunks(self.num_samples(g))):
+                stored, scales = loaded[f"layers/{name}"], loaded.get(f"scales/{name}")
+                for c in range(self.plan.n_chunks(self.num_samples(g))):  # a chunk at a time: no whole-array temporaries
                     a, b = self.plan.chunk_range(c, self.num_samples(g))
-                    require_finite(values[a:b][valid[a:b]], f"{g}/layers/{name}", a, b, self.path, c)
+                    finite = self.encoding.finite_rows(stored[a:b], None if scales is None else scales[a:b])
+                    if not finite[valid[a:b]].all():
+                        raise non_finite_error(f"{g}/layers/{name}", a, b, self.path, c)
             for p, values in loaded.items():
                 resident.put(self.identity, f"{g}/{p}", torch.from_numpy(values).to(device))
         for g, p in wanted:  # held by an earlier run on another device: moved, not read again

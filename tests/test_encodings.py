@@ -145,3 +145,24 @@ def test_a_non_finite_value_never_enters_the_store(tmp_path, dtype):
     feats["pooled"][6, 0, 1] = float("inf")
     with pytest.raises(StoreError, match="pooled"):
         write_store(tmp_path / "store.zarr", dtype, feats)
+
+
+@pytest.mark.parametrize("dtype", list(ENCODINGS))
+def test_finite_rows_says_which_samples_decode_to_finite_values(dtype):
+    """What a held store is checked with, against the definition: decode, then isfinite."""
+    enc = encoding(dtype)
+    stored, scales = enc.encode(features()["tokens"])
+    stored, scales = stored.copy(), None if scales is None else scales.copy()
+    # Sample 1: NaN; 2: +inf; 3: -inf, each written as the format holds it; 4: largest finite values.
+    if dtype == "int8":  # values are q * scale: only a scale can be non-finite
+        scales[1, 3], scales[2, 0], scales[3, 5] = np.nan, np.inf, -np.inf
+        stored[4], scales[4] = 127, np.finfo(np.float16).max
+    elif dtype == "bfloat16":
+        stored[1, 0, 3], stored[2, 4, 1], stored[3, 2, 2] = 0x7FC1, 0x7F80, 0xFF80
+        stored[4] = 0x7F7F  # the largest finite bfloat16
+    else:
+        stored[1, 0, 3], stored[2, 4, 1], stored[3, 2, 2] = np.nan, np.inf, -np.inf
+        stored[4] = np.finfo(stored.dtype).max
+    expected = torch.isfinite(enc.decode(stored, scales)).flatten(1).all(dim=1).numpy()
+    assert expected.tolist() == [True, False, False, False] + [True] * (N - 4)
+    assert enc.finite_rows(stored, scales).tolist() == expected.tolist()

@@ -60,11 +60,19 @@ def test_a_store_over_the_budget_streams(tmp_path, image_folder):
     assert reader.hold("train", ["blocks.0"], budget=need) and resident.held_bytes() == need
 
 
-def test_held_arrays_are_checked_once_as_a_streamed_read_checks_them(tmp_path, image_folder):
-    cfg = tiny_config(tmp_path, image_folder, "store.dtype=float32")
+# A non-finite value of a computed sample of chunk 1 (4 samples per chunk), as each format holds it.
+NON_FINITE = {"float32": ("layers", np.nan), "float16": ("layers", np.inf), "bfloat16": ("layers", 0xFF80), "int8": ("scales", np.nan)}
+
+
+@pytest.mark.parametrize("dtype", list(NON_FINITE))
+def test_held_arrays_are_checked_once_as_a_streamed_read_checks_them(tmp_path, image_folder, dtype):
+    cfg = tiny_config(tmp_path, image_folder, f"store.dtype={dtype}")
     run_extract(cfg)
-    arr = zarr.open_array(f"{cfg.store.path}/train/layers/blocks.5", mode="r+")
-    arr[5, 0, 0] = np.nan  # a computed sample of chunk 1 (4 samples per chunk)
+    kind, value = NON_FINITE[dtype]
+    arr = zarr.open_array(f"{cfg.store.path}/train/{kind}/blocks.5", mode="r+")
+    arr[(5, 0, 0)[: arr.ndim]] = value  # scales are [N, D]
+    with pytest.raises(StoreError, match="train/layers/blocks.5.*chunk 1"):  # the streamed read's verdict
+        next(iter(open_store(cfg.store.path).batches("train", ["blocks.5"], 12, shuffle=False)))
     with pytest.raises(StoreError, match="train/layers/blocks.5.*chunk 1"):
         open_store(cfg.store.path).hold("train", ["blocks.5"], budget=10**9)
     assert resident.held_bytes() == 0
