@@ -257,11 +257,16 @@ class CacheReader:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # as tensors name it: "cuda:0", not "cuda"
             device = torch.device("cuda", torch.cuda.current_device())
+        with resident.HOLDING:
+            return self._hold(split, layers, views, budget, device)
+
+    def _hold(self, split: str, layers: Sequence[str], views: str, budget: Optional[int], device: torch.device) -> bool:
         groups = [split] + ([view_group(split, v) for v in range(1, self.views(split))] if views != "clean" else [])
         kinds = ["layers", "scales"] if self.encoding.has_scales else ["layers"]
         wanted = [(g, f"{kind}/{name}") for g in groups for name in layers for kind in kinds]
-        todo = [(g, p) for g, p in wanted if resident.get(self.identity, f"{g}/{p}") is None]
-        elsewhere = [resident.get(self.identity, f"{g}/{p}") for g, p in wanted if (g, p) not in todo]
+        found = {(g, p): resident.get(self.identity, f"{g}/{p}") for g, p in wanted}
+        todo = [key for key, a in found.items() if a is None]
+        elsewhere = [a for a in found.values() if a is not None]
         # What is new on this device: arrays read now, and those held on another device, moved.
         need = sum(self.root[g][p].nbytes for g, p in todo) + sum(a.nbytes for a in elsewhere if a.device != device)
         budget = resident.default_budget(device) if budget is None else budget
@@ -359,11 +364,13 @@ class CacheReader:
         valid = self._whole(split, "valid", stamped)
         usable = valid if keep is None else valid & keep
 
-        held = [self._held(f"{g}/{kind}/{name}") for g in set(group_of.values()) for name in layers
-                for kind in (["layers", "scales"] if self.encoding.has_scales else ["layers"])]
+        # The held arrays this epoch reads, taken once: a release() by another thread meanwhile
+        # drops them from the process's table, not from this epoch.
+        held = {(g, kind, name): self._held(f"{g}/{kind}/{name}") for g in set(group_of.values()) for name in layers
+                for kind in (["layers", "scales"] if self.encoding.has_scales else ["layers"])}
         # All held, on one device (runs on another device may hold some, which then stream).
-        if all(a is not None for a in held) and len({a.device for a in held}) == 1:
-            yield from self._held_epoch(split, layers, windows, usable, perm_seeds, group_of, labels_all, batch_size, out)
+        if all(a is not None for a in held.values()) and len({a.device for a in held.values()}) == 1:
+            yield from self._held_epoch(held, split, layers, windows, usable, perm_seeds, group_of, labels_all, batch_size, out)
             return
 
         def submit(pool, w):
@@ -397,12 +404,13 @@ class CacheReader:
                 sl = carry[1]
                 yield Batch(carry[0], torch.from_numpy(labels_all[sl]), torch.from_numpy(sl))
 
-    def _held_epoch(self, split, layers, windows, usable, perm_seeds, group_of, labels_all, batch_size, out) -> Iterator[Batch]:
-        """`_epoch` for a split whose arrays are all held in RAM: the same samples in the same
-        order (each window's samples, permuted by its seed, one window after the other, cut into
-        batches), each batch gathered from memory and decoded alone, on the device that holds
-        the arrays. No window is assembled, no thread is needed, and no store metadata is read
-        (the reader keeps a complete split's). Labels and indices stay on the CPU."""
+    def _held_epoch(self, arrays, split, layers, windows, usable, perm_seeds, group_of, labels_all, batch_size, out) -> Iterator[Batch]:
+        """`_epoch` for a split whose arrays are all held in RAM (`arrays`: (group, kind, layer)
+        -> the held values): the same samples in the same order (each window's samples, permuted
+        by its seed, one window after the other, cut into batches), each batch gathered from
+        memory and decoded alone, on the device that holds the arrays. No window is assembled,
+        no thread is needed, and no store metadata is read (the reader keeps a complete
+        split's). Labels and indices stay on the CPU."""
         order = [self._window_order(split, chunks, usable, perm_seeds[w])[0] for w, chunks in enumerate(windows)]
         order = np.concatenate(order) if order else np.zeros(0, np.int64)
         groups = sorted(set(group_of.values()))
@@ -411,7 +419,7 @@ class CacheReader:
             per_chunk[c] = groups.index(g)
         source = per_chunk[order // self.plan.samples_per_chunk]  # the group each sample is read from
         kinds = ["layers", "scales"] if self.encoding.has_scales else ["layers"]
-        held = {(k, name): [self._held(f"{g}/{k}/{name}") for g in groups] for k in kinds for name in layers}
+        held = {(k, name): [arrays[g, k, name] for g in groups] for k in kinds for name in layers}
         device = held["layers", layers[0]][0].device
         for start in range(0, len(order), batch_size):
             sl, src = order[start: start + batch_size], source[start: start + batch_size]

@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 # (store identity, array path) -> the array's values as stored (a CPU tensor shares the
 # numpy array's memory).
 _ARRAYS: dict[tuple[str, str], torch.Tensor] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.Lock()  # guards _ARRAYS
+# One hold at a time per process, so that its budget check and its loads are one step: two
+# threads holding at once could otherwise both pass the budget, or both read the same store.
+HOLDING = threading.Lock()
 # How many arrays were read into RAM by this process (tests count decodes with it).
 loads = 0
 
@@ -59,7 +62,9 @@ def get(store: str, path: str) -> torch.Tensor | None:
 
 def held_bytes(device: torch.device | None = None) -> int:
     """Bytes held on `device` (None: anywhere)."""
-    return sum(a.nbytes for a in _ARRAYS.values() if device is None or a.device == device)
+    with _LOCK:
+        arrays = list(_ARRAYS.values())
+    return sum(a.nbytes for a in arrays if device is None or a.device == device)
 
 
 def put(store: str, path: str, values: torch.Tensor) -> None:

@@ -3,6 +3,7 @@ budget is kept, held arrays are checked as streamed reads are, and a store is de
 per process across runs and sweep jobs."""
 
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -182,3 +183,44 @@ def test_a_store_extracted_again_at_the_same_path_is_read_afresh(tmp_path):
     got = torch.cat([b.features["blocks.0"] for b in reader.batches("train", ["blocks.0"], 4, shuffle=False)])
     stored = zarr.open_array(f"{second.store.path}/train/layers/blocks.0", mode="r")[:]
     assert torch.equal(got, torch.from_numpy(stored))
+
+
+def test_an_epoch_keeps_the_arrays_it_started_with_when_another_thread_releases_them(tmp_path, image_folder, monkeypatch):
+    cfg = tiny_config(tmp_path, image_folder)
+    run_extract(cfg)
+    streamed = epoch(open_store(cfg.store.path))
+    reader = open_store(cfg.store.path)
+    assert reader.hold("train", ["blocks.0", "blocks.5"], budget=10**9)
+    window_order = reader._window_order
+
+    def released_meanwhile(*args, **kwargs):  # the release lands after the epoch chose the held path
+        reader.release()
+        return window_order(*args, **kwargs)
+
+    monkeypatch.setattr(reader, "_window_order", released_meanwhile)
+    held = epoch(reader)
+    assert resident.held_bytes() == 0 and len(held) == len(streamed)
+    for (i, y, f), (i2, y2, f2) in zip(held, streamed):
+        assert torch.equal(i, i2) and torch.equal(y, y2) and all(torch.equal(f[k], f2[k]) for k in f)
+
+
+def test_two_threads_holding_at_once_never_pass_the_budget_together(tmp_path, image_folder, monkeypatch):
+    cfgs = [tiny_config(tmp_path, image_folder, "store.dtype=float32", f"store.path={tmp_path / name}") for name in ("a.zarr", "b.zarr")]
+    for cfg in cfgs:
+        run_extract(cfg)
+    first, second = (open_store(cfg.store.path) for cfg in cfgs)
+    need = 12 * 17 * 64 * 4  # one layer of train, float32: the budget fits one store's, not both
+    outcome = {}
+    other = threading.Thread(target=lambda: outcome.setdefault("second", second.hold("train", ["blocks.0"], budget=need * 3 // 2)))
+    checked = first._checked
+
+    def while_first_reads(*args, **kwargs):  # the second hold starts after the first passed the budget, before it loads
+        if not other.is_alive() and "second" not in outcome:
+            other.start()
+            other.join(timeout=1.0)
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(first, "_checked", while_first_reads)
+    assert first.hold("train", ["blocks.0"], budget=need * 3 // 2)
+    other.join()
+    assert outcome == {"second": False} and resident.held_bytes() == need
