@@ -250,9 +250,11 @@ class CacheReader:
         """Keep these layers of `split` (and of its augmented views, unless views is "clean") in
         memory as stored, checked once as a streamed read checks them, for every later read of
         this store by any reader in this process (cache/resident.py): in RAM, or on `device` (a
-        GPU: batches are then gathered and decoded there). Returns False and holds nothing new
-        when they would take what is held past `budget` bytes (None: half the memory available
-        now, on the device for a GPU), or the split is incomplete: reads then stream as before."""
+        GPU: batches are then gathered and decoded there). When they would take what is held
+        past `budget` bytes (None: half the memory available now, on the device for a GPU),
+        other stores held there are forgotten first, least recently held first; returns False
+        and holds nothing new when they still would not fit, or the split is incomplete: reads
+        then stream as before."""
         self._check_layers(layers)
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # as tensors name it: "cuda:0", not "cuda"
@@ -270,6 +272,10 @@ class CacheReader:
         # What is new on this device: arrays read now, and those held on another device, moved.
         need = sum(self.root[g][p].nbytes for g, p in todo) + sum(a.nbytes for a in elsewhere if a.device != device)
         budget = resident.default_budget(device) if budget is None else budget
+        resident.touch(self.identity)
+        if resident.held_bytes(device) + need > budget:
+            for store in resident.make_room(self.identity, need, budget, device):
+                log.info("%s: forgot what %s held on %s (the least recently held store) to make room", self.path, store.rsplit("#", 1)[0], device)
         if resident.held_bytes(device) + need > budget:
             log.info("%s of %s: %.0f MB to hold on %s, %.0f MB held there, budget %.0f MB: streaming from the store", split, self.path,
                      need / 1e6, device, resident.held_bytes(device) / 1e6, budget / 1e6)

@@ -11,7 +11,8 @@ copy per batch.
 The arrays are kept per process and keyed by the store's identity (its location and a hash of
 its manifest's fingerprint and creation time) and the array's path, so every fused group of
 a `train`, and every sweep job a dask worker runs on the same store, decode a store once.
-What does not fit the budget streams, as before; the choice is logged.
+A hold that does not fit the budget first forgets other stores, least recently held first;
+what still does not fit streams, as before; the choice is logged.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ log = logging.getLogger(__name__)
 # (store identity, array path) -> the array's values as stored (a CPU tensor shares the
 # numpy array's memory).
 _ARRAYS: dict[tuple[str, str], torch.Tensor] = {}
-_LOCK = threading.Lock()  # guards _ARRAYS
+# Store identities, least recently held first: which store a hold that does not fit forgets first.
+_RECENT: dict[str, None] = {}
+_LOCK = threading.Lock()  # guards _ARRAYS and _RECENT
 # One hold at a time per process, so that its budget check and its loads are one step: two
 # threads holding at once could otherwise both pass the budget, or both read the same store.
 HOLDING = threading.Lock()
@@ -82,8 +85,41 @@ def move(store: str, path: str, device: torch.device) -> None:
             _ARRAYS[(store, path)] = values.to(device)
 
 
+def touch(store: str) -> None:
+    """Mark `store` as the most recently held."""
+    with _LOCK:
+        _RECENT.pop(store, None)
+        _RECENT[store] = None
+
+
+def make_room(store: str, need: int, budget: int, device: torch.device) -> list[str]:
+    """Forget other stores' arrays on `device`, least recently held first, until `need` more
+    bytes fit `budget` there; nothing when even that would not make them fit (a long-lived
+    dask worker would otherwise keep every store it held, and later stores would stream).
+    Returns the stores forgotten. An epoch reading one of them keeps its arrays until it ends."""
+    with _LOCK:
+        sizes: dict[str, int] = {}
+        for (s, _), a in _ARRAYS.items():
+            if s != store and a.device == device:
+                sizes[s] = sizes.get(s, 0) + a.nbytes
+        over = sum(a.nbytes for a in _ARRAYS.values() if a.device == device) + need - budget
+        if over <= 0 or sum(sizes.values()) < over:
+            return []
+        victims, rank = [], {s: i for i, s in enumerate(_RECENT)}
+        for s in sorted(sizes, key=lambda s: rank.get(s, -1)):
+            if over <= 0:
+                break
+            victims.append(s)
+            over -= sizes[s]
+        for key in [k for k in _ARRAYS if k[0] in victims and _ARRAYS[k].device == device]:
+            del _ARRAYS[key]
+        return victims
+
+
 def release(store: str | None = None) -> None:
     """Forget the arrays of one store (None: of every store)."""
     with _LOCK:
         for key in [k for k in _ARRAYS if store is None or k[0] == store]:
             del _ARRAYS[key]
+        for s in [s for s in _RECENT if store is None or s == store]:
+            del _RECENT[s]

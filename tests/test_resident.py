@@ -223,4 +223,32 @@ def test_two_threads_holding_at_once_never_pass_the_budget_together(tmp_path, im
     monkeypatch.setattr(first, "_checked", while_first_reads)
     assert first.hold("train", ["blocks.0"], budget=need * 3 // 2)
     other.join()
-    assert outcome == {"second": False} and resident.held_bytes() == need
+    # The second hold waited for the first, then forgot it to make room (the least recently held).
+    assert outcome == {"second": True} and resident.held_bytes() == need
+    assert resident.get(first.identity, "train/layers/blocks.0") is None
+
+
+def test_a_hold_that_does_not_fit_forgets_the_least_recently_held_other_store(tmp_path, image_folder):
+    """As on a long-lived dask worker that sweeps one store after another."""
+    readers = []
+    for name in ("a.zarr", "b.zarr", "c.zarr"):
+        cfg = tiny_config(tmp_path, image_folder, "store.dtype=float32", f"store.path={tmp_path / name}")
+        run_extract(cfg)
+        readers.append(open_store(cfg.store.path))
+    a, b, c = readers
+    need = 12 * 17 * 64 * 4  # one layer of train, float32
+    budget = 2 * need  # two stores' layer fit, not three
+    assert a.hold("train", ["blocks.0"], budget=budget) and b.hold("train", ["blocks.0"], budget=budget)
+    assert a.hold("train", ["blocks.0"], budget=budget)  # already held: a is now the more recently held
+    loads = resident.loads
+    assert c.hold("train", ["blocks.0"], budget=budget)
+    assert resident.loads == loads + 1 and resident.held_bytes() == budget
+    assert [resident.get(r.identity, "train/layers/blocks.0") is not None for r in readers] == [True, False, True]
+    # A store that would not fit even alone forgets nothing and streams.
+    assert not a.hold("train", ["blocks.0", "blocks.5"], budget=need + 1)
+    assert resident.held_bytes() == budget
+    # Another split of the same store (a run holds train, then val) forgets the other store, never its own.
+    assert c.hold("val", ["blocks.0"], budget=budget)
+    assert [resident.get(r.identity, "train/layers/blocks.0") is not None for r in readers] == [False, False, True]
+    held = resident.held_bytes()
+    assert not c.hold("val", ["blocks.5"], budget=held) and resident.held_bytes() == held
