@@ -283,6 +283,7 @@ class CacheReader:
         if any(self.missing_chunks(g) for g in groups):
             log.info("%s of %s is incomplete: streaming from the store", split, self.path)
             return False
+        checked = []  # held only once every group passed its checks: a hold is all or nothing
         for g in groups:
             loaded = {p: self._checked(self.root[g][p], 0, self.num_samples(g)) for gg, p in todo if gg == g}
             valid = self._whole(g, "valid")
@@ -295,8 +296,9 @@ class CacheReader:
                     finite = self.encoding.finite_rows(stored[a:b], None if scales is None else scales[a:b])
                     if not finite[valid[a:b]].all():
                         raise non_finite_error(f"{g}/layers/{name}", a, b, self.path, c)
-            for p, values in loaded.items():
-                resident.put(self.identity, f"{g}/{p}", torch.from_numpy(values).to(device))
+            checked += [(f"{g}/{p}", values) for p, values in loaded.items()]
+        for path, values in checked:
+            resident.put(self.identity, path, torch.from_numpy(values).to(device))
         for g, p in wanted:  # held by an earlier run on another device: moved, not read again
             resident.move(self.identity, f"{g}/{p}", device)
         for name in ("labels", "valid"):  # read and kept now (with the stamps, read above): all else an epoch reads

@@ -79,6 +79,16 @@ def test_held_arrays_are_checked_once_as_a_streamed_read_checks_them(tmp_path, i
     assert resident.held_bytes() == 0
 
 
+def test_a_hold_is_all_or_nothing(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, image_folder, "store.views=3")
+    run_extract(cfg)
+    arr = zarr.open_array(f"{cfg.store.path}/train/views/2/layers/blocks.5", mode="r+")
+    arr[5, 0, 0] = np.nan  # the last view group: the split and view 1 were checked before it
+    with pytest.raises(StoreError, match="train/views/2/layers/blocks.5.*chunk 1"):
+        open_store(cfg.store.path).hold("train", ["blocks.5"], "random", budget=10**9)
+    assert resident.held_bytes() == 0
+
+
 def test_a_store_is_decoded_once_across_runs_and_sweep_jobs(tmp_path, image_folder):
     cfg = tiny_config(tmp_path, image_folder)
     run_extract(cfg)
