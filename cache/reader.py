@@ -272,33 +272,35 @@ class CacheReader:
         # What is new on this device: arrays read now, and those held on another device, moved.
         need = sum(self.root[g][p].nbytes for g, p in todo) + sum(a.nbytes for a in elsewhere if a.device != device)
         budget = resident.default_budget(device) if budget is None else budget
-        resident.touch(self.identity)
+        if any(self.missing_chunks(g) for g in groups):
+            log.info("%s of %s is incomplete: streaming from the store", split, self.path)
+            return False
         if resident.held_bytes(device) + need > budget:
             for store in resident.make_room(self.identity, need, budget, device):
-                log.info("%s: forgot what %s held on %s (the least recently held store) to make room", self.path, store.rsplit("#", 1)[0], device)
+                log.info("%s: forgot what %s held on %s (the least recently held store) to make room", self.path, store.split("#", 1)[0], device)
         if resident.held_bytes(device) + need > budget:
             log.info("%s of %s: %.0f MB to hold on %s, %.0f MB held there, budget %.0f MB: streaming from the store", split, self.path,
                      need / 1e6, device, resident.held_bytes(device) / 1e6, budget / 1e6)
             return False
-        if any(self.missing_chunks(g) for g in groups):
-            log.info("%s of %s is incomplete: streaming from the store", split, self.path)
-            return False
-        checked = []  # held only once every group passed its checks: a hold is all or nothing
+        valid = self._whole(split, "valid")  # the split's mask decides which rows every view group gives, as when streamed
+        checked = {}  # put only once every array is read, checked and on the device: a hold is all or nothing
         for g in groups:
             loaded = {p: self._checked(self.root[g][p], 0, self.num_samples(g)) for gg, p in todo if gg == g}
-            valid = self._whole(g, "valid")
             for name in layers:  # what a streamed read refuses: non-finite values of computed samples
-                if f"layers/{name}" not in loaded:
-                    continue
-                stored, scales = loaded[f"layers/{name}"], loaded.get(f"scales/{name}")
+                if not any(f"{kind}/{name}" in loaded for kind in kinds):
+                    continue  # checked when it was held
+                # Its layer and scales are checked together: one may be new and the other held.
+                stored, scales = (loaded[p] if p in loaded else found[g, p].cpu().numpy() for p in (f"layers/{name}", f"scales/{name}"))\
+                    if self.encoding.has_scales else (loaded[f"layers/{name}"], None)
                 for c in range(self.plan.n_chunks(self.num_samples(g))):  # a chunk at a time: no whole-array temporaries
                     a, b = self.plan.chunk_range(c, self.num_samples(g))
                     finite = self.encoding.finite_rows(stored[a:b], None if scales is None else scales[a:b])
                     if not finite[valid[a:b]].all():
                         raise non_finite_error(f"{g}/layers/{name}", a, b, self.path, c)
-            checked += [(f"{g}/{p}", values) for p, values in loaded.items()]
-        for path, values in checked:
-            resident.put(self.identity, path, torch.from_numpy(values).to(device))
+            checked.update({f"{g}/{p}": torch.from_numpy(values).to(device) for p, values in loaded.items()})
+        for path, values in checked.items():
+            resident.put(self.identity, path, values)
+        resident.touch(self.identity)
         for g, p in wanted:  # held by an earlier run on another device: moved, not read again
             resident.move(self.identity, f"{g}/{p}", device)
         for name in ("labels", "valid"):  # read and kept now (with the stamps, read above): all else an epoch reads
@@ -312,8 +314,10 @@ class CacheReader:
         return resident.get(self.identity, path) if self.read_held else None
 
     def release(self) -> None:
-        """Forget what this store holds in RAM, for every reader of it in this process."""
-        resident.release(self.identity)
+        """Forget what this store holds in RAM, for every reader of it in this process (after
+        a hold in progress, which would otherwise put its arrays back after this)."""
+        with resident.HOLDING:
+            resident.release(self.identity)
 
     # -- mini-batches -------------------------------------------------------------------
     def batches(

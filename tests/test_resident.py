@@ -262,3 +262,31 @@ def test_a_hold_that_does_not_fit_forgets_the_least_recently_held_other_store(tm
     assert [resident.get(r.identity, "train/layers/blocks.0") is not None for r in readers] == [False, False, True]
     held = resident.held_bytes()
     assert not c.hold("val", ["blocks.5"], budget=held) and resident.held_bytes() == held
+
+
+def test_a_layer_held_without_its_scales_is_checked_with_the_scales_read_now(tmp_path, image_folder):
+    """An int8 layer's values are q * scale: whichever of the two is new, both are checked together."""
+    cfg = tiny_config(tmp_path, image_folder, "store.dtype=int8")
+    run_extract(cfg)
+    reader = open_store(cfg.store.path)
+    assert reader.hold("train", ["blocks.5"], budget=10**9)
+    resident._ARRAYS.pop((reader.identity, "train/scales/blocks.5"))  # as a hold cut short between its two puts would leave it
+    zarr.open_array(f"{cfg.store.path}/train/scales/blocks.5", mode="r+")[5, 0] = np.nan
+    with pytest.raises(StoreError, match="train/layers/blocks.5.*chunk 1"):
+        open_store(cfg.store.path).hold("train", ["blocks.5"], budget=10**9)
+    assert resident.get(reader.identity, "train/scales/blocks.5") is None
+
+
+def test_a_hold_that_streams_forgets_no_other_store(tmp_path, image_folder):
+    readers = []
+    for name in ("a.zarr", "b.zarr"):
+        cfg = tiny_config(tmp_path, image_folder, "store.dtype=float32", f"store.path={tmp_path / name}")
+        run_extract(cfg)
+        readers.append(cfg.store.path)
+    need = 12 * 17 * 64 * 4  # one layer of train, float32: the budget fits one
+    a = open_store(readers[0])
+    assert a.hold("train", ["blocks.0"], budget=need)
+    zarr.open_array(f"{readers[1]}/train/chunk_done", mode="r+")[1] = 0  # b's train is incomplete: it streams
+    b = open_store(readers[1])
+    assert not b.hold("train", ["blocks.0"], budget=need)
+    assert resident.get(a.identity, "train/layers/blocks.0") is not None and resident.held_bytes() == need
