@@ -264,8 +264,7 @@ class CacheReader:
 
     def _hold(self, split: str, layers: Sequence[str], views: str, budget: Optional[int], device: torch.device) -> bool:
         groups = [split] + ([view_group(split, v) for v in range(1, self.views(split))] if views != "clean" else [])
-        kinds = ["layers", "scales"] if self.encoding.has_scales else ["layers"]
-        wanted = [(g, f"{kind}/{name}") for g in groups for name in layers for kind in kinds]
+        wanted = [(g, f"{kind}/{name}") for g in groups for name in layers for kind in self._stored_kinds]
         found = {(g, p): resident.get(self.identity, f"{g}/{p}") for g, p in wanted}
         todo = [key for key, a in found.items() if a is None]
         elsewhere = [a for a in found.values() if a is not None]
@@ -275,9 +274,8 @@ class CacheReader:
         if any(self.missing_chunks(g) for g in groups):
             log.info("%s of %s is incomplete: streaming from the store", split, self.path)
             return False
-        if resident.held_bytes(device) + need > budget:
-            for store in resident.make_room(self.identity, need, budget, device):
-                log.info("%s: forgot what %s held on %s (the least recently held store) to make room", self.path, store.split("#", 1)[0], device)
+        for store in resident.make_room(self.identity, need, budget, device):
+            log.info("%s: forgot what %s held on %s (the least recently held store) to make room", self.path, store.split("#", 1)[0], device)
         if resident.held_bytes(device) + need > budget:
             log.info("%s of %s: %.0f MB to hold on %s, %.0f MB held there, budget %.0f MB: streaming from the store", split, self.path,
                      need / 1e6, device, resident.held_bytes(device) / 1e6, budget / 1e6)
@@ -287,14 +285,14 @@ class CacheReader:
         for g in groups:
             loaded = {p: self._checked(self.root[g][p], 0, self.num_samples(g)) for gg, p in todo if gg == g}
             for name in layers:  # what a streamed read refuses: non-finite values of computed samples
-                if not any(f"{kind}/{name}" in loaded for kind in kinds):
+                if not any(f"{kind}/{name}" in loaded for kind in self._stored_kinds):
                     continue  # checked when it was held
-                # Its layer and scales are checked together: one may be new and the other held.
-                stored, scales = (loaded[p] if p in loaded else found[g, p].cpu().numpy() for p in (f"layers/{name}", f"scales/{name}"))\
-                    if self.encoding.has_scales else (loaded[f"layers/{name}"], None)
+                # A layer and its scales are checked together: one may be new and the other held already.
+                both = {p: loaded[p] if p in loaded else found[g, p].cpu().numpy() for p in (f"{k}/{name}" for k in self._stored_kinds)}
+                scales = both.get(f"scales/{name}")
                 for c in range(self.plan.n_chunks(self.num_samples(g))):  # a chunk at a time: no whole-array temporaries
                     a, b = self.plan.chunk_range(c, self.num_samples(g))
-                    finite = self.encoding.finite_rows(stored[a:b], None if scales is None else scales[a:b])
+                    finite = self.encoding.finite_rows(both[f"layers/{name}"][a:b], None if scales is None else scales[a:b])
                     if not finite[valid[a:b]].all():
                         raise non_finite_error(f"{g}/layers/{name}", a, b, self.path, c)
             checked.update({f"{g}/{p}": torch.from_numpy(values).to(device) for p, values in loaded.items()})
@@ -309,6 +307,11 @@ class CacheReader:
             log.info("%s of %s: %d array(s), %.0f MB held on %s (%.0f MB in all)", split, self.path, len(todo), need / 1e6, device,
                      resident.held_bytes() / 1e6)
         return True
+
+    @property
+    def _stored_kinds(self) -> list[str]:
+        """The arrays each layer is stored as: its values, and their scales where the encoding has them."""
+        return ["layers", "scales"] if self.encoding.has_scales else ["layers"]
 
     def _held(self, path: str) -> Optional[torch.Tensor]:
         return resident.get(self.identity, path) if self.read_held else None
@@ -379,7 +382,7 @@ class CacheReader:
         # The held arrays this epoch reads, taken once: a release() by another thread meanwhile
         # drops them from the process's table, not from this epoch.
         held = {(g, kind, name): self._held(f"{g}/{kind}/{name}") for g in set(group_of.values()) for name in layers
-                for kind in (["layers", "scales"] if self.encoding.has_scales else ["layers"])}
+                for kind in self._stored_kinds}
         # All held, on one device (runs on another device may hold some, which then stream).
         if all(a is not None for a in held.values()) and len({a.device for a in held.values()}) == 1:
             yield from self._held_epoch(held, split, layers, windows, usable, perm_seeds, group_of, labels_all, batch_size, out)
@@ -430,8 +433,7 @@ class CacheReader:
         for c, g in group_of.items():
             per_chunk[c] = groups.index(g)
         source = per_chunk[order // self.plan.samples_per_chunk]  # the group each sample is read from
-        kinds = ["layers", "scales"] if self.encoding.has_scales else ["layers"]
-        held = {(k, name): [arrays[g, k, name] for g in groups] for k in kinds for name in layers}
+        held = {(k, name): [arrays[g, k, name] for g in groups] for k in self._stored_kinds for name in layers}
         device = held["layers", layers[0]][0].device
         for start in range(0, len(order), batch_size):
             sl, src = order[start: start + batch_size], source[start: start + batch_size]
