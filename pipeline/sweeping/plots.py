@@ -1,8 +1,10 @@
 """score_vs_<hparam>.png: validation accuracy of every trial against each hyperparameter that varied.
 
-One colour per adapter kind. Learning rate and weight decay are on a log axis (symlog when a
-weight decay of 0 was tried); other numbers on a linear one; anything else (layer names,
-layer sets, pooling modes) is categorical.
+One colour per adapter kind; a trial that pruning stopped at a rung is a hollow marker, its
+accuracy being that of fewer epochs (a slow start, not necessarily a bad configuration).
+Learning rate and weight decay are on a log axis (symlog when a weight decay of 0 was tried);
+other numbers on a linear one; anything else (layer names, layer sets, pooling modes) is
+categorical.
 """
 
 from __future__ import annotations
@@ -28,21 +30,24 @@ def plot_scores(rows: list[dict], out: Path) -> list[Path]:
     kinds = sorted({r["config"]["kind"] for r in rows})
     paths = []
     for key in keys:
-        points = [(r["config"]["kind"], hparam_values(r)[key], r["metrics"]["val_acc"]) for r in rows if key in hparam_values(r)]
-        distinct = {json.dumps(v) for _, v, _ in points}
+        points = [(r["config"]["kind"], hparam_values(r)[key], r["metrics"]["val_acc"], r["metrics"].get("pruned_at") is not None)
+                  for r in rows if key in hparam_values(r)]
+        distinct = {json.dumps(v) for _, v, _, _ in points}
         if len(distinct) < 2:
             continue
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for _, v, _ in points)
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for _, v, _, _ in points)
         categories = sorted(distinct)
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for i, kind in enumerate(kinds):
-            mine = [(v, acc) for k, v, acc in points if k == kind]
-            if not mine:
-                continue
-            xs = [v if numeric else categories.index(json.dumps(v)) for v, _ in mine]
-            ax.scatter(xs, [100 * acc for _, acc in mine], label=kind, color=f"C{i}", alpha=0.75)
+            for stopped in (False, True):
+                mine = [(v, acc) for k, v, acc, s in points if k == kind and s == stopped]
+                if not mine:
+                    continue
+                xs = [v if numeric else categories.index(json.dumps(v)) for v, _ in mine]
+                style = {"facecolors": "none", "edgecolors": f"C{i}"} if stopped else {"color": f"C{i}"}
+                ax.scatter(xs, [100 * acc for _, acc in mine], label=f"{kind}, stopped at a rung" if stopped else kind, alpha=0.75, **style)
         if numeric and key in LOG_AXES:
-            positive = [v for _, v, _ in points if v > 0]
+            positive = [v for _, v, _, _ in points if v > 0]
             if len(positive) == len(points):
                 ax.set_xscale("log")
             else:
