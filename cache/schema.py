@@ -318,7 +318,18 @@ def store_differences(manifest_json: dict, wanted: Fingerprint) -> list[str]:
     diff = []
     if manifest_json.get("format_version") != FORMAT_VERSION:
         diff.append(f"format_version: store has {manifest_json.get('format_version')}, this code writes {FORMAT_VERSION}")
-    return diff + differences(manifest_json.get("fingerprint", {}), wanted.to_json())
+    wanted_json = wanted.to_json()
+    return diff + [_with_coverage(line, wanted_json) for line in differences(manifest_json.get("fingerprint", {}), wanted_json)]
+
+
+def _with_coverage(line: str, wanted_json: dict) -> str:
+    """A split's samples_sha256 line, with what that hash covers (for image files: their size
+    and mtime, so copies that did not keep their times differ too); other lines as they are."""
+    key = line.split(":", 1)[0].split(".")
+    if len(key) != 4 or key[:2] != ["dataset", "splits"] or key[3] != "samples_sha256":
+        return line
+    content = wanted_json.get("dataset", {}).get("splits", {}).get(key[2], {}).get("content")
+    return f"{line} (it covers: {content})" if content else line
 
 
 def _now() -> str:
