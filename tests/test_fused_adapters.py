@@ -76,7 +76,8 @@ def members(kind, layers, backbone, dtype=torch.float32):
     adapters = []
     for seed in range(len(LRS)):
         torch.manual_seed(seed)
-        # VQT's query dropout draws other masks fused than alone (tests/test_vqt_recipe.py covers it).
+        # VQT's query dropout: alone it draws from torch's global generator, fused from the
+        # member's own stream (tests/test_train.py: a member's result does not depend on its mates).
         extra = {"dropout": 0.0} if kind == "vqt" else {}
         adapter = build_adapter(kind, layers, NUM_CLASSES, backbone_modules=backbone, **extra)
         adapters.append(adapter.to(dtype))

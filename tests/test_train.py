@@ -152,3 +152,32 @@ def test_members_have_stable_ids_distinct_where_names_collide(colour_store, tmp_
     assert sorted(summary["ensemble"]["members"]) == sorted(m.id for m in members)
     assert summary["ensemble"]["adapters"] == [members[0].name] * 2
     assert list(np.load(tmp_path / "run" / "logits.npz")["member_ids"]) == [m.id for m in members]
+
+
+def test_a_vqt_members_dropout_and_result_do_not_depend_on_its_mates(tmp_path, float64_training):
+    """VQT's query dropout (p = 0.5, so masks matter) draws from each member's own stream:
+    the member trained alone, fused with another seed, and in a job beside a linear probe
+    (listed first, so built first) ends with the same weights and validation accuracy."""
+    from safetensors.torch import load_file
+
+    from pipeline.runners.extract import run_extract
+    from pipeline.runners.train import _slug
+    from tests.conftest import colour_folder, tiny_config
+
+    cfg = tiny_config(tmp_path, colour_folder(tmp_path / "images", per_class=4), "backbone.layers=[0, 1, 2, 3, 4, 5]")
+    run_extract(cfg)
+    vqt = {"kind": "vqt", "hparams": {"num_queries": 1, "dropout": 0.5}, "lr": 0.01, "seeds": [0]}
+    runs = {"alone": [vqt], "with_seed_1": [{**vqt, "seeds": [1, 0]}],
+            "with_linear": [{"kind": "linear", "lr": 0.01, "seeds": [7]}, vqt]}
+    weights, accs = {}, {}
+    for name, adapters in runs.items():
+        rows = run_train(train_config(cfg.store.path, tmp_path / name, adapters, epochs=2, save_top=3))["rows"]
+        (row,) = [r for r in rows if r["kind"] == "vqt" and r["seed"] == 0]
+        accs[name] = row["val_acc"]
+        (d,) = [d for d in (tmp_path / name / "adapters").iterdir() if d.name[3:] == _slug(row["adapter"])]
+        weights[name] = load_file(str(d / "adapter.safetensors"))
+    assert accs["with_seed_1"] == accs["alone"] and accs["with_linear"] == accs["alone"]
+    for name in ("with_seed_1", "with_linear"):
+        assert weights[name].keys() == weights["alone"].keys()
+        for k in weights["alone"]:
+            torch.testing.assert_close(weights[name][k], weights["alone"][k], atol=1e-10, rtol=1e-9)

@@ -97,3 +97,21 @@ def test_each_fused_member_draws_its_own_mask(model_and_features):
     assert not torch.allclose(trained[0], trained[1]), "fused members shared one dropout mask"
     torch.testing.assert_close(evaluated[0], evaluated[1], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(evaluated[0], vqt.eval()(features), atol=1e-12, rtol=1e-12)
+
+
+def test_a_fused_members_masks_follow_its_own_seed(model_and_features):
+    """Two identical members given one seed draw the same masks, step after step; given
+    their own seeds, other masks; a subset (a group split by pruning) goes on drawing them."""
+    model, features = model_and_features
+    vqt = build_vqt(model, features)
+    same = FusedAdapters([vqt, copy.deepcopy(vqt)], seeds=[5, 5]).train()
+    apart = FusedAdapters([copy.deepcopy(vqt), copy.deepcopy(vqt)], seeds=[5, 6]).train()
+    with torch.no_grad():
+        for _ in range(2):
+            both, other = same(features), apart(features)
+            assert torch.equal(both[0], both[1]) and torch.equal(both[0], other[0])
+            assert not torch.allclose(other[0], other[1])
+        kept = apart.subset(torch.tensor([1]))  # its stream is two draws in
+        fresh = FusedAdapters([copy.deepcopy(vqt)], seeds=[6]).train()
+        fresh(features), fresh(features)
+        assert torch.equal(kept(features)[0], fresh(features)[0])

@@ -80,6 +80,12 @@ class Adapter(nn.Module):
                 )
             self.layer_specs[name] = available[name]
 
+    def noise_shape(self, batch: int) -> tuple[int, ...] | None:
+        """The shape of the uniform [0, 1) draws a forward on `batch` samples takes as `noise=`
+        (dropout masks), or None when it takes none (in eval, or a kind without randomness).
+        Fused training draws them per member from the member's own generator (fused.py)."""
+        return None
+
     def required_layers(self) -> list[str]:
         return list(self.layer_specs)
 

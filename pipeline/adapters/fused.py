@@ -15,6 +15,11 @@ Features are shared (vmap in_dims None): whatever depends only on features and f
 The members' own parameters are not updated during training; `unstack()` writes the trained
 rows back into them. Borrowed frozen modules (VQT's backbone blocks) are those of the first
 member, which is the template.
+
+Randomness (VQT's query dropout) comes in as uniform draws (`Adapter.noise_shape`), each
+member's from its own generator seeded by its own seed, one draw per training forward: a
+member's masks depend on its seed and its step only, never on which members share its group
+or job, nor on their number or order (and a member split off by pruning keeps its stream).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
@@ -31,11 +37,22 @@ from pipeline.adapters.base import Adapter
 logger = logging.getLogger(__name__)
 
 
+# Keeps a member's dropout stream apart from its initialisation (torch.manual_seed(seed)).
+NOISE_STREAM = 1
+
+
 class FusedAdapters:
-    def __init__(self, adapters: Sequence[Adapter]):
+    def __init__(self, adapters: Sequence[Adapter], seeds: Sequence[int] | None = None):
+        """seeds: each member's own seed, for its noise (default: 0, 1, .. by position)."""
         _check_fusable(adapters)
         self.members = list(adapters)
         self.template = self.members[0]
+        seeds = range(len(self.members)) if seeds is None else list(seeds)
+        if len(seeds) != len(self.members):
+            raise ValueError(f"FusedAdapters: {len(seeds)} seeds for {len(self.members)} members")
+        # Made on first use, on the device the parameters are on then.
+        self._noise_seeds = [int(np.random.SeedSequence([seed, NOISE_STREAM]).generate_state(1)[0]) for seed in seeds]
+        self._generators: list[torch.Generator] | None = None
         # Leaf tensors [N, ...] with requires_grad; these are what the optimiser updates.
         self.params, self.buffers = stack_module_state(self.members)
         logger.debug(
@@ -61,15 +78,27 @@ class FusedAdapters:
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Logits [N, B, C] of every member on the same batch."""
+        noise = self._noise(next(iter(features.values())).shape[0])
 
-        def member_logits(params, buffers, shared_features):
-            return functional_call(self.template, (params, buffers), (shared_features,))
+        def member_logits(params, buffers, shared_features, member_noise):
+            kwargs = {} if member_noise is None else {"noise": member_noise}
+            return functional_call(self.template, (params, buffers), (shared_features,), kwargs)
 
-        # randomness="different": any dropout draws an independent mask per member, as it
-        # would in separate runs.
-        return torch.vmap(member_logits, in_dims=(0, 0, None), randomness="different")(
-            self.params, self.buffers, dict(features)
+        # randomness="error": randomness comes in as `noise`, drawn per member; a draw from
+        # torch's global generator inside would tie a member's result to its group mates.
+        return torch.vmap(member_logits, in_dims=(0, 0, None, None if noise is None else 0), randomness="error")(
+            self.params, self.buffers, dict(features), noise
         )
+
+    def _noise(self, batch: int) -> torch.Tensor | None:
+        """[N, *noise_shape]: each member's next draws from its own generator."""
+        shape = self.template.noise_shape(batch)
+        if shape is None:
+            return None
+        first = next(iter(self.params.values()))
+        if self._generators is None:
+            self._generators = [torch.Generator(first.device).manual_seed(s) for s in self._noise_seeds]
+        return torch.stack([torch.rand(shape, generator=g, device=first.device, dtype=first.dtype) for g in self._generators])
 
     __call__ = forward
 
@@ -80,6 +109,10 @@ class FusedAdapters:
         out = object.__new__(FusedAdapters)
         out.members = [self.members[i] for i in index.tolist()]
         out.template = self.template
+        out._noise_seeds = [self._noise_seeds[i] for i in index.tolist()]
+        # Each member's stream goes on where it was (the generators are shared, not copied:
+        # a group split by pruning trains only one of the parts).
+        out._generators = None if self._generators is None else [self._generators[i] for i in index.tolist()]
         out.params = {n: p.detach()[index].clone().requires_grad_(p.requires_grad) for n, p in self.params.items()}
         out.buffers = {n: b.detach()[index].clone() for n, b in self.buffers.items()}
         return out

@@ -29,7 +29,10 @@ block's flattened outputs are scaled to unit length separately, so every block w
 in the head whatever the scale of its activations; with M > 1 the M queries of a block share
 one norm. Query dropout (rate 0.1 in all the official run scripts; 0 in its config defaults)
 acts on the query tokens before each block, so the residual carries the dropped tokens too;
-each sample, and each fused member (vmap with randomness="different"), draws its own mask.
+each sample draws its own mask. The masks come from uniform draws `noise` [L, B, M, D] (kept
+where u >= p): fused training (fused.py) gives each member draws from its own generator,
+seeded by its own seed, so a member's masks, like its result, do not depend on which members
+train with it; called without `noise`, the adapter draws from torch's global generator.
 
 Query outputs are not fed to the next block (that is what keeps the cached tokens valid).
 K and V depend on no trainable parameter, so they are computed without autograd and could be
@@ -133,8 +136,15 @@ class VQT(Adapter):
         self.queries = nn.Parameter(torch.randn(depth, num_queries, dim) * QUERY_INIT_STD)
         self.head = nn.Linear(dim + depth * num_queries * dim, num_classes)
 
-    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.classify(self.keys_values(features), features[self.final_layer])
+    def forward(self, features: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classify(self.keys_values(features), features[self.final_layer], noise)
+
+    def noise_shape(self, batch: int) -> tuple[int, ...] | None:
+        """The uniform draws a training forward on `batch` samples takes: [L, B, M, D]."""
+        if not self.training or self.hparams.dropout == 0:
+            return None
+        depth, num_queries, dim = self.queries.shape
+        return depth, batch, num_queries, dim
 
     @torch.no_grad()
     def keys_values(self, features: Mapping[str, torch.Tensor]) -> KeysValues:
@@ -142,34 +152,31 @@ class VQT(Adapter):
         split = _split_cached if self.kv_cached else _keys_values
         return [split(block, features[name]) for block, name in zip(self.frozen.blocks, self.inputs)]
 
-    def query_outputs(self, keys_values: KeysValues) -> list[torch.Tensor]:
-        """O_l [B, M, D] of every block, from that block's K/V."""
-        batch = keys_values[0][0].shape[0]
-        return [
-            _query_block(block, self.dropped(queries, batch), k, v)
-            for block, queries, (k, v) in zip(self.frozen.blocks, self.queries, keys_values)
-        ]
+    def query_outputs(self, keys_values: KeysValues, noise: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """O_l [B, M, D] of every block, from that block's K/V (noise: see the module docstring)."""
+        shape = self.noise_shape(keys_values[0][0].shape[0])
+        if shape is None:
+            return [_query_block(block, queries, k, v) for block, queries, (k, v) in zip(self.frozen.blocks, self.queries, keys_values)]
+        if noise is None:
+            noise = torch.rand(shape, dtype=self.queries.dtype, device=self.queries.device)
+        p = self.hparams.dropout
+        # Expanded to every sample, as the official code does: every sample has its own mask.
+        return [_query_block(block, queries * (u >= p) / (1 - p), k, v)
+                for block, queries, u, (k, v) in zip(self.frozen.blocks, self.queries, noise, keys_values)]
 
-    def dropped(self, queries: torch.Tensor, batch: int) -> torch.Tensor:
-        """Z~_l: in training, [M, D] -> [B, M, D] with a dropout mask per sample; else as is."""
-        if not self.training or self.hparams.dropout == 0:
-            return queries
-        # Expanded first, as the official code does: every sample draws its own mask.
-        return F.dropout(queries.expand(batch, -1, -1), self.hparams.dropout, training=True)
-
-    def head_input(self, keys_values: KeysValues, final_tokens: torch.Tensor) -> torch.Tensor:
+    def head_input(self, keys_values: KeysValues, final_tokens: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """f [B, D + L*M*D] from per-block K/V and the last block's tokens (only CLS is read)."""
         cls = self.frozen.norm(final_tokens[:, 0])
-        outputs = [o.flatten(1) for o in self.query_outputs(keys_values)]
+        outputs = [o.flatten(1) for o in self.query_outputs(keys_values, noise)]
         if self.hparams.normalize != "none":
             cls = F.normalize(cls, dim=-1)
         if self.hparams.normalize == "per_block":
             outputs = [F.normalize(o, dim=-1) for o in outputs]
         return torch.cat([cls, *outputs], dim=-1)
 
-    def classify(self, keys_values: KeysValues, final_tokens: torch.Tensor) -> torch.Tensor:
+    def classify(self, keys_values: KeysValues, final_tokens: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from per-block K/V and the last block's output tokens."""
-        return self.head(self.head_input(keys_values, final_tokens))
+        return self.head(self.head_input(keys_values, final_tokens, noise))
 
     def _apply(self, fn: Callable, recurse: bool = True):
         # The borrowed modules live outside the module tree; keep them on the adapter's

@@ -356,7 +356,7 @@ def _make_group(members: list[Member], reader: CacheReader, num_classes: int, ba
         if m.standardize:
             adapter.standardize_with(standardizer)
         adapters.append(adapter.to(device))  # initialised on the CPU: the same init on any device
-    fused = FusedAdapters(adapters)
+    fused = FusedAdapters(adapters, seeds=[m.seed for m in members])
     optimizer = StackedAdamW(fused.parameters(), lr=[m.lr for m in members], weight_decay=[m.weight_decay for m in members])
     best_params = {name: p.detach().clone() for name, p in fused.params.items()}
     return Group(members, fused, optimizer, best_val=torch.full((len(members),), -1.0), best_params=best_params)
