@@ -259,6 +259,23 @@ def test_tpe_config_problems():
     assert "space[0].seeds: got [0, 1], but search: tpe tells one value per configuration" in str(e.value)
 
 
+def test_integer_ranges_hold_the_integers_inside_low_high(tmp_path):
+    """num_queries {low: 1.5, high: 3.5} is 2 or 3 for TPE and random search alike (TPE used
+    to round the ends half to even: 4 was proposed); a range with no integer is refused."""
+    pytest.importorskip("optuna", reason="optuna is not installed (pip install -e '.[dev]' installs it)")
+    from pipeline.sweeping.tpe import TpeSearch
+
+    space = [{"kind": "inca", "hparams": {"num_queries": {"low": 1.5, "high": 3.5}}}]
+    cfg = build(SweepConfig, sweep_data("s", tmp_path, space, search="tpe", num_trials=40))
+    proposed = [trial.hparams["num_queries"] for _, trial in TpeSearch(cfg, {"store": "x"}, tmp_path).ask(40)]
+    sampled = [t.hparams["num_queries"] for t in make_trials(build(SweepConfig, sweep_data("s", tmp_path, space, search="random",
+                                                                                              num_trials=40)), {"store": "x"})]
+    assert set(proposed) == {2, 3} and set(sampled) == {2, 3}
+    with pytest.raises(ConfigError, match=r"space\[0\].hparams.num_queries: got low=4.2, high=4.8, which holds no integer"):
+        build(SweepConfig, sweep_data("s", tmp_path, [{"kind": "inca", "hparams": {"num_queries": {"low": 4.2, "high": 4.8}}}],
+                                      search="random", num_trials=3))
+
+
 def test_every_trial_is_told_the_validation_accuracy_of_its_row(store, tmp_path):
     out = tmp_path / "tpe"
     result = run_sweep(build(SweepConfig, sweep_data(store, out, SPACE, search="tpe", num_trials=10)), workers=0)
@@ -339,6 +356,17 @@ def test_pruned_trials_are_recorded_and_never_the_best(store, tmp_path):
     assert "pruning" not in yaml.safe_load((out / "best_train_config.yaml").read_text())  # the winners train to the end
     assert best["trial"] not in {r["trial"] for r in pruned}
     assert "stopped at epoch" in (out / "results.md").read_text()
+    assert (out / "score_vs_lr.png").exists() and (out / "score_vs_layer.png").exists()
+
+    # A rerun in the same folder over a space of one pruned configuration: no trial of it
+    # trained to the end, so nothing is the best; the first run's best config and plots go.
+    p = pruned[0]["config"]
+    narrow = [{"kind": "linear", "layer": [p["hparams"]["layer"]], "lr": [p["lr"]], "weight_decay": [p["weight_decay"]]}]
+    again = run_sweep(build(SweepConfig, sweep_data(store, out, narrow, epochs=4, pruning={"min_epochs": 1, "reduction_factor": 2})),
+                      workers=0)
+    assert again["best"] == {} and again["trials"] == 1
+    assert not (out / "best_train_config.yaml").exists() and not list(out.glob("score_vs_*.png"))
+    assert pruned[0]["trial"] in (out / "results.md").read_text() and best["trial"] not in (out / "results.md").read_text()
 
 
 def test_tpe_with_pruning_tells_pruned_trials_as_pruned(store, tmp_path):

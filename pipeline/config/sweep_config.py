@@ -48,6 +48,7 @@ a batch of `trials_per_job` per worker at a time, each told its validation accur
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -65,6 +66,11 @@ class Range:
     low: float
     high: float
     log: bool = False
+
+    def integers(self) -> tuple[int, int]:
+        """An integer hyperparameter's range: the first and last integers inside [low, high]
+        (first > last when it holds none; validation refuses that)."""
+        return math.ceil(self.low), math.floor(self.high)
 
 
 Axis = Union[tuple, Range]  # a tuple of choices, or a range
@@ -162,7 +168,9 @@ class SpaceEntry:
         # A range is checked at both ends: this catches unknown keys and non-numeric hparams.
         values = (axis.low, axis.high) if isinstance(axis, Range) else axis
         if isinstance(axis, Range) and integer_hparam(self.kind, key):
-            values = tuple(round(v) for v in values)
+            values = axis.integers()
+            if values[0] > values[1]:
+                return [f"hparams.{key}: got low={axis.low:g}, high={axis.high:g}, which holds no integer; {key} is an integer"]
         out = []
         for v in values:
             try:

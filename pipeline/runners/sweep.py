@@ -103,7 +103,7 @@ def _sweep(cfg: SweepConfig, out: Path, scheduler: Optional[str], workers: int) 
             ids, jobs, already = [t.id for t in trials], len(planned), len(trials) - len(todo)
 
     rows = [results.rows[i] for i in dict.fromkeys(ids) if i in results.rows]
-    best = _export(cfg, rows, out) if rows else {}
+    best = _export(cfg, rows, out)
     if failed:
         raise SweepJobsFailed(f"{len(failed)} of {jobs} jobs failed ({', '.join(failed)}); see the log. "
                               f"Rerunning the sweep runs only their trials.")
@@ -273,6 +273,12 @@ def _executor(scheduler: Optional[str], workers: int) -> Iterator[_Executor]:
 
 
 def _export(cfg: SweepConfig, rows: list[dict], out: Path) -> dict:
+    # What an earlier run in this folder exported goes first: a rerun over another space (or
+    # one whose every trial was pruned) must not leave the last search's best config or plots.
+    for stale in [out / "best_train_config.yaml", out / "results.md", *out.glob("score_vs_*.png")]:
+        stale.unlink(missing_ok=True)
+    if not rows:
+        return {}
     best = best_per_kind(rows)
     unfinished = sorted({r["config"]["kind"] for r in rows} - set(best))
     if unfinished:  # pruning ranks across kinds: every trial of a kind may have been stopped

@@ -97,7 +97,8 @@ def _sample(rng: np.random.Generator, axis, integer: bool):
     value = float(rng.uniform(low, high))
     value = math.exp(value) if axis.log else value
     if integer:
-        return int(min(max(round(value), math.ceil(axis.low)), math.floor(axis.high)))
+        first, last = axis.integers()
+        return int(min(max(round(value), first), last))
     return significant(value)
 
 

@@ -150,7 +150,7 @@ class TpeSearch:
 def _suggest_axis(ot, name: str, axis, integer: bool):
     if isinstance(axis, Range):
         if integer:
-            return ot.suggest_int(name, int(round(axis.low)), int(round(axis.high)), log=axis.log)
+            return ot.suggest_int(name, *axis.integers(), log=axis.log)
         return significant(ot.suggest_float(name, axis.low, axis.high, log=axis.log))
     choices = [json.dumps(v) for v in axis]
     return axis[choices.index(ot.suggest_categorical(name, choices))]  # the value itself, in YAML's own type
