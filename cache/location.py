@@ -140,8 +140,11 @@ class StoreLocation:
 
     @property
     def path(self) -> Path:
+        """The store's real path, symlinks resolved: the writer lease sits beside it and an
+        --overwrite replaces it, so a store reached through a link and by its own path is one
+        store with one lease (messages keep the path as given: str(self))."""
         assert self.is_local, f"{self.url} is not a local path"
-        return Path(self.url)
+        return Path(self.url).resolve()
 
     def open_group(self, mode: str) -> zarr.Group:
         read_only = mode == "r"

@@ -88,6 +88,30 @@ def test_a_lease_in_this_process_refuses_a_second_one(tmp_path):
         pass
 
 
+def test_a_store_reached_through_a_symlink_is_one_store_with_one_lease(tmp_path):
+    """A writer through a link and one through the real path used to lock two lease files,
+    so an --overwrite could run under a writer still stamping the old store's chunks."""
+    import numpy as np
+
+    from cache import LayerSpec, StoreWriter
+    from tests.conftest import fake_fingerprint
+
+    real, link = tmp_path / "disk" / "store.zarr", tmp_path / "link.zarr"
+    real.parent.mkdir()
+    os.symlink(real, link, target_is_directory=True)
+    spec = LayerSpec("l", 1, 4)
+    splits = {"train": ([f"s{i}" for i in range(8)], np.zeros(8, np.int64))}
+    StoreWriter.open(real, fake_fingerprint((spec,)), splits, ("zstd", 3), {}).close()
+    first = StoreWriter.open(link, fake_fingerprint((spec,)), splits, ("zstd", 3), {})
+    with pytest.raises(StoreError, match=rf"'{real}' is being written by pid {os.getpid()}"):
+        StoreWriter.open(real, fake_fingerprint((spec,), image_size=96), splits, ("zstd", 3), {}, overwrite=True)
+    first.close()
+    # --overwrite through the link replaces the store it points to and keeps the link.
+    StoreWriter.open(link, fake_fingerprint((spec,), image_size=96), splits, ("zstd", 3), {}, overwrite=True).close()
+    assert link.is_symlink() and json.loads((real / "zarr.json").read_text())["attributes"]["feature_cache"]["fingerprint"][
+        "preprocessing"] == {"input_size": [3, 96, 96]}
+
+
 def test_on_s3_the_lease_is_a_conditional_create_and_a_dead_local_holder_is_taken_over(s3):
     url = f"s3://{BUCKET}/leased.zarr"
     location = as_location(url)
