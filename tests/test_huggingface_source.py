@@ -174,3 +174,27 @@ def test_unlabeled_rows_and_a_dataset_without_splits_are_refused(tmp_path, image
     build_dataset(images)["val"].save_to_disk(str(tmp_path / "single"))  # one Dataset, no splits
     with pytest.raises(ConfigError, match=r"one dataset saved without splits; it can only be split 'train'"):
         run_extract(hf_config(tmp_path, "b", tmp_path / "single"))
+
+
+def test_another_image_column_is_another_store(tmp_path):
+    """Two image columns (a photo and a mask): the column read decides every feature, so a
+    store made from one refuses the other (it used to be served as complete)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cache import StoreMismatchError
+
+    def png(seed):
+        out = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(out, "PNG")
+        return {"bytes": out.getvalue(), "path": None}
+
+    features = datasets.Features({"photo": datasets.Image(), "mask": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"photo": [png(i) for i in range(6)], "mask": [png(100 + i) for i in range(6)], "label": [0, 1] * 3}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(str(tmp_path / "hf"))
+    store = f"store.path={tmp_path / 'hf.zarr'}"
+    run_extract(hf_config(tmp_path, "photo", tmp_path / "hf", ("train",), store, "backbone.layers=[-1]", image_column="photo"))
+    with pytest.raises(StoreMismatchError, match=r"dataset\.splits\.train\.samples_sha256: .*and the image column"):
+        run_extract(hf_config(tmp_path, "mask", tmp_path / "hf", ("train",), store, "backbone.layers=[-1]", image_column="mask"))

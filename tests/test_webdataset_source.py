@@ -181,3 +181,33 @@ def test_labels_must_index_the_classes_and_shards_be_listed_once(tmp_path, subse
     twice = {s: [f"{s}-000.tar", f"{s}-{{000..002}}.tar"] for s in ("train", "val")}
     with pytest.raises(ConfigError, match=r"\['train-000\.tar'\] listed more than once"):
         run_extract(shard_config(tmp_path, "b", shards, classes, twice))
+
+
+def test_another_image_member_is_another_store(tmp_path):
+    """Samples with a .jpg and a .png member: data.image_key picks which one is read, so a
+    store made from one refuses the other (it used to be served as complete)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cache import StoreMismatchError
+
+    def image(seed, fmt):
+        out = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(out, fmt)
+        return out.getvalue()
+
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "train-000.tar")) as sink:
+        for i in range(6):
+            sink.write({"__key__": f"s{i:03d}", "jpg": image(i, "JPEG"), "png": image(100 + i, "PNG"), "cls": i % 2})
+
+    def config(name, key):
+        return tiny_config(tmp_path / name, tmp_path / "shards", f"store.path={tmp_path / 'wds.zarr'}", "backbone.layers=[-1]",
+                           data={"kind": "webdataset", "root": str(tmp_path / "shards"), "shards": {"train": "train-000.tar"},
+                                 "splits": ["train"], "classes": ["a", "b"], "image_key": key})
+
+    run_extract(config("jpg", "jpg"))
+    with pytest.raises(StoreMismatchError, match=r"dataset\.splits\.train\.samples_sha256: .*each sample's image member"):
+        run_extract(config("png", "png"))

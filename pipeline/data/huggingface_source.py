@@ -70,8 +70,8 @@ def huggingface_split(root: str, split: str, image_column: str, label_column: st
     images = _undecoded(ds.select_columns([image_column]), image_column)
     return SplitSource(split, [f"{split}:{i}" for i in range(len(ds))], labels, names,
                        lambda i: _decode_cell(images[i][image_column], f"row {i} of {where}", image_column),
-                       content_hash=f"datasets:{ds._fingerprint}",
-                       stamps_cover="the dataset's own fingerprint (datasets' hash of its data and history)")
+                       content_hash=f"datasets:{ds._fingerprint}:{image_column}",
+                       stamps_cover="the dataset's own fingerprint (datasets' hash of its data and history) and the image column")
 
 
 def _streaming_split(root: str, split: str, image_column: str, label_column: str, classes: Optional[list[str]]) -> SplitSource:
@@ -97,8 +97,9 @@ def _streaming_split(root: str, split: str, image_column: str, label_column: str
     names = _class_names(ds.features[label_column], labels, classes, where)
     stream = _StreamCursor(_undecoded(ds.select_columns([image_column]), image_column), image_column, where)
     return SplitSource(split, [f"{split}:{i}" for i in range(len(labels))], labels, names,
-                       stream.load, content_hash=f"datasets-builder:{builder.hash}",
-                       stamps_cover="the dataset builder's hash (its data files with their mtimes or ETags)", sequential=True)
+                       stream.load, content_hash=f"datasets-builder:{builder.hash}:{image_column}",
+                       stamps_cover="the dataset builder's hash (its data files with their mtimes or ETags) and the image column",
+                       sequential=True)
 
 
 class _StreamCursor:

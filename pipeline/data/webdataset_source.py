@@ -137,6 +137,8 @@ def webdataset_split(root: str, shards: str | list[str], split: str, image_key: 
             ids.append(f"{name}/{key}")
             labels.append(_label(path, label, key))
             images.append(next((group[e] for e in image_exts if e in group), None))
+            # Which member is the image (data.image_key picks one of several): another choice is other pixels.
+            digest.update(f"{ids[-1]}\t{None if images[-1] is None else images[-1].offset}\n".encode())
     labels = np.asarray(labels, dtype=np.int64)
     names = class_names(labels, classes, None, lambda i: f"sample {ids[i]!r}")
 
@@ -148,7 +150,8 @@ def webdataset_split(root: str, shards: str | list[str], split: str, image_key: 
         return decode_image(_read_range(path, where.offset, where.size, storage_options), f"sample {ids[i]!r} of {path!r}")
 
     return SplitSource(split, ids, labels, names, load, content_hash=digest.hexdigest(),
-                       stamps_cover="tar shards: names, sizes and per-shard sha256 of member names, sizes, mtimes, offsets and labels")
+                       stamps_cover="tar shards: names, sizes and per-shard sha256 of member names, sizes, mtimes, offsets and labels; "
+                                    "each sample's image member")
 
 
 def _samples(members) -> list[tuple[str, dict]]:
