@@ -170,6 +170,9 @@ class Fingerprint:
     dataset: the data source's own description (kind, and per split what identifies its samples).
     layout: samples_per_chunk, chunks_per_shard and the compressor [name, level].
     views: the augmented views of one split; None when every split is stored clean only.
+    compute: how the forward ran: {"device": "cpu" | "cuda" | ..., "autocast": "bfloat16" |
+        "float16" | None}; bf16 autocast moves features by far more than the store's float16
+        rounding, so rows of one store never mix precisions. None in stores made before it.
     """
 
     backbone: BackboneRecord
@@ -179,6 +182,7 @@ class Fingerprint:
     dataset: dict
     layout: dict
     views: Optional[ViewsRecord] = None
+    compute: Optional[dict] = None
 
     def view_count(self, split: str) -> int:
         return self.views.count if self.views is not None and self.views.split == split else 1
@@ -192,6 +196,7 @@ class Fingerprint:
             "dataset": self.dataset,
             "layout": self.layout,
             **({"views": dataclasses.asdict(self.views)} if self.views is not None else {}),
+            **({"compute": self.compute} if self.compute is not None else {}),
         }
 
     @classmethod
@@ -204,6 +209,7 @@ class Fingerprint:
             dataset=d.get("dataset", {}),
             layout=d.get("layout", {}),
             views=ViewsRecord(**d["views"]) if d.get("views") else None,
+            compute=d.get("compute"),
         )
 
     def differences(self, other: "Fingerprint", labels: tuple[str, str] = ("store has", "now")) -> list[str]:

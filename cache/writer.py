@@ -101,8 +101,12 @@ class StoreWriter:
             log.info("store %s is complete with this fingerprint: nothing to write", location)
             return cls(location, location.open_group("r"))
         if not lease:
-            if MANIFEST_KEY not in attrs or store_differences(attrs[MANIFEST_KEY], fingerprint):
-                raise StoreError(f"store {str(location)!r} is not the store its driver created (missing, or made differently)")
+            if MANIFEST_KEY not in attrs:
+                raise StoreError(f"store {str(location)!r} is not the store its driver created (it is missing)")
+            diff = store_differences(attrs[MANIFEST_KEY], fingerprint)
+            if diff:  # e.g. a dask worker whose device or weights differ from the driver's
+                raise StoreMismatchError(str(location), diff, "A worker must compute what the driver planned (same device kind, "
+                                         "weights and data).", subject=f"store {str(location)!r} was made differently from this worker's plan")
             return cls(location, location.open_group("r+"))
         held = StoreLease(location).acquire()
         try:

@@ -138,3 +138,29 @@ def test_dry_run_writes_nothing(tmp_path, image_folder):
     assert not (tmp_path / "store.zarr").exists()
     report = plan.report()
     assert "train: 12, val: 12" in report and "[17, 64]" in report and "GB" in report
+
+
+def test_a_store_never_mixes_rows_of_another_forward_precision(tmp_path):
+    """The fingerprint records how the forward ran (device kind, CUDA autocast dtype): a store
+    begun under bf16 autocast on a GPU is not resumed by a float32 forward on a CPU, nor by
+    runtime.amp_dtype: float32 on the GPU (bf16 moves features far more than float16 storage)."""
+    import dataclasses
+
+    from pipeline.runners.extract import open_writer
+    from tests.conftest import colour_folder
+
+    cfg = tiny_config(tmp_path, colour_folder(tmp_path / "images", per_class=2), "backbone.layers=[-1]")
+    run_extract(cfg)
+    assert open_store(cfg.store.path).fingerprint.compute == {"device": "cpu", "autocast": None}
+    on_gpu = dataclasses.replace(plan_extraction(cfg), device=torch.device("cuda"))  # only its fingerprint is asked
+    with pytest.raises(StoreMismatchError) as e:
+        open_writer(on_gpu)
+    assert e.value.differences == ["compute.autocast: store has None, now 'bfloat16'", "compute.device: store has 'cpu', now 'cuda'"]
+    # A dask worker of a distributed extraction (no lease: its driver holds it) on a GPU host.
+    with pytest.raises(StoreMismatchError, match="made differently from this worker's plan") as e:
+        open_writer(on_gpu, lease=False)
+    assert "compute.device: store has 'cpu', now 'cuda'" in e.value.differences
+    float32 = tiny_config(tmp_path, tmp_path / "images", "backbone.layers=[-1]", "runtime.amp_dtype=float32")
+    with pytest.raises(StoreMismatchError) as e:
+        open_writer(dataclasses.replace(plan_extraction(float32), device=torch.device("cuda")))
+    assert e.value.differences == ["compute.device: store has 'cpu', now 'cuda'"]

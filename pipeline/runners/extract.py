@@ -140,7 +140,14 @@ def fingerprint(plan: ExtractPlan) -> Fingerprint:
             "chunks_per_shard": plan.chunks.chunks_per_shard,
             "compressor": [cfg.store.compressor.name, cfg.store.compressor.level],
         },
+        compute={"device": plan.device.type, "autocast": _autocast_dtype(plan)},
     )
+
+
+def _autocast_dtype(plan: ExtractPlan) -> str | None:
+    """The dtype the forward autocasts to (runtime.amp_dtype, on CUDA only), or None."""
+    amp = plan.cfg.runtime.amp_dtype
+    return amp if plan.device.type == "cuda" and amp != "float32" else None
 
 
 @dataclass
@@ -289,7 +296,7 @@ def _forward(plan: ExtractPlan, images: torch.Tensor) -> dict[str, torch.Tensor]
     images = images.to(plan.device, non_blocking=True)
     if on_cuda:
         images = images.to(memory_format=torch.channels_last)
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(plan.cfg.runtime.amp_dtype)
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(_autocast_dtype(plan))
         with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
             return plan.taps(images)
     return plan.taps(images)
