@@ -47,6 +47,20 @@ def test_a_used_output_is_refused_and_overwrite_replaces_it_whole(store, tmp_pat
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
+def test_overwrite_through_a_symlinked_output_replaces_its_target_and_keeps_the_link(store, tmp_path):
+    """It used to put the new folder where the link was, then fail with a traceback removing
+    the renamed link (rmtree on a symlink)."""
+    import os
+
+    real, link = tmp_path / "disk" / "run", tmp_path / "run"
+    run_train(train_config(store[0], real, LINEAR, epochs=1, save_top=0))
+    os.symlink(real, link, target_is_directory=True)
+    run_train(train_config(store[0], link, [{"kind": "inca", "layers": ["blocks.5"]}], epochs=1, save_top=1), overwrite=True)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert [p.name for p in (real / "adapters").iterdir()] and "inca@" in (real / "results.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "run"] and sorted(p.name for p in real.parent.iterdir()) == ["run"]
+
+
 def test_an_interrupted_run_leaves_the_output_as_it_was(store, tmp_path, monkeypatch):
     import pipeline.runners.train
 

@@ -29,8 +29,10 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 @contextmanager
 def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yields the staging folder to write into; on success it becomes `out`."""
+    """Yields the staging folder to write into; on success it becomes `out` (through a symlink,
+    the folder it points to: the link stays, and the staging is made on the target's disk)."""
     check_output(out, overwrite)
+    out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.partial-*"):
         pid = stale.name.rsplit("-", 1)[-1]
