@@ -105,3 +105,29 @@ def test_a_task_name_clash_is_an_error():
     with pytest.raises(ConfigError, match="would share the task name"):
         task_names(["runs/a/adapters/01_x", "other/a/adapters/01_y", "runs/a/adapters/01_x"])
     assert task_names(["x/a/adapters/01_x", "y/a"]) == ["a/01_x", "a"]
+
+
+def test_a_task_named_like_another_column_is_an_error():
+    """A run folder called `image`, or tasks `x` and `x_prob`, used to overwrite a column."""
+    with pytest.raises(ConfigError, match=r"would share the task name\(s\) \['image'\]"):
+        task_names(["runs/image/adapters/01_a"])
+    with pytest.raises(ConfigError, match=r"would share the task name\(s\) \['x', 'x_prob'\]"):
+        task_names(["runs/x/adapters/01_a", "runs/x_prob/adapters/01_a"])
+
+
+def test_an_adapter_predicted_beside_one_from_a_normed_store_gets_its_own_features(tmp_path):
+    """Two stores of one backbone, one tapped through the final norm: predict used to feed
+    both adapters the first store's kind of features."""
+    from pipeline.runners.predict import run_predict
+
+    images = colour_folder(tmp_path / "images", per_class=4)
+    normed = tiny_config(tmp_path / "a", images, "backbone.layers=[-1]", "backbone.through_final_norm=true")
+    raw = tiny_config(tmp_path / "b", images, "backbone.layers=[-1]")
+    dirs = []
+    for name, cfg in (("normed", normed), ("raw", raw)):
+        run_extract(cfg)
+        run_train(train_config(cfg.store.path, tmp_path / name, [{"kind": "linear", "layers": ["blocks.5"]}], epochs=1, save_top=1))
+        dirs.append(str(next((tmp_path / name / "adapters").iterdir())))
+    alone = run_predict([dirs[1]], [str(images / "val")])
+    together = run_predict(dirs, [str(images / "val")])
+    assert [r["raw_prob"] for r in together] == [r["raw_prob"] for r in alone]

@@ -65,9 +65,10 @@ def run_predict(adapter_dirs: list[str], images: list[str], batch_size: int = 32
     tasks = [Task(name, Path(d), read_adapter_manifest(d)) for name, d in zip(task_names(adapter_dirs), adapter_dirs)]
     files = find_images(images)
     by_backbone: dict[str, list[Task]] = {}
-    for t in tasks:  # tasks on the same backbone share one forward pass
+    for t in tasks:  # tasks whose stores were made alike share one forward pass
         fp = saved_fingerprint(t.manifest).to_json()
-        key = json.dumps([fp[k] for k in ("backbone", "preprocessing", "storage")], sort_keys=True)
+        # The layers too: how each was tapped (e.g. through the final norm) decides its values.
+        key = json.dumps([fp[k] for k in ("backbone", "preprocessing", "storage", "layers")], sort_keys=True)
         by_backbone.setdefault(key, []).append(t)
     rows = [{"image": str(f)} for f in files]
     for group in by_backbone.values():
@@ -126,7 +127,9 @@ def task_names(directories: list[str]) -> list[str]:
     paths = [Path(d) for d in directories]
     runs = [p.parent.parent.name if p.parent.name == "adapters" else p.name for p in paths]
     names = [f"{run}/{p.name}" if runs.count(run) > 1 and p.parent.name == "adapters" else run for run, p in zip(runs, paths)]
-    clashes = sorted({n for n in names if names.count(n) > 1})
+    # Columns: image, then per task NAME and NAME_prob; no two may coincide.
+    columns = ["image"] + [c for n in names for c in (n, f"{n}_prob")]
+    clashes = sorted({n for n in names if columns.count(n) > 1 or columns.count(f"{n}_prob") > 1})
     if clashes:
         raise ConfigError(f"predict: adapters {[str(p) for p, n in zip(paths, names) if n in clashes]} would share the task "
                           f"name(s) {clashes}; give each adapter once, from folders with distinct names")
