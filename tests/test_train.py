@@ -181,3 +181,14 @@ def test_a_vqt_members_dropout_and_result_do_not_depend_on_its_mates(tmp_path, f
         assert weights[name].keys() == weights["alone"].keys()
         for k in weights["alone"]:
             torch.testing.assert_close(weights[name][k], weights["alone"][k], atol=1e-10, rtol=1e-9)
+
+
+def test_a_test_split_that_trains_or_chooses_is_refused(tmp_path):
+    """Test accuracy scored on training or validation samples used to be reported as is."""
+    with pytest.raises(ConfigError) as e:
+        train_config("s", tmp_path, [{"kind": "linear"}], val_split="val", test_split="val")
+    assert e.value.problems == ["test_split: got 'val', the val_split; the test split must be one nothing was trained or chosen on"]
+    with pytest.raises(ConfigError) as e:
+        train_config("s", tmp_path, [{"kind": "linear"}], val_split="train", test_split="train")
+    assert e.value.problems == ["val_split: got 'train', the train_split; leave it null to carve validation from it",
+                                "test_split: got 'train', the train_split; the test split must be one nothing was trained or chosen on"]

@@ -139,6 +139,13 @@ class TrainingSettings:
         out = []
         if self.val_split is None and not 0 < self.val_fraction < 1:
             out.append(f"val_fraction: got {self.val_fraction}, expected a value in (0, 1)")
+        # A split that chooses (validation) or scores (test) must not be one that trains or
+        # chooses: the reported test accuracy would be inflated without a word.
+        if self.val_split is not None and self.val_split == self.train_split:
+            out.append(f"val_split: got {self.val_split!r}, the train_split; leave it null to carve validation from it")
+        if self.test_split is not None and self.test_split in (self.train_split, self.val_split):
+            which = "train_split" if self.test_split == self.train_split else "val_split"
+            out.append(f"test_split: got {self.test_split!r}, the {which}; the test split must be one nothing was trained or chosen on")
         for key in ("epochs", "batch_size"):
             if getattr(self, key) <= 0:
                 out.append(f"{key}: got {getattr(self, key)}, expected > 0")
