@@ -64,7 +64,7 @@ def test_earlier_values_at_a_rung_can_stop_every_member(colour_store, tmp_path):
     """A sweep's history: ten trials reached 1.0 at epoch 1, so the top half is 1.0; members
     below stop there, and with none left the run ends after that epoch."""
     cfg = train_config(colour_store, tmp_path / "run", [{"kind": "linear", "layers": ["blocks.0"], "lr": [1e-6, 2e-6]}],
-                       epochs=4, val_split="val", pruning={"min_epochs": 1, "reduction_factor": 2}, rung_history={"1": [1.0] * 10})
+                       epochs=4, val_split="val", test_split=None, pruning={"min_epochs": 1, "reduction_factor": 2}, rung_history={"1": [1.0] * 10})
     result = run_train(cfg)
     assert all(r["val_acc"] < 1.0 for r in result["rows"])
     assert [r["pruned_at"] for r in result["rows"]] == [1, 1]
