@@ -50,11 +50,11 @@ class FusedAdapters:
         seeds = range(len(self.members)) if seeds is None else list(seeds)
         if len(seeds) != len(self.members):
             raise ValueError(f"FusedAdapters: {len(seeds)} seeds for {len(self.members)} members")
-        # Made on first use, on the device the parameters are on then.
-        self._noise_seeds = [int(np.random.SeedSequence([seed, NOISE_STREAM]).generate_state(1)[0]) for seed in seeds]
-        self._generators: list[torch.Generator] | None = None
         # Leaf tensors [N, ...] with requires_grad; these are what the optimiser updates.
         self.params, self.buffers = stack_module_state(self.members)
+        device = next(iter(self.params.values())).device  # the members are on their device already
+        self._generators = [torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, NOISE_STREAM]).generate_state(1)[0]))
+                            for seed in seeds]
         logger.debug(
             "fused %d %s adapters (%d trainable parameters each)",
             len(self.members),
@@ -96,8 +96,6 @@ class FusedAdapters:
         if shape is None:
             return None
         first = next(iter(self.params.values()))
-        if self._generators is None:
-            self._generators = [torch.Generator(first.device).manual_seed(s) for s in self._noise_seeds]
         return torch.stack([torch.rand(shape, generator=g, device=first.device, dtype=first.dtype) for g in self._generators])
 
     __call__ = forward
@@ -109,10 +107,9 @@ class FusedAdapters:
         out = object.__new__(FusedAdapters)
         out.members = [self.members[i] for i in index.tolist()]
         out.template = self.template
-        out._noise_seeds = [self._noise_seeds[i] for i in index.tolist()]
         # Each member's stream goes on where it was (the generators are shared, not copied:
         # a group split by pruning trains only one of the parts).
-        out._generators = None if self._generators is None else [self._generators[i] for i in index.tolist()]
+        out._generators = [self._generators[i] for i in index.tolist()]
         out.params = {n: p.detach()[index].clone().requires_grad_(p.requires_grad) for n, p in self.params.items()}
         out.buffers = {n: b.detach()[index].clone() for n, b in self.buffers.items()}
         return out
