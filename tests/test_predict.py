@@ -110,3 +110,51 @@ def assert_rows_are_the_cached_predictions(rows, adapter, reader, task):
         p = by_id["/".join(row["image"].split("/")[-2:])]
         assert row[task] == reader.classes[int(p.argmax())]
         assert row[f"{task}_prob"] == pytest.approx(float(p.max()), abs=1e-4)
+
+
+def test_rebuilt_backbone_preprocesses_as_the_store_recorded(tmp_path):
+    """A timm that resolves another crop mode for the model (its defaults changed since
+    extraction) still gets the recorded one: predict feeds the pixels extraction read."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform
+
+    from cache import StoreMismatchError
+    from pipeline.training.frozen_backbone import rebuild_backbone
+
+    images = colour_folder(tmp_path / "images", per_class=2)
+    cfg = tiny_config(tmp_path, images, "backbone.layers=[-1]")
+    run_extract(cfg)
+    fp = open_store(cfg.store.path).fingerprint
+    assert fp.preprocessing["crop_mode"] == "center"
+    recorded = {**fp.preprocessing, "crop_mode": "squash"}
+    backbone = rebuild_backbone(dataclasses.replace(fp, preprocessing=recorded), "store x")
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 120, 3), dtype=np.uint8))
+    squashed = create_transform(input_size=(3, 64, 64), interpolation=recorded["interpolation"], mean=tuple(recorded["mean"]),
+                                std=tuple(recorded["std"]), crop_pct=recorded["crop_pct"], crop_mode="squash", is_training=False)(wide)
+    centred = rebuild_backbone(fp, "store x").transform()(wide)
+    assert not torch.equal(squashed, centred)  # the two modes differ on a wide image
+    assert torch.equal(backbone.transform()(wide), squashed)
+
+    with pytest.raises(StoreMismatchError, match=r"preprocessing\.crop_border: recorded 4"):
+        rebuild_backbone(dataclasses.replace(fp, preprocessing={**fp.preprocessing, "crop_border": 4}), "store x")
+
+
+def test_predict_says_when_the_store_was_extracted_under_autocast(tmp_path, caplog):
+    """predict's float32 CPU forward cannot reproduce bf16-autocast features: it says so, once."""
+    images = colour_folder(tmp_path / "images", per_class=2)
+    cfg = tiny_config(tmp_path, images, "backbone.layers=[-1]")
+    run_extract(cfg)
+    run_train(train_config(cfg.store.path, tmp_path / "run", [{"kind": "linear"}], epochs=1, save_top=1))
+    adapter = next((tmp_path / "run" / "adapters").iterdir())
+    assert main(["predict", "--adapter", str(adapter), str(images / "val"), "--out", str(tmp_path / "a.csv")]) == 0
+    assert "autocast" not in caplog.text  # extracted on the CPU, in float32: nothing to say
+
+    manifest = json.loads((adapter / "adapter.json").read_text())
+    manifest["store_fingerprint"]["compute"] = {"device": "cuda", "autocast": "bfloat16"}
+    (adapter / "adapter.json").write_text(json.dumps(manifest))
+    assert main(["predict", "--adapter", str(adapter), str(images / "val"), "--out", str(tmp_path / "b.csv")]) == 0
+    warnings = [r for r in caplog.records if "bfloat16 autocast on cuda" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"

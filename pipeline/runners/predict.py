@@ -5,13 +5,15 @@
 The backbone is rebuilt from each adapter's store fingerprint (weights hash checked), only
 the layers the adapters read are captured, and they get the store's token reduction and its
 storage rounding (fp16/int8...), so a prediction equals the adapter applied to the cached
-features of the same image.
+features of the same image. The forward runs in float32 on the CPU: for a store extracted
+under autocast (bf16/fp16 on CUDA) that equality cannot hold, and predict says so.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from pipeline.backbones.tokens import reduce_tokens
 from pipeline.data.image_folder import IMAGE_SUFFIXES
 from pipeline.data.source import read_image
 from pipeline.training.frozen_backbone import rebuild_backbone
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +83,11 @@ def run_predict(adapter_dirs: list[str], images: list[str], batch_size: int = 32
 def _predict_group(tasks: list[Task], files: list[Path], rows: list[dict], batch_size: int) -> None:
     fp = saved_fingerprint(tasks[0].manifest)
     backbone = rebuild_backbone(fp, f"the store of adapter {str(tasks[0].directory)!r}")
+    autocast = (fp.compute or {}).get("autocast")
+    if autocast is not None:
+        log.warning("adapters %s were trained on features extracted under %s autocast on %s; predict runs the backbone in "
+                    "float32 on the CPU, so near a decision boundary a prediction can differ from the adapter applied to the "
+                    "cached features of the same image", [t.name for t in tasks], autocast, fp.compute.get("device"))
     adapters = [load_adapter(t.directory, saved_fingerprint(t.manifest), backbone_modules=backbone.model).eval() for t in tasks]
     stored = {}
     for a in adapters:

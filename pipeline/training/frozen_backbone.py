@@ -4,11 +4,15 @@ One way, from the store's fingerprint alone: the backbone's name, weights and mo
 the resolved preprocessing, and the layer specs (keys/values cached, layers through the final
 norm). The extract config saved beside it in the manifest is never read, so a config key
 renamed since extraction does not break an old store. The weights' sha256 must match the
-fingerprint's, so an adapter never meets blocks other than those that made its cache.
+fingerprint's, so an adapter never meets blocks other than those that made its cache, and the
+preprocessing is the recorded one, key by key, whatever this timm resolves for the model (a
+timm whose default crop mode or interpolation changed would otherwise feed predict other
+pixels than extraction read).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from cache import Fingerprint, StoreMismatchError
@@ -16,6 +20,8 @@ from pipeline.backbones.build import Backbone, build_backbone
 from pipeline.backbones.taps import EMBED
 from pipeline.config import build
 from pipeline.config.extract_config import BackboneConfig, PreprocessConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,4 +59,24 @@ def rebuild_backbone(fingerprint: Fingerprint, where: str) -> Backbone:
             "The weights source changed since extraction; re-extract or restore the weights.",
             subject=f"{where} was made with other weights",
         )
+    backbone.data_config = _recorded_preprocessing(backbone.data_config, fingerprint.preprocessing, where)
     return backbone
+
+
+def _recorded_preprocessing(resolved: dict, recorded: dict, where: str) -> dict:
+    """The data config extraction used (as JSON: lists for tuples), in the types timm resolves;
+    refused when it records a key this timm does not resolve (its transform cannot be rebuilt)."""
+    unknown = sorted(set(recorded) - set(resolved))
+    if unknown:
+        raise StoreMismatchError(
+            where, [f"preprocessing.{k}: recorded {recorded[k]!r}, which this timm's data config does not have" for k in unknown],
+            "Install the timm version that extracted the store, or re-extract.",
+            subject=f"{where} records preprocessing this timm cannot reproduce",
+        )
+    config = dict(resolved)
+    for key, value in recorded.items():
+        value = tuple(value) if isinstance(value, list) else value
+        if value != config[key]:
+            log.info("%s: preprocessing.%s is %r as recorded (this timm resolves %r)", where, key, value, config[key])
+        config[key] = value
+    return config
