@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -232,6 +233,9 @@ class Manifest:
     classes: class names, by label. ignored: per split, the paths under its folder that are not
     samples. skipped: per split, the ids of samples that could not be read (valid False).
     config: the resolved extract config, for people; no code reads it back.
+    creation_id: random, given when the store is created: a dask worker writing for a driver
+        that has died stamps nothing into a store made since at the same path (by an
+        --overwrite). None in stores made before it.
     """
 
     fingerprint: Fingerprint
@@ -245,6 +249,7 @@ class Manifest:
     complete: bool = False
     completed_at: Optional[str] = None
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    creation_id: Optional[str] = field(default_factory=lambda: uuid.uuid4().hex)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -296,6 +301,7 @@ class Manifest:
             "complete": self.complete,
             **({"completed_at": self.completed_at} if self.completed_at else {}),
             "skipped": self.skipped,
+            **({"creation_id": self.creation_id} if self.creation_id else {}),
         }
 
     @classmethod
@@ -316,6 +322,7 @@ class Manifest:
             complete=bool(d.get("complete")),
             completed_at=d.get("completed_at"),
             skipped=d.get("skipped", {}),
+            creation_id=d.get("creation_id"),
         )
 
 

@@ -57,6 +57,7 @@ class StoreWriter:
         self.plan = self.manifest.plan
         self.dtype = self.manifest.dtype
         self.encoding = encoding(self.dtype)
+        self.creation_id = self.manifest.creation_id  # a worker's: the one its driver opened (open)
 
     @property
     def complete(self) -> bool:
@@ -85,6 +86,7 @@ class StoreWriter:
         overwrite: bool = False,
         storage_options: dict | None = None,
         lease: bool = True,
+        creation_id: str | None = None,
     ) -> "StoreWriter":
         """Open a store made with this exact fingerprint, or create it.
 
@@ -94,6 +96,10 @@ class StoreWriter:
         extra: the Manifest fields that do not identify the content (classes, config, ...).
         lease: False only for workers of a writer that holds the lease (distributed extraction);
             they never create and never finalize.
+        creation_id: with lease=False, the creation the driver opened (its manifest's
+            creation_id): a worker refuses a store made since at the same path, at open and
+            again before each stamp, so a task that outlives its driver stamps nothing into
+            the store of the next run.
         """
         location = as_location(path, storage_options)
         attrs = _root_attributes(location)
@@ -107,7 +113,10 @@ class StoreWriter:
             if diff:  # e.g. a dask worker whose device or weights differ from the driver's
                 raise StoreMismatchError(str(location), diff, "A worker must compute what the driver planned (same device kind, "
                                          "weights and data).", subject=f"store {str(location)!r} was made differently from this worker's plan")
-            return cls(location, location.open_group("r+"))
+            writer = cls(location, location.open_group("r+"))
+            writer.creation_id = creation_id
+            writer._check_creation()
+            return writer
         held = StoreLease(location).acquire()
         try:
             return cls._open_leased(location, held, fingerprint, splits, compressor, extra, overwrite)
@@ -164,9 +173,18 @@ class StoreWriter:
             self.root[f"{split}/stats/{name}"][chunk] = rows
 
     def stamp(self, split: str, chunks: list[int]) -> None:
+        if self.lease is None:  # a worker: the lease is its driver's, which may have died since
+            self._check_creation()
         done = self.root[f"{split}/chunk_done"]
         for c in chunks:
             done[c] = 1  # one object per chunk: concurrent writers never clash
+
+    def _check_creation(self) -> None:
+        """Refuse a store at this path that is not the creation this writer writes for."""
+        on_disk = _root_attributes(self.location).get(MANIFEST_KEY, {}).get("creation_id")
+        if on_disk != self.creation_id:
+            raise StoreError(f"store {str(self.location)!r} was created again since this worker's driver opened it (by another "
+                             f"extract run, with --overwrite?); this piece stamps nothing into it")
 
     def finalize(self) -> Manifest:
         """Stamp the whole store complete (once every chunk is), listing skipped samples, and

@@ -84,3 +84,32 @@ def test_workers_compute_the_single_process_batches_on_its_threads(tmp_path):
             assert x.dtype == y.dtype == np.float16
             differ = np.nonzero((x.view(np.uint16) != y.view(np.uint16)).reshape(len(x), -1).any(1))[0]
             assert differ.size == 0, f"{split}/{layer}: samples {differ.tolist()} differ"
+
+
+def test_a_task_that_outlives_its_driver_stamps_nothing_into_the_next_store(tmp_path):
+    """A dask task keeps running after its driver dies. Meanwhile another run replaces the
+    store (--overwrite, other preprocessing, same array shapes): the old task's chunks must
+    not be stamped there, where they would read as the new run's features."""
+    from cache import StoreError
+    from pipeline.config import to_dict
+    from pipeline.runners.distributed_extract import extract_piece
+    from pipeline.runners.extract import extract_chunks, open_writer, plan_extraction
+
+    images = write_image_folder(tmp_path / "images", per_class=4)
+    old = tiny_config(tmp_path, images, "backbone.layers=[-1]")
+    with open_writer(plan_extraction(old)) as driver:  # the driver creates the store, then dies
+        creation = driver.creation_id
+    old_plan = plan_extraction(old)
+    task = open_writer(old_plan, lease=False, creation_id=creation)  # a task already under way
+
+    new = tiny_config(tmp_path, images, "backbone.layers=[-1]", "preprocess.mean=[0.4, 0.4, 0.4]")
+    open_writer(plan_extraction(new), overwrite=True).close()  # the next run replaces the store (and is stopped too)
+    with pytest.raises(StoreError, match="created again since this worker's driver opened it"):
+        extract_chunks(old_plan, task, "train", [0])
+    with pytest.raises(StoreError, match="created again"):  # a task that starts only now is refused at once
+        extract_piece(to_dict(new), "train", [1], creation)
+    store = zarr.open_group(str(new.store.path), mode="r")
+    assert not store["train/chunk_done"][:].any()  # nothing of the old run reads as the new one's
+
+    run_extract(new)  # the next run finishes its store, and its own workers' pieces are accepted
+    assert open_store(new.store.path).manifest.complete

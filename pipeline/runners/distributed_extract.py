@@ -72,7 +72,7 @@ def run_distributed_extract(cfg: ExtractConfig, scheduler: Optional[str] = None,
                     log.warning("%d workers x %d torch threads (the driver's, so that the store equals a single-process run's) "
                                 "share %d cores; OMP_NUM_THREADS=%d for this run (and a run without --workers to compare) avoids that",
                                 workers, threads, cores, max(1, cores // workers))
-                futures = [client.submit(extract_piece, to_dict(cfg), split, chunks, threads, pure=False, retries=TASK_RETRIES,
+                futures = [client.submit(extract_piece, to_dict(cfg), split, chunks, writer.creation_id, threads, pure=False, retries=TASK_RETRIES,
                                          key=f"extract-{split}-{chunks[0]}") for split, chunks in pieces]
                 failed = []
                 for future in as_completed(futures):
@@ -118,15 +118,16 @@ def shard_pieces(missing: dict[str, list[int]], chunks_per_shard: int, pieces_pe
     return out
 
 
-def extract_piece(cfg_data: dict, split: str, chunks: list[int], threads: Optional[int] = None) -> int:
+def extract_piece(cfg_data: dict, split: str, chunks: list[int], creation_id: Optional[str], threads: Optional[int] = None) -> int:
     """The dask task: rebuild the plan from the config, reopen the store (its fingerprint must
-    match: a worker with other weights or data is refused), compute the given chunks with
-    `threads` torch threads (the driver's; None: this process's own)."""
+    match: a worker with other weights or data is refused; and it must be the creation the
+    driver opened: a task that outlives its driver stamps nothing into the next run's store),
+    compute the given chunks with `threads` torch threads (the driver's; None: this process's own)."""
     with torch_threads(threads):
-        return _extract_piece(build(ExtractConfig, cfg_data, source="the driver's config"), split, chunks)
+        return _extract_piece(build(ExtractConfig, cfg_data, source="the driver's config"), split, chunks, creation_id)
 
 
-def _extract_piece(cfg: ExtractConfig, split: str, chunks: list[int]) -> int:
+def _extract_piece(cfg: ExtractConfig, split: str, chunks: list[int], creation_id: Optional[str]) -> int:
     if multiprocessing.current_process().daemon and cfg.runtime.num_workers != 0:
         # dask workers are daemonic by default and may not start loader processes; the
         # workers themselves are the parallelism (dask config distributed.worker.daemon:
@@ -135,6 +136,6 @@ def _extract_piece(cfg: ExtractConfig, split: str, chunks: list[int]) -> int:
         cfg = replace(cfg, runtime=replace(cfg.runtime, num_workers=0))
     plan = plan_extraction(cfg)
     try:
-        return extract_chunks(plan, open_writer(plan, lease=False), split, chunks)  # the driver holds the lease
+        return extract_chunks(plan, open_writer(plan, lease=False, creation_id=creation_id), split, chunks)  # the driver holds the lease
     finally:
         plan.taps.close()

@@ -183,9 +183,10 @@ def run_extract(cfg: ExtractConfig, overwrite: bool = False) -> Extraction:
     return done
 
 
-def open_writer(plan: ExtractPlan, overwrite: bool = False, lease: bool = True) -> StoreWriter:
+def open_writer(plan: ExtractPlan, overwrite: bool = False, lease: bool = True, creation_id: str | None = None) -> StoreWriter:
     """Create the store for this plan, or reopen it when its fingerprint matches, under the
-    store's writer lease (lease=False: a dask worker of the driver that holds it)."""
+    store's writer lease (lease=False: a dask worker of the driver that holds it, writing into
+    the store's creation `creation_id`, the driver's)."""
     cfg = plan.cfg
     return StoreWriter.open(
         cfg.store.path,
@@ -203,6 +204,7 @@ def open_writer(plan: ExtractPlan, overwrite: bool = False, lease: bool = True) 
         overwrite=overwrite,
         storage_options=cfg.store.storage_options,
         lease=lease,
+        creation_id=creation_id,
     )
 
 
