@@ -156,6 +156,7 @@ class StoreWriter:
 
     def write(self, split: str, start: int, layers: dict[str, np.ndarray], scales: dict[str, np.ndarray], valid: np.ndarray) -> None:
         """Write samples [start, start + len(valid)) of every layer (chunk-aligned regions)."""
+        self._check_worker()
         stop = start + len(valid)
         g = self.root[split]
         for name, data in layers.items():
@@ -169,15 +170,23 @@ class StoreWriter:
     def write_stats(self, split: str, chunk: int, stats: dict[str, np.ndarray]) -> None:
         """One chunk's feature sums per layer ([len(STATS_ROWS), D] float64, cache/stats.py);
         written with its features, before its stamp."""
+        self._check_worker()
         for name, rows in stats.items():
             self.root[f"{split}/stats/{name}"][chunk] = rows
 
     def stamp(self, split: str, chunks: list[int]) -> None:
-        if self.lease is None:  # a worker: the lease is its driver's, which may have died since
-            self._check_creation()
+        self._check_worker()
         done = self.root[f"{split}/chunk_done"]
         for c in chunks:
             done[c] = 1  # one object per chunk: concurrent writers never clash
+
+    def _check_worker(self) -> None:
+        """Before a worker writes or stamps anything: the lease is its driver's, and a dask task
+        outlives a dead driver, so the store may have been made again since (one small read).
+        Left open: a store remade, and the same chunk computed and stamped by the new run,
+        within the one write that follows the check."""
+        if self.lease is None:
+            self._check_creation()
 
     def _check_creation(self) -> None:
         """Refuse a store at this path that is not the creation this writer writes for."""

@@ -110,6 +110,7 @@ def test_a_task_that_outlives_its_driver_stamps_nothing_into_the_next_store(tmp_
         extract_piece(to_dict(new), "train", [1], creation)
     store = zarr.open_group(str(new.store.path), mode="r")
     assert not store["train/chunk_done"][:].any()  # nothing of the old run reads as the new one's
+    assert not store["train/valid"][:].any()  # nor is written there: the new run may have stamped that chunk already
 
     run_extract(new)  # the next run finishes its store, and its own workers' pieces are accepted
     assert open_store(new.store.path).manifest.complete
