@@ -258,3 +258,24 @@ def test_a_standalone_section_is_appended_then_rewritten_in_place(tmp_path):
     assert with_standalone_sections("# New\n", "# Old\n") == "# New\n"
     with pytest.raises(ValueError, match="no block to rewrite"):
         replace_block(tmp_path / "README.md", *markers, "x")
+
+
+def test_the_code_version_covers_every_module_that_computes_a_unit():
+    """The oracle is Python's own import system: every project module that importing the
+    computing modules loads, and the training runner they call (imported lazily by speed.py
+    and at the top by methods.py), must be hashed into CODE_VERSION; reporting code must not."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.benchmarking import units
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import sys, importlib\n"
+              f"for m in {units.COMPUTING_MODULES!r}: importlib.import_module(m)\n"
+              "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] in ('pipeline', 'cache')))")
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    hashed = set(units.code_files())
+    assert {Path(f).resolve() for f in loaded} <= hashed
+    assert {root / "pipeline/runners/train.py", root / "pipeline/config/train_config.py", root / "pipeline/training/splits.py"} <= hashed
+    assert not {root / "pipeline/benchmarking/report.py", root / "pipeline/cli.py", root / "pipeline/runners/bench.py"} & hashed
