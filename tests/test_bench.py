@@ -269,13 +269,14 @@ def test_the_code_version_covers_every_module_that_computes_a_unit():
     from pathlib import Path
 
     from pipeline.benchmarking import units
+    from pipeline.code_version import code_files
 
     root = Path(__file__).resolve().parents[1]
     script = ("import sys, importlib\n"
               f"for m in {units.COMPUTING_MODULES!r}: importlib.import_module(m)\n"
               "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] in ('pipeline', 'cache')))")
     loaded = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True).stdout.split()
-    hashed = set(units.code_files())
+    hashed = set(code_files(units.COMPUTING_MODULES))
     assert {Path(f).resolve() for f in loaded} <= hashed
     assert {root / "pipeline/runners/train.py", root / "pipeline/config/train_config.py", root / "pipeline/training/splits.py"} <= hashed
     assert not {root / "pipeline/benchmarking/report.py", root / "pipeline/cli.py", root / "pipeline/runners/bench.py"} & hashed

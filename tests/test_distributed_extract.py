@@ -107,7 +107,7 @@ def test_a_task_that_outlives_its_driver_stamps_nothing_into_the_next_store(tmp_
     with pytest.raises(StoreError, match="created again since this worker's driver opened it"):
         extract_chunks(old_plan, task, "train", [0])
     with pytest.raises(StoreError, match="created again"):  # a task that starts only now is refused at once
-        extract_piece(to_dict(new), "train", [1], creation)
+        extract_piece(to_dict(new), "train", [1], creation, None)
     store = zarr.open_group(str(new.store.path), mode="r")
     assert not store["train/chunk_done"][:].any()  # nothing of the old run reads as the new one's
     assert not store["train/valid"][:].any()  # nor is written there: the new run may have stamped that chunk already

@@ -11,13 +11,14 @@ Files are written whole, then renamed.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
+
+from pipeline.code_version import code_version
 
 log = logging.getLogger(__name__)
 
@@ -32,46 +33,9 @@ COMPUTING_MODULES = ("pipeline.benchmarking.methods", "pipeline.benchmarking.fin
                      "pipeline.benchmarking.measured")
 
 
-def code_files() -> list[Path]:
-    """The project's sources that decide a unit's numbers: COMPUTING_MODULES and every module of
-    this project they import, transitively, at the top or inside a function (read statically,
-    so a lazy import counts). A hand-kept list missed pipeline/runners/train.py and the configs'
-    defaults: a bench rerun after changing them reported the old numbers under the new commit.
-    What only reports (runners/bench.py, report.py, machine.py, the CLI) is not among them."""
-    root = Path(__file__).resolve().parents[2]
-
-    def source(module: str) -> Path | None:
-        path = root.joinpath(*module.split("."))
-        return next((f for f in (path / "__init__.py", path.with_suffix(".py")) if f.is_file()), None)
-
-    def imported(path: Path) -> set[str]:
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:  # the project imports absolutely
-                names.update([node.module] + [f"{node.module}.{a.name}" for a in node.names])  # a name may be a submodule
-        # A package's __init__ runs before its submodule: each prefix counts.
-        return {".".join(n.split(".")[:i]) for n in names if n.split(".")[0] in ("pipeline", "cache") for i in range(1, n.count(".") + 2)}
-
-    found, todo = set(), [source(m) for m in COMPUTING_MODULES]
-    while todo:
-        path = todo.pop()
-        if path not in found:
-            found.add(path)
-            todo += [f for f in map(source, imported(path)) if f is not None]
-    return sorted(found)
-
-
-def _code_version() -> str:
-    root = Path(__file__).resolve().parents[2]
-    digest = hashlib.sha256()
-    for f in code_files():
-        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-CODE_VERSION = _code_version()
+# A hand-kept list of files missed pipeline/runners/train.py and the configs' defaults: a
+# bench rerun after changing them reported the old numbers under the new commit.
+CODE_VERSION = code_version(COMPUTING_MODULES)
 
 
 class Units:

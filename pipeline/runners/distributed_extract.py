@@ -36,12 +36,14 @@ from typing import Callable, Optional
 import torch
 
 from cache import FeatureCacheError, split_of
+from pipeline.code_version import code_version, require_drivers_code
 from pipeline.config import ExtractConfig, build, to_dict
 from pipeline.dask_cluster import dask_client, require_dask, torch_threads, workers_per_host
 from pipeline.runners.extract import Extraction, extract_chunks, open_writer, plan_extraction
 
 log = logging.getLogger(__name__)
 TASK_RETRIES = 2
+PIECE_MODULES = ("pipeline.runners.distributed_extract",)  # what computes a piece: this code and all it imports
 
 
 class ExtractTasksFailed(FeatureCacheError):
@@ -72,7 +74,8 @@ def run_distributed_extract(cfg: ExtractConfig, scheduler: Optional[str] = None,
                     log.warning("%d workers x %d torch threads (the driver's, so that the store equals a single-process run's) "
                                 "share %d cores; OMP_NUM_THREADS=%d for this run (and a run without --workers to compare) avoids that",
                                 workers, threads, cores, max(1, cores // workers))
-                futures = [client.submit(extract_piece, to_dict(cfg), split, chunks, writer.creation_id, threads, pure=False, retries=TASK_RETRIES,
+                code = code_version(PIECE_MODULES)
+                futures = [client.submit(extract_piece, to_dict(cfg), split, chunks, writer.creation_id, code, threads, pure=False, retries=TASK_RETRIES,
                                          key=f"extract-{split}-{chunks[0]}") for split, chunks in pieces]
                 failed = []
                 for future in as_completed(futures):
@@ -118,11 +121,15 @@ def shard_pieces(missing: dict[str, list[int]], chunks_per_shard: int, pieces_pe
     return out
 
 
-def extract_piece(cfg_data: dict, split: str, chunks: list[int], creation_id: Optional[str], threads: Optional[int] = None) -> int:
+def extract_piece(cfg_data: dict, split: str, chunks: list[int], creation_id: Optional[str], code: Optional[str],
+                  threads: Optional[int] = None) -> int:
     """The dask task: rebuild the plan from the config, reopen the store (its fingerprint must
     match: a worker with other weights or data is refused; and it must be the creation the
     driver opened: a task that outlives its driver stamps nothing into the next run's store),
-    compute the given chunks with `threads` torch threads (the driver's; None: this process's own)."""
+    compute the given chunks with `threads` torch threads (the driver's; None: this process's own).
+    code: the driver's code_version(PIECE_MODULES); a worker running other code is refused,
+    as its chunks could differ from the driver's."""
+    require_drivers_code(code, PIECE_MODULES)
     with torch_threads(threads):
         return _extract_piece(build(ExtractConfig, cfg_data, source="the driver's config"), split, chunks, creation_id)
 

@@ -33,12 +33,13 @@ from cache import CacheReader, FeatureCacheError, open_store
 from cache.lease import StoreLease
 from cache.location import StoreLocation
 from pipeline.adapters import adapter_class, build_adapter
+from pipeline.code_version import code_version
 from pipeline.config import ConfigError, TrainConfig, to_dict
 from pipeline.config.sweep_config import SweepConfig
 from pipeline.dask_cluster import dask_client, require_dask, workers_per_host
 from pipeline.devices import resolve_device
 from pipeline.sweeping.export import best_per_kind, results_markdown, write_best_train_config
-from pipeline.sweeping.jobs import Job, plan_jobs, run_job, rung_history, trial_member, trial_rows
+from pipeline.sweeping.jobs import JOB_MODULES, Job, plan_jobs, run_job, rung_history, trial_member, trial_rows
 from pipeline.sweeping.plots import plot_scores
 from pipeline.sweeping.results_log import TrialsLog
 from pipeline.sweeping.space import Trial, make_trials
@@ -78,7 +79,8 @@ def _sweep(cfg: SweepConfig, out: Path, scheduler: Optional[str], workers: int) 
     reader = open_store(cfg.store, storage_options=cfg.storage_options)
     _check_layers(cfg, reader)
     fingerprint = hashlib.sha256(json.dumps(reader.fingerprint.to_json(), sort_keys=True, default=str).encode()).hexdigest()
-    context = {"store": fingerprint, "train": cfg.train_settings()}
+    # The code too: a rerun after an upgrade trains again, rather than ranking two versions' rows together.
+    context = {"store": fingerprint, "train": cfg.train_settings(), "code": code_version(JOB_MODULES)}
     results = TrialsLog(out / "trials.jsonl")
     if scheduler:
         where = f"on the dask cluster at {scheduler}"
@@ -249,9 +251,10 @@ class _Executor:
 
         self._start()
         waiting, futures = iter(jobs), {}
+        code = code_version(JOB_MODULES)  # each worker checks that it runs this code
 
         def submit(job: Job):
-            future = self.client.submit(run_job, prepare(job), self.per_host, key=f"sweep-job-{job.id}", pure=False, retries=JOB_RETRIES)
+            future = self.client.submit(run_job, prepare(job), self.per_host, code, key=f"sweep-job-{job.id}", pure=False, retries=JOB_RETRIES)
             futures[future] = job
             return future
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from cache import LayerSpec, is_url
+from pipeline.code_version import require_drivers_code
 from pipeline.config import TrainConfig, build
 from pipeline.config.sweep_config import SweepConfig
 from pipeline.config.train_config import AdapterEntry
@@ -94,12 +95,18 @@ def _job(cfg: SweepConfig, trials: list[Trial], member_ids: list[str]) -> Job:
     return Job(job_id, tuple(trials), tuple(member_ids), build(TrainConfig, data, source=f"job {job_id}"))
 
 
-def run_job(cfg: TrainConfig, workers_per_host: Optional[dict[str, int]]) -> list[dict]:
+# What decides a trial's result besides its config, store and settings: this code and all it imports.
+JOB_MODULES = ("pipeline.sweeping.jobs",)
+
+
+def run_job(cfg: TrainConfig, workers_per_host: Optional[dict[str, int]], code: Optional[str] = None) -> list[dict]:
     """The dask task: train one job's members together and return `train`'s rows.
 
     workers_per_host: on dask, how torch threads are shared (see dask_cluster.share_cores);
-    None in-process.
+    None in-process. code: the driver's code_version(JOB_MODULES); a worker running other
+    code is refused (its rows would sit beside the driver's in one ranking).
     """
+    require_drivers_code(code, JOB_MODULES)
     share_cores(workers_per_host)
     # The job's own folder: a retried job replaces it. The store stays held in RAM for the
     # worker's next job on it (keyed by the store's identity: cache/resident.py). The sweep

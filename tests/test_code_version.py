@@ -1,0 +1,64 @@
+"""Results keyed by the code that computed them: sweep reruns after a code change, and dask
+workers whose code is not their driver's."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cache import FeatureCacheError
+from pipeline.code_version import ROOT, code_files, code_version
+from pipeline.config import SweepConfig, build, to_dict
+from pipeline.runners.sweep import run_sweep
+from pipeline.sweeping.jobs import JOB_MODULES, run_job
+from tests.conftest import colour_folder, tiny_config
+
+
+def test_the_files_cover_what_python_imports():
+    """The oracle is Python's import system: every project module that importing the entry
+    module loads is among the hashed files."""
+    script = ("import sys, importlib\n"
+              f"importlib.import_module({JOB_MODULES[0]!r})\n"
+              "print('\\n'.join(m.__file__ for n, m in sys.modules.items() if n.split('.')[0] in ('pipeline', 'cache')))")
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert len(loaded) > 20 and {ROOT.joinpath(f).resolve() for f in loaded} <= set(code_files(JOB_MODULES))
+    assert ROOT / "pipeline/cli.py" not in code_files(JOB_MODULES)  # the CLI only parses: out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("colour")
+    cfg = tiny_config(tmp, colour_folder(tmp / "images", per_class=4), "backbone.layers=[-1]")
+    from pipeline.runners.extract import run_extract
+
+    run_extract(cfg)
+    return cfg.store.path
+
+
+def sweep_config(store, out) -> SweepConfig:
+    return build(SweepConfig, {"store": store, "output": str(out), "val_fraction": 0.25, "test_split": None, "epochs": 1,
+                               "batch_size": 8, "trials_per_job": 2, "space": [{"kind": "linear", "lr": [0.01, 0.03]}]})
+
+
+def test_a_sweep_rerun_after_a_code_change_trains_again(store, tmp_path, monkeypatch):
+    cfg = sweep_config(store, tmp_path / "out")
+    first = run_sweep(cfg, workers=0)
+    assert first["already_done"] == 0 and run_sweep(cfg, workers=0)["already_done"] == 2  # same code: reused
+    monkeypatch.setattr("pipeline.runners.sweep.code_version", lambda modules: "another")
+    again = run_sweep(cfg, workers=0)
+    assert again["already_done"] == 0 and again["jobs"] == 1  # the old rows are not ranked with the new ones
+    assert {r["trial"] for r in again["rows"]}.isdisjoint(r["trial"] for r in first["rows"])
+    lines = (tmp_path / "out" / "trials.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[0])["trial"] == first["rows"][0]["trial"]  # kept in the file
+
+
+def test_a_worker_running_other_code_is_refused(tmp_path):
+    from pipeline.runners.distributed_extract import PIECE_MODULES, extract_piece
+
+    assert code_version(JOB_MODULES) != "0" * 16
+    with pytest.raises(FeatureCacheError, match="other featurecache code than its driver"):
+        run_job(None, None, "0" * 16)  # refused before it looks at its config
+    extract = tiny_config(tmp_path, tmp_path, "backbone.layers=[-1]")
+    with pytest.raises(FeatureCacheError, match=f"code version {code_version(PIECE_MODULES)}, the driver's {'0' * 16}"):
+        extract_piece(to_dict(extract), "train", [0], None, "0" * 16)
