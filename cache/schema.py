@@ -233,6 +233,9 @@ class Manifest:
     classes: class names, by label. ignored: per split, the paths under its folder that are not
     samples. skipped: per split, the ids of samples that could not be read (valid False).
     config: the resolved extract config, for people; no code reads it back.
+    code_version: the version of the code that computes features (a hash the extract runner
+        gives, pipeline/code_version.py): a resume with other code is refused, so no store
+        holds chunks of two versions. None in stores made before it.
     creation_id: random, given when the store is created: a dask worker writing for a driver
         that has died stamps nothing into a store made since at the same path (by an
         --overwrite). None in stores made before it.
@@ -245,6 +248,7 @@ class Manifest:
     backbone_parameters: Optional[int] = None
     ignored: dict[str, list[str]] = field(default_factory=dict)
     package_version: Optional[str] = None
+    code_version: Optional[str] = None
     config: dict = field(default_factory=dict)
     complete: bool = False
     completed_at: Optional[str] = None
@@ -296,6 +300,7 @@ class Manifest:
             "backbone_parameters": self.backbone_parameters,
             "ignored": self.ignored,
             "package_version": self.package_version,
+            **({"code_version": self.code_version} if self.code_version else {}),
             "config": self.config,
             "created_at": self.created_at,
             "complete": self.complete,
@@ -318,6 +323,7 @@ class Manifest:
             backbone_parameters=d.get("backbone_parameters"),
             ignored=d.get("ignored", {}),
             package_version=d.get("package_version"),
+            code_version=d.get("code_version"),
             config=d.get("config", {}),
             complete=bool(d.get("complete")),
             completed_at=d.get("completed_at"),

@@ -129,7 +129,7 @@ class StoreWriter:
         _remove_litter(location)
         attrs = _root_attributes(location)  # again: it may have changed before the lease was ours
         if MANIFEST_KEY in attrs:
-            diff = store_differences(attrs[MANIFEST_KEY], fingerprint)
+            diff = store_differences(attrs[MANIFEST_KEY], fingerprint) or _code_differs(attrs[MANIFEST_KEY], extra)
             if not diff:
                 log.info("resuming store %s", location)
                 return cls(location, location.open_group("r+"), held)
@@ -251,6 +251,15 @@ def _remove_litter(location: StoreLocation) -> None:
     if path.is_dir() and (path / "zarr.json").exists():
         for partial in path.rglob("*.partial"):
             partial.unlink(missing_ok=True)
+
+
+def _code_differs(manifest_json: dict, extra: dict) -> list[str]:
+    """An unfinished store whose chunks so far other code computed: resuming would mix two
+    versions in one store (unknown on either side: nothing to compare)."""
+    was, now = manifest_json.get("code_version"), extra.get("code_version")
+    if manifest_json.get("complete") or None in (was, now) or was == now:
+        return []
+    return [f"code_version: this unfinished store was begun by code {was}, this is {now} (rerun with that code to resume)"]
 
 
 def _root_attributes(location: StoreLocation) -> dict:

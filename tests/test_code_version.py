@@ -62,3 +62,19 @@ def test_a_worker_running_other_code_is_refused(tmp_path):
     extract = tiny_config(tmp_path, tmp_path, "backbone.layers=[-1]")
     with pytest.raises(FeatureCacheError, match=f"code version {code_version(PIECE_MODULES)}, the driver's {'0' * 16}"):
         extract_piece(to_dict(extract), "train", [0], None, "0" * 16)
+
+
+def test_an_unfinished_store_is_not_resumed_by_other_code(tmp_path, monkeypatch):
+    from cache import StoreMismatchError, open_store
+    from pipeline.runners.extract import EXTRACT_MODULES, open_writer, plan_extraction, run_extract
+
+    cfg = tiny_config(tmp_path, colour_folder(tmp_path / "images", per_class=2), "backbone.layers=[-1]")
+    open_writer(plan_extraction(cfg)).close()  # begun, then interrupted
+    assert open_store(cfg.store.path, allow_partial=True).manifest.code_version == code_version(EXTRACT_MODULES)
+    monkeypatch.setattr("pipeline.runners.extract.code_version", lambda modules: "upgraded")
+    with pytest.raises(StoreMismatchError, match=f"begun by code {code_version(EXTRACT_MODULES)}, this is upgraded"):
+        run_extract(cfg)
+    run_extract(cfg, overwrite=True)  # starts again, all of it by the new code
+    assert open_store(cfg.store.path).manifest.code_version == "upgraded"
+    monkeypatch.undo()
+    run_extract(cfg)  # a finished store is read, whatever code made it: nothing to mix

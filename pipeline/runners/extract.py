@@ -40,6 +40,7 @@ from pipeline import __version__
 from pipeline.backbones.build import Backbone, build_backbone
 from pipeline.backbones.taps import LayerTaps
 from pipeline.backbones.tokens import TOKEN_REDUCTIONS, reduce_tokens, reduced_spec
+from pipeline.code_version import code_version
 from pipeline.config import ExtractConfig, to_dict
 from pipeline.data import CorruptImageError, SplitSource, open_split
 from pipeline.data.augment import SeededView, train_transform
@@ -47,6 +48,7 @@ from pipeline.data.loader import make_loader
 from pipeline.devices import resolve_device
 
 log = logging.getLogger(__name__)
+EXTRACT_MODULES = ("pipeline.runners.extract",)  # what computes the features: this runner and all it imports
 
 
 @dataclass
@@ -199,6 +201,7 @@ def open_writer(plan: ExtractPlan, overwrite: bool = False, lease: bool = True, 
             # Paths under a split's folder that are not samples (see pipeline/data/image_folder.py).
             "ignored": {k: list(s.ignored) for k, s in plan.sources.items() if s.ignored},
             "package_version": __version__,
+            "code_version": code_version(EXTRACT_MODULES),
             "config": to_dict(cfg),
         },
         overwrite=overwrite,
