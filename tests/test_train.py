@@ -9,7 +9,7 @@ import torch
 from cache import ConfigError, open_store
 from pipeline.adapters import load_adapter
 from pipeline.config import TrainConfig, build
-from pipeline.runners.train import run_train
+from pipeline.runners.train import _slug, run_train
 
 
 def train_config(store, out, adapters, **extra):
@@ -192,3 +192,46 @@ def test_a_test_split_that_trains_or_chooses_is_refused(tmp_path):
         train_config("s", tmp_path, [{"kind": "linear"}], val_split="train", test_split="train")
     assert e.value.problems == ["val_split: got 'train', the train_split; leave it null to carve validation from it",
                                 "test_split: got 'train', the train_split; the test split must be one nothing was trained or chosen on"]
+
+
+def test_one_ranking_names_top1_orders_saves_and_makes_the_top_k(colour_store, tmp_path):
+    """Members tie on validation accuracy here (all at 0.8 after one epoch at low learning rates);
+    the ranking that names top-1, numbers the saved adapters and lists results.md is the one the
+    top-k ensemble averages (ties broken by calibrated NLL). Before, the first three broke ties
+    by position instead, and the "top 4" averaged members other than those saved as 01-04."""
+    cfg = train_config(colour_store, tmp_path / "run", [{"kind": "linear", "layers": "all", "lr": [0.001, 0.0005]}],
+                       epochs=1, save_top=4, ensemble_top_k=4)
+    results = run_train(cfg)
+    summary, rows = results["summary"], {r["member_id"]: r for r in results["rows"]}
+    accs = sorted((r["val_acc"] for r in rows.values()), reverse=True)
+    assert accs[0] == accs[1]  # a tie at the top: what this test is about
+    top_k = summary["ensemble"]["members"]
+    assert summary["ranking"][:4] == top_k and summary["top1"]["member_id"] == top_k[0]
+    saved = sorted(p.name for p in (tmp_path / "run" / "adapters").iterdir())
+    assert saved == [f"{n:02d}_{_slug(rows[i]['adapter'])}" for n, i in enumerate(top_k, 1)]
+    table = (tmp_path / "run" / "results.md").read_text().splitlines()[2:2 + len(rows)]
+    assert [line.split(" | ")[0].lstrip("| ") for line in table] == [rows[i]["adapter"] for i in summary["ranking"]]
+    assert [rows[i]["val_acc"] for i in summary["ranking"]] == accs
+    assert summary["ranking"] != [r["member_id"] for r in sorted(results["rows"], key=lambda r: -r["val_acc"])]  # ties by NLL, not position
+
+
+def test_a_diverged_member_is_flagged_and_kept_out_of_the_ranking_saves_and_ensembles(colour_store, tmp_path, caplog):
+    """lr 1 with weight decay 1e20 makes a probe's weights non-finite in its first steps. Before, its NaN
+    logits read as class 0, and it joined the top-k average (all NaN: one class), exit 0."""
+    healthy = {"kind": "linear", "layers": ["blocks.0"], "lr": [0.03, 0.01]}
+    blown = {"kind": "linear", "layers": ["blocks.5"], "lr": 1.0, "weight_decay": 1.0e20}
+    both = run_train(train_config(colour_store, tmp_path / "both", [healthy, blown], epochs=3, save_top=3))
+    alone = run_train(train_config(colour_store, tmp_path / "alone", [healthy], epochs=3, save_top=3))
+    z = np.load(tmp_path / "both" / "logits.npz")
+    finite = np.isfinite(z["val_logits"]).all(axis=(1, 2))
+    assert finite.tolist() == [not r["diverged"] for r in both["rows"]] == [True, True, False]
+    for m, r in enumerate(both["rows"]):  # numpy: a sample with a non-finite logit is never right
+        right = (z["val_logits"][m].argmax(-1) == z["val_labels"]) & np.isfinite(z["val_logits"][m]).all(-1)
+        assert r["val_acc"] == pytest.approx(right.mean())
+    bad = both["rows"][2]
+    assert any(r.levelname == "WARNING" and bad["adapter"] in r.getMessage() for r in caplog.records)
+    # The healthy members' outputs are what they are without the blown one beside them.
+    for key in ("top1", "ensemble", "greedy"):
+        assert both["summary"][key] == alone["summary"][key], key
+    assert both["summary"]["ranking"] == alone["summary"]["ranking"] + [bad["member_id"]]
+    assert sorted(p.name for p in (tmp_path / "both" / "adapters").iterdir()) == sorted(p.name for p in (tmp_path / "alone" / "adapters").iterdir())

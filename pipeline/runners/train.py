@@ -30,7 +30,7 @@ from pipeline.config.train_config import promoted
 from pipeline.devices import resolve_device
 from pipeline.training.convex_probe import fit_logistic_lbfgs, fold_standardization, standardize, standardize_fit
 from pipeline.training.ensembles import calibrated_ensembles
-from pipeline.training.evaluate import accuracy, split_logits
+from pipeline.training.evaluate import accuracy, finite_members, split_logits
 from pipeline.training.members import Member, expand, group_by_shape
 from pipeline.training.output import staged_output
 from pipeline.training.report import write_report
@@ -284,6 +284,7 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: 
                 p.copy_(g.best_params[name])
     val_logits, val_labels = split_logits(groups, reader, splits.val, layers, cfg.batch_size, splits.val_keep, run.device)
     val_acc = accuracy(val_logits, val_labels)
+    finite = finite_members(val_logits)
     test_acc = None
     if splits.test:
         test_logits, test_labels = split_logits(groups, reader, splits.test, layers, cfg.batch_size, device=run.device)
@@ -302,12 +303,18 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: 
                 "val_acc": float(val_acc[i]), "test_acc": float(test_acc[i]) if test_acc is not None else None,
                 "train_s": g.seconds / len(g.members), "fused_with": len(g.members),
                 "pruned_at": run.pruned_at.get(m.id), "rung_acc": run.rung_acc.get(m.id, {}),
+                "diverged": not bool(finite[i]),
             })
             adapters.append(adapter)
-    order = sorted(range(len(rows)), key=lambda i: -rows[i]["val_acc"])
-    # Ensembles of temperature-calibrated members, chosen on validation (training/ensembles.py).
+    diverged = [r["adapter"] for r in rows if r["diverged"]]
+    if diverged:
+        log.warning("%d member(s) diverged (non-finite validation logits even at their best epoch; lower their lr or weight decay): "
+                    "%s. Each is reported, never ranked above a finite member, saved or put in an ensemble", len(diverged), diverged)
+    # Ensembles of temperature-calibrated members, chosen on validation (training/ensembles.py),
+    # whose ranking of single members is the one reported, saved and called top-1.
     ensembles = calibrated_ensembles(val_logits, val_labels, test_logits if test_acc is not None else None,
                                      test_labels if test_acc is not None else None, k=cfg.ensemble_top_k)
+    order = list(ensembles.ranked)
 
     def by_id(report) -> dict:  # members by id; their names beside them, for people
         return {**report.to_dict(), "members": [rows[i]["member_id"] for i in report.members],
@@ -316,6 +323,7 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: 
     best = rows[order[0]]
     summary = {
         "top1": {k: best[k] for k in ("adapter", "member_id", "val_acc", "test_acc")},
+        "ranking": [rows[i]["member_id"] for i in order],  # by validation accuracy, then calibrated NLL, then order
         "ensemble": by_id(ensembles.top_k),  # the top k by validation, calibrated probabilities averaged
         "greedy": by_id(ensembles.greedy),  # Caruana's forward selection with replacement on validation
         "train_seconds_total": sum(g.seconds for g in groups),
@@ -326,7 +334,7 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: 
     np.savez(out / "logits.npz", members=np.array([r["adapter"] for r in rows]), member_ids=np.array([r["member_id"] for r in rows]),
              val_logits=val_logits.float().numpy(), val_labels=val_labels.numpy(), **test)
     saved = []
-    for rank, i in enumerate(order[: cfg.save_top]):
+    for rank, i in enumerate([i for i in order if not rows[i]["diverged"]][: cfg.save_top]):
         name = f"{rank + 1:02d}_{_slug(rows[i]['adapter'])}"
         save_adapter(adapters[i], out / "adapters" / name, reader.fingerprint, class_names=reader.classes)
         saved.append(str(final / "adapters" / name))

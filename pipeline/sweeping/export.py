@@ -19,10 +19,11 @@ from pipeline.training.members import layer_label
 
 def best_per_kind(rows: list[dict]) -> dict[str, dict]:
     """rows in sweep order -> {kind: best row by validation accuracy}; a trial that pruning
-    stopped early is never the best (its accuracy is that of a shorter training)."""
+    stopped early is never the best (its accuracy is that of a shorter training), nor one that
+    diverged (non-finite logits: its accuracy counts only the samples it still scored)."""
     best: dict[str, dict] = {}
     for r in rows:
-        if r["metrics"].get("pruned_at") is not None:
+        if r["metrics"].get("pruned_at") is not None or r["metrics"].get("diverged"):
             continue
         kind = r["config"]["kind"]
         if kind not in best or r["metrics"]["val_acc"] > best[kind]["metrics"]["val_acc"]:

@@ -23,7 +23,14 @@ An ensemble of members S (a multiset: a member may appear several times) predict
     acc(S) = 1/n sum_i [yhat_i = y_i],  NLL(S) = -1/n sum_i log p_S(y_i | x_i)
 
 and is scored on validation by acc(S), ties broken by lower NLL(S). The same order, ties then
-broken by lower index, ranks single members for top-1 and top-k.
+broken by lower index, ranks single members for top-1 and top-k, and is the one ranking the
+trainer reports, saves and names top-1 by (`ranked`).
+
+A member with a non-finite validation logit (it diverged) is never ranked among the others or
+selected: it comes last in `ranked`, and its temperature is reported as NaN. A sample whose
+averaged probabilities are not all finite (a member finite on validation may overflow on a
+test image) is counted wrong, never read by argmax as class 0. With no finite member, every
+ensemble is empty, with accuracy 0.
 
 Greedy selection with replacement (Caruana et al. 2004, "Ensemble selection from libraries of
 models"): S_0 = {}, S_r = S_{r-1} + {argbest_m score(S_{r-1} + {m})} for r = 1..rounds; the
@@ -70,12 +77,13 @@ class CalibratedEnsembles:
     """What the trainer and the benchmark report: per-member temperatures and three ensembles."""
 
     temperatures: tuple[float, ...]
+    ranked: tuple[int, ...]  # every member, best first (finite members by validation score, then the rest)
     top1: EnsembleReport
     top_k: EnsembleReport
     greedy: EnsembleReport
 
     def to_dict(self) -> dict:
-        return {"temperatures": list(self.temperatures), "top1": self.top1.to_dict(),
+        return {"temperatures": list(self.temperatures), "ranked": list(self.ranked), "top1": self.top1.to_dict(),
                 "top_k": self.top_k.to_dict(), "greedy": self.greedy.to_dict()}
 
 
@@ -142,30 +150,39 @@ def calibrated_ensembles(val_logits, val_labels, test_logits=None, test_labels=N
         raise ValueError(f"k: got {k}, expected >= 1")
     if (test_logits is None) != (test_labels is None):
         raise ValueError("test_logits and test_labels: got only one of them, expected both or neither")
-    temperatures = fit_temperatures(val_logits, val_labels)
-    val_p = calibrated_probs(val_logits, temperatures)
-    y_val = _labels(val_labels)
+    z_val, y_val = _f64(val_logits), _labels(val_labels)
+    _check(z_val, y_val, "val_logits")
+    finite = [m for m in range(z_val.shape[0]) if np.isfinite(z_val[m]).all()]  # the others diverged
     test_p, y_test = None, None
     if test_logits is not None:
         z_test, y_test = _f64(test_logits), _labels(test_labels)
         _check(z_test, y_test, "test_logits")
-        if z_test.shape[0] != val_p.shape[0] or z_test.shape[2] != val_p.shape[2]:
-            raise ValueError(f"test_logits: got shape {z_test.shape}, expected [{val_p.shape[0]}, n, {val_p.shape[2]}] like val_logits")
-        test_p = calibrated_probs(z_test, temperatures)
-    ranked = sorted(range(val_p.shape[0]), key=lambda m: _score(val_p[m], y_val) + (m,))
-    selection = greedy_selection(val_p, y_val, rounds)
-    log.info("temperatures %s; greedy selection %s", np.round(temperatures, 3).tolist(), selection)
+        if z_test.shape[0] != z_val.shape[0] or z_test.shape[2] != z_val.shape[2]:
+            raise ValueError(f"test_logits: got shape {z_test.shape}, expected [{z_val.shape[0]}, n, {z_val.shape[2]}] like val_logits")
+    temperatures = np.full(z_val.shape[0], np.nan)
+    ranked, selection = [], []
+    if finite:  # indices below are into the finite members, mapped back when reported
+        temperatures[finite] = fit_temperatures(z_val[finite], y_val)
+        val_p = calibrated_probs(z_val[finite], temperatures[finite])
+        if test_logits is not None:
+            test_p = calibrated_probs(z_test[finite], temperatures[finite])
+        ranked = sorted(range(len(finite)), key=lambda m: _score(val_p[m], y_val) + (m,))
+        selection = greedy_selection(val_p, y_val, rounds)
+    log.info("temperatures %s; greedy selection %s", np.round(temperatures, 3).tolist(), [finite[m] for m in selection])
 
     def report(method: str, sequence: list[int]) -> EnsembleReport:
+        if not sequence:  # no finite member: an empty ensemble predicts nothing right
+            return EnsembleReport(method, (), (), 0.0, 0.0 if test_logits is not None else None)
         counts = Counter(sequence)  # insertion order: first selection first
         return EnsembleReport(
-            method, tuple(counts), tuple(counts.values()),
+            method, tuple(finite[m] for m in counts), tuple(counts.values()),
             val_acc=_accuracy(ensemble_probs(val_p, sequence), y_val),
             test_acc=_accuracy(ensemble_probs(test_p, sequence), y_test) if test_p is not None else None,
         )
 
     return CalibratedEnsembles(
         temperatures=tuple(float(t) for t in temperatures),
+        ranked=tuple(finite[m] for m in ranked) + tuple(m for m in range(z_val.shape[0]) if m not in finite),
         top1=report("top1", ranked[:1]),
         top_k=report("top_k", ranked[:k]),
         greedy=report("greedy", selection),
@@ -217,15 +234,20 @@ def _mean(total: np.ndarray, count: int) -> np.ndarray:
     return total / count
 
 
+def _correct(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per sample: predicted right, from probabilities that are all finite."""
+    return (probs.argmax(-1) == y) & np.isfinite(probs).all(-1)
+
+
 def _score(probs: np.ndarray, y: np.ndarray) -> tuple[int, float]:
     """A sort key, smaller is better: (-number correct, NLL)."""
-    correct = int(np.count_nonzero(probs.argmax(-1) == y))
+    correct = int(np.count_nonzero(_correct(probs, y)))
     nll = float(-np.mean(np.log(np.maximum(probs[np.arange(len(y)), y], _TINY))))
     return -correct, nll
 
 
 def _accuracy(probs: np.ndarray, y: np.ndarray) -> float:
-    return float(np.count_nonzero(probs.argmax(-1) == y)) / len(y)
+    return float(np.count_nonzero(_correct(probs, y))) / len(y)
 
 
 def _f64(x) -> np.ndarray:

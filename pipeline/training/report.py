@@ -23,10 +23,12 @@ def results_markdown(rows: list[dict], summary: dict) -> str:
         "| adapter | kind | layer | params | % of backbone | val acc | test acc | train s |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(rows, key=lambda r: -r["val_acc"]):
+    by_id = {r["member_id"]: r for r in rows}
+    for r in (by_id[i] for i in summary["ranking"]):  # the trainer's one ranking: top-1 first
         share = "-" if r["pct_backbone"] is None else f"{r['pct_backbone']:.3f}"
         train = f"{r['train_s']:.1f}" + (f" (fused x{r['fused_with']})" if r["fused_with"] > 1 else "")
-        lines.append(f"| {r['adapter']} | {r['kind']} | {r['layer']} | {r['params']:,} | {share} | {pct(r['val_acc'])} | {pct(r['test_acc'])} | {train} |")
+        name = r["adapter"] + (" (diverged)" if r["diverged"] else "")
+        lines.append(f"| {name} | {r['kind']} | {r['layer']} | {r['params']:,} | {share} | {pct(r['val_acc'])} | {pct(r['test_acc'])} | {train} |")
     top, ens, greedy = summary["top1"], summary["ensemble"], summary["greedy"]
     lines += [
         "",
