@@ -235,3 +235,30 @@ def test_a_diverged_member_is_flagged_and_kept_out_of_the_ranking_saves_and_ense
         assert both["summary"][key] == alone["summary"][key], key
     assert both["summary"]["ranking"] == alone["summary"]["ranking"] + [bad["member_id"]]
     assert sorted(p.name for p in (tmp_path / "both" / "adapters").iterdir()) == sorted(p.name for p in (tmp_path / "alone" / "adapters").iterdir())
+
+
+def test_early_stopping_stops_each_member_on_its_own(colour_store, tmp_path, float64_training):
+    """patience 1: a member stops after its first epoch without improving, whatever its fused
+    mates do. Before, a group trained on while any member improved, so a member's training (and
+    a sweep trial's result) depended on the trials it shared a job with."""
+    entry = {"kind": "linear", "layers": ["embed"]}
+    fused = run_train(train_config(colour_store, tmp_path / "fused", [{**entry, "lr": [0.0003, 0.001]}], epochs=6,
+                                   early_stopping_patience=1))
+    history: dict[str, list[float]] = {}
+    for line in (tmp_path / "fused" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "val_acc" in row:
+            history.setdefault(row["member_id"], []).append(row["val_acc"])
+
+    def stop_epoch(accs):  # by hand: the first epoch that did not beat the best before it
+        return next((e for e in range(1, len(accs)) if accs[e] <= max(accs[:e])), None) + 1
+
+    stops = {r["member_id"]: r["stopped_early_at"] for r in fused["rows"]}
+    assert sorted(stops.values()) == [2, 3]  # the mates stop at different epochs: what this test is about
+    for member_id, accs in history.items():
+        assert len(accs) == stops[member_id] == stop_epoch(accs)  # validated up to its stop, not after
+    for lr in (0.0003, 0.001):
+        alone = run_train(train_config(colour_store, tmp_path / f"alone{lr}", [{**entry, "lr": lr}], epochs=6,
+                                       early_stopping_patience=1))["rows"][0]
+        mine = next(r for r in fused["rows"] if r["member_id"] == alone["member_id"])
+        assert (mine["stopped_early_at"], mine["val_acc"]) == (alone["stopped_early_at"], alone["val_acc"])

@@ -48,7 +48,8 @@ class Group:
     seconds: float = 0.0
     best_val: torch.Tensor = None  # [N]
     best_params: dict = field(default_factory=dict)
-    stopped: bool = False  # pruned: no optimiser, validated no more, ends at its best state
+    stopped: bool = False  # pruned or stopped early: no optimiser, validated no more, ends at its best state
+    stale: torch.Tensor = None  # [N] epochs since each member last improved on validation
 
     def __call__(self, features):
         return self.fused(features)
@@ -77,6 +78,8 @@ class Run:
     # a stopped member stopped at.
     rung_acc: dict[str, dict[str, float]] = field(default_factory=dict)
     pruned_at: dict[str, int] = field(default_factory=dict)
+    # Early stopping: the epoch after which a member stopped, its patience spent.
+    stopped_early_at: dict[str, int] = field(default_factory=dict)
 
 
 def run_train(cfg: TrainConfig, overwrite: bool = False, keep_held: bool = False, plot: bool = True) -> dict:
@@ -166,7 +169,7 @@ def _train_epochs(run: Run, metrics) -> list[float]:
     cfg, reader, splits = run.cfg, run.reader, run.splits
     total_steps = run.steps_per_epoch * run.epochs
     rungs = cfg.pruning.rungs(run.epochs) if cfg.pruning else []
-    step, stale, epoch_seconds = 0, 0, []
+    step, epoch_seconds = 0, []
     for epoch in range(run.epochs):
         groups = [g for g in run.groups if not g.stopped]
         losses = [torch.zeros(len(g.members), device=run.device) for g in groups]
@@ -194,11 +197,9 @@ def _train_epochs(run: Run, metrics) -> list[float]:
             step += 1
             bar.set_postfix(samples_per_s=f"{seen / (time.perf_counter() - t_epoch):.0f}", refresh=False)
         epoch_seconds.append(time.perf_counter() - t_epoch)
-        improved = _validate(groups, reader, splits, run.layers, cfg.batch_size, epoch, [(l / max(seen, 1)).cpu() for l in losses], metrics,
-                             run.device)
-        stale = 0 if improved else stale + 1
-        if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
-            log.info("early stop after epoch %d: no member improved for %d epochs", epoch + 1, stale)
+        _validate(groups, reader, splits, run.layers, cfg.batch_size, epoch, [(l / max(seen, 1)).cpu() for l in losses], metrics, run.device)
+        if cfg.early_stopping_patience and not _stop_early(run, epoch + 1):
+            log.info("early stop after epoch %d: every member went %d epochs without improving", epoch + 1, cfg.early_stopping_patience)
             break
         if epoch + 1 in rungs and not _prune(run, epoch + 1):
             break
@@ -233,13 +234,33 @@ def _prune(run: Run, epoch: int) -> int:
     return going_on
 
 
+def _stop_early(run: Run, epoch: int) -> int:
+    """Stop each member whose validation accuracy has not improved for `early_stopping_patience`
+    epochs, on its own: it is split off its fused group, so when a member stops never depends
+    on the members trained beside it (before, a group trained on while any member improved).
+    Returns how many members still train."""
+    patience = run.cfg.early_stopping_patience
+    groups = []
+    for g in run.groups:
+        done = g.stale >= patience if g.optimizer is not None else None
+        if done is None or not bool(done.any()):
+            groups.append(g)
+            continue
+        run.stopped_early_at.update({m.id: epoch for m, d in zip(g.members, done.tolist()) if d})
+        if not bool(done.all()):
+            groups.append(_subgroup(g, (~done).nonzero().flatten(), stopped=False))
+        groups.append(_subgroup(g, done.nonzero().flatten(), stopped=True))
+    run.groups = groups
+    return sum(len(g.members) for g in groups if g.optimizer is not None)
+
+
 def _subgroup(g: Group, index: torch.Tensor, stopped: bool) -> Group:
     """The members of `g` at `index`, as they are now: training on with their own optimiser
     state, or stopped, without one (the share of the group's training time they took so far
     goes with them)."""
     fused = g.fused.subset(index)
     return Group([g.members[i] for i in index.tolist()], fused, None if stopped else g.optimizer.subset(index, fused.parameters()),
-                 seconds=g.seconds * len(index) / len(g.members), best_val=g.best_val[index].clone(),
+                 seconds=g.seconds * len(index) / len(g.members), best_val=g.best_val[index].clone(), stale=g.stale[index].clone(),
                  best_params={n: b[index].clone() for n, b in g.best_params.items()}, stopped=stopped)
 
 
@@ -253,16 +274,17 @@ def train_step(g: Group, features: dict[str, torch.Tensor], labels: torch.Tensor
     return loss.detach()
 
 
-def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, metrics, device) -> bool:
+def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, metrics, device) -> None:
+    """Each training member's validation accuracy: its best state kept, its epochs without improving counted."""
     logits, labels = split_logits(groups, reader, splits.val, layers, batch_size, splits.val_keep, device)
     accs = accuracy(logits, labels)
-    improved, offset = False, 0
+    offset = 0
     for g, train_loss in zip(groups, train_losses):
         acc = accs[offset: offset + len(g.members)]
         offset += len(g.members)
         better = acc > g.best_val
+        g.stale = torch.where(better, 0, g.stale + 1)
         if better.any():
-            improved = True
             g.best_val = torch.where(better, acc, g.best_val)
             on = better.to(next(iter(g.best_params.values())).device)  # the mask where the parameters are
             for name, p in g.fused.params.items():
@@ -272,7 +294,6 @@ def _validate(groups, reader, splits, layers, batch_size, epoch, train_losses, m
     metrics.flush()
     best = max(float(g.best_val.max()) for g in groups)
     log.info("epoch %d: best validation accuracy so far %.4f", epoch + 1, best)
-    return improved
 
 
 def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: bool) -> dict:
@@ -303,6 +324,7 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: 
                 "val_acc": float(val_acc[i]), "test_acc": float(test_acc[i]) if test_acc is not None else None,
                 "train_s": g.seconds / len(g.members), "fused_with": len(g.members),
                 "pruned_at": run.pruned_at.get(m.id), "rung_acc": run.rung_acc.get(m.id, {}),
+                "stopped_early_at": run.stopped_early_at.get(m.id),
                 "diverged": not bool(finite[i]),
             })
             adapters.append(adapter)
@@ -367,7 +389,8 @@ def _make_group(members: list[Member], reader: CacheReader, num_classes: int, ba
     fused = FusedAdapters(adapters, seeds=[m.seed for m in members])
     optimizer = StackedAdamW(fused.parameters(), lr=[m.lr for m in members], weight_decay=[m.weight_decay for m in members])
     best_params = {name: p.detach().clone() for name, p in fused.params.items()}
-    return Group(members, fused, optimizer, best_val=torch.full((len(members),), -1.0), best_params=best_params)
+    return Group(members, fused, optimizer, best_val=torch.full((len(members),), -1.0), best_params=best_params,
+                 stale=torch.zeros(len(members), dtype=torch.long))
 
 
 # Largest |gradient component| of the mean loss at which a solved probe stops: the objective is
@@ -403,7 +426,8 @@ def _solved_group(members: list[Member], reader: CacheReader, num_classes: int, 
             adapters[i].head.bias.copy_(bias)
     fused = FusedAdapters([a.to(device) for a in adapters])
     best_params = {name: p.detach().clone() for name, p in fused.params.items()}
-    return Group(members, fused, None, seconds=time.perf_counter() - t0, best_val=torch.full((len(members),), -1.0), best_params=best_params)
+    return Group(members, fused, None, seconds=time.perf_counter() - t0, best_val=torch.full((len(members),), -1.0), best_params=best_params,
+                 stale=torch.zeros(len(members), dtype=torch.long))
 
 
 def _backbone_modules(reader: CacheReader):

@@ -134,5 +134,5 @@ def trial_rows(job: Job, rows: list[dict]) -> list[dict]:
     for trial, member_id in zip(job.trials, job.members):
         r = by_id[member_id]
         out.append({"trial": trial.id, "config": trial.config(), "member": r["adapter"], "member_id": member_id, "job": job.id,
-                    "metrics": {k: r[k] for k in ("val_acc", "test_acc", "params", "train_s", "pruned_at", "rung_acc", "diverged")}})
+                    "metrics": {k: r[k] for k in ("val_acc", "test_acc", "params", "train_s", "pruned_at", "rung_acc", "stopped_early_at", "diverged")}})
     return out
