@@ -283,3 +283,12 @@ def test_defaults_follow_the_last_layer_and_fit_the_pooling():
     assert build(VIT, pool="cls_mean").head.in_features == 2 * VIT[-1].dim
     with pytest.raises(AdapterConfigError, match="no prefix tokens"):
         build(CNN, pool="cls")
+
+
+def test_layers_listed_out_of_backbone_order_are_refused():
+    """LoSA refines the last layer it lists: listed deep first, it would silently refine a
+    shallow one. Where the order is unknown (no block indices: the CNN's stages) the list is taken as given."""
+    with pytest.raises(AdapterConfigError, match=r"in backbone order are \['embed', 'blocks.0', 'blocks.1'\]"):
+        build(VIT, layers=("blocks.1", "embed", "blocks.0"))
+    assert build(VIT, layers=("embed", "blocks.1")).target.name == "blocks.1"
+    assert build(CNN, layers=("stage3", "stage1")).target.name == "stage1"

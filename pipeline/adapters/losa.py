@@ -146,6 +146,10 @@ class LoSA(Adapter):
         super().__init__(num_classes, hparams or LoSAHparams())
         hp = self.hparams
         self.use_layers(layers, hp.layers or layers_in_backbone_order(layers))
+        ordered = layers_in_backbone_order(self.layer_specs)
+        if list(self.layer_specs) != ordered:  # the side network runs shallow to deep and refines the last
+            raise AdapterConfigError(f"LoSA reads its layers shallow to deep and refines the last one; got layers {list(self.layer_specs)}, "
+                                     f"which in backbone order are {ordered}: list them in that order")
         specs = list(self.layer_specs.values())
         self.target = specs[-1]
         for spec in specs:
