@@ -389,7 +389,7 @@ def _make_group(members: list[Member], reader: CacheReader, num_classes: int, ba
     fused = FusedAdapters(adapters, seeds=[m.seed for m in members])
     optimizer = StackedAdamW(fused.parameters(), lr=[m.lr for m in members], weight_decay=[m.weight_decay for m in members])
     best_params = {name: p.detach().clone() for name, p in fused.params.items()}
-    return Group(members, fused, optimizer, best_val=torch.full((len(members),), -1.0), best_params=best_params,
+    return Group(members, fused, optimizer, best_val=torch.full((len(members),), -1.0, dtype=torch.float64), best_params=best_params,
                  stale=torch.zeros(len(members), dtype=torch.long))
 
 
@@ -426,8 +426,8 @@ def _solved_group(members: list[Member], reader: CacheReader, num_classes: int, 
             adapters[i].head.bias.copy_(bias)
     fused = FusedAdapters([a.to(device) for a in adapters])
     best_params = {name: p.detach().clone() for name, p in fused.params.items()}
-    return Group(members, fused, None, seconds=time.perf_counter() - t0, best_val=torch.full((len(members),), -1.0), best_params=best_params,
-                 stale=torch.zeros(len(members), dtype=torch.long))
+    return Group(members, fused, None, seconds=time.perf_counter() - t0, best_val=torch.full((len(members),), -1.0, dtype=torch.float64),
+                 best_params=best_params, stale=torch.zeros(len(members), dtype=torch.long))
 
 
 def _backbone_modules(reader: CacheReader):

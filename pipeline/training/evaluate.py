@@ -30,7 +30,7 @@ def split_logits(groups: Sequence, reader: CacheReader, split: str, layers: list
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[members, n, C], [n] -> accuracy per member [members]. A sample whose logits are not all
     finite (a diverged member) counts as wrong: argmax would read NaNs as class 0."""
-    return ((logits.argmax(-1) == labels) & torch.isfinite(logits).all(-1)).float().mean(-1)
+    return ((logits.argmax(-1) == labels) & torch.isfinite(logits).all(-1)).double().mean(-1)  # k/n, not its float32 rounding
 
 
 def finite_members(logits: torch.Tensor) -> torch.Tensor:
