@@ -213,6 +213,13 @@ def test_one_ranking_names_top1_orders_saves_and_makes_the_top_k(colour_store, t
     assert [line.split(" | ")[0].lstrip("| ") for line in table] == [rows[i]["adapter"] for i in summary["ranking"]]
     assert [rows[i]["val_acc"] for i in summary["ranking"]] == accs
     assert summary["ranking"] != [r["member_id"] for r in sorted(results["rows"], key=lambda r: -r["val_acc"])]  # ties by NLL, not position
+    # The saved temperatures rebuild the top-k from logits.npz by hand (numpy softmax, mean, argmax).
+    z = np.load(tmp_path / "run" / "logits.npz")
+    t = np.array([summary["temperatures"][i] for i in z["member_ids"]])[:, None, None]
+    p = np.exp(z["val_logits"] / t - (z["val_logits"] / t).max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    members = [list(z["member_ids"]).index(i) for i in top_k]
+    assert (p[members].mean(0).argmax(-1) == z["val_labels"]).mean() == summary["ensemble"]["val_acc"]
 
 
 def test_a_diverged_member_is_flagged_and_kept_out_of_the_ranking_saves_and_ensembles(colour_store, tmp_path, caplog):

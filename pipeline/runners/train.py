@@ -346,6 +346,8 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: 
     summary = {
         "top1": {k: best[k] for k in ("adapter", "member_id", "val_acc", "test_acc")},
         "ranking": [rows[i]["member_id"] for i in order],  # by validation accuracy, then calibrated NLL, then order
+        # Each member's temperature (fitted on validation; None: diverged): with logits.npz, the ensembles can be rebuilt.
+        "temperatures": {r["member_id"]: None if r["diverged"] else t for r, t in zip(rows, ensembles.temperatures)},
         "ensemble": by_id(ensembles.top_k),  # the top k by validation, calibrated probabilities averaged
         "greedy": by_id(ensembles.greedy),  # Caruana's forward selection with replacement on validation
         "train_seconds_total": sum(g.seconds for g in groups),
