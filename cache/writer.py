@@ -41,7 +41,7 @@ from cache.lease import StoreLease
 from cache.local_files import replace_dir
 from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids, write_sample_ids
-from cache.schema import CREATING_KEY, MANIFEST_KEY, Fingerprint, Manifest, SplitRecord, store_differences
+from cache.schema import CREATING_KEY, MANIFEST_KEY, Fingerprint, Manifest, SplitRecord, store_differences, view_group
 from cache.stats import STATS_ROWS
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,7 @@ class StoreWriter:
             if any(missing.values()):
                 raise StoreError(f"cannot finalize {self.location}: chunks still missing per split (and view): {missing}")
             self._check_arrays_match_manifest()
+            self._check_views_agree_on_validity()
             skipped = {}
             for split in self.manifest.splits:
                 valid = self.root[f"{split}/valid"][:]
@@ -217,6 +218,31 @@ class StoreWriter:
             return self.manifest
         finally:
             self.close()
+
+    def _check_views_agree_on_validity(self) -> None:
+        """A sample is read in every view of its split or in none. One that failed in some views
+        only (a read that is not repeatable, e.g. a transient I/O error under on_corrupt: skip)
+        holds a blank image's features there, which training would take as real ones (the
+        reader goes by the split's own mask). Its chunk is unstamped in every view, so that a
+        rerun reads the file once more for all of them, and finalizing is refused."""
+        mixed = {}
+        for split in self.manifest.splits:
+            views = self.manifest.fingerprint.view_count(split)
+            if views > 1:
+                valid = np.stack([self.root[f"{view_group(split, v)}/valid"][:] for v in range(views)])
+                bad = np.flatnonzero(valid.any(0) & ~valid.all(0))
+                if len(bad):
+                    mixed[split] = bad
+        if not mixed:
+            return
+        for split, samples in mixed.items():
+            for chunk in sorted({int(i) // self.plan.samples_per_chunk for i in samples}):
+                for v in range(self.manifest.fingerprint.view_count(split)):
+                    self.root[f"{view_group(split, v)}/chunk_done"][chunk] = 0
+        named = {s: [str(x) for x in np.asarray(read_sample_ids(self.root[s]), dtype=object)[i[:5]]] for s, i in mixed.items()}
+        raise StoreError(f"cannot finalize {self.location}: samples were read in some views and not in others (a read that is not "
+                         f"repeatable, such as a transient I/O error): {sum(map(len, mixed.values()))} samples, e.g. {named}; their "
+                         "chunks are unstamped in every view: rerun the same extract command to read them again")
 
     def _check_arrays_match_manifest(self) -> None:
         """The manifest about to be stamped must describe the arrays that are there: the same

@@ -136,3 +136,39 @@ def test_training_on_views_runs_and_the_views_enter_the_fingerprint(tmp_path, im
         run_extract(views_config(tmp_path, image_folder, "augment.policy=trivialaugment"))
     with pytest.raises(ConfigError, match="augment.split: got 'training', which is not one of data.splits"):
         views_config(tmp_path, image_folder, "augment.split=training")
+
+
+def test_a_sample_read_in_one_view_only_is_read_again_not_trained_on_blank(tmp_path, monkeypatch):
+    """A transient read error while one view is extracted (on_corrupt: skip) stored that view
+    of the sample as a blank image, valid=False, beside a valid clean view; the reader goes by
+    the clean mask, so training took the blank image's features as real. Finalizing now
+    refuses, unstamps that chunk in every view, and the rerun reads the file again."""
+    from PIL import Image
+
+    from cache import StoreError
+
+    images = write_image_folder(tmp_path / "images")
+    cfg = tiny_config(tmp_path, images, "store.views=2", "data.on_corrupt=skip", "backbone.layers=[-1]")
+    victim = str(sorted((images / "train" / "cat").iterdir())[1])
+    opens, real_open = [], Image.open
+
+    def flaky(fp, *args, **kwargs):  # the file's 2nd read fails (view 1's): EIO once, then fine
+        if str(fp) == victim:
+            opens.append(1)
+            if len(opens) == 2:
+                raise OSError(5, "Input/output error")
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", flaky)
+    with pytest.raises(StoreError, match=r"read in some views and not in others .* 1 samples, e\.g\. \{'train': \['cat/"):
+        run_extract(cfg)
+    root = zarr.open_group(cfg.store.path, mode="r")
+    stamps = [root[g]["chunk_done"][:] for g in ("train", "train/views/1")]
+    spc = cfg.store.samples_per_chunk
+    victim_chunk = [str(s) for s in open_split(cfg.data, "train").sample_ids].index(victim.split("train/")[1]) // spc
+    for done in stamps:  # only the victim's chunk is to redo, in both views
+        assert np.flatnonzero(done == 0).tolist() == [victim_chunk]
+    run_extract(cfg)
+    reader = open_store(cfg.store.path)
+    assert reader.manifest.complete and reader.manifest.skipped == {}
+    assert root["train/valid"][:].all() and root["train/views/1/valid"][:].all()
