@@ -2,8 +2,12 @@
 
     python -m pipeline verify STORE [--repair]
 
-A chunk is bad when an object holding it is missing, fails its crc32c or does not decode, or
-(layers) holds non-finite values for a sample that was computed. `repair` unstamps the bad
+A chunk is bad when an object holding it is missing, fails its crc32c or does not decode,
+(layers) holds non-finite values for a sample that was computed, or holds values whose sums
+are not the feature sums stamped beside them (stats/: written from the same values, so an
+object swapped for another intact one, which its crc32c passes, is caught). A store marked
+complete is bad where a chunk is unstamped (its stamp object was lost), and a split with
+views where a sample is valid in some views and not others. `repair` unstamps the bad
 chunks and marks the store incomplete, under the writer's lease, so that the same extract
 command recomputes exactly those chunks and nothing else. Arrays written once at creation
 (labels, sample ids) cannot be recomputed chunk by chunk: their damage is reported with the
@@ -21,6 +25,7 @@ from cache.integrity import read_region
 from cache.lease import StoreLease
 from cache.reader import CacheReader
 from cache.schema import MANIFEST_KEY, Manifest, split_of
+from cache.stats import sums
 
 
 @dataclass
@@ -31,11 +36,14 @@ class SplitReport:
     bad: dict[int, list[str]] = field(default_factory=dict)  # chunk -> what is wrong with it
     unrecoverable: list[str] = field(default_factory=list)  # damage a chunk rerun cannot mend
     checked_arrays: list[str] = field(default_factory=list)
+    valid: np.ndarray = None  # [N] the valid mask as read (True where a chunk was not read)
+    valid_read: set = field(default_factory=set)  # the stamped chunks whose valid mask was read
 
 
 def verify_store(path: str, repair: bool = False, storage_options: dict | None = None) -> list[SplitReport]:
     reader = CacheReader(path, allow_partial=True, storage_options=storage_options)
     reports = [_verify_split(reader, group) for group in reader.manifest.groups]
+    _check_views_agree(reader, {r.split: r for r in reports})
     if repair and any(r.bad for r in reports):
         _unstamp(reader, {r.split: sorted(r.bad) for r in reports if r.bad})
     return reports
@@ -55,6 +63,9 @@ def _verify_split(reader: CacheReader, split: str) -> SplitReport:
         except Exception as e:
             report.bad.setdefault(c, []).append(f"chunk_done: its stamp cannot be read ({type(e).__name__})")
     report.stamped = int(done.sum())
+    if reader.manifest.complete:  # every chunk was stamped when the manifest was: a lost stamp reads as 0
+        for c in np.flatnonzero(~done):
+            report.bad.setdefault(int(c), []).append("chunk_done: unstamped in a store marked complete (its stamp object is missing)")
 
     for name in ("labels", "sample_ids", "sample_id_offsets") if split == split_of(split) else ():  # a view's are its split's
         try:
@@ -68,6 +79,7 @@ def _verify_split(reader: CacheReader, split: str) -> SplitReport:
         arrays += [f"scales/{l}" for l in reader.layers]
     report.checked_arrays = arrays
     valid = np.ones(n, dtype=bool)
+    decoded_sums: dict[tuple[str, int], np.ndarray] = {}  # (layer, chunk) -> the sums of the values read
     for path in arrays:
         arr = g[path]
         for c in np.flatnonzero(done):
@@ -79,6 +91,7 @@ def _verify_split(reader: CacheReader, split: str) -> SplitReport:
                 continue
             if path == "valid":
                 valid[start:stop] = values
+                report.valid_read.add(int(c))
             elif path.startswith("layers/"):
                 scales = g[f"scales/{path[7:]}"][start:stop] if reader.encoding.has_scales else None
                 try:
@@ -87,6 +100,8 @@ def _verify_split(reader: CacheReader, split: str) -> SplitReport:
                     continue  # the scales' own damage is reported under scales/
                 if not np.isfinite(decoded[valid[start:stop]].numpy()).all():
                     report.bad.setdefault(int(c), []).append(f"{path}: non-finite values")
+                elif int(c) in report.valid_read:
+                    decoded_sums[path[7:], int(c)] = sums(decoded, valid[start:stop], reader.layers[path[7:]])
     for layer in reader.layers:  # feature sums: one object per chunk, indexed by chunk
         path = f"stats/{layer}"
         report.checked_arrays.append(path)
@@ -98,7 +113,35 @@ def _verify_split(reader: CacheReader, split: str) -> SplitReport:
                 continue
             if not np.isfinite(rows).all():
                 report.bad.setdefault(int(c), []).append(f"{path}: non-finite values")
+            elif (layer, int(c)) in decoded_sums and not _same_sums(decoded_sums[layer, int(c)], rows[0]):
+                report.bad.setdefault(int(c), []).append(f"{path}: not the sums of the chunk's values (an object was replaced?)")
+    report.valid = valid
     return report
+
+
+def _check_views_agree(reader: CacheReader, reports: dict[str, "SplitReport"]) -> None:
+    """A sample valid in some views of its split and not in others (the writer refuses to
+    finalize that): the chunks holding it are bad in every view."""
+    for split in reader.manifest.splits:
+        groups = [g for g in reports if split_of(g) == split]
+        if len(groups) < 2:
+            continue
+        n = reader.num_samples(split)
+        valid = np.stack([reports[g].valid for g in groups])
+        for c in range(reader.plan.n_chunks(n)):
+            start, stop = reader.plan.chunk_range(c, n)
+            if any(c not in reports[g].valid_read for g in groups):
+                continue  # compared where every view's mask of the chunk was read
+            block = valid[:, start:stop]
+            if (block.any(0) & ~block.all(0)).any():
+                for g in groups:
+                    reports[g].bad.setdefault(c, []).append("valid: a sample is valid in some views and not in others")
+
+
+def _same_sums(recomputed: np.ndarray, stored: np.ndarray) -> bool:
+    """The writer summed these very values in float64; another device or CPU may add them in
+    another order (last-bit differences), while another object's values differ at their own scale."""
+    return bool(np.allclose(recomputed, stored, rtol=1e-9, atol=1e-9 * max(1.0, float(np.abs(stored).max()))))
 
 
 def _reason(e: Exception) -> str:

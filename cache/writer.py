@@ -104,8 +104,11 @@ class StoreWriter:
         location = as_location(path, storage_options)
         attrs = _root_attributes(location)
         if MANIFEST_KEY in attrs and not store_differences(attrs[MANIFEST_KEY], fingerprint) and attrs[MANIFEST_KEY].get("complete"):
-            log.info("store %s is complete with this fingerprint: nothing to write", location)
-            return cls(location, location.open_group("r"))
+            complete = cls(location, location.open_group("r"))
+            if not any(complete.missing_chunks(g) for g in complete.manifest.groups):
+                log.info("store %s is complete with this fingerprint: nothing to write", location)
+                return complete
+            # Marked complete, yet a chunk is unstamped (its stamp object was lost): recompute it below.
         if not lease:
             if MANIFEST_KEY not in attrs:
                 raise StoreError(f"store {str(location)!r} is not the store its driver created (it is missing)")
@@ -132,7 +135,13 @@ class StoreWriter:
             diff = store_differences(attrs[MANIFEST_KEY], fingerprint) or _code_differs(attrs[MANIFEST_KEY], extra)
             if not diff:
                 log.info("resuming store %s", location)
-                return cls(location, location.open_group("r+"), held)
+                writer = cls(location, location.open_group("r+"), held)
+                if writer.complete and any(writer.missing_chunks(g) for g in writer.manifest.groups):
+                    # No reader takes it as whole until those chunks are redone.
+                    log.warning("store %s is marked complete but chunks are unstamped (stamp objects lost?): recomputing them", location)
+                    writer.manifest = writer.manifest.reopened()
+                    writer.root.attrs[MANIFEST_KEY] = writer.manifest.to_json()
+                return writer
             if not overwrite:
                 raise StoreMismatchError(str(location), diff, "Use another store.path, or --overwrite to replace it.")
             log.warning("--overwrite: replacing store %s (%d difference(s))", location, len(diff))

@@ -122,3 +122,37 @@ def test_damaged_labels_cannot_be_repaired_by_chunks(store, tmp_path, capsys):
     assert "labels: checksum or decoding failed" in captured.out
     last = captured.err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "--overwrite" in last
+
+
+def test_an_object_swapped_for_another_intact_one_is_found_by_verify(store, tmp_path, capsys):
+    """Chunk 1's layer object copied over chunk 0's passes its crc32c and decodes to finite
+    values: only the feature sums stamped beside chunk 0 show that these are not its values."""
+    cfg = store("store.chunks_per_shard=1")
+    path = tmp_path / "store.zarr"
+    before = all_bytes(path)
+    shards = shard_files(cfg)
+    assert len(shards) == 3
+    shards[0].write_bytes(shards[1].read_bytes())
+    assert main(["verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"chunk 0: stats/{LAYER}: not the sums of the chunk's values" in out and "chunk 1" not in out
+    assert main(["verify", str(path), "--repair"]) == 0
+    run_extract(cfg)
+    assert all_bytes(path)[shards[0].relative_to(path)] == before[shards[0].relative_to(path)]
+    assert main(["verify", str(path)]) == 0
+
+
+def test_a_lost_stamp_in_a_complete_store_is_found_and_recomputed(store, tmp_path, capsys):
+    """A complete store whose stamp object of chunk 1 is gone: verify said "ok" (an unstamped
+    chunk is not damage in an unfinished store) and extract crashed writing into the store it
+    had opened read-only. Now verify reports it and extract recomputes that chunk."""
+    cfg = store()
+    path = tmp_path / "store.zarr"
+    stamp = path / "train" / "chunk_done" / "c" / "1"
+    assert stamp.is_file()
+    stamp.unlink()
+    assert main(["verify", str(path)]) == 1
+    assert "chunk 1: chunk_done: unstamped in a store marked complete" in capsys.readouterr().out
+    run_extract(cfg)
+    assert stamp.is_file() and open_store(path).manifest.complete
+    assert main(["verify", str(path)]) == 0

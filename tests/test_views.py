@@ -172,3 +172,18 @@ def test_a_sample_read_in_one_view_only_is_read_again_not_trained_on_blank(tmp_p
     reader = open_store(cfg.store.path)
     assert reader.manifest.complete and reader.manifest.skipped == {}
     assert root["train/valid"][:].all() and root["train/views/1/valid"][:].all()
+
+
+def test_verify_reports_a_sample_valid_in_one_view_only(tmp_path):
+    """A store made before finalize refused it (or edited since): verify names the chunk in
+    every view, and --repair unstamps it there."""
+    from cache.verify import verify_store
+
+    cfg = tiny_config(tmp_path, write_image_folder(tmp_path / "images"), "store.views=2", "backbone.layers=[-1]")
+    run_extract(cfg)
+    zarr.open_group(cfg.store.path, mode="r+")["train/views/1/valid"][5] = False
+    chunk = 5 // cfg.store.samples_per_chunk
+    reports = {r.split: r for r in verify_store(cfg.store.path, repair=True)}
+    for group in ("train", "train/views/1"):
+        assert "valid: a sample is valid in some views and not in others" in reports[group].bad[chunk]
+        assert open_store(cfg.store.path, allow_partial=True).missing_chunks(group) == [chunk]
