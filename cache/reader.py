@@ -170,18 +170,36 @@ class CacheReader:
 
     def dask_array(self, split: str, layer: str, dtype: str = "float32"):
         """The layer as a lazy dask array [N, T, D], decoded to `dtype`, one dask chunk per shard
-        (one storage object per task, rather than many small partial reads). Needs the dask extra."""
+        (one storage object per task, rather than many small partial reads). Needs the dask extra.
+
+        Checked as `read` and `batches` check: the split must be complete (allow_partial: an
+        unstamped chunk reads as the fill value), every stamped chunk's objects must exist
+        (before the graph is built), and a block refuses, when computed, non-finite values of
+        its computed samples. Skipped samples' rows are included: mask them with `valid(split)`."""
         require_extra("CacheReader.dask_array", "dask", "dask")
         import dask.array as da
 
         z = self.zarr_array(split, layer)
-        arr = da.from_zarr(z, chunks=z.shards or z.chunks)
-        decode = partial(self.encoding.decode_numpy, dtype=dtype)  # the writer's decoder, per block
+        n = self.num_samples(split)
+        done = self._done(split)
+        if not done.all() and not self.allow_partial:
+            raise StoreError(f"split {split!r} of {self.path!r} is incomplete")
+        stored = [z] + ([self.root[f"{split}/scales/{layer}"]] if self.encoding.has_scales else [])
+        for c in np.flatnonzero(done):
+            start, stop = self.plan.chunk_range(int(c), n)
+            for arr in stored:
+                self.objects.require(arr, start, stop, int(c))
+        blocks = z.shards or z.chunks
+        arr = da.from_zarr(z, chunks=blocks)
+        valid = da.from_array(self._whole(split, "valid", done), chunks=arr.chunks[0])
+        first = da.from_array(np.arange(n), chunks=arr.chunks[0])  # each block's sample numbers, for the error
+        check = partial(_decoded_finite, decode=partial(self.encoding.decode_numpy, dtype=dtype), path=f"{split}/layers/{layer}",
+                        where=self.path)
         meta = np.empty((0, 0, 0), dtype)
         if not self.encoding.has_scales:
-            return arr.map_blocks(decode, dtype=dtype, meta=meta)
-        scales = da.from_zarr(self.root[f"{split}/scales/{layer}"]).rechunk((arr.chunks[0], -1))
-        return da.blockwise(decode, "ntd", arr, "ntd", scales, "nd", dtype=dtype, meta=meta)
+            return da.blockwise(check, "ntd", arr, "ntd", valid, "n", first, "n", dtype=dtype, meta=meta)
+        scales = da.from_zarr(stored[1]).rechunk((arr.chunks[0], -1))
+        return da.blockwise(check, "ntd", arr, "ntd", valid, "n", first, "n", scales, "nd", dtype=dtype, meta=meta)
 
     def read(self, split: str, layers: Sequence[str], start: int, stop: int, out: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Samples [start, stop) of each layer, decoded; skipped (invalid) samples included."""
@@ -509,3 +527,14 @@ def _gather_rows(arrays: list[torch.Tensor], rows: list[torch.Tensor], order_bac
 def open_store(path: str | Path | StoreLocation, allow_partial: bool = False, storage_options: Optional[dict] = None) -> CacheReader:
     """Open a store (a local path or an fsspec URL) read-only; refuses an incomplete one unless allow_partial."""
     return CacheReader(path, allow_partial=allow_partial, storage_options=storage_options)
+
+
+def _decoded_finite(stored: np.ndarray, valid: np.ndarray, samples: np.ndarray, scales: Optional[np.ndarray] = None, *, decode,
+                    path: str, where: str) -> np.ndarray:
+    """One dask block of `dask_array`: decoded with the writer's decoder, refused when a computed
+    sample holds a non-finite value (a damaged object, or fp16 read back from an overflow)."""
+    values = decode(stored) if scales is None else decode(stored, scales)
+    if len(values):
+        require_finite(values[valid], path, int(samples[0]), int(samples[-1]) + 1, where)
+    return values
+

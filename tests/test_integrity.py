@@ -156,3 +156,17 @@ def test_a_lost_stamp_in_a_complete_store_is_found_and_recomputed(store, tmp_pat
     run_extract(cfg)
     assert stamp.is_file() and open_store(path).manifest.complete
     assert main(["verify", str(path)]) == 0
+
+
+def test_dask_array_refuses_what_read_refuses(store):
+    """Before, dask_array read a deleted int8 shard as zeros (the fill value: plausible
+    features) and NaNs as values: it checked nothing."""
+    cfg = store("store.dtype=int8")
+    shard_files(cfg)[0].unlink()
+    with pytest.raises(StoreError, match=rf"train/layers/{LAYER} chunk 0 .*is missing"):
+        open_store(cfg.store.path).dask_array("train", LAYER)
+    nan = store("store.dtype=float16", f"store.path={cfg.store.path}-f16")
+    zarr.open_group(nan.store.path, mode="r+")[f"train/layers/{LAYER}"][5, 3, 7] = np.nan
+    lazy = open_store(nan.store.path).dask_array("train", LAYER)
+    with pytest.raises(StoreError, match=rf"train/layers/{LAYER} samples 0\.\.7 holds non-finite"):
+        lazy.compute()
