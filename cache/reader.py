@@ -69,9 +69,10 @@ class CacheReader:
         self.allow_partial = allow_partial
         self.layers = self.manifest.layers
         self.plan = self.manifest.plan
-        # Names this store's arrays held in RAM (cache/resident.py): its place and what it holds.
+        # Names this store's arrays held in RAM (cache/resident.py): its place, what it holds and
+        # which creation of it (a store made again in the same second keeps created_at).
         self.identity = f"{self.path}#{hashlib.sha256(json.dumps(manifest['fingerprint'], sort_keys=True).encode()).hexdigest()[:16]}" \
-                        f"#{self.manifest.created_at}"
+                        f"#{self.manifest.creation_id or self.manifest.created_at}"
         self.read_held = True  # False: always read the store, even what this process holds in RAM
         # The per-sample metadata (stamps, labels, valid) of complete splits, read and checked
         # once per reader: every chunk of them is stamped, and a stamped chunk is never rewritten.
