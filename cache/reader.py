@@ -233,30 +233,38 @@ class CacheReader:
         return read_region(arr, start, stop, self.path, chunk)
 
     # -- statistics ---------------------------------------------------------------------
-    def feature_stats(self, split: str, layers: Sequence[str], keep: Optional[np.ndarray] = None) -> dict[str, dict[str, torch.Tensor]]:
+    def feature_stats(self, split: str, layers: Sequence[str], keep: Optional[np.ndarray] = None,
+                      views: Literal["clean", "random"] = "clean") -> dict[str, dict[str, torch.Tensor]]:
         """Per layer, the per-channel means and stds (float64) of the valid samples of `split`
         (cache/stats.py), from the sums stage one stored per chunk. keep: a bool mask [N] of
         the samples to describe (e.g. train minus its validation carve): the left-out samples'
-        sums are read from their features and subtracted, so the result is that of `keep` alone."""
+        sums are read from their features and subtracted, so the result is that of `keep` alone.
+        views: "random" describes what an epoch with views="random" reads, every view of the
+        split alike (the clean one and the augmented ones); "clean" the clean view alone."""
         self._check_layers(layers)
         n_chunks = self.plan.n_chunks(self.num_samples(split))
+        groups = [view_group(split, v) for v in range(self.views(split) if views == "random" else 1)]
         done = self._done(split)
+        for g in groups[1:]:
+            done &= self._done(g)
         if not done.all():
             raise StoreError(f"split {split!r} of {self.path!r} is incomplete: its feature statistics need every chunk")
-        valid = self._whole(split, "valid", done)
+        valid = self._whole(split, "valid", done)  # the same in every view (the writer finalizes no store where it is not)
         totals = {}
         for name in layers:
-            arr = self.root[f"{split}/stats/{name}"]
-            for c in range(n_chunks):
-                self.objects.require(arr, c, c + 1, c)
-            rows = read_region(arr, 0, n_chunks, self.path)
-            require_finite(rows, arr.path, 0, n_chunks, self.path)
-            totals[name] = rows.sum(axis=0)
-        samples = int(valid.sum())
+            totals[name] = 0
+            for g in groups:
+                arr = self.root[f"{g}/stats/{name}"]
+                for c in range(n_chunks):
+                    self.objects.require(arr, c, c + 1, c)
+                rows = read_region(arr, 0, n_chunks, self.path)
+                require_finite(rows, arr.path, 0, n_chunks, self.path)
+                totals[name] = totals[name] + rows.sum(axis=0)
+        samples = int(valid.sum()) * len(groups)
         if keep is not None:
             left_out = valid & ~keep
-            samples -= int(left_out.sum())
-            for batch in self.batches(split, list(layers), 1024, shuffle=False, keep=left_out):
+            samples -= int(left_out.sum()) * len(groups)
+            for batch in self.batches(split, list(layers), 1024, shuffle=False, keep=left_out, views="all" if views == "random" else "clean"):
                 for name in layers:
                     totals[name] = totals[name] - sums(batch.features[name], np.ones(len(batch.labels), bool), self.layers[name])
         if samples == 0:

@@ -61,3 +61,23 @@ def test_a_subset_subtracts_exactly_what_it_leaves_out(store):
     for name in LAYERS:
         spec = reader.layers[name]
         check(stats[name], numpy_stats(whole[name].numpy()[valid & keep], spec.prefix_tokens), int((valid & keep).sum()))
+
+
+def test_statistics_over_views_describe_every_view_of_the_kept_samples(tmp_path):
+    """train with views "random" reads the clean and the augmented views alike: its
+    standardisation describes all of them (it described the clean view alone)."""
+    import zarr
+
+    images = write_image_folder(tmp_path / "images", per_class=5)
+    cfg = tiny_config(tmp_path, images, "store.views=3", "store.dtype=float32", "backbone.layers=[0]")
+    run_extract(cfg)
+    reader = open_store(cfg.store.path)
+    keep = np.ones(reader.num_samples("train"), bool)
+    keep[1::4] = False
+    root = zarr.open_group(cfg.store.path, mode="r")
+    for name in ("embed", "blocks.0"):
+        every = np.concatenate([root[f"{g}/layers/{name}"][:][keep] for g in ("train", "train/views/1", "train/views/2")])
+        stats = reader.feature_stats("train", [name], keep=keep, views="random")
+        check(stats[name], numpy_stats(every, reader.layers[name].prefix_tokens), 3 * int(keep.sum()))
+        clean = reader.feature_stats("train", [name], keep=keep)
+        check(clean[name], numpy_stats(root[f"train/layers/{name}"][:][keep], reader.layers[name].prefix_tokens), int(keep.sum()))

@@ -127,7 +127,7 @@ def plan_training(cfg: TrainConfig) -> Run:
     _hold_in_memory(cfg, reader, splits, layers, train_layers, device)
     standardized = sorted({l for ms, r in zip(shapes, reads) if ms[0].standardize and ms[0].solver == "adamw" for l in r},
                           key=list(reader.layers).index)
-    standardizer = _standardizer(reader, splits, standardized)
+    standardizer = _standardizer(reader, splits, standardized, cfg.views)
     groups = [_make_group(ms, reader, num_classes, backbone_modules, standardizer, splits, cfg.views, device) for ms in shapes]
     n_train = int(count_samples(reader, splits.train, splits.train_keep))
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -367,14 +367,15 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: 
     return {"rows": rows, "summary": summary}
 
 
-def _standardizer(reader: CacheReader, splits: Splits, layers: list[str]) -> Optional[Standardizer]:
+def _standardizer(reader: CacheReader, splits: Splits, layers: list[str], views: str) -> Optional[Standardizer]:
     """The per-channel affine of the layers that standardised members read (lbfgs standardises
     its pooled features itself), from the statistics of the training samples only (a
-    validation carve is left out)."""
+    validation carve is left out), over the views the epochs read (cfg.views)."""
     if not layers:
         return None
     log.info("standardize: per-channel statistics of %d layer(s) over the training samples", len(layers))
-    return Standardizer.from_stats(reader.feature_stats(splits.train, layers, keep=splits.train_keep), reader.layers)
+    stats = reader.feature_stats(splits.train, layers, keep=splits.train_keep, views=views)
+    return Standardizer.from_stats(stats, reader.layers)
 
 
 def _make_group(members: list[Member], reader: CacheReader, num_classes: int, backbone_modules, standardizer: Optional[Standardizer],
