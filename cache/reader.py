@@ -203,8 +203,15 @@ class CacheReader:
         return da.blockwise(check, "ntd", arr, "ntd", valid, "n", first, "n", scales, "nd", dtype=dtype, meta=meta)
 
     def read(self, split: str, layers: Sequence[str], start: int, stop: int, out: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Samples [start, stop) of each layer, decoded; skipped (invalid) samples included."""
+        """Samples [start, stop) of each layer, decoded; skipped (invalid) samples included. Every
+        chunk of the range must be stamped (allow_partial: an unwritten one would read as the
+        fill value, NaN rows that look like skipped samples)."""
         self._check_layers(layers)
+        done = self._done(split)
+        unwritten = [c for c, _ in self._chunks_in(split, start, stop) if not done[c]]
+        if unwritten:
+            raise StoreError(f"store {self.path!r}: chunks {unwritten} of {split!r} (samples {start}..{stop - 1}) are not written yet; "
+                             "rerun the extract command to finish them")
         g = self.root[split]
         computed = torch.from_numpy(self._whole(split, "valid")[start:stop].copy())  # skipped samples were never computed
         result = {}
@@ -394,7 +401,8 @@ class CacheReader:
         done = np.flatnonzero(stamped)
         if len(done) < self.plan.n_chunks(n) and not self.allow_partial:
             raise StoreError(f"split {split!r} of {self.path!r} is incomplete")
-        drawn = np.random.default_rng([seed, epoch, 1]).integers(0, count, size=self.plan.n_chunks(n)) if count > 1 else None
+        # Seeded apart from the windows' permutations ([seed, epoch, w]: window 1's would be this very stream).
+        drawn = np.random.default_rng([seed, epoch, 0, 1]).integers(0, count, size=self.plan.n_chunks(n)) if count > 1 else None
         group_of = {int(c): view_group(split, int(drawn[c]) if drawn is not None else view) for c in done}
         order = np.random.default_rng([seed, epoch]).permutation(done) if shuffle else done
         windows = [order[i : i + buffer_chunks] for i in range(0, len(order), buffer_chunks)]

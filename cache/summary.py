@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.reader import CacheReader
+from cache.schema import view_group
 
 
 def summarize(path: str | Path, storage_options: dict | None = None) -> dict:
@@ -17,11 +18,13 @@ def summarize(path: str | Path, storage_options: dict | None = None) -> dict:
     for split in reader.splits:
         done = reader.root[f"{split}/chunk_done"][:]
         valid = reader.valid(split)
+        # Chunks of every view of the split: one killed while views were extracted is not "N/N".
+        stamps = [reader.root[f"{view_group(split, v)}/chunk_done"][:] for v in range(reader.views(split))]
         splits[split] = {
             "num_samples": reader.num_samples(split),
             "views": reader.views(split),
-            "chunks_done": int(np.count_nonzero(done)),
-            "chunks_total": int(len(done)),
+            "chunks_done": int(sum(np.count_nonzero(s) for s in stamps)),
+            "chunks_total": int(sum(len(s) for s in stamps)),
             "skipped": int(np.count_nonzero(~valid[_done_mask(reader, split, done)])),
         }
     layers = []

@@ -187,3 +187,20 @@ def test_verify_reports_a_sample_valid_in_one_view_only(tmp_path):
     for group in ("train", "train/views/1"):
         assert "valid: a sample is valid in some views and not in others" in reports[group].bad[chunk]
         assert open_store(cfg.store.path, allow_partial=True).missing_chunks(group) == [chunk]
+
+
+def test_an_unfinished_view_shows_in_the_summary_and_is_not_read(tmp_path):
+    """A store stopped while a view was extracted: inspect counted the clean view's chunks only
+    ("chunks N/N"), and read() of an unwritten chunk gave its fill value (NaN rows)."""
+    from cache import StoreError, summarize
+
+    cfg = tiny_config(tmp_path, write_image_folder(tmp_path / "images"), "store.views=2", "backbone.layers=[-1]")
+    run_extract(cfg)
+    root = zarr.open_group(cfg.store.path, mode="r+")
+    root["train/views/1/chunk_done"][0] = 0
+    train = summarize(cfg.store.path)["splits"]["train"]
+    assert train["chunks_done"] == train["chunks_total"] - 1
+    reader = open_store(cfg.store.path, allow_partial=True)
+    with pytest.raises(StoreError, match=r"chunks \[0\] of 'train/views/1' .* are not written yet"):
+        reader.read("train/views/1", list(reader.layers), 0, 4)
+    reader.read("train", list(reader.layers), 0, 4)  # the clean view is whole
