@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -173,7 +174,9 @@ def main() -> None:
             results.append(run_search("tpe" + suffix, base, {"search": "tpe", "num_trials": n}, target, n))
             results.append(run_search("tpe + pruning" + suffix, base, {"search": "tpe", "num_trials": n, "pruning": pruning}, target, n))
     spread = seed_spread(base, results[0]["best"])
-    summary = {"machine": machine_info(), "command": " ".join(sys.argv), "configurations": n, "layers": layers,
+    threads = os.environ.get("OMP_NUM_THREADS")
+    summary = {"machine": machine_info(), "command": " ".join(sys.argv), "env": f"OMP_NUM_THREADS={threads} " if threads else "",
+               "configurations": n, "layers": layers,
                "epochs": args.epochs, "val_fraction": args.val_fraction, "target": target, "seed_test_acc": spread,
                "median_seed_test_acc": statistics.median(spread), "searches": results}
     text = markdown(summary)
@@ -189,7 +192,7 @@ def markdown(s: dict) -> str:
     m, spread = s["machine"], s["seed_test_acc"]
     grid_hit = s["searches"][0]["target_cpu_s"]
     lines = ["## Search speed: grid, random, TPE, TPE + pruning", "",
-             f"`OMP_NUM_THREADS=1 python {s['command']}` on {m['date']}, commit `{m['commit']}`, {m['cpu']}, {m['cores']} cores, "
+             f"`{s['env']}python {s['command']}` on {m['date']}, commit `{m['commit']}`, {m['cpu']}, {m['cores']} cores, "
              f"GPU: {m['gpu'] or 'none'}. {s['configurations']} configurations on {', '.join(s['layers'])}; {s['epochs']} epochs per "
              f"trial; validation {s['val_fraction']} of the training split. Time is the process's CPU time. Target: the grid's "
              f"best validation accuracy ({100 * s['target']:.2f}) minus {100 * TOLERANCE:.1f} points. The grid's best scores "

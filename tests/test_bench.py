@@ -95,6 +95,9 @@ def test_report_has_every_method_table_and_plot(bench):
                    "LoSA >= last-layer linear probe (exact)", "VQT >= best-layer linear probe (exact)"):
         assert target in text, target
     assert "| sklearn test (C) | difference |" in text
+    assert "lbfgs to tol 1e-08 (converged in" in rows["sklearn LogisticRegression, last layer (blocks.5)"]["config"]
+    # An ensemble's time is its grid's run end to end (a solved grid's too), not its epochs' training alone.
+    assert all(r["wall_s"] > 0 and r["time_note"].endswith("end to end") for r in rows.values() if r["kind"] == "ensemble")
     # A stand-alone script's section survives the rewrite, after the bench's own text.
     assert "# stale bench" not in text and text.rstrip().endswith("## X kept\n<!-- end of benchmarks/bench_x.py -->")
     # The README's headline block is rewritten from the same results, the rest of the file kept.
@@ -243,6 +246,16 @@ def test_a_unit_is_recomputed_when_its_settings_or_the_training_code_change(tmp_
     monkeypatch.setattr(units_module, "CODE_VERSION", "another")
     assert units.get("grid", {"lr": 2}, compute) == 3
     assert (units.reused, units.computed) == (1, 3)
+    # Another machine (here: another torch thread count) times and measures again: before, its
+    # report printed this machine's header over the first machine's timings.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert units_module.Units(tmp_path).get("grid", {"lr": 2}, compute) == 4
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_standalone_section_is_appended_then_rewritten_in_place(tmp_path):
@@ -280,3 +293,22 @@ def test_the_code_version_covers_every_module_that_computes_a_unit():
     assert {Path(f).resolve() for f in loaded} <= hashed
     assert {root / "pipeline/runners/train.py", root / "pipeline/config/train_config.py", root / "pipeline/training/splits.py"} <= hashed
     assert not {root / "pipeline/benchmarking/report.py", root / "pipeline/cli.py", root / "pipeline/runners/bench.py"} & hashed
+
+
+def test_a_tie_on_validation_never_lets_the_config_order_decide_a_verdict():
+    """Two adapters tie on mean validation (DINOv2's InCA d64 and full width did): the verdicts
+    compare every tied choice, whatever order the config lists them in (before, the first
+    listed decided "greedy >= best single": yes one way round, no the other)."""
+    from pipeline.benchmarking.report import targets
+
+    def row(method, kind, val, test):
+        return {"method": method, "kind": kind, "val_acc": val, "test_acc": test}
+
+    a, b = row("InCA d64", "inca", 0.8533, 0.8300), row("InCA full", "inca", 0.8533, 0.8480)
+    others = [row("sklearn LogisticRegression, last layer", "sklearn", 0.84, 0.8400),
+              row("greedy ensemble over every method's grid (calibrated)", "ensemble", 0.88, 0.8340)]
+    for order in ([a, b], [b, a]):
+        verdicts = {t["target"].split(" (")[0]: t for t in targets({"rows": order + others, "per_layer": {}})}
+        greedy, sk = verdicts["greedy calibrated ensemble >= best single adapter"], verdicts["best cached adapter chosen on validation"]
+        assert not greedy["met"] and "83.40 vs best single 84.80" in greedy["measured"] and "tied on validation" in greedy["measured"]
+        assert not sk["met"] and sk["measured"].startswith("83.00 vs sklearn 84.00")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,12 +33,16 @@ def train_settings(bench, case, seed: int) -> dict:
 
 
 def train_grid(store: str, entry: AdapterEntry, settings: dict, output: str) -> dict:
-    """Every grid point of `entry` for one seed, fused; rows + the run's top-k ensemble."""
+    """Every grid point of `entry` for one seed, fused; rows + the run's top-k ensemble, and the
+    run's wall time end to end (setup, statistics, every epoch's training and validation, the
+    test pass; a solved grid's solve), as a solo run is timed. No plot: sklearn draws none."""
     cfg = build(TrainConfig, {**settings, "store": store, "output": output, "save_top": 0, "adapters": [to_dict(entry)]})
-    result = run_train(cfg, overwrite=True)  # the bench's own run folder: a recomputed unit replaces it
+    t0 = time.perf_counter()
+    result = run_train(cfg, overwrite=True, plot=False)  # the bench's own run folder: a recomputed unit replaces it
+    wall = time.perf_counter() - t0
     summary = result["summary"]
     return {"rows": result["rows"], "ensemble": summary["ensemble"], "greedy": summary["greedy"],
-            "epoch_seconds": summary["epoch_seconds"], "logits": str(Path(output) / "logits.npz")}
+            "epoch_seconds": summary["epoch_seconds"], "wall_s": wall, "logits": str(Path(output) / "logits.npz")}
 
 
 def train_solo(store: str, entry_dict: dict, settings: dict) -> dict:

@@ -133,11 +133,11 @@ def targets(case: dict) -> list[dict]:
     out = []
     sk = next((x for x in case["rows"] if x["kind"] == "sklearn"), None)
 
-    def add(target: str, ours: dict | None, ref: float | None, margin: float = 0.0, ref_name: str = "") -> None:
+    def add(target: str, ours: dict | None, ref: float | None, margin: float = 0.0, ref_name: str = "", note: str = "") -> None:
         if ours is None or ref is None:
             return
         diff = 100 * (ours["test_acc"] - ref)
-        out.append({"target": target, "measured": f"{100 * ours['test_acc']:.2f} vs {ref_name} {100 * ref:.2f} ({diff:+.2f})",
+        out.append({"target": target, "measured": f"{100 * ours['test_acc']:.2f} vs {ref_name} {100 * ref:.2f} ({diff:+.2f}){note}",
                     "met": diff >= -margin - 1e-9})
 
     exact_last = _row(case, "linear probe (L-BFGS, exact), last layer")
@@ -152,13 +152,14 @@ def targets(case: dict) -> list[dict]:
             out.append({"target": "our linear probe (exact) >= sklearn - 0.3 in every per-layer row",
                         "measured": f"worst row {worst[0]['method']}: {100 * worst[0]['test_acc']:.2f} vs {100 * worst[1]:.2f} ({diff:+.2f})",
                         "met": diff >= -0.3 - 1e-9})
-    singles = [x for x in case["rows"] if x["kind"] in ("linear", "inca", "losa", "vqt") and x.get("val_acc") is not None]
-    best = max(singles, key=lambda x: x["val_acc"], default=None)
-    if best is not None and sk is not None:
-        add(f"best cached adapter chosen on validation ({best['method']}) >= sklearn", best, sk["test_acc"], 0.0, "sklearn")
+    tied = best_on_validation([x for x in case["rows"] if x["kind"] in ("linear", "inca", "losa", "vqt") and x.get("val_acc") is not None])
+    if tied and sk is not None:  # with a tie, met only if every tied choice meets it
+        low = min(tied, key=lambda x: x["test_acc"])
+        add(f"best cached adapter chosen on validation ({low['method']}) >= sklearn", low, sk["test_acc"], 0.0, "sklearn", tie_note(tied, low, "lowest"))
     greedy = _row(case, "greedy ensemble over every method's grid")
-    if greedy is not None and best is not None:
-        add("greedy calibrated ensemble >= best single adapter", greedy, best["test_acc"], 0.0, "best single")
+    if greedy is not None and tied:
+        high = max(tied, key=lambda x: x["test_acc"])
+        add("greedy calibrated ensemble >= best single adapter", greedy, high["test_acc"], 0.0, "best single", tie_note(tied, high, "highest"))
     losa = next((x for x in case["rows"] if x["kind"] == "losa" and x.get("test_acc") is not None), None)
     if losa is not None and exact_last is not None:
         add("LoSA >= last-layer linear probe (exact)", losa, exact_last["test_acc"], 0.0, "probe")
@@ -167,6 +168,21 @@ def targets(case: dict) -> list[dict]:
     if vqt is not None and exact_best is not None:
         add("VQT >= best-layer linear probe (exact)", vqt, exact_best["test_acc"], 0.0, "probe")
     return out
+
+
+def best_on_validation(rows: list[dict]) -> list[dict]:
+    """Every row at the best mean validation accuracy: on a tie, the config's order must not
+    choose (it decided a headline verdict before)."""
+    top = max((x["val_acc"] for x in rows), default=None)
+    return [x for x in rows if x["val_acc"] == top]
+
+
+def tie_note(tied: list[dict], chosen: dict, which: str) -> str:
+    """What a verdict says when several rows tie on validation: which of them it compares."""
+    if len(tied) == 1:
+        return ""
+    others = ", ".join(x["method"] for x in tied if x is not chosen)
+    return f"; tied on validation with {others}: the {which} test accuracy of the tied rows is compared"
 
 
 def _targets_section(case: dict) -> list[str]:
@@ -261,12 +277,13 @@ def _paragon_lines(case: dict) -> list[str]:
     adapters = [x for x in case["rows"] if x["kind"] in ("linear", "inca", "losa", "vqt") and x["test_acc"] is not None]
     if not adapters or fine["test_acc"] is None:
         return out + [""]
-    best = max(adapters, key=lambda x: x["val_acc"])  # chosen on validation, as everything here
+    tied = best_on_validation(adapters)  # chosen on validation, as everything here
+    best = min(tied, key=lambda x: x["test_acc"])  # on a tie, the less favourable to the adapters
     gap = 100 * (best["test_acc"] - fine["test_acc"])
     noise = 100 * ((best["test_acc_sd"] or 0) + (fine["test_acc_sd"] or 0))
     share = f", with {100 * best['params'] / fine['params']:.2f}% of its trainable parameters" if best.get("params") and fine.get("params") else ""
     out.append(f"- Best cached adapter on validation ({best['method']}) vs full fine-tuning: **{gap:+.2f} points** of test accuracy "
-               f"(seed spreads add to {noise:.2f}){share}.")
+               f"(seed spreads add to {noise:.2f}){share}{tie_note(tied, best, 'lowest')}.")
     extract_s = case.get("extract_s")
     if fine.get("wall_s") and best.get("wall_s"):
         if extract_s is not None:

@@ -17,6 +17,8 @@ from cache import open_store
 from pipeline.adapters.pooling import pool_tokens
 from pipeline.training.splits import validation_mask
 
+SOLVER_TOL = 1e-8  # LogisticRegression's tol: far below its default (see fit_logistic)
+
 
 def pooled_features(store: str, split: str, layer: str, keep=None) -> tuple[np.ndarray, np.ndarray]:
     reader = open_store(store)
@@ -41,10 +43,14 @@ def fit_logistic(store: str, layer: str, Cs: tuple[float, ...], train_split: str
     x_train, x_val, x_test = (scaler.transform(x) for x in (x_train, x_val, x_test))
     best, per_C = None, []
     for C in Cs:
-        model = LogisticRegression(C=C, max_iter=max_iter).fit(x_train, y_train)
+        # Solved tightly, as our exact probe is: at sklearn's default tol (1e-4, its L-BFGS
+        # gradient bound) Lite0's bn2 stopped after 13 iterations, and test accuracy moved by up to
+        # 0.4 points when solved to the end, more than the 0.3-point margin it is compared with.
+        model = LogisticRegression(C=C, max_iter=max_iter, tol=SOLVER_TOL).fit(x_train, y_train)
         val = float((model.predict(x_val) == y_val).mean())
+        iterations = int(model.n_iter_.max())
         per_C.append({"C": C, "val_acc": val, "test_acc": float((model.predict(x_test) == y_test).mean()),
-                      "iterations": int(model.n_iter_.max())})
+                      "iterations": iterations, "converged": iterations < max_iter})
         if best is None or val > best["val_acc"]:
             best = {**per_C[-1], "params": int(model.coef_.size + model.intercept_.size)}
     return {**best, "per_C": per_C}

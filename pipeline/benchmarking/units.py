@@ -2,10 +2,12 @@
 
 A unit (one method's grid for one seed, one fine-tuning run, one speed measurement) is
 recomputed only when its key changes: the key holds the unit's settings, the store's
-fingerprint and the version of the code that computes results (CODE_VERSION: a hash of the
-modules that compute units and all they import), so a rerun after an interruption picks up
-where it stopped, a changed config or store redoes exactly the units it touches, and a
-change to that code redoes them all (a change to how results are reported redoes nothing).
+fingerprint, the version of the code that computes results (CODE_VERSION: a hash of the
+modules that compute units and all they import) and the machine (CPU, cores, GPU, torch
+threads, Python and package versions: a unit's times and memory are that machine's, and the
+report prints the machine it ran on), so a rerun after an interruption picks up where it
+stopped, a changed config or store redoes exactly the units it touches, and a change to that
+code or machine redoes them all (a change to how results are reported redoes nothing).
 Files are written whole, then renamed.
 """
 
@@ -18,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.benchmarking.machine import machine_info
 from pipeline.code_version import code_version
 
 log = logging.getLogger(__name__)
@@ -44,10 +47,12 @@ class Units:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.reused = 0
         self.computed = 0
+        # What a unit's numbers depend on besides its key; not the date, commit or free memory.
+        self.machine = {k: v for k, v in machine_info().items() if k in ("cpu", "cores", "gpu", "torch_threads", "python", "packages")}
 
     def get(self, name: str, key: Any, compute: Callable[[], Any]) -> Any:
         path = self.directory / f"{name}.json"
-        digest = key_hash({"key": key, "code": CODE_VERSION})
+        digest = key_hash({"key": key, "code": CODE_VERSION, "machine": self.machine})
         if path.is_file():
             saved = json.loads(path.read_text())
             if saved.get("key_hash") == digest:

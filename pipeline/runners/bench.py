@@ -25,7 +25,7 @@ from pipeline.benchmarking.finetune import finetune
 from pipeline.benchmarking.machine import machine_info
 from pipeline.benchmarking.measured import run_measured
 from pipeline.benchmarking.report import PLOTS, with_standalone_sections, write_benchmarks, write_headline
-from pipeline.benchmarking.sklearn_reference import fit_logistic
+from pipeline.benchmarking.sklearn_reference import SOLVER_TOL, fit_logistic
 from pipeline.benchmarking.speed import measure_speed
 from pipeline.benchmarking.store_variants import disk_per_sample, option_label, variant_config
 from pipeline.benchmarking.units import Units, key_hash
@@ -119,8 +119,8 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
         rows = _method_rows(entry, grids, last)
         for row in rows:
             if row["kind"] == "ensemble":
-                row["wall_s"] = sum(sum(g["epoch_seconds"]) for g in grids) / len(grids)
-                row["time_note"] = "the whole grid, fused"
+                row["wall_s"] = sum(g["wall_s"] for g in grids) / len(grids)
+                row["time_note"] = "the whole grid, fused, end to end"
                 continue
             single = M.member_entry(entry, row["config_id"], store)
             settings = M.train_settings(cfg, case, cfg.seeds[0])
@@ -136,15 +136,15 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
     if len(all_grids) > 1:
         pooled = M.pooled_greedy(all_grids, "greedy ensemble over every method's grid (calibrated)", case.ensemble_top_k)
         if pooled is not None:
-            pooled["wall_s"] = sum(sum(sum(g["epoch_seconds"]) for g in grids) / len(grids) for grids in all_grids)
-            pooled["time_note"] = "every grid, fused"
+            pooled["wall_s"] = sum(sum(g["wall_s"] for g in grids) / len(grids) for grids in all_grids)
+            pooled["time_note"] = "every grid, fused, end to end"
             result["rows"].append(pooled)
     if case.sklearn is not None:
         result["rows"].append(_sklearn_row(cfg, case, store, store_key, last, units))
         if case.sklearn.per_layer:
             result["sklearn_per_layer"] = _sklearn_per_layer(cfg, case, store, store_key, reader, units)
     if case.finetune is not None:
-        result["rows"].append(_finetune_row(cfg, case, ecfg, units))
+        result["rows"].append(_finetune_row(cfg, case, ecfg, store_key, units))
     # The store as extracted is the baseline each storage option is compared with.
     options = ((),) + case.store_variants if case.store_variants else ()
     result["store_variants"] = [_store_variant(cfg, case, ecfg, option, chosen, units, out) for option in options]
@@ -196,9 +196,18 @@ def _sklearn_row(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, 
     solo_args = (store, layer, (C,), case.train_split, case.test_split, cfg.val_fraction, cfg.seeds[0], s.max_iter)
     solo = units.get(f"{case.name}.sklearn.solo", {"store": store_key, "args": solo_args}, lambda: run_measured(fit_logistic, *solo_args))
     return {"method": f"sklearn LogisticRegression, last layer ({layer})",
-            "config": f"C {C:g} chosen on mean validation from {list(s.C)} (each seed's own choice: {[f['C'] for f in fits]}), lbfgs, standardized",
+            "config": f"C {C:g} chosen on mean validation from {list(s.C)} (each seed's own choice: {[f['C'] for f in fits]}), lbfgs "
+                      f"to tol {SOLVER_TOL:g} ({_converged(fits, C, s.max_iter)}), standardized",
             "kind": "sklearn", "layer": layer, "params": fits[0]["params"], "pct_backbone": None,
             "wall_s": solo["wall_s"], "peak_mb": solo["peak_mb"], "gpu_peak_mb": solo["gpu_peak_mb"], **chosen}
+
+
+def _converged(fits: list[dict], C: float, max_iter: int) -> str:
+    """Whether every seed's fit of the chosen C converged before max_iter, for the report."""
+    runs = [next(r for r in f["per_C"] if r["C"] == C) for f in fits]
+    if all(r.get("converged", True) for r in runs):
+        return f"converged in {max(r['iterations'] for r in runs)} iterations at most"
+    return f"**not converged** within {max_iter} iterations on {sum(not r['converged'] for r in runs)} seed(s)"
 
 
 def _sklearn_per_layer(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, reader, units: Units) -> dict:
@@ -210,7 +219,7 @@ def _sklearn_per_layer(cfg: BenchConfig, case: BenchCase, store: str, store_key:
     return out
 
 
-def _finetune_row(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units) -> dict:
+def _finetune_row(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, store_key: str, units: Units) -> dict:
     """Each lr on the first seed, the best validation accuracy chooses one, the other seeds run at it.
     Every run is one unit, timed alone in a fresh process; the chosen lr's first-seed run is reused."""
     s = case.finetune
@@ -219,7 +228,8 @@ def _finetune_row(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units:
 
     def run(lr: float, seed: int) -> dict:
         args = (to_dict(ecfg), {**fixed, "lr": lr}, seed, case.train_split, case.test_split, cfg.val_fraction)
-        return units.get(f"{case.name}.finetune.lr{lr:g}.seed{seed}", {"args": args}, lambda: run_measured(finetune, *args))
+        # The store's fingerprint too: it names the images (their ids and content stamps) the run reads.
+        return units.get(f"{case.name}.finetune.lr{lr:g}.seed{seed}", {"args": args, "store": store_key}, lambda: run_measured(finetune, *args))
 
     search = {lr: run(lr, seeds[0]) for lr in s.lrs}
     lr = max(s.lrs, key=lambda x: search[x]["result"]["val_acc"])  # the first listed of equals
