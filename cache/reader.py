@@ -174,9 +174,10 @@ class CacheReader:
         (one storage object per task, rather than many small partial reads). Needs the dask extra.
 
         Checked as `read` and `batches` check: the split must be complete (allow_partial: an
-        unstamped chunk reads as the fill value), every stamped chunk's objects must exist
-        (before the graph is built), and a block refuses, when computed, non-finite values of
-        its computed samples. Skipped samples' rows are included: mask them with `valid(split)`."""
+        unstamped chunk reads as whatever is there, unchecked: mask it out), every stamped
+        chunk's objects must exist (before the graph is built), and a block refuses, when
+        computed, non-finite values of the computed samples of its stamped chunks. Skipped
+        samples' rows are included: mask them with `valid(split)`."""
         require_extra("CacheReader.dask_array", "dask", "dask")
         import dask.array as da
 
@@ -192,7 +193,8 @@ class CacheReader:
                 self.objects.require(arr, start, stop, int(c))
         blocks = z.shards or z.chunks
         arr = da.from_zarr(z, chunks=blocks)
-        valid = da.from_array(self._whole(split, "valid", done), chunks=arr.chunks[0])
+        stamped = np.repeat(done, self.plan.samples_per_chunk)[:n]  # per sample: its chunk is stamped
+        valid = da.from_array(self._whole(split, "valid", done) & stamped, chunks=arr.chunks[0])
         first = da.from_array(np.arange(n), chunks=arr.chunks[0])  # each block's sample numbers, for the error
         check = partial(_decoded_finite, decode=partial(self.encoding.decode_numpy, dtype=dtype), path=f"{split}/layers/{layer}",
                         where=self.path)
@@ -210,8 +212,8 @@ class CacheReader:
         done = self._done(split)
         unwritten = [c for c, _ in self._chunks_in(split, start, stop) if not done[c]]
         if unwritten:
-            raise StoreError(f"store {self.path!r}: chunks {unwritten} of {split!r} (samples {start}..{stop - 1}) are not written yet; "
-                             "rerun the extract command to finish them")
+            raise StoreError(f"store {self.path!r}: chunks {unwritten} of {split!r} (samples {start}..{stop - 1}) are not stamped "
+                             f"(unfinished: rerun the extract command; marked complete: `python -m pipeline verify {self.path} --repair` first)")
         g = self.root[split]
         computed = torch.from_numpy(self._whole(split, "valid")[start:stop].copy())  # skipped samples were never computed
         result = {}

@@ -98,17 +98,14 @@ class StoreWriter:
             they never create and never finalize.
         creation_id: with lease=False, the creation the driver opened (its manifest's
             creation_id): a worker refuses a store made since at the same path, at open and
-            again before each stamp, so a task that outlives its driver stamps nothing into
-            the store of the next run.
+            again before each write and stamp, so a task that outlives its driver writes
+            nothing into the store of the next run.
         """
         location = as_location(path, storage_options)
         attrs = _root_attributes(location)
         if MANIFEST_KEY in attrs and not store_differences(attrs[MANIFEST_KEY], fingerprint) and attrs[MANIFEST_KEY].get("complete"):
-            complete = cls(location, location.open_group("r"))
-            if not any(complete.missing_chunks(g) for g in complete.manifest.groups):
-                log.info("store %s is complete with this fingerprint: nothing to write", location)
-                return complete
-            # Marked complete, yet a chunk is unstamped (its stamp object was lost): recompute it below.
+            log.info("store %s is complete with this fingerprint: nothing to write", location)
+            return cls(location, location.open_group("r"))
         if not lease:
             if MANIFEST_KEY not in attrs:
                 raise StoreError(f"store {str(location)!r} is not the store its driver created (it is missing)")
@@ -135,13 +132,7 @@ class StoreWriter:
             diff = store_differences(attrs[MANIFEST_KEY], fingerprint) or _code_differs(attrs[MANIFEST_KEY], extra)
             if not diff:
                 log.info("resuming store %s", location)
-                writer = cls(location, location.open_group("r+"), held)
-                if writer.complete and any(writer.missing_chunks(g) for g in writer.manifest.groups):
-                    # No reader takes it as whole until those chunks are redone.
-                    log.warning("store %s is marked complete but chunks are unstamped (stamp objects lost?): recomputing them", location)
-                    writer.manifest = writer.manifest.reopened()
-                    writer.root.attrs[MANIFEST_KEY] = writer.manifest.to_json()
-                return writer
+                return cls(location, location.open_group("r+"), held)
             if not overwrite:
                 raise StoreMismatchError(str(location), diff, "Use another store.path, or --overwrite to replace it.")
             log.warning("--overwrite: replacing store %s (%d difference(s))", location, len(diff))
@@ -160,6 +151,8 @@ class StoreWriter:
 
     # -- writing ------------------------------------------------------------------------
     def missing_chunks(self, split: str) -> list[int]:
+        if self.complete:  # by its manifest; a stamp object lost since is verify's to find (and --repair's to reopen)
+            return []
         done = self.root[f"{split}/chunk_done"][:]
         return [int(i) for i in np.flatnonzero(done == 0)]
 
@@ -178,8 +171,7 @@ class StoreWriter:
 
     def write_stats(self, split: str, chunk: int, stats: dict[str, np.ndarray]) -> None:
         """One chunk's feature sums per layer ([len(STATS_ROWS), D] float64, cache/stats.py);
-        written with its features, before its stamp."""
-        self._check_worker()
+        written with its features (checked before them), before its stamp."""
         for name, rows in stats.items():
             self.root[f"{split}/stats/{name}"][chunk] = rows
 

@@ -28,8 +28,16 @@ def _source(module: str) -> Path | None:
 
 
 def _imported(path: Path) -> set[str]:
+    """The project modules `path` imports: anywhere in a module (a function may import lazily),
+    at the top only in a package's __init__ (pipeline/__init__.py's API functions import every
+    runner lazily; importing the package runs none of them)."""
+    tree = ast.parse(path.read_text())
+    if path.name == "__init__.py":
+        nodes = [n for top in tree.body if not isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(top)]
+    else:
+        nodes = list(ast.walk(tree))
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:  # the project imports absolutely

@@ -142,10 +142,11 @@ def test_an_object_swapped_for_another_intact_one_is_found_by_verify(store, tmp_
     assert main(["verify", str(path)]) == 0
 
 
-def test_a_lost_stamp_in_a_complete_store_is_found_and_recomputed(store, tmp_path, capsys):
+def test_a_lost_stamp_in_a_complete_store_is_found_and_repaired(store, tmp_path, capsys):
     """A complete store whose stamp object of chunk 1 is gone: verify said "ok" (an unstamped
-    chunk is not damage in an unfinished store) and extract crashed writing into the store it
-    had opened read-only. Now verify reports it and extract recomputes that chunk."""
+    chunk is not damage in an unfinished store) and extract crashed with a traceback writing
+    into the store it had opened read-only. Now verify reports it, extract has nothing to do,
+    readers refuse that chunk in one line, and --repair reopens the store for extract."""
     cfg = store()
     path = tmp_path / "store.zarr"
     stamp = path / "train" / "chunk_done" / "c" / "1"
@@ -153,6 +154,10 @@ def test_a_lost_stamp_in_a_complete_store_is_found_and_recomputed(store, tmp_pat
     stamp.unlink()
     assert main(["verify", str(path)]) == 1
     assert "chunk 1: chunk_done: unstamped in a store marked complete" in capsys.readouterr().out
+    run_extract(cfg)  # the manifest says complete: nothing to write, no traceback
+    with pytest.raises(StoreError, match=r"chunks \[1\] of 'train' .* are not stamped .*verify .* --repair"):
+        read_everything(cfg)
+    assert main(["verify", str(path), "--repair"]) == 0
     run_extract(cfg)
     assert stamp.is_file() and open_store(path).manifest.complete
     assert main(["verify", str(path)]) == 0
@@ -170,3 +175,15 @@ def test_dask_array_refuses_what_read_refuses(store):
     lazy = open_store(nan.store.path).dask_array("train", LAYER)
     with pytest.raises(StoreError, match=rf"train/layers/{LAYER} samples 0\.\.7 holds non-finite"):
         lazy.compute()
+
+
+def test_dask_array_of_a_partial_store_checks_only_stamped_chunks(store):
+    """verify --repair unstamps a chunk whose values are non-finite; a partial reader's
+    dask_array then refused the whole block (the stamped chunk beside it too)."""
+    cfg = store("store.dtype=float16")
+    zarr.open_group(cfg.store.path, mode="r+")[f"train/layers/{LAYER}"][1, 0, 0] = np.nan
+    verify_store(cfg.store.path, repair=True)
+    reader = open_store(cfg.store.path, allow_partial=True)
+    assert reader.missing_chunks("train") == [0]
+    values = reader.dask_array("train", LAYER).compute()
+    np.testing.assert_array_equal(values[4:8], reader.read("train", [LAYER], 4, 8)[LAYER].numpy())

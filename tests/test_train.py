@@ -220,6 +220,9 @@ def test_one_ranking_names_top1_orders_saves_and_makes_the_top_k(colour_store, t
     p /= p.sum(-1, keepdims=True)
     members = [list(z["member_ids"]).index(i) for i in top_k]
     assert (p[members].mean(0).argmax(-1) == z["val_labels"]).mean() == summary["ensemble"]["val_acc"]
+    # Accuracies are k/n in float64, exactly numpy's (0.8 here; float32's rounding was 0.800000011920929).
+    for m, member_id in enumerate(z["member_ids"]):
+        assert rows[member_id]["val_acc"] == (z["val_logits"][m].argmax(-1) == z["val_labels"]).mean()
 
 
 def test_a_diverged_member_is_flagged_and_kept_out_of_the_ranking_saves_and_ensembles(colour_store, tmp_path, caplog):
@@ -269,3 +272,12 @@ def test_early_stopping_stops_each_member_on_its_own(colour_store, tmp_path, flo
                                        early_stopping_patience=1))["rows"][0]
         mine = next(r for r in fused["rows"] if r["member_id"] == alone["member_id"])
         assert (mine["stopped_early_at"], mine["val_acc"]) == (alone["stopped_early_at"], alone["val_acc"])
+
+
+def test_when_every_member_diverges_nothing_is_named_saved_or_ensembled(colour_store, tmp_path):
+    blown = {"kind": "linear", "layers": ["blocks.5"], "lr": 1.0, "weight_decay": [1.0e20, 1.0e21]}
+    result = run_train(train_config(colour_store, tmp_path / "run", [blown], epochs=1, save_top=2))
+    assert all(r["diverged"] for r in result["rows"])
+    summary = result["summary"]
+    assert summary["top1"] is None and summary["saved"] == [] and summary["ensemble"]["members"] == []
+    assert "**Every member diverged**" in (tmp_path / "run" / "results.md").read_text()

@@ -201,6 +201,6 @@ def test_an_unfinished_view_shows_in_the_summary_and_is_not_read(tmp_path):
     train = summarize(cfg.store.path)["splits"]["train"]
     assert train["chunks_done"] == train["chunks_total"] - 1
     reader = open_store(cfg.store.path, allow_partial=True)
-    with pytest.raises(StoreError, match=r"chunks \[0\] of 'train/views/1' .* are not written yet"):
+    with pytest.raises(StoreError, match=r"chunks \[0\] of 'train/views/1' .* are not stamped"):
         reader.read("train/views/1", list(reader.layers), 0, 4)
     reader.read("train", list(reader.layers), 0, 4)  # the clean view is whole

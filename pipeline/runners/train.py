@@ -198,10 +198,12 @@ def _train_epochs(run: Run, metrics) -> list[float]:
             bar.set_postfix(samples_per_s=f"{seen / (time.perf_counter() - t_epoch):.0f}", refresh=False)
         epoch_seconds.append(time.perf_counter() - t_epoch)
         _validate(groups, reader, splits, run.layers, cfg.batch_size, epoch, [(l / max(seen, 1)).cpu() for l in losses], metrics, run.device)
+        # A rung first: every member training this epoch reports its value there and competes,
+        # whether or not its patience ran out now.
+        if epoch + 1 in rungs and not _prune(run, epoch + 1):
+            break
         if cfg.early_stopping_patience and not _stop_early(run, epoch + 1):
             log.info("early stop after epoch %d: every member went %d epochs without improving", epoch + 1, cfg.early_stopping_patience)
-            break
-        if epoch + 1 in rungs and not _prune(run, epoch + 1):
             break
     return epoch_seconds
 
@@ -344,7 +346,8 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: 
 
     best = rows[order[0]]
     summary = {
-        "top1": {k: best[k] for k in ("adapter", "member_id", "val_acc", "test_acc")},
+        # None when every member diverged: no adapter to name, save or predict with.
+        "top1": None if best["diverged"] else {k: best[k] for k in ("adapter", "member_id", "val_acc", "test_acc")},
         "ranking": [rows[i]["member_id"] for i in order],  # by validation accuracy, then calibrated NLL, then order
         # Each member's temperature (fitted on validation; None: diverged): with logits.npz, the ensembles can be rebuilt.
         "temperatures": {r["member_id"]: None if r["diverged"] else t for r, t in zip(rows, ensembles.temperatures)},

@@ -30,14 +30,19 @@ def results_markdown(rows: list[dict], summary: dict) -> str:
         name = r["adapter"] + (" (diverged)" if r["diverged"] else "")
         lines.append(f"| {name} | {r['kind']} | {r['layer']} | {r['params']:,} | {share} | {pct(r['val_acc'])} | {pct(r['test_acc'])} | {train} |")
     top, ens, greedy = summary["top1"], summary["ensemble"], summary["greedy"]
-    lines += [
-        "",
-        f"**Top-1 by validation**: {top['adapter']}: val {pct(top['val_acc'])}, test {pct(top['test_acc'])}",
-        f"**Ensemble of the top {len(ens['members'])}** (temperature-calibrated softmax averaged): val {pct(ens['val_acc'])}, test {pct(ens['test_acc'])}",
-        f"**Greedy ensemble** (calibrated; forward selection with replacement on validation, {sum(greedy['weights'])} picks of "
-        f"{len(greedy['members'])} members): val {pct(greedy['val_acc'])}, test {pct(greedy['test_acc'])}",
-        f"Training time, all adapters: {summary['train_seconds_total']:.1f} s (forward/backward/step; reading excluded)",
-    ]
+    if top is None:
+        lines += ["", "**Every member diverged** (non-finite validation logits): no top-1, no ensemble, nothing saved; "
+                      "lower the learning rates or weight decays"]
+    else:
+        lines += [
+            "",
+            f"**Top-1 by validation**: {top['adapter']}: val {pct(top['val_acc'])}, test {pct(top['test_acc'])}",
+            f"**Ensemble of the top {len(ens['members'])}** (temperature-calibrated softmax averaged): val {pct(ens['val_acc'])}, "
+            f"test {pct(ens['test_acc'])}",
+            f"**Greedy ensemble** (calibrated; forward selection with replacement on validation, {sum(greedy['weights'])} picks of "
+            f"{len(greedy['members'])} members): val {pct(greedy['val_acc'])}, test {pct(greedy['test_acc'])}",
+        ]
+    lines += [f"Training time, all adapters: {summary['train_seconds_total']:.1f} s (forward/backward/step; reading excluded)"]
     return "\n".join(lines) + "\n"
 
 
