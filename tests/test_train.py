@@ -281,3 +281,15 @@ def test_when_every_member_diverges_nothing_is_named_saved_or_ensembled(colour_s
     summary = result["summary"]
     assert summary["top1"] is None and summary["saved"] == [] and summary["ensemble"]["members"] == []
     assert "**Every member diverged**" in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_a_member_whose_patience_ends_at_a_rung_still_reports_there(colour_store, tmp_path):
+    """Early stopping (patience 1) and pruning (a rung at epoch 2): members that stop at epoch
+    2 by their own patience still report their rung value and compete there; before, they
+    were split off first and missing from the rung, and a sweep's later jobs were ranked
+    against fewer values."""
+    cfg = train_config(colour_store, tmp_path / "run", [{"kind": "linear", "layers": ["embed"], "lr": [0.00001, 0.0001, 0.001, 0.03]}],
+                       epochs=4, early_stopping_patience=1, pruning={"min_epochs": 2, "reduction_factor": 2})
+    rows = run_train(cfg)["rows"]
+    assert any(r["stopped_early_at"] == 2 for r in rows)  # what this test is about
+    assert all("2" in r["rung_acc"] for r in rows)  # every member trained through epoch 2 reported there
