@@ -124,7 +124,7 @@ def paragon_row(tmp_path, extract: dict, monkeypatch, calls: list) -> dict:
     finetune = {**SETTINGS, "lr": list(VAL), "seeds": [0, 1, 2]}
     cfg = build(BenchConfig, {"output": str(tmp_path / "out"), "cases": [{"name": "tiny", "extract": "e.yaml", "test_split": "val",
                                                                           "methods": [], "finetune": finetune}]})
-    return bench_module._finetune_row(cfg, cfg.cases[0], build(ExtractConfig, extract), Units(tmp_path / "units"))
+    return bench_module._finetune_row(cfg, cfg.cases[0], build(ExtractConfig, extract), "a-store-key", Units(tmp_path / "units"))
 
 
 def test_lr_is_chosen_on_the_first_seeds_validation_then_the_other_seeds_run_at_it(tmp_path, extract, monkeypatch):
