@@ -328,7 +328,8 @@ def _views_section(case: dict) -> list[str]:
              "transform (random resized crop + flip), seeded per sample and view. Training draws one view per sample per epoch "
              "(`views: random`; the exact probe solves on every view at once), with the main table's epochs and steps; each "
              "method's configuration is chosen on mean validation at each K, test accuracy is mean ± sd over the seeds. "
-             "Epoch time is one fused pass of the method's whole grid.", "",
+             "Epoch time is one fused pass of the method's whole grid. KB / image on disk is the store's bytes over all its "
+             "images, training (K views each) and test (one) together.", "",
              "| views K | KB / image on disk | extraction (s) | " + " | ".join(f"{n} test (epoch s)" for n in names) + " | best on validation |",
              "|---:|---:|---:|" + "---:|" * len(names) + "---|"]
     for r in rows:
