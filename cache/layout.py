@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class ChunkPlan:
@@ -25,6 +27,10 @@ class ChunkPlan:
     def chunk_range(self, chunk: int, n: int) -> tuple[int, int]:
         start = chunk * self.samples_per_chunk
         return start, min(start + self.samples_per_chunk, n)
+
+    def per_sample(self, per_chunk: np.ndarray, n: int) -> np.ndarray:
+        """A flag per chunk (its stamp, say) -> the same flag for each of its samples, [n] bool."""
+        return np.repeat(np.asarray(per_chunk) != 0, self.samples_per_chunk)[:n]
 
     def shard_of(self, chunk: int) -> int:
         return chunk // self.chunks_per_shard

@@ -193,8 +193,7 @@ class CacheReader:
                 self.objects.require(arr, start, stop, int(c))
         blocks = z.shards or z.chunks
         arr = da.from_zarr(z, chunks=blocks)
-        stamped = np.repeat(done, self.plan.samples_per_chunk)[:n]  # per sample: its chunk is stamped
-        valid = da.from_array(self._whole(split, "valid", done) & stamped, chunks=arr.chunks[0])
+        valid = da.from_array(self._whole(split, "valid", done) & self.plan.per_sample(done, n), chunks=arr.chunks[0])
         first = da.from_array(np.arange(n), chunks=arr.chunks[0])  # each block's sample numbers, for the error
         check = partial(_decoded_finite, decode=partial(self.encoding.decode_numpy, dtype=dtype), path=f"{split}/layers/{layer}",
                         where=self.path)

@@ -16,16 +16,16 @@ def summarize(path: str | Path, storage_options: dict | None = None) -> dict:
     m = reader.manifest
     splits = {}
     for split in reader.splits:
-        done = reader.root[f"{split}/chunk_done"][:]
         valid = reader.valid(split)
         # Chunks of every view of the split: one killed while views were extracted is not "N/N".
         stamps = [reader.root[f"{view_group(split, v)}/chunk_done"][:] for v in range(reader.views(split))]
+        done = stamps[0]  # the clean view's
         splits[split] = {
             "num_samples": reader.num_samples(split),
             "views": reader.views(split),
             "chunks_done": int(sum(np.count_nonzero(s) for s in stamps)),
             "chunks_total": int(sum(len(s) for s in stamps)),
-            "skipped": int(np.count_nonzero(~valid[_done_mask(reader, split, done)])),
+            "skipped": int(np.count_nonzero(~valid[reader.plan.per_sample(done, reader.num_samples(split))])),
         }
     layers = []
     for name, spec in reader.layers.items():
@@ -49,7 +49,3 @@ def summarize(path: str | Path, storage_options: dict | None = None) -> dict:
         "skipped_ids": m.skipped,
     }
 
-
-def _done_mask(reader: CacheReader, split: str, done: np.ndarray) -> np.ndarray:
-    n = reader.num_samples(split)
-    return np.repeat(done != 0, reader.plan.samples_per_chunk)[:n]
