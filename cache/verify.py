@@ -19,14 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from cache.errors import StoreError
 from cache.integrity import read_region
 from cache.lease import StoreLease
 from cache.reader import CacheReader
 from cache.schema import MANIFEST_KEY, Manifest, split_of
-from cache.stats import STATS_ROWS
+from cache.stats import one_row_of_sums
+from cache.writer import mixed_validity
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _verify_split(reader: CacheReader, split: str) -> SplitReport:
                 if not np.isfinite(decoded[valid[start:stop]].numpy()).all():
                     report.bad.setdefault(int(c), []).append(f"{path}: non-finite values")
                 elif int(c) in report.valid_read:
-                    decoded_sums[path[7:], int(c)] = _one_sum(decoded, valid[start:stop], reader.layers[path[7:]])
+                    decoded_sums[path[7:], int(c)] = one_row_of_sums(decoded, valid[start:stop], reader.layers[path[7:]])
     for layer in reader.layers:  # feature sums: one object per chunk, indexed by chunk
         path = f"stats/{layer}"
         report.checked_arrays.append(path)
@@ -131,25 +131,11 @@ def _check_views_agree(reader: CacheReader, reports: dict[str, "SplitReport"]) -
         if len(groups) < 2:
             continue
         n = reader.num_samples(split)
-        valid = np.stack([reports[g].valid for g in groups])
-        for c in range(reader.plan.n_chunks(n)):
-            start, stop = reader.plan.chunk_range(c, n)
-            if any(c not in reports[g].valid_read for g in groups):
-                continue  # compared where every view's mask of the chunk was read
-            block = valid[:, start:stop]
-            if (block.any(0) & ~block.all(0)).any():
-                for g in groups:
-                    reports[g].bad.setdefault(c, []).append("valid: a sample is valid in some views and not in others")
-
-
-def _one_sum(decoded: torch.Tensor, valid: np.ndarray, spec) -> tuple[int, np.ndarray]:
-    """(row, values) of one row of the stored feature sums, from the chunk's values: the patch
-    tokens' sum (the prefix's where there are none). One row tells another chunk's values
-    apart as well as all six, at a fraction of the cost of recomputing them (cache/stats.py)."""
-    x = decoded[torch.from_numpy(np.asarray(valid, dtype=bool))]
-    patch = spec.tokens > spec.prefix_tokens
-    part = x[:, spec.prefix_tokens:] if patch else x[:, : spec.prefix_tokens]
-    return STATS_ROWS.index("patch_sum" if patch else "prefix_sum"), part.sum((0, 1), dtype=torch.float64).numpy()
+        read = np.array([all(c in reports[g].valid_read for g in groups) for c in range(reader.plan.n_chunks(n))])
+        mixed = mixed_validity(np.stack([reports[g].valid for g in groups])) & reader.plan.per_sample(read, n)  # where every view's mask was read
+        for c in sorted({int(i) // reader.plan.samples_per_chunk for i in np.flatnonzero(mixed)}):
+            for g in groups:
+                reports[g].bad.setdefault(c, []).append("valid: a sample is valid in some views and not in others")
 
 
 def _same_sums(recomputed: np.ndarray, stored: np.ndarray) -> bool:

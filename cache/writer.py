@@ -230,8 +230,7 @@ class StoreWriter:
         for split in self.manifest.splits:
             views = self.manifest.fingerprint.view_count(split)
             if views > 1:
-                valid = np.stack([self.root[f"{view_group(split, v)}/valid"][:] for v in range(views)])
-                bad = np.flatnonzero(valid.any(0) & ~valid.all(0))
+                bad = np.flatnonzero(mixed_validity(np.stack([self.root[f"{view_group(split, v)}/valid"][:] for v in range(views)])))
                 if len(bad):
                     mixed[split] = bad
         if not mixed:
@@ -278,6 +277,12 @@ def _remove_litter(location: StoreLocation) -> None:
     if path.is_dir() and (path / "zarr.json").exists():
         for partial in path.rglob("*.partial"):
             partial.unlink(missing_ok=True)
+
+
+def mixed_validity(valid: np.ndarray) -> np.ndarray:
+    """[views, N] a split's valid mask in each view -> [N] bool: the samples valid in some views
+    and not in others (finalize refuses them, verify reports them)."""
+    return valid.any(0) & ~valid.all(0)
 
 
 def _code_differs(manifest_json: dict, extra: dict) -> list[str]:
