@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -216,21 +216,8 @@ def _prune(run: Run, epoch: int) -> int:
     for member_id, value in values.items():
         run.rung_acc.setdefault(member_id, {})[str(epoch)] = value
     competing = list(values.values()) + list(run.cfg.rung_history.get(str(epoch), ()))
-    groups = []
-    for g in run.groups:
-        if g.optimizer is None:  # solved, or stopped at an earlier rung
-            groups.append(g)
-            continue
-        keep = torch.tensor([promoted(values[m.id], competing, reduction) for m in g.members])
-        if bool(keep.all()):
-            groups.append(g)
-            continue
-        run.pruned_at.update({m.id: epoch for m, k in zip(g.members, keep.tolist()) if not k})
-        if keep.any():
-            groups.append(_subgroup(g, keep.nonzero().flatten(), stopped=False))
-        groups.append(_subgroup(g, (~keep).nonzero().flatten(), stopped=True))
-    run.groups = groups
-    going_on = sum(len(g.members) for g in groups if g.optimizer is not None)
+    going_on = _split_off(run, lambda g: torch.tensor([not promoted(values[m.id], competing, reduction) for m in g.members]),
+                          run.pruned_at, epoch)
     log.info("epoch %d (a rung): %d of %d training members go on (top 1/%d of %d values at this rung), %d stopped",
              epoch, going_on, len(values), reduction, len(competing), len(values) - going_on)
     return going_on
@@ -241,17 +228,24 @@ def _stop_early(run: Run, epoch: int) -> int:
     epochs, on its own: it is split off its fused group, so when a member stops never depends
     on the members trained beside it (before, a group trained on while any member improved).
     Returns how many members still train."""
-    patience = run.cfg.early_stopping_patience
+    return _split_off(run, lambda g: g.stale >= run.cfg.early_stopping_patience, run.stopped_early_at, epoch)
+
+
+def _split_off(run: Run, stopping: Callable[[Group], torch.Tensor], stopped_at: dict[str, int], epoch: int) -> int:
+    """Split the training members that `stopping(group)` marks ([N] bool) off their fused groups
+    into stopped groups, recording `epoch` for each in `stopped_at`; the others train on as
+    before. Solved groups and groups stopped already are left as they are. Returns how many
+    members still train."""
     groups = []
     for g in run.groups:
-        done = g.stale >= patience if g.optimizer is not None else None
-        if done is None or not bool(done.any()):
+        stop = stopping(g) if g.optimizer is not None else None
+        if stop is None or not bool(stop.any()):
             groups.append(g)
             continue
-        run.stopped_early_at.update({m.id: epoch for m, d in zip(g.members, done.tolist()) if d})
-        if not bool(done.all()):
-            groups.append(_subgroup(g, (~done).nonzero().flatten(), stopped=False))
-        groups.append(_subgroup(g, done.nonzero().flatten(), stopped=True))
+        stopped_at.update({m.id: epoch for m, s in zip(g.members, stop.tolist()) if s})
+        if not bool(stop.all()):
+            groups.append(_subgroup(g, (~stop).nonzero().flatten(), stopped=False))
+        groups.append(_subgroup(g, stop.nonzero().flatten(), stopped=True))
     run.groups = groups
     return sum(len(g.members) for g in groups if g.optimizer is not None)
 
