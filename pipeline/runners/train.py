@@ -30,7 +30,7 @@ from pipeline.config.train_config import promoted
 from pipeline.devices import resolve_device
 from pipeline.training.convex_probe import fit_logistic_lbfgs, fold_standardization, standardize, standardize_fit
 from pipeline.training.ensembles import calibrated_ensembles
-from pipeline.training.evaluate import accuracy, finite_members, split_logits
+from pipeline.training.evaluate import accuracy, split_logits
 from pipeline.training.members import Member, expand, group_by_shape
 from pipeline.training.output import staged_output
 from pipeline.training.report import write_report
@@ -301,11 +301,15 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: 
                 p.copy_(g.best_params[name])
     val_logits, val_labels = split_logits(groups, reader, splits.val, layers, cfg.batch_size, splits.val_keep, run.device)
     val_acc = accuracy(val_logits, val_labels)
-    finite = finite_members(val_logits)
     test_acc = None
     if splits.test:
         test_logits, test_labels = split_logits(groups, reader, splits.test, layers, cfg.batch_size, device=run.device)
         test_acc = accuracy(test_logits, test_labels)
+    # Ensembles of temperature-calibrated members, chosen on validation (training/ensembles.py),
+    # whose ranking of single members is the one reported, saved and called top-1, and which
+    # tells the members that diverged (non-finite validation logits).
+    ensembles = calibrated_ensembles(val_logits, val_labels, test_logits if test_acc is not None else None,
+                                     test_labels if test_acc is not None else None, k=cfg.ensemble_top_k)
     backbone_params = reader.manifest.backbone_parameters
     rows, adapters = [], []
     for g in groups:
@@ -321,17 +325,13 @@ def _finish(run: Run, out: Path, final: Path, epoch_seconds: list[float], plot: 
                 "train_s": g.seconds / len(g.members), "fused_with": len(g.members),
                 "pruned_at": run.pruned_at.get(m.id), "rung_acc": run.rung_acc.get(m.id, {}),
                 "stopped_early_at": run.stopped_early_at.get(m.id),
-                "diverged": not bool(finite[i]),
+                "diverged": i in ensembles.diverged,
             })
             adapters.append(adapter)
     diverged = [r["adapter"] for r in rows if r["diverged"]]
     if diverged:
         log.warning("%d member(s) diverged (non-finite validation logits even at their best epoch; lower their lr or weight decay): "
                     "%s. Each is reported, never ranked above a finite member, saved or put in an ensemble", len(diverged), diverged)
-    # Ensembles of temperature-calibrated members, chosen on validation (training/ensembles.py),
-    # whose ranking of single members is the one reported, saved and called top-1.
-    ensembles = calibrated_ensembles(val_logits, val_labels, test_logits if test_acc is not None else None,
-                                     test_labels if test_acc is not None else None, k=cfg.ensemble_top_k)
     order = list(ensembles.ranked)
 
     def by_id(report) -> dict:  # members by id; their names beside them, for people

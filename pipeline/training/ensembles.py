@@ -78,12 +78,13 @@ class CalibratedEnsembles:
 
     temperatures: tuple[float, ...]
     ranked: tuple[int, ...]  # every member, best first (finite members by validation score, then the rest)
+    diverged: tuple[int, ...]  # the members with a non-finite validation logit, left out of every ensemble
     top1: EnsembleReport
     top_k: EnsembleReport
     greedy: EnsembleReport
 
     def to_dict(self) -> dict:
-        return {"temperatures": list(self.temperatures), "ranked": list(self.ranked), "top1": self.top1.to_dict(),
+        return {"temperatures": list(self.temperatures), "ranked": list(self.ranked), "diverged": list(self.diverged), "top1": self.top1.to_dict(),
                 "top_k": self.top_k.to_dict(), "greedy": self.greedy.to_dict()}
 
 
@@ -152,7 +153,8 @@ def calibrated_ensembles(val_logits, val_labels, test_logits=None, test_labels=N
         raise ValueError("test_logits and test_labels: got only one of them, expected both or neither")
     z_val, y_val = _f64(val_logits), _labels(val_labels)
     _check(z_val, y_val, "val_logits")
-    finite = [m for m in range(z_val.shape[0]) if np.isfinite(z_val[m]).all()]  # the others diverged
+    finite = [m for m in range(z_val.shape[0]) if np.isfinite(z_val[m]).all()]
+    diverged = tuple(m for m in range(z_val.shape[0]) if m not in finite)
     test_p, y_test = None, None
     if test_logits is not None:
         z_test, y_test = _f64(test_logits), _labels(test_labels)
@@ -182,7 +184,8 @@ def calibrated_ensembles(val_logits, val_labels, test_logits=None, test_labels=N
 
     return CalibratedEnsembles(
         temperatures=tuple(float(t) for t in temperatures),
-        ranked=tuple(finite[m] for m in ranked) + tuple(m for m in range(z_val.shape[0]) if m not in finite),
+        ranked=tuple(finite[m] for m in ranked) + diverged,
+        diverged=diverged,
         top1=report("top1", ranked[:1]),
         top_k=report("top_k", ranked[:k]),
         greedy=report("greedy", selection),

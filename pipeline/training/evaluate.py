@@ -31,8 +31,3 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[members, n, C], [n] -> accuracy per member [members]. A sample whose logits are not all
     finite (a diverged member) counts as wrong: argmax would read NaNs as class 0."""
     return ((logits.argmax(-1) == labels) & torch.isfinite(logits).all(-1)).double().mean(-1)  # k/n, not its float32 rounding
-
-
-def finite_members(logits: torch.Tensor) -> torch.Tensor:
-    """[members, n, C] -> [members] bool: the members whose logits are all finite."""
-    return torch.isfinite(logits).flatten(1).all(-1)
