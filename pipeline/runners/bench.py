@@ -205,7 +205,7 @@ def _sklearn_row(cfg: BenchConfig, case: BenchCase, store: str, store_key: str, 
 def _converged(fits: list[dict], C: float, max_iter: int) -> str:
     """Whether every seed's fit of the chosen C converged before max_iter, for the report."""
     runs = [next(r for r in f["per_C"] if r["C"] == C) for f in fits]
-    if all(r.get("converged", True) for r in runs):
+    if all(r["converged"] for r in runs):
         return f"converged in {max(r['iterations'] for r in runs)} iterations at most"
     return f"**not converged** within {max_iter} iterations on {sum(not r['converged'] for r in runs)} seed(s)"
 
