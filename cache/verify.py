@@ -81,7 +81,7 @@ def _verify_split(reader: CacheReader, split: str) -> SplitReport:
         arrays += [f"scales/{l}" for l in reader.layers]
     report.checked_arrays = arrays
     valid = np.ones(n, dtype=bool)
-    decoded_sums: dict[tuple[str, int], np.ndarray] = {}  # (layer, chunk) -> the sums of the values read
+    decoded_sums: dict[tuple[str, int], tuple[int, np.ndarray]] = {}  # (layer, chunk) -> (row, that row of the sums) of the values read
     for path in arrays:
         arr = g[path]
         for c in np.flatnonzero(done):
