@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows = [held_vs_floor(args.store, adapters(layer, fused), args.batch_size, args.rounds) for layer in args.layers for fused in (1, 16)]
+    rows = [held_vs_floor(args.store, adapters(layer, fused), args.batch_size, args.rounds, "auto") for layer in args.layers for fused in (1, 16)]
     print("| layer | InCA adapters | floor epoch (s) | held epoch (s) | streamed epoch (s) | held speed / floor | streamed speed / floor |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -312,3 +312,26 @@ def test_a_tie_on_validation_never_lets_the_config_order_decide_a_verdict():
         greedy, sk = verdicts["greedy calibrated ensemble >= best single adapter"], verdicts["best cached adapter chosen on validation"]
         assert not greedy["met"] and "83.40 vs best single 84.80" in greedy["measured"] and "tied on validation" in greedy["measured"]
         assert not sk["met"] and sk["measured"].startswith("83.00 vs sklearn 84.00")
+
+
+def test_the_speed_baselines_run_where_extraction_runs(tmp_path, monkeypatch):
+    """The bare forward and the training with the backbone in the loop are compared with
+    extraction and cached training, which run on extraction's device (a GPU where there is
+    one): they must run there too. The meta device stands in for the GPU here: a model left
+    on the CPU stays there, and an adapter left there fails on meta tokens."""
+    import torch
+
+    import pipeline.runners.extract as extract
+    from cache import open_store
+    from pipeline.benchmarking import speed
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, write_image_folder(tmp_path / "images", per_class=2))
+    extract.run_extract(cfg)
+    layer = list(open_store(cfg.store.path).layers)[-1]
+    monkeypatch.setattr(extract, "resolve_device", lambda name, key: torch.device("meta"))
+    plan = extract.plan_extraction(cfg)
+    assert speed.bare_forward(plan) > 0
+    assert {p.device.type for p in plan.backbone.model.parameters()} == {"meta"}
+    _, samples = speed.online_epoch(cfg, cfg.store.path, layer, batch_size=4)
+    assert samples == 6  # the first split: 3 classes x 2 images, every one trained on

@@ -26,11 +26,11 @@ CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     import pipeline.runners.extract as ex
     from pipeline.config import ExtractConfig, load_config
-    slow = ex._forward
+    slow = ex.forward_batch
     def forward(*a, **k):
         time.sleep(0.3)
         return slow(*a, **k)
-    ex._forward = forward
+    ex.forward_batch = forward
     ex.run_extract(load_config(ExtractConfig, {config!r}))
 """)
 

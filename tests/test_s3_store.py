@@ -103,7 +103,7 @@ def test_interrupted_extraction_is_incomplete_and_rerun_finishes_it(s3, stores, 
 
     url = f"s3://{BUCKET}/interrupted.zarr"
     cfg = config(url, images, "runtime.batch_size=8")
-    forward, calls = extract._forward, []
+    forward, calls = extract.forward_batch, []
 
     def dies_on_third_batch(*args):
         calls.append(1)
@@ -111,7 +111,7 @@ def test_interrupted_extraction_is_incomplete_and_rerun_finishes_it(s3, stores, 
             raise RuntimeError("interrupted")
         return forward(*args)
 
-    monkeypatch.setattr(extract, "_forward", dies_on_third_batch)
+    monkeypatch.setattr(extract, "forward_batch", dies_on_third_batch)
     with pytest.raises(RuntimeError, match="interrupted"):
         run_extract(cfg)
     with pytest.raises(StoreError, match="incomplete"):
@@ -119,7 +119,7 @@ def test_interrupted_extraction_is_incomplete_and_rerun_finishes_it(s3, stores, 
     partial = open_store(url, allow_partial=True)
     stamped = 3 - len(partial.missing_chunks("train"))
     assert not partial.manifest.complete and 0 < stamped < 3
-    monkeypatch.setattr(extract, "_forward", forward)
+    monkeypatch.setattr(extract, "forward_batch", forward)
     plan = run_extract(cfg)
     assert plan.streamed == 24 - 8 * stamped  # only the unstamped chunks were computed
     assert open_store(url).manifest.complete

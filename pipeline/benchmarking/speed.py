@@ -29,26 +29,25 @@ import torch
 from cache import open_store, resident
 from pipeline.adapters.base import last_layer_name, layers_in_backbone_order
 from pipeline.config import ExtractConfig, TrainConfig, build
-from pipeline.config.extract_config import DataConfig
-from pipeline.data import open_split
-from pipeline.data.loader import make_loader
-from pipeline.runners.extract import _workers, plan_extraction, run_extract
+from pipeline.devices import resolve_device
+from pipeline.runners.extract import forward_batch, open_loader, plan_extraction, prepare_model, run_extract
 
 
 def measure_speed(cfg: ExtractConfig, store: str, settings: dict, epochs: int, batch_size: int) -> dict:
     sample_cfg = replace(cfg, data=replace(cfg.data, splits=(cfg.data.splits[0],), limit=settings["images"]))
     out = {"extract": extract_vs_bare(sample_cfg, settings["rounds"]), "read": read_rates(store, batch_size)}
     reader = open_store(store)
+    device = resolve_device(cfg.runtime.device, "runtime.device").type  # every measurement below runs where extraction runs
     layer = settings["layer"] or last_layer_name(reader.layers)
     inca = {"kind": "inca", "layers": [layer], "hparams": {"num_heads": 4, "dim": 64, "num_queries": 2}}
     n = settings["fused"]
-    one = cached_epoch(store, [{**inca, "lr": 1e-3}], batch_size)
-    fused = cached_epoch(store, [{**inca, "lr": [float(x) for x in np.geomspace(1e-4, 1e-2, n)]}], batch_size)
+    one = cached_epoch(store, [{**inca, "lr": 1e-3}], batch_size, device)
+    fused = cached_epoch(store, [{**inca, "lr": [float(x) for x in np.geomspace(1e-4, 1e-2, n)]}], batch_size, device)
     layers = layers_in_backbone_order(reader.layers)
-    mixed = cached_epoch(store, [{"kind": "linear", "layers": layers, "lr": [1e-3, 3e-3]}, {**inca, "layers": layers, "lr": [1e-3, 3e-3]}], batch_size)
-    out["held"] = [held_vs_floor(store, {**inca, "lr": lrs}, batch_size, settings["rounds"])
+    mixed = cached_epoch(store, [{"kind": "linear", "layers": layers, "lr": [1e-3, 3e-3]}, {**inca, "layers": layers, "lr": [1e-3, 3e-3]}], batch_size, device)
+    out["held"] = [held_vs_floor(store, {**inca, "lr": lrs}, batch_size, settings["rounds"], device)
                    for lrs in ([1e-3], [float(x) for x in np.geomspace(1e-4, 1e-2, n)])]
-    online_s, online_n = online_epoch(store, cfg.data, layer, batch_size, settings["images"])
+    online_s, online_n = online_epoch(sample_cfg, store, layer, batch_size)
     n_train = reader.num_samples(reader.splits[0])
     cached_per_sample, online_per_sample = one["seconds"] / one["samples"], online_s / online_n
     extract_s = n_train / out["extract"]["extract_img_s"]
@@ -82,15 +81,18 @@ def extract_vs_bare(cfg: ExtractConfig, rounds: int) -> dict:
 
 
 def bare_forward(plan) -> float:
-    """img/s of the same loader + forward, nothing stored."""
+    """img/s of the same loader + forward as extraction's (same device, autocast, workers and
+    pinning), nothing stored."""
+    prepare_model(plan)
     n, seconds = 0, 0.0
     for source in plan.sources.values():
-        loader = make_loader(source, plan.backbone.transform(), np.arange(len(source)), plan.backbone.image_size,
-                             plan.cfg.runtime.batch_size, _workers(plan.cfg, False), False)
+        loader = open_loader(plan, source, plan.backbone.transform(), np.arange(len(source)))
         t0 = time.perf_counter()
-        for _, images, _ in loader:
-            plan.taps(images)
-            n += len(images)
+        with torch.no_grad():
+            for _, images, _ in loader:
+                forward_batch(plan, images)
+                n += len(images)
+        _synchronize(plan.device)
         seconds += time.perf_counter() - t0
     return n / seconds
 
@@ -123,20 +125,20 @@ def read_rates(store: str, batch_size: int) -> dict:
             "reader_samples_s": n / ours, "reader_over_plain": plain / ours}
 
 
-def cached_epoch(store: str, adapters: list[dict], batch_size: int, epochs: int = 2) -> dict:
+def cached_epoch(store: str, adapters: list[dict], batch_size: int, device: str, epochs: int = 2) -> dict:
     """Seconds of one training pass (reading + every adapter's steps; validation excluded),
     the faster of `epochs` so that one-off warm-up does not count."""
     from pipeline.runners.train import run_train
 
     with tempfile.TemporaryDirectory() as out:
         cfg = build(TrainConfig, {"store": store, "output": out, "epochs": epochs, "batch_size": batch_size, "warmup_epochs": 0,
-                                  "val_fraction": 0.02, "save_top": 0, "adapters": adapters})
+                                  "val_fraction": 0.02, "save_top": 0, "adapters": adapters, "device": device})
         result = run_train(cfg)
     samples = round(open_store(store).num_samples(cfg.train_split) * (1 - cfg.val_fraction))
     return {"seconds": min(result["summary"]["epoch_seconds"]), "samples": samples}
 
 
-def held_vs_floor(store: str, adapters: dict, batch_size: int, rounds: int) -> dict:
+def held_vs_floor(store: str, adapters: dict, batch_size: int, rounds: int, device: str) -> dict:
     """Seconds of one training epoch of the `adapters` entry (its members fused), three ways
     side by side, in alternating rounds after one warm-up: held (the store's layers in RAM,
     the default), streamed (`memory_budget_mb: 0`) and the floor (the same steps over the same
@@ -146,7 +148,7 @@ def held_vs_floor(store: str, adapters: dict, batch_size: int, rounds: int) -> d
     from pipeline.runners.train import plan_training
 
     with tempfile.TemporaryDirectory() as out:
-        base = {"store": store, "output": out, "epochs": 1, "batch_size": batch_size, "adapters": [adapters]}
+        base = {"store": store, "output": out, "epochs": 1, "batch_size": batch_size, "adapters": [adapters], "device": device}
         resident.release()
         streamed = plan_training(build(TrainConfig, {**base, "memory_budget_mb": 0}))
         held = plan_training(build(TrainConfig, base))
@@ -182,31 +184,37 @@ def _epoch_seconds(run, batches=None) -> float:
         features = {k: v.to(run.device, non_blocking=True) for k, v in features.items()}
         for g in run.groups:
             train_step(g, features, labels.to(run.device, non_blocking=True), 1.0)
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)  # the steps are queued: time them done
+    _synchronize(run.device)
     return time.perf_counter() - t0
 
 
-def online_epoch(store: str, data: DataConfig, layer: str, batch_size: int, samples: int) -> tuple[float, int]:
-    """Seconds for `samples` training samples of the same InCA adapter with decode + preprocess
-    + backbone forward per step (training without a cache); data: the store's images."""
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the work is queued: time it done
+
+
+def online_epoch(cfg: ExtractConfig, store: str, layer: str, batch_size: int) -> tuple[float, int]:
+    """Seconds for the training samples of `cfg` (the speed case's sample of images) of the
+    same InCA adapter with decode + preprocess + backbone forward per step (training without a
+    cache). The forward is extraction's own (its device, autocast and loader), and the adapter
+    trains on that device, as the cached epochs do."""
     from pipeline.adapters import build_adapter
-    from pipeline.backbones.taps import LayerTaps
-    from pipeline.training.frozen_backbone import rebuild_backbone
 
     reader = open_store(store)
-    backbone = rebuild_backbone(reader.fingerprint, f"store {store!r}")
-    taps = LayerTaps(backbone.model, (layer,), False, backbone.image_size)
-    source = open_split(data, data.splits[0])
-    idx = np.random.default_rng(0).permutation(len(source))[:samples]
-    loader = make_loader(source, backbone.transform(), idx, backbone.image_size, batch_size, 1, False)
-    adapter = build_adapter("inca", reader.layers, len(reader.classes), layer=layer, num_heads=4, dim=64, num_queries=2)
+    plan = plan_extraction(cfg)
+    prepare_model(plan)
+    source = next(iter(plan.sources.values()))
+    idx = np.random.default_rng(0).permutation(len(source))
+    loader = open_loader(plan, source, plan.backbone.transform(), idx)
+    adapter = build_adapter("inca", reader.layers, len(reader.classes), layer=layer, num_heads=4, dim=64, num_queries=2).to(plan.device)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-3)
     labels = torch.from_numpy(source.labels)
     t0 = time.perf_counter()
     for i, images, _ in loader:
-        loss = torch.nn.functional.cross_entropy(adapter(taps(images)), labels[i])
+        tokens = forward_batch(plan, images)[layer].float()
+        loss = torch.nn.functional.cross_entropy(adapter({layer: tokens}), labels[i].to(plan.device, non_blocking=True))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    _synchronize(plan.device)
     return time.perf_counter() - t0, len(idx)

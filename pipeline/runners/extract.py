@@ -251,7 +251,7 @@ def extract_chunks(plan: ExtractPlan, writer: StoreWriter, group: str, chunks: I
     todo = sorted(set(chunks) & set(writer.missing_chunks(group)))
     if not todo:
         return 0, 0.0
-    _prepare_model(plan)
+    prepare_model(plan)
     view = next(v for g, _, v in plan.groups if g == group)
     return _extract_split(plan, writer, group, plan.sources[split_of(group)], plan.view_transform(view), todo)
 
@@ -261,8 +261,7 @@ def _extract_split(plan: ExtractPlan, writer: StoreWriter, split: str, source: S
     n = len(source)
     indices = np.concatenate([np.arange(*plan.chunks.chunk_range(c, n)) for c in missing])
     log.info("%s: %d of %d chunks to compute (%d samples)", split, len(missing), plan.chunks.n_chunks(n), len(indices))
-    on_cuda = plan.device.type == "cuda"
-    loader = make_loader(source, transform, indices, plan.backbone.image_size, cfg.runtime.batch_size, _workers(cfg, on_cuda), on_cuda)
+    loader = open_loader(plan, source, transform, indices)
     background = BackgroundWriter(writer, split, missing, cfg.runtime.write_queue)
     raw = {s.name: s for s in plan.raw_specs}
     bytes_per_sample = sum(plan.bytes_per_sample(s) for s in plan.specs)
@@ -278,7 +277,7 @@ def _extract_split(plan: ExtractPlan, writer: StoreWriter, split: str, source: S
                 skipped += len(bad)
                 for e in bad:
                     log.warning("skipping: %s", e)
-            feats = _forward(plan, images)
+            feats = forward_batch(plan, images)
             feats = {k: reduce_tokens(v, raw[k], cfg.store.tokens, cfg.store.grid_size).float().cpu() for k, v in feats.items()}
             background.put(idx.numpy(), feats, valid)
             bar.update(len(idx))
@@ -296,7 +295,15 @@ def _extract_split(plan: ExtractPlan, writer: StoreWriter, split: str, source: S
     return len(indices), elapsed
 
 
-def _forward(plan: ExtractPlan, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def open_loader(plan: ExtractPlan, source: SplitSource, transform, indices: np.ndarray):
+    """The DataLoader extraction reads `indices` of `source` with: (indices, images, errors) batches."""
+    on_cuda = plan.device.type == "cuda"
+    return make_loader(source, transform, indices, plan.backbone.image_size, plan.cfg.runtime.batch_size, _workers(plan.cfg, on_cuda), on_cuda)
+
+
+def forward_batch(plan: ExtractPlan, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tapped layers of one batch, on the plan's device (under its autocast on CUDA); the
+    model must be there already (prepare_model)."""
     on_cuda = plan.device.type == "cuda"
     images = images.to(plan.device, non_blocking=True)
     if on_cuda:
@@ -307,7 +314,7 @@ def _forward(plan: ExtractPlan, images: torch.Tensor) -> dict[str, torch.Tensor]
     return plan.taps(images)
 
 
-def _prepare_model(plan: ExtractPlan) -> None:
+def prepare_model(plan: ExtractPlan) -> None:
     """Move the backbone (the module plan.taps runs) to the plan's device, in place."""
     model = plan.backbone.model.to(plan.device)
     if plan.device.type == "cuda":
