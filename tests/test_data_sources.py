@@ -57,3 +57,72 @@ def test_stratified_prefix_balances_classes():
     assert list(np.bincount(labels[picked])) == [3, 2, 2]
     assert list(picked) == sorted(picked)
     assert list(stratified_prefix(labels, None)) == list(range(30))
+
+
+def fake_mnist(root, train=6, test=4, seed=0):
+    """torchvision's MNIST as its raw idx files (what MNIST(root, download=False) reads)."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", train), ("t10k", test)):
+        for kind, array in (("images", rng.integers(0, 255, (n, 28, 28))), ("labels", np.arange(n) % 3)):
+            header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+            (raw / f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte").write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_refuses_a_split_it_would_read_as_its_test_set(tmp_path):
+    fake_mnist(tmp_path)
+    cfg = data_config("torchvision", tmp_path, name="MNIST", splits=["train", "val", "test"])
+    assert len(open_split(cfg, "train")) == 6 and len(open_split(cfg, "test")) == 4
+    with pytest.raises(ConfigError, match="MNIST has a train and a test set only; got split 'val'"):
+        open_split(cfg, "val")
+
+
+def test_torchvision_fingerprint_covers_the_dataset_files(tmp_path):
+    fake_mnist(tmp_path)
+    cfg = data_config("torchvision", tmp_path, name="MNIST", splits=["train"])
+    before = open_split(cfg, "train").fingerprint()
+    fake_mnist(tmp_path, seed=1)  # other pixels, same ids and labels
+    assert open_split(cfg, "train").fingerprint()["samples_sha256"] != before["samples_sha256"]
+
+
+def test_given_class_names_must_be_the_datas_own(tmp_path):
+    fake_mnist(tmp_path)
+    digits = [f"{d} - {w}" for d, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])]
+    assert open_split(data_config("torchvision", tmp_path, name="MNIST", splits=["train"], classes=digits), "train").classes == digits
+    with pytest.raises(ConfigError, match=r"data.classes: got \['1 - one', '0 - zero'.*but the data names its classes"):
+        open_split(data_config("torchvision", tmp_path, name="MNIST", splits=["train"], classes=[digits[1], digits[0], *digits[2:]]), "train")
+    np.savez(tmp_path / "train.npz", images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.array([0, 1]), classes=np.array(["cat", "dog"]))
+    assert open_split(data_config("npz", tmp_path, splits=["train"]), "train").classes == ["cat", "dog"]
+    with pytest.raises(ConfigError, match="data.classes: got"):
+        open_split(data_config("npz", tmp_path, splits=["train"], classes=["dog", "cat"]), "train")
+
+
+def test_idx_class_names_come_from_the_config_not_the_path(tmp_path):
+    root = tmp_path / "fashion"  # a path that names Fashion-MNIST says nothing about the labels
+    root.mkdir()
+    write_idx(root / "t10k-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 2]))
+    assert open_split(data_config("idx", root, splits=["test"]), "test").classes == ["0", "1", "2"]
+    named = data_config("idx", root, splits=["test"], classes=["a", "b", "c", "d"])
+    assert open_split(named, "test").classes == ["a", "b", "c", "d"]
+    with pytest.raises(ConfigError, match="has label 2, not a class index in"):
+        open_split(data_config("idx", root, splits=["test"], classes=["a", "b"]), "test")
+
+
+def test_array_labels_and_layouts_are_checked_when_the_split_opens(tmp_path):
+    gray = np.arange(2 * 4 * 4).reshape(2, 4, 4, 1).astype(np.uint8)
+    np.savez(tmp_path / "train.npz", images=gray, labels=np.array([0, 1]))
+    image = open_split(data_config("npz", tmp_path, splits=["train"]), "train").load(1)
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.repeat(gray[1], 3, axis=-1))
+    for images, labels, message in ((np.zeros((2, 3, 5, 5), np.uint8), np.array([0, 1]), r"got uint8 \[2, 3, 5, 5\]"),
+                                    (gray, np.array([0.0, 1.9]), "labels are float64"),
+                                    (gray, np.array([-1, 0]), "has label -1")):
+        np.savez(tmp_path / "train.npz", images=images, labels=labels)
+        with pytest.raises(ConfigError, match=message):
+            open_split(data_config("npz", tmp_path, splits=["train"]), "train")
+
+
+def test_image_folders_take_no_class_names():
+    with pytest.raises(ConfigError, match="classes: image_folder takes its class names from its class folders"):
+        data_config("image_folder", "r", classes=["a"])

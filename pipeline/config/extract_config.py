@@ -109,7 +109,9 @@ class DataConfig:
     image_column: str = "image"
     label_column: str = "label"
     streaming: bool = False
-    # webdataset, huggingface: class names by label (null: the dataset's ClassLabel names, else "0".."max").
+    # Class names by label (null: the dataset's own names where it has them, else "0".."max"); where
+    # the data names its classes (a ClassLabel, an npz `classes` array, torchvision's), they must
+    # be exactly those. image_folder: the class folders name them.
     classes: Optional[tuple[str, ...]] = None
     # webdataset shards at URLs: passed to fsspec (cache.location.SAFE_OPTIONS only, as for stores).
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -138,6 +140,8 @@ class DataConfig:
                     for s in self.splits if s not in self.shards]
             shard_url = next((s for v in self.shards.values() for s in ([v] if isinstance(v, str) else v) if is_url(s)), None)
             out += option_problems(shard_url or self.root, self.storage_options, path_key="shards" if shard_url else "root")
+        if self.classes is not None and self.kind == "image_folder":
+            out.append("classes: image_folder takes its class names from its class folders; remove data.classes")
         if self.streaming and self.kind != "huggingface":
             out.append(f"streaming: only data.kind huggingface streams; data.kind is {self.kind!r}")
         if self.storage_options and self.kind != "webdataset":

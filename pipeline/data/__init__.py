@@ -33,13 +33,13 @@ DATA_SOURCES: dict[str, DataSourceKind] = {
     "image_folder": DataSourceKind("ROOT/SPLIT/CLASS/*.jpg (any image suffix Pillow reads)",
                                    lambda cfg, split: image_folder_split(cfg.root, split)),
     "npz": DataSourceKind("ROOT/SPLIT.npz with arrays images [N,H,W(,C)] uint8 and labels [N] (classes optional)",
-                          lambda cfg, split: npz_split(cfg.root, split)),
+                          lambda cfg, split: npz_split(cfg.root, split, cfg.classes)),
     "idx": DataSourceKind("MNIST-style ROOT/PREFIX-images-idx3-ubyte(.gz) and -labels-idx1-ubyte(.gz); "
                           "split_files maps a split to its PREFIX (test: t10k)",
-                          lambda cfg, split: idx_split(cfg.root, split, cfg.split_files.get(split))),
+                          lambda cfg, split: idx_split(cfg.root, split, cfg.split_files.get(split), cfg.classes)),
     "torchvision": DataSourceKind("a torchvision dataset by class name (data.name, e.g. CIFAR10), kept under ROOT; "
                                   "data.download fetches it",
-                                  lambda cfg, split: torchvision_split(cfg.name, cfg.root, split, cfg.download), needs_name=True),
+                                  lambda cfg, split: torchvision_split(cfg.name, cfg.root, split, cfg.download, cfg.classes), needs_name=True),
     "webdataset": DataSourceKind("WebDataset tar shards per split (data.shards: a brace pattern or a list, under ROOT or URLs), "
                                  "image and label members by data.image_key / data.label_key (extra: webdataset)",
                                  lambda cfg, split: webdataset_split(cfg.root, cfg.shards[split], split, cfg.image_key, cfg.label_key,

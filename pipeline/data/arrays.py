@@ -1,6 +1,8 @@
 """In-memory image arrays: .npz files (SPLIT.npz with `images`, `labels`) and MNIST-style idx files.
 
-Fashion-MNIST (Debian's dataset-fashion-mnist) is read from its idx .gz files directly.
+Fashion-MNIST (Debian's dataset-fashion-mnist) is read from its idx .gz files directly; idx
+files carry no class names, so they come from `data.classes` (configs/fashion_mnist_lite0.yaml
+gives Fashion-MNIST's), else "0".."max".
 """
 
 from __future__ import annotations
@@ -8,17 +10,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from cache import ConfigError
-from pipeline.data.source import SplitSource, to_rgb
-
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
+from pipeline.data.source import SplitSource, class_names, to_rgb
 
 
 def _sha256(path: Path) -> str:
@@ -29,20 +27,29 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _array_source(split: str, images: np.ndarray, labels: np.ndarray, classes: list[str], content_hash: str) -> SplitSource:
-    if images.ndim not in (3, 4) or images.dtype != np.uint8:
-        raise ConfigError(f"split {split!r}: images must be uint8 [N,H,W] or [N,H,W,C], got {images.dtype} {images.shape}")
+def _array_source(split: str, images: np.ndarray, labels: np.ndarray, given: Optional[Sequence[str]], declared: Optional[list[str]],
+                  content_hash: str, where: str) -> SplitSource:
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]  # [N, H, W, 1] (Keras's layout for grayscale): one channel, as [N, H, W]
+    if images.ndim not in (3, 4) or images.dtype != np.uint8 or (images.ndim == 4 and images.shape[-1] not in (3, 4)):
+        raise ConfigError(f"{where}: images must be uint8 [N,H,W], [N,H,W,1], [N,H,W,3] (RGB) or [N,H,W,4] (RGBA), "
+                          f"got {images.dtype} {list(images.shape)}")
     if len(images) != len(labels):
-        raise ConfigError(f"split {split!r}: {len(images)} images but {len(labels)} labels")
+        raise ConfigError(f"{where}: {len(images)} images but {len(labels)} labels")
+    if labels.dtype.kind not in "iub":
+        raise ConfigError(f"{where}: labels are {labels.dtype}; class indices (integers) are needed")
+    labels = labels.astype(np.int64)
+    classes = class_names(labels, given, declared, lambda i: f"sample {i} of {where}")
 
     def load(i: int) -> Image.Image:
         return to_rgb(Image.fromarray(images[i]))
 
     ids = [f"{split}:{i}" for i in range(len(images))]
-    return SplitSource(split, ids, labels.astype(np.int64), classes, load, content_hash=content_hash)
+    return SplitSource(split, ids, labels, classes, load, content_hash=content_hash)
 
 
-def npz_split(root: str | Path, split: str) -> SplitSource:
+def npz_split(root: str | Path, split: str, given: Optional[Sequence[str]]) -> SplitSource:
+    """`given`: data.classes, which must equal the file's own `classes` array where it has one."""
     path = Path(root) / f"{split}.npz"
     if not path.is_file():
         raise ConfigError(f"data.root: {str(path)!r} does not exist (expected ROOT/SPLIT.npz)")
@@ -51,8 +58,8 @@ def npz_split(root: str | Path, split: str) -> SplitSource:
         if missing:
             raise ConfigError(f"{str(path)!r} lacks arrays {sorted(missing)}; it has {z.files}")
         images, labels = z["images"], z["labels"]
-        classes = [str(c) for c in z["classes"]] if "classes" in z.files else [str(c) for c in range(int(labels.max()) + 1)]
-    return _array_source(split, images, labels, classes, _sha256(path))
+        declared = [str(c) for c in z["classes"]] if "classes" in z.files else None
+    return _array_source(split, images, labels, given, declared, _sha256(path), repr(str(path)))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -75,12 +82,12 @@ def _find(root: Path, prefix: str, kind: str) -> Path:
     raise ConfigError(f"data.root: no {prefix}-{kind}-idx*-ubyte(.gz) file in {str(root)!r}")
 
 
-def idx_split(root: str | Path, split: str, file_prefix: str | None = None) -> SplitSource:
-    """MNIST-style idx files; `file_prefix` maps a split to its files ("test" -> "t10k")."""
+def idx_split(root: str | Path, split: str, file_prefix: str | None, given: Optional[Sequence[str]]) -> SplitSource:
+    """MNIST-style idx files; `file_prefix` maps a split to its files ("test" -> "t10k");
+    `given`: data.classes (idx files name no classes)."""
     root = Path(root)
     prefix = file_prefix or {"test": "t10k"}.get(split, split)
     images_path, labels_path = _find(root, prefix, "images"), _find(root, prefix, "labels")
     images, labels = _read_idx(images_path), _read_idx(labels_path)
-    classes = FASHION_MNIST_CLASSES if "fashion" in str(root).lower() else [str(c) for c in range(int(labels.max()) + 1)]
     content = _sha256(images_path) + _sha256(labels_path)
-    return _array_source(split, images, labels, classes, content)
+    return _array_source(split, images, labels, given, None, content, repr(str(images_path)))

@@ -71,7 +71,12 @@ def class_names(labels: np.ndarray, given: Optional[Sequence[str]], declared: Op
     """The class names of a split whose samples carry integer labels: `data.classes` when given,
     else the dataset's own (`declared`), else "0".."max". Every label must index them: a
     ConfigError names the first `sample(i)` that does not (an unlabeled -1 would be stored,
-    and scored as a wrong answer)."""
+    and scored as a wrong answer). `data.classes` may name a dataset's classes that it does not
+    name itself; where it does, they must agree (given in another order, every label would be
+    stored under the wrong name, and the check that the splits agree would pass)."""
+    if given and declared and list(given) != list(declared):
+        raise ConfigError(f"data.classes: got {list(given)}, but the data names its classes {list(declared)} (label i is the "
+                          "i-th name); remove data.classes, or give exactly these")
     if given:
         names = list(given)
     elif declared:

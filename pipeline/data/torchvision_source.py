@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from cache import ConfigError
-from pipeline.data.source import DECODE_ERRORS, CorruptImageError, SplitSource, to_rgb
+from pipeline.data.source import DECODE_ERRORS, CorruptImageError, SplitSource, class_names, to_rgb
 
 
-def torchvision_split(name: str, root: str, split: str, download: bool) -> SplitSource:
+def torchvision_split(name: str, root: str, split: str, download: bool, given: Optional[Sequence[str]]) -> SplitSource:
+    """`given`: data.classes, which must equal the dataset's own class names where it has them."""
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, name, None)
@@ -21,12 +25,19 @@ def torchvision_split(name: str, root: str, split: str, download: bool) -> Split
     params = inspect.signature(cls).parameters
     # Datasets take either train=bool or split=str; map our split names onto that.
     if "train" in params:
+        if split not in ("train", "test"):  # train=False is the test set: a "val" would be it again
+            raise ConfigError(f"data.splits: torchvision's {name} has a train and a test set only; got split {split!r} "
+                              "(carve validation from train with `val_fraction` at training time)")
         ds = cls(root=root, train=(split == "train"), download=download)
     else:
         ds = cls(root=root, split=split, download=download)
     targets = getattr(ds, "targets", None)
-    labels = np.asarray(targets if targets is not None else [ds[i][1] for i in range(len(ds))], dtype=np.int64)
-    classes = [str(c) for c in getattr(ds, "classes", range(int(labels.max()) + 1))]
+    labels = np.asarray(targets if targets is not None else [ds[i][1] for i in range(len(ds))])
+    if labels.dtype.kind not in "iub":
+        raise ConfigError(f"data.name: {name}[{split}] has {labels.dtype} labels; class indices (integers) are needed")
+    labels = labels.astype(np.int64)
+    declared = getattr(ds, "classes", None)
+    classes = class_names(labels, given, None if declared is None else [str(c) for c in declared], lambda i: f"{name}[{split}][{i}]")
 
     def load(i: int) -> Image.Image:
         try:
@@ -36,4 +47,15 @@ def torchvision_split(name: str, root: str, split: str, download: bool) -> Split
             raise CorruptImageError(f"cannot read {name}[{split}][{i}]: {type(e).__name__}: {e}") from e
 
     ids = [f"{split}:{i}" for i in range(len(ds))]
-    return SplitSource(split, ids, labels, classes, load, content_hash=f"torchvision:{name}")
+    return SplitSource(split, ids, labels, classes, load, content_hash=f"torchvision:{name}:{_files_stamp(Path(root))}",
+                       stamps_cover=f"sample index and label, and the size and mtime_ns of every file under {root}")
+
+
+def _files_stamp(root: Path) -> str:
+    """A hash of every file's path, size and mtime under the dataset's root: the pixels live in
+    the dataset's own files (binary batches, idx files), which a changed copy changes."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
