@@ -151,3 +151,18 @@ def test_a_module_the_forward_never_runs_is_refused_by_name(name):
     m = model("test_resnet") if name != "head" else model("test_vit")
     with pytest.raises(ConfigError, match=rf"\['{name}'\] never run in the backbone's forward_features"):
         LayerTaps(m, (name,), False, (SIZE, SIZE))
+
+
+def test_channels_last_stages_are_stored_as_tokens_by_index_or_by_name():
+    """MambaOut keeps its maps [B, H, W, C] (output_fmt NHWC), which a hook on a stage sees. A
+    stage named by its index or by its module name is its map as row-major tokens either way
+    (extraction may get the index and predict the name); a named module whose 4-D output has
+    no stated layout is refused."""
+    m = model("test_mambaout")
+    x = images()
+    s1 = m.stages[1](m.stages[0](m.stem(x)))  # [B, H, W, C]
+    expected = {"stages.1": s1.reshape(s1.shape[0], -1, s1.shape[-1])}
+    assert_exact(capture(m, [1]), expected)
+    assert_exact(capture(m, ["stages.1"]), expected)
+    with pytest.raises(ConfigError, match=r"\['stem'\]: this model keeps its feature maps channels-last"):
+        capture(m, [1, "stem"])

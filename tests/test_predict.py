@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,17 @@ def test_predict_says_when_the_store_was_extracted_under_autocast(tmp_path, capl
     assert main(["predict", "--adapter", str(adapter), str(images / "val"), "--out", str(tmp_path / "b.csv")]) == 0
     warnings = [r for r in caplog.records if "bfloat16 autocast on cuda" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+
+
+def test_predict_refuses_a_rebuilt_backbone_whose_layers_differ_from_the_stored_ones():
+    """A backbone rebuilt from the record that gives a layer another shape (another timm
+    version, a layer tapped another way) would feed the adapters features they never saw."""
+    from cache import LayerSpec, StoreError
+    from pipeline.runners.predict import _check_same_layers
+    from tests.conftest import fake_fingerprint
+
+    stored = LayerSpec("blocks.1", 16, 8, 0, (4, 4), None)
+    fp = fake_fingerprint((stored,))
+    _check_same_layers(fp, {"blocks.1": stored}, ["blocks.1"], Path("a"))
+    with pytest.raises(StoreError, match=r"the rebuilt backbone does not give the stored layers \(blocks.1: stored"):
+        _check_same_layers(fp, {"blocks.1": LayerSpec("blocks.1", 16, 8, 0, (2, 8), None)}, ["blocks.1"], Path("a"))

@@ -1,7 +1,9 @@
 """Capture the tokens of chosen layers in one forward pass, as [B, T, D] per layer.
 
 Layers are given as indices (timm's `forward_intermediates` numbering: ViT blocks, CNN
-stages from `feature_info`; negative allowed) or module names (captured with forward hooks).
+stages from `feature_info`; negative allowed) or module names. A block or stage comes from
+`forward_intermediates` however it was named; other modules are captured with forward hooks
+(refused for 4-D outputs of channels-last models, whose layout nothing states).
 CNN maps [B, C, H, W] become tokens [B, H*W, C] (row-major). ViT tokens keep timm's order:
 prefix tokens (CLS, registers) first, then patch tokens. For ViTs the block-0 input (the
 embedded tokens) can be captured too, as layer "embed".
@@ -83,31 +85,27 @@ class LayerTaps:
                 if not -len(indexed) <= layer < len(indexed):
                     problems.append(f"layer {layer}: out of range; valid indices are -{len(indexed)}..{len(indexed) - 1} ({', '.join(indexed)})")
                     continue
-                i = layer % len(indexed)
-                name = indexed[i]
-                if name in names:
-                    continue
-                names.append(name)
-                if self.has_intermediates:
-                    self.index_names[i] = name
-                else:
-                    self.hook_names.append(name)
+                name = indexed[layer % len(indexed)]
             else:
                 if layer not in modules or layer == "":
                     near = difflib.get_close_matches(layer, [m for m in modules if m], n=3)
                     problems.append(f"layer {layer!r}: no such module" + (f"; did you mean {near}?" if near else ""))
                     continue
-                if layer in names:
-                    continue
-                names.append(layer)
-                self.hook_names.append(layer)
+                name = layer
+            if name in names:
+                continue
+            names.append(name)
+            # A layer is tapped by what it is, not by how the config named it: a block/stage
+            # comes from forward_intermediates (timm's own layout: NCHW maps, row-major tokens,
+            # where a hook on some models sees channels-last maps or tokens in another order),
+            # so `2` and its module name give one result, and predict, which taps by the
+            # recorded names, computes what extraction stored.
+            if name in indexed and self.has_intermediates:
+                self.index_names[indexed.index(name)] = name
+            else:
+                self.hook_names.append(name)
         if problems:
             raise ConfigError(problems, "backbone.layers")
-        if self.hook_names:
-            # forward_intermediates may stop before a named module (e.g. a CNN's final conv):
-            # with any named module, hook every layer and run the plain forward_features.
-            self.hook_names = names
-            self.index_names = {}
         self.order = names  # output order follows the config
 
     # -- capture ------------------------------------------------------------------------
@@ -132,12 +130,15 @@ class LayerTaps:
         out: dict[str, torch.Tensor] = {}
         if self.index_names:
             indices = sorted(self.index_names)
-            # Cached keys/values need every block to run, not only up to the deepest layer.
-            kwargs = dict(indices=indices, intermediates_only=True, stop_early=not self.kv_names)
+            # Cached keys/values and hooked modules need the whole forward, not only up to the deepest index.
+            whole = bool(self.kv_names or self.hook_names)
+            kwargs = dict(indices=indices, intermediates_only=not self.hook_names, stop_early=not whole)
             params = inspect.signature(self.model.forward_intermediates).parameters
             if self.vit and "return_prefix_tokens" in params:
                 kwargs.update(output_fmt="NLC", return_prefix_tokens=True)
             feats = self.model.forward_intermediates(images, **kwargs)
+            if self.hook_names:  # (final features, intermediates): the hooks saw the rest of the forward
+                feats = feats[1]
             # timm returns intermediates in sorted index order, whatever order was asked.
             for i, f in zip(indices, feats):
                 if isinstance(f, tuple):  # (patch tokens, prefix tokens)
@@ -169,6 +170,12 @@ class LayerTaps:
         p = next(self.model.parameters())
         with torch.no_grad():
             raw = self._forward(torch.zeros(1, 3, *image_size, device=p.device, dtype=p.dtype))
+        if getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+            hooked = [name for name in self.hook_names if raw[name].ndim == 4]
+            if hooked:  # its modules' maps may be [B, H, W, C] or [B, C, H, W]: nothing says which
+                raise ConfigError(f"backbone.layers: {hooked}: this model keeps its feature maps channels-last (NHWC), so the "
+                                  "layout of a named module's 4-D output is unknown; tap its stages by index "
+                                  f"({', '.join(self._index_count_and_names())})")
         return [self._spec(name, t) for name, t in raw.items()]
 
     def _spec(self, name: str, raw: torch.Tensor) -> LayerSpec:

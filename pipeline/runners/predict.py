@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from cache import ConfigError, encoding
+from cache import ConfigError, StoreError, encoding
 from pipeline.adapters import load_adapter, read_adapter_manifest, saved_fingerprint
 from pipeline.adapters.persistence import MANIFEST_FILE
 from pipeline.backbones.taps import EMBED, LayerTaps
-from pipeline.backbones.tokens import reduce_tokens
+from pipeline.backbones.tokens import reduce_tokens, reduced_spec
 from pipeline.data.image_folder import IMAGE_SUFFIXES
 from pipeline.data.source import read_image
 from pipeline.training.frozen_backbone import rebuild_backbone
@@ -80,6 +80,18 @@ def run_predict(adapter_dirs: list[str], images: list[str], batch_size: int = 32
     return rows
 
 
+def _check_same_layers(fp, raw: dict, needed: list[str], where: Path) -> None:
+    """The layers the rebuilt backbone gives, as stored, must be the ones the store recorded:
+    an adapter fed tokens of another shape, grid or prefix would predict from the wrong features."""
+    recorded = {s.name: s for s in fp.layers}
+    now = {n: reduced_spec(raw[n], fp.storage.tokens, fp.storage.grid_size) for n in needed if n in raw}
+    differ = [f"{n}: stored {recorded[n]}, rebuilt {now.get(n)}" for n in needed if now.get(n) != recorded[n]]
+    if differ:
+        raise StoreError(f"the store of adapter {str(where)!r}: the rebuilt backbone does not give the stored layers ({'; '.join(differ)}); "
+                         "predict cannot compute the features its adapters were trained on (was the store made by another version "
+                         "of this code or of timm?)")
+
+
 def _predict_group(tasks: list[Task], files: list[Path], rows: list[dict], batch_size: int) -> None:
     fp = saved_fingerprint(tasks[0].manifest)
     backbone = rebuild_backbone(fp, f"the store of adapter {str(tasks[0].directory)!r}")
@@ -101,6 +113,7 @@ def _predict_group(tasks: list[Task], files: list[Path], rows: list[dict], batch
     taps = LayerTaps(backbone.model, features, EMBED in needed, backbone.image_size, cache_kv=wants_kv, through_final_norm=normed)
     raw = {s.name: s for s in taps.specs}
     storage = fp.storage
+    _check_same_layers(fp, raw, needed, tasks[0].directory)
     transform = backbone.transform()
     for start in range(0, len(files), batch_size):
         chunk = files[start: start + batch_size]
