@@ -144,6 +144,12 @@ def test_vit_block_outputs_through_the_final_norm():
     taps.close()
     with pytest.raises(ConfigError, match="only a ViT's block outputs"):
         LayerTaps(model("test_resnet"), (-1,), False, (SIZE, SIZE), through_final_norm=True)
+    # An average-pool ViT norms after pooling: its `norm` is an Identity, and "through the
+    # final norm" would record un-normed blocks as normed.
+    gap = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=SIZE, global_pool="avg", fc_norm=True)
+    assert isinstance(gap.norm, torch.nn.Identity)
+    with pytest.raises(ConfigError, match="no final norm over its tokens"):
+        LayerTaps(gap, (-1,), False, (SIZE, SIZE), through_final_norm=True)
 
 
 @pytest.mark.parametrize("name", ["fc", "global_pool", "head"])

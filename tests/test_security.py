@@ -154,7 +154,9 @@ def test_model_kwargs_that_load_files_are_refused_at_config_time(tmp_path):
                                                                    "drop_path_rate": 0.0, "dynamic_img_size": True}})
     problems = e.value.problems
     assert [p.split(":")[0] for p in problems] == ["backbone.model_kwargs.checkpoint_path", "backbone.model_kwargs.pretrained_strict"]
-    assert all("allowed: ['img_size'," in p and "'drop_path_rate'" in p for p in problems)
+    assert all("allowed: ['in_chans'," in p and "'drop_path_rate'" in p for p in problems)
+    with pytest.raises(ConfigError, match="model_kwargs.img_size: got 32; set preprocess.image_size instead"):
+        tiny_config(tmp_path, tmp_path, backbone={"model_kwargs": {"img_size": 32, "dynamic_img_size": True}})
     cfg = tiny_config(tmp_path, tmp_path, backbone={"model_kwargs": {"drop_path_rate": 0.0, "global_pool": "avg", "reg_tokens": 0}})
     assert cfg.backbone.model_kwargs == {"drop_path_rate": 0.0, "global_pool": "avg", "reg_tokens": 0}
 

@@ -42,6 +42,11 @@ class LayerTaps:
         if through_final_norm and not (self.vit and isinstance(getattr(model, "norm", None), torch.nn.Module)):
             raise ConfigError("backbone.through_final_norm: only a ViT's block outputs can be stored through its final norm; "
                               "this model has no blocks and final norm")
+        if through_final_norm and isinstance(model.norm, torch.nn.Identity):
+            # An average-pool ViT norms after pooling (fc_norm): its `norm` is an Identity, and the
+            # store would record normed blocks that are not.
+            raise ConfigError("backbone.through_final_norm: this ViT has no final norm over its tokens (model.norm is an "
+                              "Identity; it norms after pooling, fc_norm); store its blocks without it")
         self.through_final_norm = through_final_norm
         self.prefix = int(getattr(model, "num_prefix_tokens", 0)) if self.vit else 0
         self.has_intermediates = hasattr(model, "forward_intermediates")

@@ -27,7 +27,7 @@ CompressorName = Literal[tuple(COMPRESSORS)]  # cache/codecs.py
 # pretrained_strict, make timm load or fetch files; the backbone is rebuilt from a store's
 # or an adapter's fingerprint, which must never do that, so they are refused.
 MODEL_KWARGS = (
-    "img_size", "in_chans", "num_classes", "global_pool", "patch_size", "embed_dim", "depth", "num_heads",
+    "in_chans", "num_classes", "global_pool", "patch_size", "embed_dim", "depth", "num_heads",
     "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token", "reg_tokens", "no_embed_class",
     "pos_embed", "pre_norm", "final_norm", "fc_norm", "dynamic_img_size", "dynamic_img_pad", "act_layer",
     "norm_layer", "output_stride", "channel_multiplier", "depth_multiplier", "drop_rate", "pos_drop_rate",
@@ -39,7 +39,10 @@ def model_kwargs_problems(model_kwargs: dict, where: str = "model_kwargs") -> li
     """One problem per argument outside MODEL_KWARGS, naming it and listing the allowed ones."""
     out = []
     for key in model_kwargs:
-        if key not in MODEL_KWARGS:
+        if key == "img_size":  # a model built at one size and fed another would record the wrong token layout
+            out.append(f"{where}.img_size: got {model_kwargs[key]!r}; set preprocess.image_size instead, which sizes both the "
+                       "model and the images it is fed")
+        elif key not in MODEL_KWARGS:
             near = difflib.get_close_matches(str(key), MODEL_KWARGS, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             out.append(f"{where}.{key}: got {model_kwargs[key]!r}, but only timm.create_model arguments that choose the "
