@@ -78,6 +78,8 @@ class LayerSpec:
     through_final_norm: the block output was stored after the backbone's final norm (as
         DINOv2's linear evaluation reads intermediate layers), not as the next block reads it.
     role: what the array holds (see the layout above); adapters read only "features" as tokens.
+    registers_only: the prefix tokens are registers, none a CLS token (a ViT built without a
+        class token, e.g. timm's *_reg4_gap); token 0 then is no summary of the image.
     """
 
     name: str
@@ -88,10 +90,16 @@ class LayerSpec:
     block_index: Optional[int] = None
     through_final_norm: bool = False
     role: LayerRole = "features"
+    registers_only: bool = False
 
     @property
     def holds_features(self) -> bool:
         return self.role == "features"
+
+    @property
+    def has_class_token(self) -> bool:
+        """Token 0 is a CLS token (what `cls` pooling and readouts read)."""
+        return self.prefix_tokens > 0 and not self.registers_only
 
     def to_json(self) -> dict:
         return {
@@ -104,6 +112,7 @@ class LayerSpec:
             # Named only when set, so a layer's description stays as short as it can be.
             **({"through_final_norm": True} if self.through_final_norm else {}),
             "role": self.role,
+            **({"registers_only": True} if self.registers_only else {}),
         }
 
     @classmethod
@@ -118,6 +127,7 @@ class LayerSpec:
             block_index=d.get("block_index"),
             through_final_norm=bool(d.get("through_final_norm", False)),
             role=d.get("role", "features"),
+            registers_only=bool(d.get("registers_only", False)),
         )
 
 

@@ -253,7 +253,7 @@ def test_linear_pooling_of_an_already_pooled_layer_picks_the_stored_tokens():
 
 def test_cls_pooling_of_a_cnn_layer_is_refused_clearly():
     spec = LayerSpec("layer4", tokens=4, dim=8, prefix_tokens=0, grid=(2, 2))
-    with pytest.raises(AdapterConfigError, match="no prefix tokens.*use pool='mean'"):
+    with pytest.raises(AdapterConfigError, match="needs a CLS token.*has none.*use pool='mean'"):
         build_adapter("linear", {"layer4": spec}, NUM_CLASSES, pool="cls")
 
 

@@ -172,3 +172,30 @@ def test_channels_last_stages_are_stored_as_tokens_by_index_or_by_name():
     assert_exact(capture(m, ["stages.1"]), expected)
     with pytest.raises(ConfigError, match=r"\['stem'\]: this model keeps its feature maps channels-last"):
         capture(m, [1, "stem"])
+
+
+def test_a_vit_with_registers_and_no_class_token_is_never_read_as_if_token_0_were_one():
+    """timm's *_reg4_gap ViTs: 4 register tokens, no CLS. Token 0 is a register, so every
+    "CLS" readout (store.tokens cls/cls_mean, pool cls, VQT's final CLS) is refused, and LoSA
+    reads out the patch mean, as the model's own head does."""
+    from cache import LayerSpec
+    from pipeline.adapters import AdapterConfigError, build_adapter
+    from pipeline.backbones.tokens import reduced_spec
+
+    torch.manual_seed(0)
+    m = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=SIZE, class_token=False, reg_tokens=4,
+                          global_pool="avg").double().eval()
+    taps = LayerTaps(m, (-1,), False, (SIZE, SIZE))
+    spec = taps.specs[0]
+    taps.close()
+    assert (spec.prefix_tokens, spec.registers_only, spec.has_class_token) == (4, True, False)
+    assert LayerSpec.from_json(spec.to_json()) == spec
+    for mode in ("cls", "cls_mean"):
+        with pytest.raises(ConfigError, match="needs a CLS token.*registers only"):
+            reduced_spec(spec, mode, 2)
+    layers = {spec.name: spec}
+    with pytest.raises(AdapterConfigError, match="pool='cls' needs a CLS token"):
+        build_adapter("linear", layers, 3, layer=spec.name, pool="cls")
+    assert build_adapter("losa", layers, 3).pool == "mean"
+    with_cls = LayerSpec(spec.name, spec.tokens, spec.dim, 4, spec.grid, spec.block_index)  # a CLS and 3 registers
+    assert with_cls.has_class_token and build_adapter("losa", {spec.name: with_cls}, 3).pool == "cls"

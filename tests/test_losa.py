@@ -281,7 +281,7 @@ def test_defaults_follow_the_last_layer_and_fit_the_pooling():
     assert (vit.pool, vit.readout_norm, cnn.pool, cnn.readout_norm) == ("cls", True, "mean", False)
     assert vit.head.in_features == VIT[-1].dim
     assert build(VIT, pool="cls_mean").head.in_features == 2 * VIT[-1].dim
-    with pytest.raises(AdapterConfigError, match="no prefix tokens"):
+    with pytest.raises(AdapterConfigError, match="needs a CLS token, but layer .stage3. has none"):
         build(CNN, pool="cls")
 
 

@@ -31,7 +31,7 @@ and refines the last layer through a per-channel gate, which starts at zero:
     z      = pool(N(Y))    readout_norm (default for layers with prefix tokens: ViT blocks)
            | pool(Y)       otherwise (default for CNN feature maps)
     logits = z W_c^T + b_c                              pool as in pooling.py; default "cls" for
-                                                        layers with prefix tokens, else "mean"
+                                                        layers with a CLS token, else "mean"
 
 The readout is the backbone's own. A cached ViT block output is taken before the backbone's
 final norm, and the backbone reads out norm(x)[:, 0]; N is that norm without its affine, which
@@ -79,7 +79,7 @@ NORM_EPS = 1e-6
 class LoSAHparams:
     layers: tuple[str, ...] | None = None  # None: every store layer, shallow to deep
     rank: int = 16
-    # None: "cls" when the last layer has prefix tokens (a ViT), else "mean" (a CNN map).
+    # None: "cls" when the last layer has a CLS token (a ViT), else "mean" (a CNN map, registers only).
     pool: Pooling | None = None
     # None: True when the last layer has prefix tokens (a ViT block before its final norm).
     readout_norm: bool | None = None
@@ -155,7 +155,8 @@ class LoSA(Adapter):
         for spec in specs:
             _check_alignable(spec, self.target)
         is_vit = self.target.prefix_tokens > 0
-        self.pool: Pooling = hp.pool or ("cls" if is_vit else "mean")
+        # A ViT without a class token (registers only) reads out the mean of its patches, as timm's *_gap models do.
+        self.pool: Pooling = hp.pool or ("cls" if self.target.has_class_token else "mean")
         self.readout_norm = is_vit if hp.readout_norm is None else hp.readout_norm
         check_pooling(self.target, self.pool)
 

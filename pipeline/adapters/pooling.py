@@ -5,7 +5,7 @@ Token layout (cache.schema.LayerSpec): the first `prefix_tokens` tokens are pref
 pooled (grid None) follows the same rule: its prefix tokens are the stored CLS, the remaining
 tokens are stored means. So one definition covers both:
 
-    cls(X)      = X[:, 0]                              needs prefix_tokens > 0
+    cls(X)      = X[:, 0]                              needs a CLS token (LayerSpec.has_class_token)
     mean(X)     = mean_t X[:, prefix_tokens + t]       needs T > prefix_tokens
     cls_mean(X) = concat(cls(X), mean(X))              width 2D
 
@@ -27,10 +27,10 @@ Pooling = Literal["cls", "mean", "cls_mean"]
 
 def check_pooling(spec: LayerSpec, pool: Pooling) -> None:
     """Fail at construction, not mid-training, when `spec` cannot provide `pool`."""
-    if pool in ("cls", "cls_mean") and spec.prefix_tokens == 0:
+    if pool in ("cls", "cls_mean") and not spec.has_class_token:
         raise AdapterConfigError(
-            f"pool={pool!r} needs a CLS token, but layer {spec.name!r} has no prefix tokens "
-            "(a CNN feature map or a mean-pooled layer); use pool='mean'"
+            f"pool={pool!r} needs a CLS token, but layer {spec.name!r} has none (a CNN feature map, a mean-pooled "
+            "layer, or a ViT whose prefix tokens are registers only); use pool='mean'"
         )
     if pool in ("mean", "cls_mean") and spec.tokens <= spec.prefix_tokens:
         raise AdapterConfigError(

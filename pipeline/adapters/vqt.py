@@ -251,7 +251,7 @@ def _check_layers(specs: Mapping[str, LayerSpec], final_layer: str, dim: int) ->
                 f"VQT attends to every token of its block inputs, but layer {name!r} is stored "
                 "pooled; cache it with all tokens"
             )
-    if specs[final_layer].prefix_tokens == 0:
+    if not specs[final_layer].has_class_token:
         raise AdapterConfigError(
-            f"VQT reads the final CLS token, but layer {final_layer!r} has no prefix tokens"
+            f"VQT reads the final CLS token, but layer {final_layer!r} has none (no prefix tokens, or registers only)"
         )

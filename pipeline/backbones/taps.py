@@ -189,9 +189,10 @@ class LayerTaps:
         if not self.vit:
             grid = tuple(raw.shape[2:]) if raw.ndim == 4 else None
             return LayerSpec(name, T, D, 0, grid, None)
+        registers_only = self.prefix > 0 and not getattr(self.model, "has_class_token", True)
         if name in self.kv_names:
             return LayerSpec(name, T, D, self.prefix, tuple(self.model.patch_embed.grid_size), int(name[len(KEYS_VALUES):]),
-                             role="keys_values")
+                             role="keys_values", registers_only=registers_only)
         m = _BLOCK.fullmatch(name)
         block = -1 if name == EMBED else (int(m.group(1)) if m else None)
         normed = bool(m) and self.through_final_norm
@@ -199,7 +200,7 @@ class LayerTaps:
         side = math.isqrt(max(patches, 0))
         grid = tuple(getattr(self.model.patch_embed, "grid_size", (side, side)))
         if patches > 0 and grid[0] * grid[1] == patches:
-            return LayerSpec(name, T, D, self.prefix, grid, block, normed)
+            return LayerSpec(name, T, D, self.prefix, grid, block, normed, registers_only=registers_only)
         return LayerSpec(name, T, D, 0, None, block, normed)  # not a token sequence we understand
 
     def close(self) -> None:

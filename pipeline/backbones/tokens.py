@@ -71,8 +71,9 @@ def reduced_spec(spec: LayerSpec, mode: str, k: int) -> LayerSpec:
     if mode not in TOKEN_REDUCTIONS:
         raise ValueError(f"store.tokens: unknown reduction {mode!r}")
     r = TOKEN_REDUCTIONS[mode]
-    if r.needs_cls and p == 0:
-        raise ConfigError(f"store.tokens: {mode!r} needs a CLS token, but layer {spec.name!r} has none (a CNN map?); use 'mean' or 'grid'")
+    if r.needs_cls and not spec.has_class_token:
+        raise ConfigError(f"store.tokens: {mode!r} needs a CLS token, but layer {spec.name!r} has none (a CNN map, or a ViT whose "
+                          "prefix tokens are registers only); use 'mean' or 'grid'")
     if r.needs_patches and spec.grid is None and spec.tokens == p:
         raise ConfigError(f"store.tokens: {mode!r} needs patch tokens, but layer {spec.name!r} has only prefix tokens")
     if r.pools_grid and spec.grid is None:
