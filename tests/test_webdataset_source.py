@@ -211,3 +211,33 @@ def test_another_image_member_is_another_store(tmp_path):
     run_extract(config("jpg", "jpg"))
     with pytest.raises(StoreMismatchError, match=r"dataset\.splits\.train\.samples_sha256: .*each sample's image member"):
         run_extract(config("png", "png"))
+
+
+def test_a_shard_file_is_read_once_by_one_split(tmp_path):
+    """However a shard is spelled (./, absolute), it is one file: listed twice in a split its
+    samples would be stored twice, and in two splits validation would hold training samples.
+    A key repeated apart in one shard (a concatenated tar) would be two samples with one id."""
+    import io
+    import tarfile
+
+    from tests.conftest import write_image_folder
+
+    images = write_image_folder(tmp_path / "images", per_class=2)  # 6 samples per split: shards of 4 and 2
+    shards = tmp_path / "shards"
+    for split in ("train", "val"):
+        write_shards(images, shards, split, per_shard=4)
+    classes = ["cat", "dog", "eel"]
+    spelled_twice = {"train": ["train-000.tar", "./train-000.tar", "train-001.tar"], "val": "val-{000..001}.tar"}
+    with pytest.raises(ConfigError, match=r"data.shards.train: \['./train-000.tar', 'train-000.tar'\] name one shard file more than once"):
+        run_extract(shard_config(tmp_path, "a", shards, classes, spelled_twice))
+    in_two_splits = {"train": "train-{000..001}.tar", "val": ["val-000.tar", str(shards / "train-001.tar")]}
+    with pytest.raises(ConfigError, match=r"train-001.tar'\] belong to more than one split"):
+        run_extract(shard_config(tmp_path, "b", shards, classes, in_two_splits))
+    with tarfile.open(shards / "repeated.tar", "w") as tar:
+        for name, data in (("a.cls", b"0"), ("a.jpg", b"x"), ("b.cls", b"1"), ("b.jpg", b"x"), ("a.cls", b"1"), ("a.jpg", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(webdataset_source.ShardError, match=r"key\(s\) \['repeated.tar/a'\] occur more than once"):
+        run_extract(shard_config(tmp_path, "c", shards, classes, {"train": "repeated.tar", "val": "val-000.tar"}))
+    run_extract(shard_config(tmp_path, "d", shards, classes, {"train": "train-{000..001}.tar", "val": "val-{000..001}.tar"}))

@@ -139,6 +139,9 @@ class SplitSource:
     stamps_cover: str = ""
     # A stream: samples load only in increasing order, in one process (no loader workers).
     sequential: bool = False
+    # The files the split reads, one spelling each (webdataset: its shards): two splits must
+    # not share one, or their samples would be in both.
+    origins: list[str] = field(default_factory=list)
     # Paths under the split's folder that are not samples (stray files, nested folders,
     # non-image files, hidden files), relative to the split folder; folders end in "/".
     ignored: list[str] = field(default_factory=list)
@@ -174,6 +177,7 @@ class SplitSource:
             sample_stamps=None if self.sample_stamps is None else [self.sample_stamps[i] for i in idx],
             stamps_cover=self.stamps_cover,
             sequential=self.sequential,  # indices are sorted: a stream still reads forward
+            origins=self.origins,
             ignored=self.ignored,
         )
 

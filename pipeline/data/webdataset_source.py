@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import posixpath
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -63,6 +65,14 @@ def shard_names(shards: str | list[str]) -> list[str]:
     if repeated:
         raise ConfigError(f"data.shards: {repeated[:3]} listed more than once; every sample would be stored twice")
     return names
+
+
+def shard_file(path: str) -> str:
+    """One spelling per shard file: a local path resolved (./, .., links), a URL's path normalised."""
+    if is_url(path):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return os.path.realpath(path)
 
 
 def _filesystem(path: str, storage_options: dict):
@@ -119,6 +129,10 @@ def webdataset_split(root: str, shards: str | list[str], split: str, image_key: 
     paths = [n if is_url(n) or n.startswith("/") else f"{root.rstrip('/')}/{n}" for n in listed]
     if not paths:
         raise ConfigError(f"data.shards.{split}: the pattern names no shard")
+    files = [shard_file(p) for p in paths]
+    twice = sorted({listed[i] for i, f in enumerate(files) if files.count(f) > 1})
+    if twice:
+        raise ConfigError(f"data.shards.{split}: {twice[:4]} name one shard file more than once; every sample would be stored twice")
     image_exts = [e.lower() for e in image_key.split(";")]
     label_key = label_key.lower()
     ids, labels, images = [], [], []
@@ -139,6 +153,10 @@ def webdataset_split(root: str, shards: str | list[str], split: str, image_key: 
             images.append(next((group[e] for e in image_exts if e in group), None))
             # Which member is the image (data.image_key picks one of several): another choice is other pixels.
             digest.update(f"{ids[-1]}\t{None if images[-1] is None else images[-1].offset}\n".encode())
+    repeated = [i for i, n in Counter(ids).items() if n > 1]
+    if repeated:  # webdataset's writer never repeats a key in a shard; a concatenated tar can, apart
+        raise ShardError(f"data.shards.{split}: sample key(s) {repeated[:3]} occur more than once in one shard; a sample is "
+                         "the members with one key, once")
     labels = np.asarray(labels, dtype=np.int64)
     names = class_names(labels, classes, None, lambda i: f"sample {ids[i]!r}")
 
@@ -149,7 +167,7 @@ def webdataset_split(root: str, shards: str | list[str], split: str, image_key: 
         path = paths[where.shard]
         return decode_image(_read_range(path, where.offset, where.size, storage_options), f"sample {ids[i]!r} of {path!r}")
 
-    return SplitSource(split, ids, labels, names, load, content_hash=digest.hexdigest(),
+    return SplitSource(split, ids, labels, names, load, content_hash=digest.hexdigest(), origins=files,
                        stamps_cover="tar shards: names, sizes and per-shard sha256 of member names, sizes, mtimes, offsets and labels; "
                                     "each sample's image member")
 

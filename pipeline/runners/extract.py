@@ -9,6 +9,7 @@ for each split, compute only the chunks not yet stamped -> finalize the manifest
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import time
@@ -114,6 +115,10 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
             log.warning("split %s: %d path(s) under %s are not ROOT/SPLIT/CLASS/<image file> and are ignored (%s); "
                         "the store's manifest lists them under 'ignored'", split, len(source.ignored),
                         os.path.join(cfg.data.root, split), shown)
+    shared = {f for a, b in itertools.combinations(sources.values(), 2) for f in set(a.origins) & set(b.origins)}
+    if shared:
+        raise ConfigError(f"data.splits: {sorted(shared)[:3]} belong to more than one split; their samples would be in both "
+                          "(validation or test would hold training samples)")
     classes = {tuple(s.classes) for s in sources.values()}
     if len(classes) > 1:
         raise ConfigError(f"data.splits: the splits disagree on their classes: {[list(c) for c in classes]}")
