@@ -198,3 +198,56 @@ def test_another_image_column_is_another_store(tmp_path):
     run_extract(hf_config(tmp_path, "photo", tmp_path / "hf", ("train",), store, "backbone.layers=[-1]", image_column="photo"))
     with pytest.raises(StoreMismatchError, match=r"dataset\.splits\.train\.samples_sha256: .*and the image column"):
         run_extract(hf_config(tmp_path, "mask", tmp_path / "hf", ("train",), store, "backbone.layers=[-1]", image_column="mask"))
+
+
+def path_only_parquet(root: Path, paths: list[str], labels, label_type: str = "int64") -> Path:
+    """A Parquet split whose Image cells hold only a file path (no bytes), as pyarrow writes it."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    cells = pa.array([{"bytes": None, "path": p} for p in paths], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    features = {"image": {"_type": "Image"}, "label": {"_type": "Value", "dtype": label_type}}
+    table = pa.table({"image": cells, "label": pa.array(labels, getattr(pa, label_type)())})
+    pq.write_table(table.replace_schema_metadata({b"huggingface": json.dumps({"info": {"features": features}}).encode()}),
+                   root / "data" / "train-00000-of-00001.parquet")
+    return root / "data"
+
+
+def test_cells_that_hold_a_file_path_are_fingerprinted_by_that_file(tmp_path):
+    """The dataset's fingerprint covers a path, not the file: a file changed in place must
+    change the store's fingerprint; a relative path (read from the current directory) is refused."""
+    from PIL import Image
+
+    from pipeline.data.huggingface_source import huggingface_split
+
+    files = [tmp_path / "imgs" / f"{i}.png" for i in range(2)]
+    files[0].parent.mkdir()
+    for i, f in enumerate(files):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(f)
+    data = path_only_parquet(tmp_path / "abs", [str(f) for f in files], [0, 1])
+    split = huggingface_split(str(data), "train", "image", "label", None)
+    assert split.load(1).getpixel((0, 0)) == (40, 0, 0)
+    before = split.fingerprint()
+    Image.new("RGB", (12, 12), (0, 99, 0)).save(files[0])  # another picture at the same path
+    assert huggingface_split(str(data), "train", "image", "label", None).fingerprint()["samples_sha256"] != before["samples_sha256"]
+    relative = path_only_parquet(tmp_path / "rel", [str(files[0]), "imgs/1.png"], [0, 1])
+    with pytest.raises(ConfigError, match=r"row 1 of split 'train' .* holds only the relative file path 'imgs/1.png'"):
+        huggingface_split(str(relative), "train", "image", "label", None)
+
+
+@pytest.mark.parametrize("label_type,labels", [("string", ["cat", "dog"]), ("float64", [0.0, 1.7])])
+def test_labels_that_are_not_class_indices_are_refused(tmp_path, label_type, labels):
+    """A float label would be truncated to another class; a string has no index."""
+    from PIL import Image
+
+    from pipeline.data.huggingface_source import huggingface_split
+
+    files = [tmp_path / f"{i}.png" for i in range(2)]
+    for f in files:
+        Image.new("RGB", (8, 8)).save(f)
+    data = path_only_parquet(tmp_path / "ds", [str(f) for f in files], labels, label_type)
+    with pytest.raises(ConfigError, match=r"column 'label' of split 'train' .* holds .* values, not class indices"):
+        huggingface_split(str(data), "train", "image", "label", None)

@@ -65,13 +65,15 @@ def huggingface_split(root: str, split: str, image_column: str, label_column: st
                           f"(save a DatasetDict for {split!r}), or every split would read the same rows")
     _check_columns(ds.column_names, root, split, image_column, label_column)
     where = f"split {split!r} of {root!r}"
-    labels = np.asarray(ds[label_column], dtype=np.int64)
+    labels = _labels(ds[label_column], label_column, where)
     names = _class_names(ds.features[label_column], labels, classes, where)
     images = _undecoded(ds.select_columns([image_column]), image_column)
+    stamps = _referenced_files(images, image_column, where)
     return SplitSource(split, [f"{split}:{i}" for i in range(len(ds))], labels, names,
                        lambda i: _decode_cell(images[i][image_column], f"row {i} of {where}", image_column),
-                       content_hash=f"datasets:{ds._fingerprint}:{image_column}",
-                       stamps_cover="the dataset's own fingerprint (datasets' hash of its data and history) and the image column")
+                       content_hash=f"datasets:{ds._fingerprint}:{image_column}", sample_stamps=stamps,
+                       stamps_cover="the dataset's own fingerprint (datasets' hash of its data and history) and the image column"
+                                    + ("; for cells that hold a file path, that file's size and mtime_ns" if stamps else ""))
 
 
 def _streaming_split(root: str, split: str, image_column: str, label_column: str, classes: Optional[list[str]]) -> SplitSource:
@@ -93,7 +95,7 @@ def _streaming_split(root: str, split: str, image_column: str, label_column: str
                           "stream those, or set data.streaming: false")
     _check_columns(list(ds.features), root, split, image_column, label_column)
     where = f"split {split!r} of {root!r}"
-    labels = np.fromiter((row[label_column] for row in ds.select_columns([label_column])), dtype=np.int64)  # the labels pass
+    labels = _labels([row[label_column] for row in ds.select_columns([label_column])], label_column, where)  # the labels pass
     names = _class_names(ds.features[label_column], labels, classes, where)
     stream = _StreamCursor(_undecoded(ds.select_columns([image_column]), image_column), image_column, where)
     return SplitSource(split, [f"{split}:{i}" for i in range(len(labels))], labels, names,
@@ -116,7 +118,7 @@ class _StreamCursor:
         for _ in range(i - self.next):
             next(self.rows)
         self.next = i + 1
-        return _decode_cell(next(self.rows)[self.column], f"row {i} of {self.where}", self.column)
+        return _decode_cell(next(self.rows)[self.column], f"row {i} of {self.where}", self.column, streamed=True)
 
 
 def _check_columns(columns: list[str], root: str, split: str, image_column: str, label_column: str) -> None:
@@ -124,6 +126,47 @@ def _check_columns(columns: list[str], root: str, split: str, image_column: str,
     if missing:
         raise ConfigError(f"data.image_column / data.label_column: split {split!r} of {root!r} has no column "
                           f"{', '.join(map(repr, missing))}; it has {list(columns)}")
+
+
+def _labels(values, label_column: str, where: str) -> np.ndarray:
+    """The label column as class indices; strings, floats or missing values are refused (a
+    float would be truncated to another class)."""
+    labels = np.asarray(values)
+    if labels.dtype.kind not in "iub":
+        raise ConfigError(f"data.label_column: column {label_column!r} of {where} holds {labels.dtype} values, not class indices; "
+                          "give integer labels or a ClassLabel (datasets' class_encode_column turns names into one)")
+    return labels.astype(np.int64)
+
+
+def _referenced_files(images, image_column: str, where: str) -> Optional[list[str]]:
+    """Per row, the size and mtime_ns of the file an image cell holds only the path of ("" for
+    a cell with its bytes); None when every cell holds its bytes. The dataset's fingerprint
+    covers the path, not the file: a file changed in place would otherwise go unnoticed. A
+    relative path is refused: nothing says what it is relative to (datasets reads it from the
+    current directory)."""
+    import datasets
+
+    if not isinstance(images.features[image_column], datasets.Image):
+        return None
+    stamps, any_path = [], False
+    for batch in images.with_format("arrow").iter(batch_size=65536):  # the struct's fields only: no image bytes read
+        cells = batch[image_column].combine_chunks()
+        for data, path in zip(cells.field("bytes").is_null().to_pylist(), cells.field("path").to_pylist()):
+            if not data or path is None:
+                stamps.append("")
+                continue
+            any_path = True
+            row = len(stamps)
+            if not Path(path).is_absolute():
+                raise ConfigError(f"data.image_column: row {row} of {where} holds only the relative file path {path!r}, which "
+                                  "datasets reads from the current directory; store the images' bytes in the dataset "
+                                  "(save_to_disk, or Parquet written with embedded images) or give absolute paths")
+            try:
+                st = Path(path).stat()
+            except OSError as e:
+                raise ConfigError(f"data.image_column: row {row} of {where} refers to {path!r}, which cannot be read: {e}") from e
+            stamps.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return stamps if any_path else None
 
 
 def _class_names(feature, labels: np.ndarray, classes: Optional[list[str]], where: str) -> list[str]:
@@ -143,10 +186,13 @@ def _undecoded(ds, image_column: str):
     return ds
 
 
-def _decode_cell(value, name: str, image_column: str):
+def _decode_cell(value, name: str, image_column: str, streamed: bool = False):
     if isinstance(value, dict):
         if value.get("bytes") is None and value.get("path") is None:
             raise CorruptImageError(f"{name}: column {image_column!r} is empty")
+        if value.get("bytes") is None and streamed:  # a file no fingerprint covers (a split held whole stamps each)
+            raise CorruptImageError(f"{name}: holds only the file path {value['path']!r}, and a stream's fingerprint covers its "
+                                    "data files, not the files they point to; store the images' bytes, or set data.streaming: false")
         try:
             value = value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
         except OSError as e:
