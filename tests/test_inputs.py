@@ -439,3 +439,14 @@ def test_a_skipped_sample_keeps_its_label(tmp_path, image_folder):
     expected = np.repeat(np.arange(3), 4)  # sorted class folders: cat=0, dog=1, eel=2; 4 images each
     assert np.array_equal(root["train/labels"][:], expected)
     assert root["train/valid"][:].tolist() == [i != 9 for i in range(12)]
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_by_name(tmp_path):
+    """Sample ids, the manifest and the fingerprint are UTF-8 text: a latin-1 name crashed them half-way."""
+    from pipeline.data.image_folder import image_folder_split
+
+    root = write_image_folder(tmp_path / "images")
+    src = next((root / "train" / "cat").iterdir())
+    os.rename(os.fsencode(src), os.fsencode(src.parent) + b"/caf\xe9.png")
+    with pytest.raises(ConfigError, match=r"1 name\(s\) in .*cat' are not valid UTF-8 \(b'caf\\xe9.png'\); rename them"):
+        image_folder_split(root, "train")

@@ -68,5 +68,20 @@ def image_folder_split(root: str | Path, split: str) -> SplitSource:
 
 
 def _entries(directory: Path) -> list[os.DirEntry]:
+    """The folder's entries by name; a name that is not valid UTF-8 is refused (ids, the
+    manifest and the fingerprint are UTF-8 text: it would crash them half-way)."""
     with os.scandir(directory) as it:
-        return sorted(it, key=lambda e: e.name)
+        entries = sorted(it, key=lambda e: e.name)
+    bad = [e.name for e in entries if not _utf8(e.name)]
+    if bad:
+        shown = ", ".join(repr(os.fsencode(n)) for n in bad[:3])
+        raise ConfigError(f"data.root: {len(bad)} name(s) in {str(directory)!r} are not valid UTF-8 ({shown}); rename them")
+    return entries
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes become lone surrogates (os.fsdecode)
+        return False
+    return True
