@@ -199,3 +199,23 @@ def test_a_vit_with_registers_and_no_class_token_is_never_read_as_if_token_0_wer
     assert build_adapter("losa", layers, 3).pool == "mean"
     with_cls = LayerSpec(spec.name, spec.tokens, spec.dim, 4, spec.grid, spec.block_index)  # a CLS and 3 registers
     assert with_cls.has_class_token and build_adapter("losa", {spec.name: with_cls}, 3).pool == "cls"
+
+
+def test_keys_values_of_an_attention_without_a_qkv_module_call_are_refused():
+    """BEiT and EVA compute q, k, v with their own biases, never calling attn.qkv as a module:
+    no hook fires, and the store would lack every kv layer (a bare KeyError before)."""
+    torch.manual_seed(0)
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, img_size=32, depth=1, embed_dim=32, num_heads=2)
+    with pytest.raises(ConfigError, match=r"backbone.cache_kv: this ViT's attention never calls its qkv projection"):
+        LayerTaps(beit.eval(), (-1,), True, (32, 32), cache_kv=True)
+
+
+def test_a_grid_larger_than_the_layers_is_refused():
+    """Pooling a 2x2 map to 3x3 repeats tokens: 9 stored tokens, 4 distinct, recorded as a 3x3 grid."""
+    from cache import LayerSpec
+    from pipeline.backbones.tokens import reduced_spec
+
+    layer = LayerSpec("layer4", 4, 8, 0, (2, 2), None)
+    assert reduced_spec(layer, "grid", 2).grid == (2, 2)
+    with pytest.raises(ConfigError, match=r"store.grid_size: 3 exceeds the grid of layer 'layer4', \(2, 2\)"):
+        reduced_spec(layer, "grid", 3)

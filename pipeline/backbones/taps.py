@@ -153,6 +153,10 @@ class LayerTaps:
             self.model.forward_features(images)
         out.update(self._captured)
         self._captured = {}
+        missing_kv = [name for name in self.kv_names if name not in out]
+        if missing_kv:
+            raise ConfigError(f"backbone.cache_kv: this ViT's attention never calls its qkv projection as a module (BEiT and EVA "
+                              f"add their own biases), so the keys/values of {missing_kv[:2]}... cannot be captured; set cache_kv: false")
         never_ran = [name for name in self.hook_names if name not in out]
         if never_ran:
             raise ConfigError(

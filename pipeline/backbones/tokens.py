@@ -33,7 +33,7 @@ class TokenReduction:
 
 # replace(): what a reduction does not change (block index, final norm) stays recorded.
 def _pooled(spec: LayerSpec, tokens: int, prefix: int) -> LayerSpec:
-    return replace(spec, tokens=tokens, prefix_tokens=prefix, grid=None)
+    return replace(spec, tokens=tokens, prefix_tokens=prefix, grid=None, registers_only=spec.registers_only and prefix > 0)
 
 
 def _gridded(spec: LayerSpec, k: int) -> LayerSpec:
@@ -78,6 +78,9 @@ def reduced_spec(spec: LayerSpec, mode: str, k: int) -> LayerSpec:
         raise ConfigError(f"store.tokens: {mode!r} needs patch tokens, but layer {spec.name!r} has only prefix tokens")
     if r.pools_grid and spec.grid is None:
         raise ConfigError(f"store.tokens: 'grid' needs a spatial token grid, layer {spec.name!r} has none")
+    if r.pools_grid and (k > spec.grid[0] or k > spec.grid[1]):
+        raise ConfigError(f"store.grid_size: {k} exceeds the grid of layer {spec.name!r}, {tuple(spec.grid)}; pooling would repeat its "
+                          "tokens, not summarise them: give at most the smallest grid of the stored layers")
     return r.stored(spec, k)
 
 
