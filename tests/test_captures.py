@@ -219,3 +219,19 @@ def test_a_grid_larger_than_the_layers_is_refused():
     assert reduced_spec(layer, "grid", 2).grid == (2, 2)
     with pytest.raises(ConfigError, match=r"store.grid_size: 3 exceeds the grid of layer 'layer4', \(2, 2\)"):
         reduced_spec(layer, "grid", 3)
+
+
+def test_hrnet_stages_by_label_and_a_module_that_returns_several_maps():
+    """HRNet's feature_info labels its stages "stem", "stage1".. (not all module names): named
+    so (as predict names the recorded layers) they are the indexed stages. Its stage modules
+    return one map per resolution branch: which to store is not the hook's to guess."""
+    torch.manual_seed(0)
+    m = timm.create_model("hrnet_w18_small", pretrained=False, num_classes=0).eval()
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    by_index, by_label = LayerTaps(m, (0, 2), False, (SIZE, SIZE)), LayerTaps(m, ("stem", "stage2"), False, (SIZE, SIZE))
+    a, b = by_index(x), by_label(x)
+    by_index.close()
+    by_label.close()
+    assert list(a) == ["stem", "stage2"] and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match=r"module 'stage3.0' returns 3 tensors .* not one map"):
+        LayerTaps(m, ("stage3.0",), False, (SIZE, SIZE))

@@ -92,7 +92,9 @@ class LayerTaps:
                     continue
                 name = indexed[layer % len(indexed)]
             else:
-                if layer not in modules or layer == "":
+                # A stage's name may be feature_info's label rather than a module (HRNet's "stem"):
+                # it is found by index, as extraction found it when the config gave the index.
+                if (layer not in modules or layer == "") and not (layer in indexed and self.has_intermediates):
                     near = difflib.get_close_matches(layer, [m for m in modules if m], n=3)
                     problems.append(f"layer {layer!r}: no such module" + (f"; did you mean {near}?" if near else ""))
                     continue
@@ -116,7 +118,13 @@ class LayerTaps:
     # -- capture ------------------------------------------------------------------------
     def _save_output(self, name: str):
         def hook(_module, _inputs, output):
-            self._captured[name] = (output[0] if isinstance(output, (tuple, list)) else output).clone()
+            if isinstance(output, (tuple, list)):
+                tensors = [o for o in output if isinstance(o, torch.Tensor)]
+                if len(tensors) != 1:  # which one is "the" output? (HRNet's stages return one map per branch)
+                    raise ConfigError(f"backbone.layers: module {name!r} returns {len(tensors)} tensors "
+                                      f"({[tuple(t.shape) for t in tensors][:4]}), not one map; name a module that returns one")
+                output = tensors[0]
+            self._captured[name] = output.clone()
         return hook
 
     def _save_keys_values(self, name: str):
