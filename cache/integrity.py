@@ -35,7 +35,8 @@ def stored_keys(arr: zarr.Array) -> frozenset[str]:
 
 
 class ObjectIndex:
-    """Which objects exist, one listing per array, kept for the life of a reader."""
+    """Which objects exist, one listing per array, kept for the life of a reader (listed again
+    before a key is called missing)."""
 
     def __init__(self, where: str):
         self.where = where
@@ -48,6 +49,8 @@ class ObjectIndex:
         outer = (arr.shards or arr.chunks)[0]
         for first in range(start - start % outer, stop, outer):
             key = object_key(arr, first)
+            if key not in keys:  # listed again before refusing: a chunk stamped since the listing (a reader of a store being written)
+                keys = self._keys[arr.path] = stored_keys(arr)
             if key not in keys:
                 raise StoreError(f"store {self.where!r}: {_what(arr.path, start, stop, chunk)} is stamped complete but its "
                                  f"object {key!r} is missing; run `python -m pipeline verify {self.where} --repair`, then the "

@@ -154,6 +154,13 @@ class StoreLocation:
             store = FsspecStore.from_url(self.url, storage_options=dict(self.storage_options), read_only=read_only)
         return zarr.open_group(store, mode=mode, zarr_format=3)  # ours are v3: no probing for v2 metadata objects
 
+    def root_attributes(self) -> dict:
+        """The root group's attributes, read now; {} where there is no zarr group."""
+        try:
+            return self.open_group("r").attrs.asdict()
+        except Exception:
+            return {}
+
     def exists(self) -> bool:
         if self.is_local:
             return self.path.exists()

@@ -71,8 +71,8 @@ class CacheReader:
         self.plan = self.manifest.plan
         # Names this store's arrays held in RAM (cache/resident.py): its place, what it holds and
         # which creation of it (a store made again in the same second keeps created_at).
-        self.identity = f"{self.path}#{hashlib.sha256(json.dumps(manifest['fingerprint'], sort_keys=True).encode()).hexdigest()[:16]}" \
-                        f"#{self.manifest.creation_id or self.manifest.created_at}"
+        self.identity = _identity(self.path, manifest)
+        self.creation = self.identity.split("#", 1)[1]  # the same without the path: one store wherever it is read from
         self.read_held = True  # False: always read the store, even what this process holds in RAM
         # The per-sample metadata (stamps, labels, valid) of complete splits, read and checked
         # once per reader: every chunk of them is stamped, and a stamped chunk is never rewritten.
@@ -85,6 +85,17 @@ class CacheReader:
                 f"store {self.path!r} is incomplete (missing chunks per split: {missing}); "
                 "rerun the same extract command to finish it, or open with allow_partial=True"
             )
+
+    def require_unchanged(self) -> None:
+        """Refuse to go on when the store at this path is no longer the one opened: after an
+        `extract --overwrite` replaced it, its objects are another store's values, which this
+        reader's manifest, stamps and labels do not describe. Called after reads, so a read
+        that raced a replacement is refused too (the replacement marks the root first)."""
+        attrs = self.location.root_attributes()
+        manifest = attrs.get(MANIFEST_KEY)
+        if CREATING_KEY in attrs or manifest is None or _identity(self.path, manifest) != self.identity:
+            raise StoreError(f"store {self.path!r} was replaced while this run read it (an `extract --overwrite`?); "
+                             "what was read may mix both stores: rerun on the new one")
 
     # -- metadata -----------------------------------------------------------------------
     @property
@@ -138,6 +149,7 @@ class CacheReader:
             start, stop = self.plan.chunk_range(int(c), n)
             self.objects.require(arr, start, stop, int(c))
         values = read_region(arr, 0, n, self.path)
+        self.require_unchanged()
         if self.read_held and done.all():
             values.flags.writeable = False  # shared by every later read: a caller must not edit it
             self._complete_meta[f"{split}/{name}"] = values
@@ -222,6 +234,7 @@ class CacheReader:
             result[name] = self.encoding.decode(stored, scales, out)
             for c, (a, b) in self._chunks_in(split, start, stop):
                 require_finite(result[name][a - start : b - start][computed[a - start : b - start]], f"{split}/layers/{name}", a, b, self.path, c)
+        self.require_unchanged()
         return result
 
     def _chunks_in(self, split: str, start: int, stop: int) -> list[tuple[int, tuple[int, int]]]:
@@ -268,6 +281,7 @@ class CacheReader:
                 rows = read_region(arr, 0, n_chunks, self.path)
                 require_finite(rows, arr.path, 0, n_chunks, self.path)
                 totals[name] = totals[name] + rows.sum(axis=0)
+        self.require_unchanged()
         samples = int(valid.sum()) * len(groups)
         if keep is not None:
             left_out = valid & ~keep
@@ -331,6 +345,8 @@ class CacheReader:
                     if not finite[valid[a:b]].all():
                         raise non_finite_error(f"{g}/layers/{name}", a, b, self.path, c)
             checked.update({f"{g}/{p}": torch.from_numpy(values).to(device) for p, values in loaded.items()})
+        if todo:
+            self.require_unchanged()  # held under this store's identity: they must be its values
         for path, values in checked.items():
             resident.put(self.identity, path, values)
         resident.touch(self.identity)
@@ -511,6 +527,8 @@ class CacheReader:
             held = all(self._held(f"{g.path}/layers/{name}") is not None for g, *_ in rows)
             if not held and not torch.isfinite(feats[name]).all():  # held arrays were checked once; find the chunk to name it
                 self._name_non_finite(name, rows)
+        if not all(self._held(f"{g.path}/layers/{name}") is not None for g, *_ in rows for name in layers):
+            self.require_unchanged()
         return feats, order
 
     def _gather(self, path: str, rows, perm: Optional[np.ndarray]) -> np.ndarray:
@@ -556,3 +574,10 @@ def _decoded_finite(stored: np.ndarray, valid: np.ndarray, samples: np.ndarray, 
         require_finite(values[valid], path, int(samples[0]), int(samples[-1]) + 1, where)
     return values
 
+
+
+def _identity(path: str, manifest: dict) -> str:
+    """A store's place, what it holds and which creation of it (a store made again in the same
+    second keeps created_at): what names its held arrays, and what a reader re-checks."""
+    fingerprint = hashlib.sha256(json.dumps(manifest["fingerprint"], sort_keys=True).encode()).hexdigest()[:16]
+    return f"{path}#{fingerprint}#{manifest.get('creation_id') or manifest.get('created_at')}"

@@ -102,7 +102,7 @@ class StoreWriter:
             nothing into the store of the next run.
         """
         location = as_location(path, storage_options)
-        attrs = _root_attributes(location)
+        attrs = location.root_attributes()
         if MANIFEST_KEY in attrs and not store_differences(attrs[MANIFEST_KEY], fingerprint) and attrs[MANIFEST_KEY].get("complete"):
             log.info("store %s is complete with this fingerprint: nothing to write", location)
             return cls(location, location.open_group("r"))
@@ -127,7 +127,7 @@ class StoreWriter:
     @classmethod
     def _open_leased(cls, location, held, fingerprint: Fingerprint, splits, compressor, extra, overwrite) -> "StoreWriter":
         _remove_litter(location)
-        attrs = _root_attributes(location)  # again: it may have changed before the lease was ours
+        attrs = location.root_attributes()  # again: it may have changed before the lease was ours
         if MANIFEST_KEY in attrs:
             diff = store_differences(attrs[MANIFEST_KEY], fingerprint) or _code_differs(attrs[MANIFEST_KEY], extra)
             if not diff:
@@ -191,7 +191,7 @@ class StoreWriter:
 
     def _check_creation(self) -> None:
         """Refuse a store at this path that is not the creation this writer writes for."""
-        on_disk = _root_attributes(self.location).get(MANIFEST_KEY, {}).get("creation_id")
+        on_disk = self.location.root_attributes().get(MANIFEST_KEY, {}).get("creation_id")
         if on_disk != self.creation_id:
             raise StoreError(f"store {str(self.location)!r} was created again since this worker's driver opened it (by another "
                              f"extract run, with --overwrite?); this piece stamps nothing into it")
@@ -248,7 +248,7 @@ class StoreWriter:
         """The manifest about to be stamped must describe the arrays that are there: the same
         fingerprint at the root (no other writer replaced the store) and every layer array of
         every split with the manifest's shape and encoding."""
-        on_disk = _root_attributes(self.location).get(MANIFEST_KEY, {})
+        on_disk = self.location.root_attributes().get(MANIFEST_KEY, {})
         problems = store_differences(on_disk, self.manifest.fingerprint) if on_disk else ["the root manifest is gone"]
         for group in self.manifest.groups:
             info = self.manifest.record(group)
@@ -292,14 +292,6 @@ def _code_differs(manifest_json: dict, extra: dict) -> list[str]:
     if manifest_json.get("complete") or None in (was, now) or was == now:
         return []
     return [f"code_version: this unfinished store was begun by code {was}, this is {now} (rerun with that code to resume)"]
-
-
-def _root_attributes(location: StoreLocation) -> dict:
-    """The root group's attributes; {} where there is no zarr group."""
-    try:
-        return location.open_group("r").attrs.asdict()
-    except Exception:
-        return {}
 
 
 def _create_beside(path: Path, manifest: Manifest, splits, compressor: tuple[str, int]) -> None:

@@ -83,3 +83,50 @@ def test_unknown_layer_and_split_are_named(store):
         next(reader.batches("train", ["blocks.9"], 4))
     with pytest.raises(StoreError, match="'test' is not in store"):
         reader.num_samples("test")
+
+
+def test_a_reader_refuses_to_go_on_once_its_store_was_replaced(tmp_path):
+    """`extract --overwrite` puts another store (other images, same shapes) at the path: a
+    reader opened before would read its values under the old manifest, stamps and labels."""
+    cfg = tiny_config(tmp_path, write_image_folder(tmp_path / "a", seed=0), "data.splits=[train]")
+    run_extract(cfg)
+    reader = open_store(cfg.store.path)
+    layer = list(reader.layers)[-1]
+    reader.read("train", [layer], 0, 4)
+    reader.read_held = False  # stream, as train does over its memory budget
+    assert len(list(reader.batches("train", [layer], 4, seed=0, epoch=0))) == 3
+    other = tiny_config(tmp_path, write_image_folder(tmp_path / "b", seed=1), "data.splits=[train]")
+    run_extract(other, overwrite=True)
+    with pytest.raises(StoreError, match="was replaced while this run read it"):
+        reader.read("train", [layer], 0, 4)
+    with pytest.raises(StoreError, match="was replaced while this run read it"):
+        list(reader.batches("train", [layer], 4, seed=0, epoch=1))
+    assert open_store(cfg.store.path).read("train", [layer], 0, 4)[layer].shape[0] == 4  # the new store reads
+
+
+def test_a_partial_reader_sees_chunks_stamped_after_it_listed_the_store(tmp_path, monkeypatch):
+    """A reader of a store still being extracted lists each array once: a chunk stamped since
+    was called 'stamped complete but its object is missing' (advice: verify --repair)."""
+    import pipeline.runners.extract as extract
+
+    cfg = tiny_config(tmp_path, write_image_folder(tmp_path / "img", splits=("train",), per_class=8), "data.splits=[train]",
+                      "store.chunks_per_shard=1", "runtime.batch_size=4")
+    forward, calls = extract.forward_batch, []
+
+    def dies_on_third_batch(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return forward(*args)
+
+    monkeypatch.setattr(extract, "forward_batch", dies_on_third_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_extract(cfg)
+    monkeypatch.setattr(extract, "forward_batch", forward)
+    partial = open_store(cfg.store.path, allow_partial=True)
+    layer = list(partial.layers)[0]
+    partial.read("train", [layer], 0, 4)  # lists the layer's objects: chunks 0 and 1 only
+    assert partial.missing_chunks("train") == [2, 3, 4, 5]
+    run_extract(cfg)  # the extraction finishes
+    assert partial.missing_chunks("train") == []
+    assert partial.read("train", [layer], 20, 24)[layer].shape[0] == 4

@@ -217,7 +217,7 @@ def test_killed_worker_job_is_retried(store, tmp_path):
             staging = (out / "jobs").glob(".*.partial-*/config.json") if (out / "jobs").exists() else []
             started = {p.parent.name[1:].rsplit(".partial-", 1)[0] for p in staging}
             for address, keys in client.processing().items():
-                if any(str(k).removeprefix("sweep-job-") in started for k in keys):
+                if any(str(k).rsplit("-", 1)[-1] in started for k in keys):  # sweep-job-<run>-<job id>
                     os.kill(pids[address], signal.SIGKILL)
                     killed.append(address)
                     break
@@ -381,3 +381,29 @@ def test_tpe_with_pruning_tells_pruned_trials_as_pruned(store, tmp_path):
         row = rows[t.user_attrs["trial_id"]]
         assert (t.state.name == "PRUNED") == (row["metrics"]["pruned_at"] is not None)
         assert t.intermediate_values == {int(e): v for e, v in row["metrics"]["rung_acc"].items()}
+
+
+def test_a_job_refuses_a_store_extracted_again_since_the_sweep_opened_it(tmp_path, monkeypatch):
+    """Trial ids carry the store's fingerprint as the driver read it; a job that trained on
+    another store at the same path (re-extracted meanwhile, or another host's copy) would rank
+    its row beside the others'. It fails instead, and the sweep says which job."""
+    import pipeline.runners.sweep as sweep
+
+    cfg = tiny_config(tmp_path / "a", colour_folder(tmp_path / "images", seed=0), "backbone.layers=[0, -1]",
+                      "store.samples_per_chunk=8")
+    run_extract(cfg)
+    other = tiny_config(tmp_path / "a", colour_folder(tmp_path / "other", seed=1), "backbone.layers=[0, -1]",
+                        "store.samples_per_chunk=8")
+    real, jobs = sweep.run_job, []
+
+    def extracted_again_before_the_second_job(train_cfg, *args):
+        if jobs:
+            run_extract(other, overwrite=True)
+        jobs.append(train_cfg.store_creation)
+        return real(train_cfg, *args)
+
+    monkeypatch.setattr(sweep, "run_job", extracted_again_before_the_second_job)
+    space = [{"kind": "linear", "layer": ["blocks.0", "blocks.5"], "lr": [0.03]}]
+    with pytest.raises(sweep.SweepJobsFailed, match="1 of 2 jobs failed"):
+        run_sweep(build(SweepConfig, sweep_data(cfg.store.path, tmp_path / "out", space, trials_per_job=1)), workers=0)
+    assert len(jobs) == 2 and jobs[0] is not None and len(read_rows(tmp_path / "out")) == 1

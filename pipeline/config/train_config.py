@@ -182,6 +182,10 @@ class TrainConfig(StoreJob):
     # Set by `sweep` for each job: the validation accuracies trials of earlier jobs reached at
     # each rung epoch (keys: the epoch), which `pruning` ranks this run's members against.
     rung_history: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    # Set by `sweep` for each job: the store the driver ranks its trials under (its fingerprint
+    # and creation, cache's CacheReader.creation); a job refuses another store at the same path
+    # (re-extracted meanwhile, or another host's copy).
+    store_creation: Optional[str] = None
 
     def problems(self) -> list[str]:
         out = self.job_problems()

@@ -30,6 +30,7 @@ import logging
 import multiprocessing
 import os
 import time
+import uuid
 from dataclasses import replace
 from typing import Callable, Optional
 
@@ -75,8 +76,11 @@ def run_distributed_extract(cfg: ExtractConfig, scheduler: Optional[str] = None,
                                 "share %d cores; OMP_NUM_THREADS=%d for this run (and a run without --workers to compare) avoids that",
                                 workers, threads, cores, max(1, cores // workers))
                 code = code_version(PIECE_MODULES)
+                # Keys unique to this run: a scheduler keeps the first task of a key and drops a
+                # later one's function, so another driver's piece of the same name would run instead.
+                run = uuid.uuid4().hex[:8]
                 futures = [client.submit(extract_piece, to_dict(cfg), split, chunks, writer.creation_id, code, threads, pure=False, retries=TASK_RETRIES,
-                                         key=f"extract-{split}-{chunks[0]}") for split, chunks in pieces]
+                                         key=f"extract-{run}-{split}-{chunks[0]}") for split, chunks in pieces]
                 failed = []
                 for future in as_completed(futures):
                     try:

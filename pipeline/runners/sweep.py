@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -100,7 +101,7 @@ def _sweep(cfg: SweepConfig, out: Path, scheduler: Optional[str], workers: int) 
                      "each job reads the cache once per epoch for %d epochs", len(trials), cfg.search, len(trials) - len(todo),
                      results.path, len(todo), len(planned), cfg.trials_per_job, where, cfg.epochs)
             ours = {t.id for t in trials}
-            prepare = _with_history(cfg, lambda: [r for i, r in results.rows.items() if i in ours])
+            prepare = _with_history(cfg, reader, lambda: [r for i, r in results.rows.items() if i in ours])
             failed = [job.id for job, rows in _run_jobs(planned, executor, prepare, results, t0) if rows is None]
             ids, jobs, already = [t.id for t in trials], len(planned), len(trials) - len(todo)
 
@@ -112,12 +113,13 @@ def _sweep(cfg: SweepConfig, out: Path, scheduler: Optional[str], workers: int) 
     return {"trials": len(dict.fromkeys(ids)), "already_done": already, "jobs": jobs, "rows": rows, "best": best}
 
 
-def _with_history(cfg: SweepConfig, rows: Callable[[], list[dict]]) -> Callable[[Job], TrainConfig]:
-    """A job's train config as it is handed out: with pruning, the rung values the sweep's
-    finished trials reached so far (`rows()`), which its members are ranked against."""
+def _with_history(cfg: SweepConfig, reader: CacheReader, rows: Callable[[], list[dict]]) -> Callable[[Job], TrainConfig]:
+    """A job's train config as it is handed out: for the store the driver opened (a job
+    refuses another one at the path), and with pruning, the rung values the sweep's finished
+    trials reached so far (`rows()`), which its members are ranked against."""
     if not cfg.pruning:
-        return lambda job: job.config
-    return lambda job: dataclasses.replace(job.config, rung_history=rung_history(rows()))
+        return lambda job: dataclasses.replace(job.config, store_creation=reader.creation)
+    return lambda job: dataclasses.replace(job.config, store_creation=reader.creation, rung_history=rung_history(rows()))
 
 
 def _run_jobs(jobs: list[Job], executor, prepare: Callable[[Job], TrainConfig], results: TrialsLog,
@@ -157,7 +159,7 @@ def _run_tpe(cfg: SweepConfig, context: dict, reader: CacheReader, results: Tria
         known = search.known_ids()
         return [r for i, r in results.rows.items() if i in known]
 
-    prepare = _with_history(cfg, sweep_rows)
+    prepare = _with_history(cfg, reader, sweep_rows)
     while (left := cfg.num_trials - search.finished()) > 0:
         asked = search.ask(min(batch, left))
         waiting: dict[str, list[int]] = {}  # trial id -> the proposals it answers
@@ -219,6 +221,9 @@ class _Executor:
         self.scheduler, self.workers, self.stack = scheduler, workers, stack
         self.in_process = not scheduler and workers == 0
         self.client, self.per_host = None, None
+        # In task keys: a scheduler keeps the first task of a key and drops a later one's
+        # function, so another driver's job of the same id would run in this one's place.
+        self.run = uuid.uuid4().hex[:8]
 
     def _start(self) -> None:
         if self.client is None:
@@ -254,7 +259,7 @@ class _Executor:
         code = code_version(JOB_MODULES)  # each worker checks that it runs this code
 
         def submit(job: Job):
-            future = self.client.submit(run_job, prepare(job), self.per_host, code, key=f"sweep-job-{job.id}", pure=False, retries=JOB_RETRIES)
+            future = self.client.submit(run_job, prepare(job), self.per_host, code, key=f"sweep-job-{self.run}-{job.id}", pure=False, retries=JOB_RETRIES)
             futures[future] = job
             return future
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache import CacheReader, open_store
+from cache import CacheReader, StoreError, open_store
 from pipeline.adapters import FusedAdapters, StackedAdamW, build_adapter, per_member_cross_entropy, save_adapter
 from pipeline.adapters.pooling import pool_tokens
 from pipeline.adapters.standardize import Standardizer
@@ -112,6 +112,9 @@ def plan_training(cfg: TrainConfig) -> Run:
     fused groups (solved ones solved), the plan logged."""
     device = resolve_device(cfg.device, "device")
     reader = open_store(cfg.store, storage_options=cfg.storage_options)
+    if cfg.store_creation is not None and reader.creation != cfg.store_creation:
+        raise StoreError(f"store {cfg.store!r} is not the store this sweep job was planned on (fingerprint#creation "
+                         f"{cfg.store_creation}, found {reader.creation}): it was extracted again, or this host has another copy")
     splits = resolve_splits(cfg, reader)
     members = expand(cfg.adapters, reader.layers, cfg.seed, cfg.store)
     backbone_modules = _backbone_modules(reader) if any(m.kind == "vqt" for m in members) else None
