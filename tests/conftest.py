@@ -192,3 +192,22 @@ def float64_training():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+def interrupted_extraction(cfg, monkeypatch, batch: int = 3) -> None:
+    """Run `cfg`'s extraction until its forward raises on batch `batch` (what was stamped
+    before stays), then restore the forward."""
+    import pipeline.runners.extract as extract
+
+    forward, calls = extract.forward_batch, []
+
+    def dies(*args):
+        calls.append(1)
+        if len(calls) == batch:
+            raise RuntimeError("interrupted")
+        return forward(*args)
+
+    monkeypatch.setattr(extract, "forward_batch", dies)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        extract.run_extract(cfg)
+    monkeypatch.setattr(extract, "forward_batch", forward)

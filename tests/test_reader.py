@@ -8,7 +8,7 @@ import torch
 
 from cache import ConfigError, StoreError, open_store
 from pipeline.runners.extract import run_extract
-from tests.conftest import tiny_config, write_image_folder
+from tests.conftest import interrupted_extraction, tiny_config, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -107,22 +107,9 @@ def test_a_reader_refuses_to_go_on_once_its_store_was_replaced(tmp_path):
 def test_a_partial_reader_sees_chunks_stamped_after_it_listed_the_store(tmp_path, monkeypatch):
     """A reader of a store still being extracted lists each array once: a chunk stamped since
     was called 'stamped complete but its object is missing' (advice: verify --repair)."""
-    import pipeline.runners.extract as extract
-
     cfg = tiny_config(tmp_path, write_image_folder(tmp_path / "img", splits=("train",), per_class=8), "data.splits=[train]",
                       "store.chunks_per_shard=1", "runtime.batch_size=4")
-    forward, calls = extract.forward_batch, []
-
-    def dies_on_third_batch(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return forward(*args)
-
-    monkeypatch.setattr(extract, "forward_batch", dies_on_third_batch)
-    with pytest.raises(RuntimeError, match="killed"):
-        run_extract(cfg)
-    monkeypatch.setattr(extract, "forward_batch", forward)
+    interrupted_extraction(cfg, monkeypatch)
     partial = open_store(cfg.store.path, allow_partial=True)
     layer = list(partial.layers)[0]
     partial.read("train", [layer], 0, 4)  # lists the layer's objects: chunks 0 and 1 only

@@ -18,7 +18,7 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, SweepConfig, TrainConfig, build, load_config
 from pipeline.runners.extract import run_extract
 from pipeline.runners.train import run_train
-from tests.conftest import BUCKET, colour_folder, tiny_config
+from tests.conftest import BUCKET, colour_folder, interrupted_extraction, tiny_config
 
 TRAIN = {"val_fraction": 0.25, "epochs": 2, "batch_size": 8, "warmup_epochs": 0.5}
 
@@ -99,27 +99,14 @@ def test_extract_then_train_on_s3_equals_local(s3, stores, tmp_path, capsys):
 
 
 def test_interrupted_extraction_is_incomplete_and_rerun_finishes_it(s3, stores, images, monkeypatch):
-    import pipeline.runners.extract as extract
-
     url = f"s3://{BUCKET}/interrupted.zarr"
     cfg = config(url, images, "runtime.batch_size=8")
-    forward, calls = extract.forward_batch, []
-
-    def dies_on_third_batch(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("interrupted")
-        return forward(*args)
-
-    monkeypatch.setattr(extract, "forward_batch", dies_on_third_batch)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        run_extract(cfg)
+    interrupted_extraction(cfg, monkeypatch)
     with pytest.raises(StoreError, match="incomplete"):
         open_store(url)
     partial = open_store(url, allow_partial=True)
     stamped = 3 - len(partial.missing_chunks("train"))
     assert not partial.manifest.complete and 0 < stamped < 3
-    monkeypatch.setattr(extract, "forward_batch", forward)
     plan = run_extract(cfg)
     assert plan.streamed == 24 - 8 * stamped  # only the unstamped chunks were computed
     assert open_store(url).manifest.complete
