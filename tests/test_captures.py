@@ -189,6 +189,12 @@ def test_a_vit_with_registers_and_no_class_token_is_never_read_as_if_token_0_wer
     spec = taps.specs[0]
     taps.close()
     assert (spec.prefix_tokens, spec.registers_only, spec.has_class_token) == (4, True, False)
+    # timm's Eva (vit_*_rope_reg*_gap) says so by cls_token None alone.
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0, img_size=28, class_token=False,
+                            num_reg_tokens=2, depth=1).eval()
+    eva_taps = LayerTaps(eva, (-1,), False, (28, 28))
+    assert [(s.prefix_tokens, s.registers_only) for s in eva_taps.specs] == [(2, True)]
+    eva_taps.close()
     assert LayerSpec.from_json(spec.to_json()) == spec
     for mode in ("cls", "cls_mean"):
         with pytest.raises(ConfigError, match="needs a CLS token.*registers only"):
@@ -206,19 +212,20 @@ def test_keys_values_of_an_attention_without_a_qkv_module_call_are_refused():
     no hook fires, and the store would lack every kv layer (a bare KeyError before)."""
     torch.manual_seed(0)
     beit = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, img_size=32, depth=1, embed_dim=32, num_heads=2)
-    with pytest.raises(ConfigError, match=r"backbone.cache_kv: this ViT's attention never calls its qkv projection"):
+    with pytest.raises(ConfigError, match=r"backbone.cache_kv: this ViT's attention has no fused qkv projection that it calls as a module"):
         LayerTaps(beit.eval(), (-1,), True, (32, 32), cache_kv=True)
 
 
-def test_a_grid_larger_than_the_layers_is_refused():
-    """Pooling a 2x2 map to 3x3 repeats tokens: 9 stored tokens, 4 distinct, recorded as a 3x3 grid."""
-    from cache import LayerSpec
-    from pipeline.backbones.tokens import reduced_spec
+def test_a_grid_larger_than_the_layers_is_refused(tmp_path):
+    """Pooling a 4x4 patch grid to 5x5 repeats tokens (25 stored, 16 distinct, recorded as a 5x5
+    grid): a new store refuses it; predict recomputes an older one as it was made."""
+    from pipeline.runners.extract import plan_extraction
+    from tests.conftest import tiny_config, write_image_folder
 
-    layer = LayerSpec("layer4", 4, 8, 0, (2, 2), None)
-    assert reduced_spec(layer, "grid", 2).grid == (2, 2)
-    with pytest.raises(ConfigError, match=r"store.grid_size: 3 exceeds the grid of layer 'layer4', \(2, 2\)"):
-        reduced_spec(layer, "grid", 3)
+    images = write_image_folder(tmp_path / "images")
+    assert {s.grid for s in plan_extraction(tiny_config(tmp_path, images, "store.tokens=grid", "store.grid_size=4")).specs} == {(4, 4)}
+    with pytest.raises(ConfigError, match=r"store.grid_size: 5 exceeds the grid of layer\(s\) embed \(4, 4\), blocks.0 \(4, 4\)"):
+        plan_extraction(tiny_config(tmp_path, images, "store.tokens=grid", "store.grid_size=5"))
 
 
 def test_hrnet_stages_by_label_and_a_module_that_returns_several_maps():
@@ -235,3 +242,21 @@ def test_hrnet_stages_by_label_and_a_module_that_returns_several_maps():
     assert list(a) == ["stem", "stage2"] and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match=r"module 'stage3.0' returns 3 tensors .* not one map"):
         LayerTaps(m, ("stage3.0",), False, (SIZE, SIZE))
+
+
+def test_models_whose_forward_intermediates_differs_from_their_forward():
+    """NFNet's forward_intermediates calls its stem's parts by hand, so a hook on "stem" never
+    fires there: a stage index beside it falls back to hooks, with the values each gives alone.
+    The relpos ViT has no prefix tokens, which its forward_intermediates cannot be asked for.
+    SAM's ViT keeps channels-last maps, said by its patch embedding: named 4-D modules refused."""
+    nf = model("test_nfnet")
+    alone = {**capture(nf, [1]), **capture(nf, ["stem"])}
+    assert_exact(capture(nf, [1, "stem"]), alone)
+    relpos = timm.create_model("test_vit_relpos", pretrained=False, num_classes=0, img_size=SIZE).double().eval()
+    x = images()
+    assert relpos.cls_token is None and relpos.shared_rel_pos is None  # its forward_features, written out
+    assert_exact(capture(relpos, [0]), {"blocks.0": relpos.blocks[0](relpos.patch_embed(x), shared_rel_pos=None)})
+    sam = timm.create_model("samvit_base_patch16", pretrained=False, num_classes=0, img_size=SIZE, depth=1, embed_dim=32, num_heads=2,
+                            global_attn_indexes=(), neck_chans=16).eval()
+    with pytest.raises(ConfigError, match=r"\['patch_embed'\]: this model keeps its feature maps channels-last"):
+        LayerTaps(sam, ("patch_embed",), False, (SIZE, SIZE))

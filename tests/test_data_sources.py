@@ -82,6 +82,9 @@ def test_torchvision_fingerprint_covers_the_dataset_files(tmp_path):
     fake_mnist(tmp_path)
     cfg = data_config("torchvision", tmp_path, name="MNIST", splits=["train"])
     before = open_split(cfg, "train").fingerprint()
+    (tmp_path / "FashionMNIST" / "raw").mkdir(parents=True)  # another dataset under the same root: not this one's files
+    (tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"x")
+    assert open_split(cfg, "train").fingerprint() == before
     fake_mnist(tmp_path, seed=1)  # other pixels, same ids and labels
     assert open_split(cfg, "train").fingerprint()["samples_sha256"] != before["samples_sha256"]
 
@@ -115,8 +118,12 @@ def test_array_labels_and_layouts_are_checked_when_the_split_opens(tmp_path):
     np.savez(tmp_path / "train.npz", images=gray, labels=np.array([0, 1]))
     image = open_split(data_config("npz", tmp_path, splits=["train"]), "train").load(1)
     assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.repeat(gray[1], 3, axis=-1))
+    for labels in (np.array([[0], [1]]), np.array([0.0, 1.0])):  # Keras's [N, 1]; whole numbers as floats
+        np.savez(tmp_path / "train.npz", images=gray, labels=labels)
+        assert open_split(data_config("npz", tmp_path, splits=["train"]), "train").labels.tolist() == [0, 1]
     for images, labels, message in ((np.zeros((2, 3, 5, 5), np.uint8), np.array([0, 1]), r"got uint8 \[2, 3, 5, 5\]"),
-                                    (gray, np.array([0.0, 1.9]), "labels are float64"),
+                                    (gray, np.array([0.0, 1.9]), "labels are float64, not class indices"),
+                                    (gray, np.array([[0, 1]]), r"labels must be \[N\] or \[N, 1\], got \[1, 2\]"),
                                     (gray, np.array([-1, 0]), "has label -1")):
         np.savez(tmp_path / "train.npz", images=images, labels=labels)
         with pytest.raises(ConfigError, match=message):

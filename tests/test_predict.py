@@ -173,3 +173,23 @@ def test_predict_refuses_a_rebuilt_backbone_whose_layers_differ_from_the_stored_
     _check_same_layers(fp, {"blocks.1": stored}, ["blocks.1"], Path("a"))
     with pytest.raises(StoreError, match=r"the rebuilt backbone does not give the stored layers \(blocks.1: stored"):
         _check_same_layers(fp, {"blocks.1": LayerSpec("blocks.1", 16, 8, 0, (2, 8), None)}, ["blocks.1"], Path("a"))
+    # A store made before registers_only was recorded lacks it; the rebuilt backbone says it.
+    old = LayerSpec("blocks.1", 20, 8, 4, (4, 4), 1)
+    _check_same_layers(fake_fingerprint((old,)), {"blocks.1": LayerSpec("blocks.1", 20, 8, 4, (4, 4), 1, registers_only=True)},
+                       ["blocks.1"], Path("a"))
+
+
+def test_a_recorded_img_size_that_the_image_size_gives_rebuilds_the_backbone():
+    """Stores made before model_kwargs.img_size was refused may record it: where it equals the
+    recorded input size, the image size builds the same model; otherwise it is refused."""
+    from dataclasses import replace
+
+    from pipeline.training.frozen_backbone import _recorded
+    from tests.conftest import fake_fingerprint
+
+    fp = fake_fingerprint(image_size=64)
+    fp = replace(fp, preprocessing={**fp.preprocessing, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0})
+    recorded = _recorded(replace(fp, backbone=replace(fp.backbone, model_kwargs={"img_size": 64, "drop_path_rate": 0.0})), "store x")
+    assert recorded.backbone.model_kwargs == {"drop_path_rate": 0.0} and recorded.preprocess.image_size == 64
+    with pytest.raises(ConfigError, match="model_kwargs.img_size: got 32"):
+        _recorded(replace(fp, backbone=replace(fp.backbone, model_kwargs={"img_size": 32})), "store x")

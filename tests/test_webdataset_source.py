@@ -240,4 +240,11 @@ def test_a_shard_file_is_read_once_by_one_split(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(webdataset_source.ShardError, match=r"key\(s\) \['repeated.tar/a'\] occur more than once"):
         run_extract(shard_config(tmp_path, "c", shards, classes, {"train": "repeated.tar", "val": "val-000.tar"}))
+    with tarfile.open(shards / "twice_in_a_row.tar", "w") as tar:
+        for name, data in (("a.cls", b"0"), ("a.jpg", b"x"), ("a.cls", b"1"), ("a.jpg", b"y")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(webdataset_source.ShardError, match=r"member 'a.cls' occurs twice in a row"):
+        run_extract(shard_config(tmp_path, "e", shards, classes, {"train": "twice_in_a_row.tar", "val": "val-000.tar"}))
     run_extract(shard_config(tmp_path, "d", shards, classes, {"train": "train-{000..001}.tar", "val": "val-{000..001}.tar"}))

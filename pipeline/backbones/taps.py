@@ -28,6 +28,8 @@ from cache import ConfigError, LayerSpec
 EMBED = "embed"
 KEYS_VALUES = "kv."  # + block index: the name of a layer whose role is keys_values
 _BLOCK = re.compile(r"blocks\.(\d+)")
+_NO_QKV = ("backbone.cache_kv: this ViT's attention has no fused qkv projection that it calls as a module (BEiT and EVA "
+           "add their own biases or project q, k, v apart), so its keys/values cannot be captured; set cache_kv: false")
 
 
 def is_vit(model: torch.nn.Module) -> bool:
@@ -66,7 +68,10 @@ class LayerTaps:
                 raise ConfigError("backbone.cache_kv: keys/values are cached for ViT blocks only; this model is not a ViT")
             for i, block in enumerate(model.blocks):
                 self.kv_names.append(f"{KEYS_VALUES}{i}")
-                self._handles.append(block.attn.qkv.register_forward_hook(self._save_keys_values(self.kv_names[-1])))
+                qkv = getattr(getattr(block, "attn", None), "qkv", None)
+                if not isinstance(qkv, torch.nn.Module):  # EVA02 base/large: separate q, k, v projections
+                    raise ConfigError(_NO_QKV)
+                self._handles.append(qkv.register_forward_hook(self._save_keys_values(self.kv_names[-1])))
         self.specs = self._probe_specs(image_size)
 
     # -- resolution ---------------------------------------------------------------------
@@ -148,7 +153,8 @@ class LayerTaps:
             kwargs = dict(indices=indices, intermediates_only=not self.hook_names, stop_early=not whole)
             params = inspect.signature(self.model.forward_intermediates).parameters
             if self.vit and "return_prefix_tokens" in params:
-                kwargs.update(output_fmt="NLC", return_prefix_tokens=True)
+                # Asked only where there are prefix tokens: timm's relpos ViT fails on it without any.
+                kwargs.update(output_fmt="NLC", return_prefix_tokens=self.prefix > 0)
             feats = self.model.forward_intermediates(images, **kwargs)
             if self.hook_names:  # (final features, intermediates): the hooks saw the rest of the forward
                 feats = feats[1]
@@ -161,11 +167,14 @@ class LayerTaps:
             self.model.forward_features(images)
         out.update(self._captured)
         self._captured = {}
-        missing_kv = [name for name in self.kv_names if name not in out]
-        if missing_kv:
-            raise ConfigError(f"backbone.cache_kv: this ViT's attention never calls its qkv projection as a module (BEiT and EVA "
-                              f"add their own biases), so the keys/values of {missing_kv[:2]}... cannot be captured; set cache_kv: false")
+        if any(name not in out for name in self.kv_names):
+            raise ConfigError(_NO_QKV)
         never_ran = [name for name in self.hook_names if name not in out]
+        if never_ran and self.index_names:
+            # forward_intermediates walks some models' modules by hand (NFNet's stem, xception's
+            # blocks), so their hooks do not fire there: hook every layer, one forward_features.
+            self._hook_everything()
+            return self._forward(images)
         if never_ran:
             raise ConfigError(
                 f"backbone.layers: {never_ran} never run in the backbone's forward_features (the "
@@ -182,12 +191,19 @@ class LayerTaps:
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: _as_tokens(t) for name, t in self._forward(images).items()}
 
+    def _hook_everything(self) -> None:
+        for name in self.index_names.values():
+            self._handles.append(self.model.get_submodule(name).register_forward_hook(self._save_output(name)))
+        self.hook_names = list(self.order)
+        self.index_names = {}
+
     def _probe_specs(self, image_size: tuple[int, int]) -> list[LayerSpec]:
         """Shapes from one dry forward pass rather than from guesses about the architecture."""
         p = next(self.model.parameters())
         with torch.no_grad():
             raw = self._forward(torch.zeros(1, 3, *image_size, device=p.device, dtype=p.dtype))
-        if getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+        # Channels-last maps: timm says so on the model (Swin, MambaOut) or on its patch embedding (SAM's ViT).
+        if "NHWC" in (getattr(self.model, "output_fmt", None), getattr(getattr(self.model, "patch_embed", None), "output_fmt", None)):
             hooked = [name for name in self.hook_names if raw[name].ndim == 4]
             if hooked:  # its modules' maps may be [B, H, W, C] or [B, C, H, W]: nothing says which
                 raise ConfigError(f"backbone.layers: {hooked}: this model keeps its feature maps channels-last (NHWC), so the "
@@ -201,7 +217,9 @@ class LayerTaps:
         if not self.vit:
             grid = tuple(raw.shape[2:]) if raw.ndim == 4 else None
             return LayerSpec(name, T, D, 0, grid, None)
-        registers_only = self.prefix > 0 and not getattr(self.model, "has_class_token", True)
+        # timm's VisionTransformer says has_class_token; Eva only has cls_token None.
+        has_cls = getattr(self.model, "has_class_token", getattr(self.model, "cls_token", None) is not None)
+        registers_only = self.prefix > 0 and not has_cls
         if name in self.kv_names:
             return LayerSpec(name, T, D, self.prefix, tuple(self.model.patch_embed.grid_size), int(name[len(KEYS_VALUES):]),
                              role="keys_values", registers_only=registers_only)

@@ -78,9 +78,6 @@ def reduced_spec(spec: LayerSpec, mode: str, k: int) -> LayerSpec:
         raise ConfigError(f"store.tokens: {mode!r} needs patch tokens, but layer {spec.name!r} has only prefix tokens")
     if r.pools_grid and spec.grid is None:
         raise ConfigError(f"store.tokens: 'grid' needs a spatial token grid, layer {spec.name!r} has none")
-    if r.pools_grid and (k > spec.grid[0] or k > spec.grid[1]):
-        raise ConfigError(f"store.grid_size: {k} exceeds the grid of layer {spec.name!r}, {tuple(spec.grid)}; pooling would repeat its "
-                          "tokens, not summarise them: give at most the smallest grid of the stored layers")
     return r.stored(spec, k)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from cache import ConfigError
-from pipeline.data.source import SplitSource, class_names, to_rgb
+from pipeline.data.source import SplitSource, class_indices, class_names, to_rgb
 
 
 def _sha256(path: Path) -> str:
@@ -34,11 +34,13 @@ def _array_source(split: str, images: np.ndarray, labels: np.ndarray, given: Opt
     if images.ndim not in (3, 4) or images.dtype != np.uint8 or (images.ndim == 4 and images.shape[-1] not in (3, 4)):
         raise ConfigError(f"{where}: images must be uint8 [N,H,W], [N,H,W,1], [N,H,W,3] (RGB) or [N,H,W,4] (RGBA), "
                           f"got {images.dtype} {list(images.shape)}")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]  # [N, 1] (Keras's CIFAR layout)
+    if labels.ndim != 1:
+        raise ConfigError(f"{where}: labels must be [N] or [N, 1], got {list(labels.shape)}")
     if len(images) != len(labels):
         raise ConfigError(f"{where}: {len(images)} images but {len(labels)} labels")
-    if labels.dtype.kind not in "iub":
-        raise ConfigError(f"{where}: labels are {labels.dtype}; class indices (integers) are needed")
-    labels = labels.astype(np.int64)
+    labels = class_indices(labels, f"{where}: labels")
     classes = class_names(labels, given, declared, lambda i: f"sample {i} of {where}")
 
     def load(i: int) -> Image.Image:

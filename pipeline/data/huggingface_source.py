@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from cache import ConfigError, require_extra
-from pipeline.data.source import CorruptImageError, SplitSource, class_names, decode_image
+from pipeline.data.source import CorruptImageError, SplitSource, class_indices, class_names, decode_image
 
 
 def _saved_to_disk(root: str) -> bool:
@@ -129,13 +129,10 @@ def _check_columns(columns: list[str], root: str, split: str, image_column: str,
 
 
 def _labels(values, label_column: str, where: str) -> np.ndarray:
-    """The label column as class indices; strings, floats or missing values are refused (a
-    float would be truncated to another class)."""
-    labels = np.asarray(values)
-    if labels.dtype.kind not in "iub":
-        raise ConfigError(f"data.label_column: column {label_column!r} of {where} holds {labels.dtype} values, not class indices; "
-                          "give integer labels or a ClassLabel (datasets' class_encode_column turns names into one)")
-    return labels.astype(np.int64)
+    """The label column as class indices; strings, fractions or missing values are refused (a
+    fraction would be truncated to another class)."""
+    return class_indices(values, f"data.label_column: the values of column {label_column!r} of {where}",
+                         "; for class names, make it a ClassLabel (datasets' class_encode_column)")
 
 
 def _referenced_files(images, image_column: str, where: str) -> Optional[list[str]]:

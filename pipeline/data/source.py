@@ -66,6 +66,17 @@ def _decoded(source, what: str) -> Image.Image:
         raise CorruptImageError(f"cannot read image {what}: {type(e).__name__}: {e}") from e
 
 
+def class_indices(labels: np.ndarray, what: str, hint: str = "") -> np.ndarray:
+    """Labels as int64 class indices: integers, or floats that hold whole numbers (a float
+    with a fraction would be truncated to another class); anything else is refused."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f" and np.array_equal(labels, np.round(labels)):
+        return labels.astype(np.int64)
+    if labels.dtype.kind not in "iub":
+        raise ConfigError(f"{what} are {labels.dtype}, not class indices: give integers (or whole numbers){hint}")
+    return labels.astype(np.int64)
+
+
 def class_names(labels: np.ndarray, given: Optional[Sequence[str]], declared: Optional[Sequence[str]],
                 sample: Callable[[int], str]) -> list[str]:
     """The class names of a split whose samples carry integer labels: `data.classes` when given,

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from cache import ConfigError
-from pipeline.data.source import DECODE_ERRORS, CorruptImageError, SplitSource, class_names, to_rgb
+from pipeline.data.source import DECODE_ERRORS, CorruptImageError, SplitSource, class_indices, class_names, to_rgb
 
 
 def torchvision_split(name: str, root: str, split: str, download: bool, given: Optional[Sequence[str]]) -> SplitSource:
@@ -32,10 +32,7 @@ def torchvision_split(name: str, root: str, split: str, download: bool, given: O
     else:
         ds = cls(root=root, split=split, download=download)
     targets = getattr(ds, "targets", None)
-    labels = np.asarray(targets if targets is not None else [ds[i][1] for i in range(len(ds))])
-    if labels.dtype.kind not in "iub":
-        raise ConfigError(f"data.name: {name}[{split}] has {labels.dtype} labels; class indices (integers) are needed")
-    labels = labels.astype(np.int64)
+    labels = class_indices(targets if targets is not None else [ds[i][1] for i in range(len(ds))], f"data.name: {name}[{split}]'s labels")
     declared = getattr(ds, "classes", None)
     classes = class_names(labels, given, None if declared is None else [str(c) for c in declared], lambda i: f"{name}[{split}][{i}]")
 
@@ -47,8 +44,19 @@ def torchvision_split(name: str, root: str, split: str, download: bool, given: O
             raise CorruptImageError(f"cannot read {name}[{split}][{i}]: {type(e).__name__}: {e}") from e
 
     ids = [f"{split}:{i}" for i in range(len(ds))]
-    return SplitSource(split, ids, labels, classes, load, content_hash=f"torchvision:{name}:{_files_stamp(Path(root))}",
-                       stamps_cover=f"sample index and label, and the size and mtime_ns of every file under {root}")
+    folder = _dataset_folder(ds, Path(root), name)
+    return SplitSource(split, ids, labels, classes, load, content_hash=f"torchvision:{name}:{_files_stamp(folder)}",
+                       stamps_cover=f"sample index and label, and the size and mtime_ns of every file under {folder}")
+
+
+def _dataset_folder(ds, root: Path, name: str) -> Path:
+    """Where the dataset keeps its own files (one root often holds several datasets, which must
+    not move this one's fingerprint): MNIST's raw_folder, CIFAR's base_folder, ROOT/NAME, else ROOT."""
+    for folder in (getattr(ds, "raw_folder", None), root / ds.base_folder if isinstance(getattr(ds, "base_folder", None), str) else None,
+                   root / name):
+        if folder is not None and Path(folder).is_dir():
+            return Path(folder)
+    return root
 
 
 def _files_stamp(root: Path) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import posixpath
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -68,11 +67,9 @@ def shard_names(shards: str | list[str]) -> list[str]:
 
 
 def shard_file(path: str) -> str:
-    """One spelling per shard file: a local path resolved (./, .., links), a URL's path normalised."""
-    if is_url(path):
-        scheme, rest = path.split("://", 1)
-        return f"{scheme}://{posixpath.normpath(rest)}"
-    return os.path.realpath(path)
+    """One spelling per local shard file (./, .., links resolved); a URL as given (object keys
+    are names: "a//b" and "a/b" are two objects)."""
+    return path if is_url(path) else os.path.realpath(path)
 
 
 def _filesystem(path: str, storage_options: dict):
@@ -176,9 +173,12 @@ def _samples(members) -> list[tuple[str, dict]]:
     """Consecutive members with one key form a sample (webdataset's grouping): key -> {extension:
     where (images) or bytes (labels)}."""
     out: list[tuple[str, dict]] = []
-    for key, ext, where, _, payload in members:
+    for key, ext, where, info, payload in members:
         if not out or out[-1][0] != key:
             out.append((key, {}))
+        if ext in out[-1][1]:  # a key written twice in a row: the first image would be paired with the last label
+            raise ShardError(f"member {info.name!r} occurs twice in a row in its shard (data.shards); a sample is the members "
+                             "with one key, once each")
         out[-1][1][ext] = payload if payload is not None else where
     return out
 

@@ -108,6 +108,12 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractPlan:
     taps = LayerTaps(backbone.model, cfg.backbone.layers, cfg.backbone.block_input, backbone.image_size, cfg.backbone.cache_kv,
                      cfg.backbone.through_final_norm)
     specs = [reduced_spec(s, cfg.store.tokens, cfg.store.grid_size) for s in taps.specs]
+    k = cfg.store.grid_size
+    finer = [f"{s.name} {tuple(s.grid)}" for s in taps.specs if TOKEN_REDUCTIONS[cfg.store.tokens].pools_grid and s.grid
+             and (k > s.grid[0] or k > s.grid[1])]
+    if finer:  # checked for new stores only: predict recomputes older ones as they were made
+        raise ConfigError(f"store.grid_size: {k} exceeds the grid of layer(s) {', '.join(finer)}; pooling would repeat their "
+                          "tokens, not summarise them: give at most the smallest grid of the stored layers")
     sources = {split: open_split(cfg.data, split) for split in cfg.data.splits}
     for split, source in sources.items():
         if source.ignored:

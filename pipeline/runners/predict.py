@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -83,8 +83,10 @@ def run_predict(adapter_dirs: list[str], images: list[str], batch_size: int = 32
 def _check_same_layers(fp, raw: dict, needed: list[str], where: Path) -> None:
     """The layers the rebuilt backbone gives, as stored, must be the ones the store recorded:
     an adapter fed tokens of another shape, grid or prefix would predict from the wrong features."""
-    recorded = {s.name: s for s in fp.layers}
-    now = {n: reduced_spec(raw[n], fp.storage.tokens, fp.storage.grid_size) for n in needed if n in raw}
+    # registers_only is left out: stores made before it was recorded lack it (their adapters
+    # read the same tokens either way).
+    recorded = {s.name: replace(s, registers_only=False) for s in fp.layers}
+    now = {n: replace(reduced_spec(raw[n], fp.storage.tokens, fp.storage.grid_size), registers_only=False) for n in needed if n in raw}
     differ = [f"{n}: stored {recorded[n]}, rebuilt {now.get(n)}" for n in needed if now.get(n) != recorded[n]]
     if differ:
         raise StoreError(f"the store of adapter {str(where)!r}: the rebuilt backbone does not give the stored layers ({'; '.join(differ)}); "

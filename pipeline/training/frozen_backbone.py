@@ -36,8 +36,13 @@ def _recorded(fingerprint: Fingerprint, where: str) -> _Recorded:
     """The backbone and preprocessing configs a fingerprint records, validated as a config is
     (model_kwargs that would make timm load a file are refused here, one ConfigError)."""
     bb, dc, specs = fingerprint.backbone, fingerprint.preprocessing, fingerprint.layers
+    kwargs = dict(bb.model_kwargs)
+    # Stores made before model_kwargs.img_size was refused may record it: the image size
+    # (preprocess.image_size) builds the same model where the two agree.
+    if kwargs.get("img_size") in (dc["input_size"][1], list(dc["input_size"][1:]), tuple(dc["input_size"][1:])):
+        del kwargs["img_size"]
     return build(_Recorded, {
-        "backbone": {"name": bb.name, "weights": bb.weights, "model_kwargs": bb.model_kwargs,
+        "backbone": {"name": bb.name, "weights": bb.weights, "model_kwargs": kwargs,
                      "layers": [s.name for s in specs if s.name != EMBED and s.holds_features] or [-1],
                      "cache_kv": any(not s.holds_features for s in specs), "through_final_norm": any(s.through_final_norm for s in specs)},
         "preprocess": {"image_size": dc["input_size"][1], "interpolation": dc["interpolation"], "mean": dc["mean"],
