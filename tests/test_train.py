@@ -293,3 +293,16 @@ def test_a_member_whose_patience_ends_at_a_rung_still_reports_there(colour_store
     rows = run_train(cfg)["rows"]
     assert any(r["stopped_early_at"] == 2 for r in rows)  # what this test is about
     assert all("2" in r["rung_acc"] for r in rows)  # every member trained through epoch 2 reported there
+
+
+def test_a_warm_up_as_long_as_the_run_is_said(colour_store, tmp_path, caplog):
+    """warmup_epochs >= epochs: the learning rate rises the whole run and never decays."""
+    from pipeline.runners.train import plan_training
+
+    entry = [{"kind": "linear", "layers": ["blocks.5"], "lr": 0.01}]
+    with caplog.at_level("WARNING"):
+        plan_training(train_config(colour_store, tmp_path / "a", entry, epochs=2, warmup_epochs=0.5))
+    assert "warm-up" not in caplog.text
+    with caplog.at_level("WARNING"):
+        plan_training(train_config(colour_store, tmp_path / "b", entry, epochs=2, warmup_epochs=2))
+    assert "warmup_epochs=2 covers all 2 epochs: the learning rate rises the whole run and never decays" in caplog.text

@@ -33,14 +33,20 @@ and refines the last layer through a per-channel gate, which starts at zero:
     logits = z W_c^T + b_c                              pool as in pooling.py; default "cls" for
                                                         layers with a CLS token, else "mean"
 
-The readout is the backbone's own. A cached ViT block output is taken before the backbone's
+Layers F_l are what `standardized` returns: with `standardize: false` the cached tokens, and
+then the readout is the backbone's own (below). With the default `standardize: true` each
+channel is first standardised over the training samples (prefix and patch tokens apart), so
+N(Y) is a LayerNorm of standardised tokens: not an affine function of the backbone's readout,
+and step 0 is a probe on pool(N(standardised F_L)) rather than on the backbone's readout.
+
+With the cached tokens, the readout is the backbone's own. A cached ViT block output is taken before the backbone's
 final norm, and the backbone reads out norm(x)[:, 0]; N is that norm without its affine, which
 the head absorbs: W (gamma * x + beta) + b = (W diag(gamma)) x + (W beta + b), and pooling is
 linear. A CNN's last stage is cached after its BatchNorm, and its head is a global average
 pool, so its readout is the mean of the feature-map tokens and no norm.
 
 Why g starts at zero: then Y = F_L exactly, and at step 0 LoSA is a linear probe on the last
-layer's readout; the side network adds only what the loss asks of it. Summing the layers
+layer's readout (of F_L as standardized gives it); the side network adds only what the loss asks of it. Summing the layers
 directly into the readout (the previous design: LN(F_L + S_L), with identity aligners for
 equal-width layers) let the early layers dominate what the head saw, and made LoSA worse than
 a last-layer probe on DINOv2 (43% vs 57%). As with LoRA's zero B or ReZero, only g and the

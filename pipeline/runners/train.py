@@ -137,6 +137,9 @@ def plan_training(cfg: TrainConfig) -> Run:
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch)) if trained else 0
     if epochs > cfg.epochs:
         log.info("min_steps=%d: %d epochs instead of %d (%d steps per epoch)", cfg.min_steps, epochs, cfg.epochs, steps_per_epoch)
+    if trained and cfg.warmup_epochs >= epochs:
+        log.warning("warmup_epochs=%g covers all %d epochs: the learning rate rises the whole run and never decays; "
+                    "give fewer warm-up epochs", cfg.warmup_epochs, epochs)
     log.info(
         "plan: %d adapters in %d fused groups on %s, %d trainable parameters in all; %d train samples x %d epochs "
         "(%d steps); reading %d layers (%.1f MB per epoch); val %s (%d), test %s",
