@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -71,8 +72,8 @@ class CacheReader:
         self.plan = self.manifest.plan
         # Names this store's arrays held in RAM (cache/resident.py): its place, what it holds and
         # which creation of it (a store made again in the same second keeps created_at).
-        self.identity = _identity(self.path, manifest)
-        self.creation = self.identity.split("#", 1)[1]  # the same without the path: one store wherever it is read from
+        self.creation = _creation(manifest)  # which store this is, wherever it is read from
+        self.identity = f"{self.path}#{self.creation}"
         self.read_held = True  # False: always read the store, even what this process holds in RAM
         # The per-sample metadata (stamps, labels, valid) of complete splits, read and checked
         # once per reader: every chunk of them is stamped, and a stamped chunk is never rewritten.
@@ -91,11 +92,26 @@ class CacheReader:
         `extract --overwrite` replaced it, its objects are another store's values, which this
         reader's manifest, stamps and labels do not describe. Called after reads, so a read
         that raced a replacement is refused too (the replacement marks the root first)."""
-        attrs = self.location.root_attributes()
+        attrs = self._root_now()
         manifest = attrs.get(MANIFEST_KEY)
-        if CREATING_KEY in attrs or manifest is None or _identity(self.path, manifest) != self.identity:
+        if CREATING_KEY in attrs or manifest is None or _creation(manifest) != self.creation:
             raise StoreError(f"store {self.path!r} was replaced while this run read it (an `extract --overwrite`?); "
                              "what was read may mix both stores: rerun on the new one")
+
+    def _root_now(self) -> dict:
+        """The root's attributes as they are now; {} when there is no store at the path. Any
+        other error (a throttled or reset request) is retried, then reported as itself: never
+        as a replaced store."""
+        for attempt in range(3):
+            try:
+                return self.location.open_group("r").attrs.asdict()
+            except FileNotFoundError:  # zarr's GroupNotFoundError too: nothing there (mid-replacement)
+                return {}
+            except Exception as e:  # retried, then raised as what it was
+                error = e
+                time.sleep(0.5 * (attempt + 1))
+        raise StoreError(f"store {self.path!r}: cannot read its root to check that it is still the store this run opened: "
+                         f"{type(error).__name__}: {error}") from error
 
     # -- metadata -----------------------------------------------------------------------
     @property
@@ -576,8 +592,9 @@ def _decoded_finite(stored: np.ndarray, valid: np.ndarray, samples: np.ndarray, 
 
 
 
-def _identity(path: str, manifest: dict) -> str:
-    """A store's place, what it holds and which creation of it (a store made again in the same
-    second keeps created_at): what names its held arrays, and what a reader re-checks."""
+def _creation(manifest: dict) -> str:
+    """What a store holds and which creation of it (a store made again in the same second keeps
+    created_at), from its manifest alone: what a reader re-checks, and with the path what names
+    its held arrays."""
     fingerprint = hashlib.sha256(json.dumps(manifest["fingerprint"], sort_keys=True).encode()).hexdigest()[:16]
-    return f"{path}#{fingerprint}#{manifest.get('creation_id') or manifest.get('created_at')}"
+    return f"{fingerprint}#{manifest.get('creation_id') or manifest.get('created_at')}"

@@ -260,3 +260,10 @@ def test_models_whose_forward_intermediates_differs_from_their_forward():
                             global_attn_indexes=(), neck_chans=16).eval()
     with pytest.raises(ConfigError, match=r"\['patch_embed'\]: this model keeps its feature maps channels-last"):
         LayerTaps(sam, ("patch_embed",), False, (SIZE, SIZE))
+    # A convolution's output is [B, C, H, W] by definition, in a channels-last model too (a ViT
+    # with dynamic_img_size embeds its patches channels-last after its projection).
+    dyn = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=SIZE, dynamic_img_size=True).double().eval()
+    assert dyn.patch_embed.output_fmt == "NHWC"
+    assert_exact(capture(dyn, ["patch_embed.proj"]), {"patch_embed.proj": tokens(dyn.patch_embed.proj(images()))})
+    with pytest.raises(ConfigError, match=r"\['patch_embed'\]: this model keeps its feature maps channels-last"):
+        capture(dyn, ["patch_embed"])

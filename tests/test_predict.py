@@ -177,6 +177,9 @@ def test_predict_refuses_a_rebuilt_backbone_whose_layers_differ_from_the_stored_
     old = LayerSpec("blocks.1", 20, 8, 4, (4, 4), 1)
     _check_same_layers(fake_fingerprint((old,)), {"blocks.1": LayerSpec("blocks.1", 20, 8, 4, (4, 4), 1, registers_only=True)},
                        ["blocks.1"], Path("a"))
+    with pytest.raises(StoreError, match="does not give the stored layers"):  # recorded registers only, rebuilt with a CLS
+        _check_same_layers(fake_fingerprint((LayerSpec("blocks.1", 20, 8, 4, (4, 4), 1, registers_only=True),)), {"blocks.1": old},
+                           ["blocks.1"], Path("a"))
 
 
 def test_a_recorded_img_size_that_the_image_size_gives_rebuilds_the_backbone():

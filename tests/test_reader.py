@@ -117,3 +117,47 @@ def test_a_partial_reader_sees_chunks_stamped_after_it_listed_the_store(tmp_path
     run_extract(cfg)  # the extraction finishes
     assert partial.missing_chunks("train") == []
     assert partial.read("train", [layer], 20, 24)[layer].shape[0] == 4
+
+
+def test_a_store_replaced_in_the_middle_of_an_epoch_stops_the_epoch(tmp_path):
+    """The window reads check too, not only the per-epoch metadata: labels and stamps of a
+    complete split are read once per reader, so only the windows see a replacement mid-epoch."""
+    cfg = tiny_config(tmp_path, write_image_folder(tmp_path / "a", seed=0), "data.splits=[train]")
+    run_extract(cfg)
+    reader = open_store(cfg.store.path)
+    layer = list(reader.layers)[-1]
+    epoch = reader.batches("train", [layer], 2, seed=0, epoch=0, buffer_chunks=1, prefetch=1)
+    next(epoch)
+    run_extract(tiny_config(tmp_path, write_image_folder(tmp_path / "b", seed=1), "data.splits=[train]"), overwrite=True)
+    with pytest.raises(StoreError, match="was replaced while this run read it"):
+        list(epoch)
+
+
+def test_the_store_check_names_one_store_wherever_it_is_read_from_and_survives_a_failed_request(tmp_path, monkeypatch):
+    """A path with '#' in it, or a link to the store, is the same store (sweep jobs compare
+    `creation` across hosts and spellings); a request that fails once is retried, and one that
+    keeps failing is reported as what it is, not as a replaced store."""
+    import os
+
+    from cache.location import StoreLocation
+
+    cfg = tiny_config(tmp_path / "exp#3", write_image_folder(tmp_path / "a"), "data.splits=[train]")
+    run_extract(cfg)
+    os.symlink(cfg.store.path, tmp_path / "link.zarr")
+    reader = open_store(cfg.store.path)
+    assert reader.creation == open_store(str(tmp_path / "link.zarr")).creation and "/" not in reader.creation
+    real, calls = StoreLocation.open_group, []
+
+    def flaky(location, mode, failures):
+        calls.append(1)
+        if len(calls) <= failures:
+            raise OSError("connection reset")
+        return real(location, mode)
+
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    monkeypatch.setattr(StoreLocation, "open_group", lambda location, mode: flaky(location, mode, failures=1))
+    reader.require_unchanged()
+    calls.clear()
+    monkeypatch.setattr(StoreLocation, "open_group", lambda location, mode: flaky(location, mode, failures=99))
+    with pytest.raises(StoreError, match="cannot read its root to check that it is still the store this run opened: OSError"):
+        reader.require_unchanged()

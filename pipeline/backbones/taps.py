@@ -28,6 +28,9 @@ from cache import ConfigError, LayerSpec
 EMBED = "embed"
 KEYS_VALUES = "kv."  # + block index: the name of a layer whose role is keys_values
 _BLOCK = re.compile(r"blocks\.(\d+)")
+# torch layers whose 4-D output is [B, C, H, W] by definition, in any model.
+_NCHW_MODULES = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.MaxPool2d, torch.nn.AvgPool2d, torch.nn.AdaptiveAvgPool2d,
+                 torch.nn.AdaptiveMaxPool2d, torch.nn.InstanceNorm2d)
 _NO_QKV = ("backbone.cache_kv: this ViT's attention has no fused qkv projection that it calls as a module (BEiT and EVA "
            "add their own biases or project q, k, v apart), so its keys/values cannot be captured; set cache_kv: false")
 
@@ -192,6 +195,11 @@ class LayerTaps:
         return {name: _as_tokens(t) for name, t in self._forward(images).items()}
 
     def _hook_everything(self) -> None:
+        modules = dict(self.model.named_modules())
+        labels = [name for name in self.index_names.values() if name not in modules]
+        if labels:  # a feature_info label without a module of its name (HRNet's "stem"): nothing to hook
+            raise ConfigError(f"backbone.layers: {labels} can only be taken by index, and {self.hook_names} "
+                              "only by a forward hook, which this model's forward_intermediates never reaches; tap them apart")
         for name in self.index_names.values():
             self._handles.append(self.model.get_submodule(name).register_forward_hook(self._save_output(name)))
         self.hook_names = list(self.order)
@@ -204,7 +212,8 @@ class LayerTaps:
             raw = self._forward(torch.zeros(1, 3, *image_size, device=p.device, dtype=p.dtype))
         # Channels-last maps: timm says so on the model (Swin, MambaOut) or on its patch embedding (SAM's ViT).
         if "NHWC" in (getattr(self.model, "output_fmt", None), getattr(getattr(self.model, "patch_embed", None), "output_fmt", None)):
-            hooked = [name for name in self.hook_names if raw[name].ndim == 4]
+            hooked = [name for name in self.hook_names if raw[name].ndim == 4
+                      and not isinstance(self.model.get_submodule(name), _NCHW_MODULES)]
             if hooked:  # its modules' maps may be [B, H, W, C] or [B, C, H, W]: nothing says which
                 raise ConfigError(f"backbone.layers: {hooked}: this model keeps its feature maps channels-last (NHWC), so the "
                                   "layout of a named module's 4-D output is unknown; tap its stages by index "

@@ -51,8 +51,10 @@ def torchvision_split(name: str, root: str, split: str, download: bool, given: O
 
 def _dataset_folder(ds, root: Path, name: str) -> Path:
     """Where the dataset keeps its own files (one root often holds several datasets, which must
-    not move this one's fingerprint): MNIST's raw_folder, CIFAR's base_folder, ROOT/NAME, else ROOT."""
-    for folder in (getattr(ds, "raw_folder", None), root / ds.base_folder if isinstance(getattr(ds, "base_folder", None), str) else None,
+    not move this one's fingerprint): the folder above MNIST's raw_folder (its raw and processed
+    files), CIFAR's base_folder, ROOT/NAME, else ROOT."""
+    raw = getattr(ds, "raw_folder", None)
+    for folder in (Path(raw).parent if raw else None, root / ds.base_folder if isinstance(getattr(ds, "base_folder", None), str) else None,
                    root / name):
         if folder is not None and Path(folder).is_dir():
             return Path(folder)

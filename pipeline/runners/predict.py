@@ -83,10 +83,11 @@ def run_predict(adapter_dirs: list[str], images: list[str], batch_size: int = 32
 def _check_same_layers(fp, raw: dict, needed: list[str], where: Path) -> None:
     """The layers the rebuilt backbone gives, as stored, must be the ones the store recorded:
     an adapter fed tokens of another shape, grid or prefix would predict from the wrong features."""
-    # registers_only is left out: stores made before it was recorded lack it (their adapters
-    # read the same tokens either way).
-    recorded = {s.name: replace(s, registers_only=False) for s in fp.layers}
-    now = {n: replace(reduced_spec(raw[n], fp.storage.tokens, fp.storage.grid_size), registers_only=False) for n in needed if n in raw}
+    # A store made before registers_only was recorded lacks it (its adapters read the same
+    # tokens either way): where the record says False, the rebuilt flag is not compared.
+    recorded = {s.name: s for s in fp.layers}
+    now = {n: reduced_spec(raw[n], fp.storage.tokens, fp.storage.grid_size) for n in needed if n in raw}
+    now = {n: replace(s, registers_only=False) if not recorded[n].registers_only else s for n, s in now.items()}
     differ = [f"{n}: stored {recorded[n]}, rebuilt {now.get(n)}" for n in needed if now.get(n) != recorded[n]]
     if differ:
         raise StoreError(f"the store of adapter {str(where)!r}: the rebuilt backbone does not give the stored layers ({'; '.join(differ)}); "
