@@ -14,7 +14,9 @@ every writer takes the lease first; a second one gets one line naming the holder
   conditional PUT (If-None-Match: *), so of two writers exactly one succeeds. There is no
   kernel to release it: a lease whose holder ran on this host under a pid that is no longer
   alive is taken over; any other is refused with its holder named (delete the object if that
-  process is gone). A server without conditional writes is refused with that reason.
+  process is gone). The takeover overwrites exactly the stale object seen (PUT If-Match its
+  ETag), so of two writers that found it, one wins; release deletes only the holder's own
+  object (DELETE If-Match). A server without conditional writes is refused with that reason.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ from cache.local_files import pid_alive
 from cache.location import StoreLocation
 
 log = logging.getLogger(__name__)
+
+
+def _precondition_failed(e: Exception) -> bool:
+    """A conditional request refused (HTTP 412), however the client library words it."""
+    text = repr(e)
+    return "PreconditionFailed" in text or "412" in text or "pre-conditions you specified did not hold" in text
 
 
 def _holder() -> dict:
@@ -52,6 +60,7 @@ class StoreLease:
         self.what = what  # what the refusal calls the leased path: a store, a sweep's output folder
         self._fd: Optional[int] = None
         self._remote_key: Optional[str] = None
+        self._etag: Optional[str] = None  # of the lease object this process wrote
 
     # -- local ----------------------------------------------------------------------------
     @property
@@ -96,27 +105,42 @@ class StoreLease:
     def _acquire_remote(self) -> None:
         fs, root = self.location._fs()
         key = root.rstrip("/") + ".lease"
+        bucket, name, _ = fs.split_path(key)
         body = json.dumps(_holder()).encode()
-        for _ in range(2):
-            try:
-                fs.pipe_file(key, body, mode="create")
-                self._remote_key = key
-                return
-            except FileExistsError:
-                pass
-            except Exception as e:  # the server answered something other than "exists"
-                if "PreconditionFailed" not in repr(e) and "412" not in repr(e):
-                    raise StoreError(f"{self.what} {str(self.location)!r}: cannot take the writer's lease with a conditional "
-                                     f"create (If-None-Match) on this server ({type(e).__name__}: {e}); refusing to write "
-                                     "without one") from e
-            holder = self._read_remote(fs, key)
-            if holder and holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1))):
-                log.warning("store %s: taking over the lease of %s, which is no longer running", self.location, _describe(holder))
-                fs.rm_file(key)
-                continue
-            raise StoreError(f"{self.what} {str(self.location)!r} is being written by {_describe(holder)}; wait for it to finish, "
-                             f"or delete {key} if that process is gone (one writer at a time)")
-        raise StoreError(f"{self.what} {str(self.location)!r}: another writer took the lease while a stale one was replaced")
+        try:
+            fs.pipe_file(key, body, mode="create")
+            self._remote_key, self._etag = key, fs.info(key)["ETag"]  # ours: only this process replaces or deletes it
+            return
+        except FileExistsError:
+            pass
+        except Exception as e:  # the server answered something other than "exists"
+            if not _precondition_failed(e):
+                raise StoreError(f"{self.what} {str(self.location)!r}: cannot take the writer's lease with a conditional "
+                                 f"create (If-None-Match) on this server ({type(e).__name__}: {e}); refusing to write "
+                                 "without one") from e
+        etag = self._etag_of(fs, key)  # before the body: a body read later is of this version or a newer one
+        holder = self._read_remote(fs, key)
+        if etag and holder and holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1))):
+            try:  # replace exactly the stale object seen: another writer that replaced it first makes this fail
+                reply = fs.call_s3("put_object", Bucket=bucket, Key=name, Body=body, IfMatch=etag)
+            except Exception as e:
+                if not _precondition_failed(e):
+                    raise
+                raise StoreError(f"{self.what} {str(self.location)!r}: another writer took over the stale lease of "
+                                 f"{_describe(holder)} first; one writer at a time") from None
+            log.warning("store %s: took over the lease of %s, which is no longer running", self.location, _describe(holder))
+            self._remote_key, self._etag = key, reply["ETag"]
+            return
+        raise StoreError(f"{self.what} {str(self.location)!r} is being written by {_describe(holder)}; wait for it to finish, "
+                         f"or delete {key} if that process is gone (one writer at a time)")
+
+    @staticmethod
+    def _etag_of(fs, key: str) -> Optional[str]:
+        try:
+            fs.invalidate_cache(key)
+            return fs.info(key)["ETag"]
+        except (OSError, KeyError):
+            return None
 
     @staticmethod
     def _read_remote(fs, key: str) -> Optional[dict]:
@@ -146,8 +170,14 @@ class StoreLease:
                 self._fd = None
         if self._remote_key is not None:
             fs, _ = self.location._fs()
-            fs.rm_file(self._remote_key)
-            self._remote_key = None
+            bucket, name, _ = fs.split_path(self._remote_key)
+            try:  # our object only: never a lease another writer holds now
+                fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=self._etag)
+            except Exception as e:
+                if not _precondition_failed(e):
+                    raise
+                log.warning("store %s: the lease is no longer this process's (another writer took it over); left to it", self.location)
+            self._remote_key = self._etag = None
 
     def __enter__(self) -> "StoreLease":
         return self.acquire()

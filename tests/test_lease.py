@@ -133,6 +133,30 @@ def test_on_s3_the_lease_is_a_conditional_create_and_a_dead_local_holder_is_take
         StoreLease(location).acquire()
 
 
+def test_on_s3_two_writers_that_find_one_stale_lease_never_both_take_it(s3, monkeypatch):
+    """Both read the stale holder; the first replaces it. The second's takeover is conditional
+    on the object it saw (its ETag), so it is refused, not a second holder (before: read,
+    delete, create, and both held it). Release deletes only the holder's own object."""
+    url = f"s3://{BUCKET}/raced.zarr"
+    key = f"{BUCKET}/raced.zarr.lease"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "started_at": "x"}
+    s3.pipe(key, json.dumps(stale).encode())
+    seen_by_second = s3.info(key)["ETag"]
+    first = StoreLease(as_location(url)).acquire()  # takes over the stale lease
+    assert json.loads(s3.cat(key))["pid"] == os.getpid()
+    # The second read the stale object before the first replaced it.
+    monkeypatch.setattr(StoreLease, "_etag_of", staticmethod(lambda fs, k: seen_by_second))
+    monkeypatch.setattr(StoreLease, "_read_remote", staticmethod(lambda fs, k: stale))
+    with pytest.raises(StoreError, match="another writer took over the stale lease of .* first"):
+        StoreLease(as_location(url)).acquire()
+    monkeypatch.undo()
+    s3.pipe(key, json.dumps({"host": "elsewhere", "pid": 1, "started_at": "y"}).encode())  # not first's any more
+    first.release()
+    assert json.loads(s3.cat(key))["host"] == "elsewhere"  # left to its holder
+    s3.rm(key)
+
+
 def test_finalize_refuses_a_manifest_that_does_not_match_the_arrays(tmp_path, image_folder):
     """Another writer replaced the store under an open writer: stamping complete is refused."""
     import zarr
