@@ -61,6 +61,7 @@ class StoreLease:
         self._fd: Optional[int] = None
         self._remote_key: Optional[str] = None
         self._etag: Optional[str] = None  # of the lease object this process wrote
+        self._holder: Optional[dict] = None  # what it wrote there
 
     # -- local ----------------------------------------------------------------------------
     @property
@@ -106,7 +107,8 @@ class StoreLease:
         fs, root = self.location._fs()
         key = root.rstrip("/") + ".lease"
         bucket, name, _ = fs.split_path(key)
-        body = json.dumps(_holder()).encode()
+        self._holder = _holder()
+        body = json.dumps(self._holder).encode()
         try:
             fs.pipe_file(key, body, mode="create")
             self._remote_key, self._etag = key, fs.info(key)["ETag"]  # ours: only this process replaces or deletes it
@@ -125,7 +127,9 @@ class StoreLease:
                 reply = fs.call_s3("put_object", Bucket=bucket, Key=name, Body=body, IfMatch=etag)
             except Exception as e:
                 if not _precondition_failed(e):
-                    raise
+                    raise StoreError(f"{self.what} {str(self.location)!r}: cannot take over the stale lease of {_describe(holder)} "
+                                     f"with a conditional PUT (If-Match) on this server ({type(e).__name__}: {e}); delete {key} "
+                                     "if that process is gone") from e
                 raise StoreError(f"{self.what} {str(self.location)!r}: another writer took over the stale lease of "
                                  f"{_describe(holder)} first; one writer at a time") from None
             log.warning("store %s: took over the lease of %s, which is no longer running", self.location, _describe(holder))
@@ -174,9 +178,13 @@ class StoreLease:
             try:  # our object only: never a lease another writer holds now
                 fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=self._etag)
             except Exception as e:
-                if not _precondition_failed(e):
+                if _precondition_failed(e):
+                    log.warning("store %s: the lease is no longer this process's (another writer took it over); left to it",
+                                self.location)
+                elif self._read_remote(fs, self._remote_key) == self._holder:  # a server without conditional deletes
+                    fs.rm_file(self._remote_key)
+                else:
                     raise
-                log.warning("store %s: the lease is no longer this process's (another writer took it over); left to it", self.location)
             self._remote_key = self._etag = None
 
     def __enter__(self) -> "StoreLease":
