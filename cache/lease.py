@@ -22,6 +22,7 @@ every writer takes the lease first; a second one gets one line naming the holder
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -37,9 +38,25 @@ log = logging.getLogger(__name__)
 
 
 def _precondition_failed(e: Exception) -> bool:
-    """A conditional request refused (HTTP 412), however the client library words it."""
-    text = repr(e)
-    return "PreconditionFailed" in text or "412" in text or "pre-conditions you specified did not hold" in text
+    """A conditional request refused: S3's PreconditionFailed (HTTP 412), read from the client
+    error that s3fs's OSError wraps (never from message text, which may hold any number)."""
+    for error in (e, e.__cause__, e.__context__):
+        response = getattr(error, "response", None)
+        if isinstance(response, dict) and (response.get("Error", {}).get("Code") == "PreconditionFailed"
+                                           or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412):
+            return True
+    return False
+
+
+@functools.cache
+def _client_sends_if_match() -> bool:
+    """Whether this botocore knows If-Match on PutObject and DeleteObject (1.35.69 and later):
+    s3fs silently drops arguments its botocore does not know, which would make a conditional
+    takeover an unconditional one."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("s3")
+    return all("IfMatch" in model.operation_model(op).input_shape.members for op in ("PutObject", "DeleteObject"))
 
 
 def _holder() -> dict:
@@ -110,19 +127,26 @@ class StoreLease:
         self._holder = _holder()
         body = json.dumps(self._holder).encode()
         try:
-            fs.pipe_file(key, body, mode="create")
-            self._remote_key, self._etag = key, fs.info(key)["ETag"]  # ours: only this process replaces or deletes it
-            return
+            reply = fs.pipe_file(key, body, mode="create")
         except FileExistsError:
-            pass
+            reply = None
         except Exception as e:  # the server answered something other than "exists"
             if not _precondition_failed(e):
                 raise StoreError(f"{self.what} {str(self.location)!r}: cannot take the writer's lease with a conditional "
                                  f"create (If-None-Match) on this server ({type(e).__name__}: {e}); refusing to write "
                                  "without one") from e
+            reply = None
+        else:  # ours: only this process replaces or deletes this version of it
+            self._remote_key = key
+            self._etag = reply.get("ETag") if isinstance(reply, dict) else None
+            return
         etag = self._etag_of(fs, key)  # before the body: a body read later is of this version or a newer one
         holder = self._read_remote(fs, key)
         if etag and holder and holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1))):
+            if not _client_sends_if_match():
+                raise StoreError(f"{self.what} {str(self.location)!r}: the lease of {_describe(holder)} is stale, but this botocore "
+                                 "cannot send a conditional PUT (If-Match; botocore >= 1.35.69) to take it over safely; upgrade "
+                                 f"it, or delete {key} if that process is gone")
             try:  # replace exactly the stale object seen: another writer that replaced it first makes this fail
                 reply = fs.call_s3("put_object", Bucket=bucket, Key=name, Body=body, IfMatch=etag)
             except Exception as e:
@@ -175,15 +199,19 @@ class StoreLease:
         if self._remote_key is not None:
             fs, _ = self.location._fs()
             bucket, name, _ = fs.split_path(self._remote_key)
-            try:  # our object only: never a lease another writer holds now
-                fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=self._etag)
+            try:
+                if self._etag is None or not _client_sends_if_match():
+                    raise NotImplementedError("no conditional delete")
+                fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=self._etag)  # our object only
+            except FileNotFoundError:
+                log.warning("store %s: the lease object %s was already gone (deleted by hand?)", self.location, self._remote_key)
             except Exception as e:
                 if _precondition_failed(e):
                     log.warning("store %s: the lease is no longer this process's (another writer took it over); left to it",
                                 self.location)
-                elif self._read_remote(fs, self._remote_key) == self._holder:  # a server without conditional deletes
+                elif self._read_remote(fs, self._remote_key) == self._holder:  # no conditional delete here: ours by its content
                     fs.rm_file(self._remote_key)
-                else:
+                elif self._read_remote(fs, self._remote_key) is not None:
                     raise
             self._remote_key = self._etag = None
 

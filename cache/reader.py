@@ -109,7 +109,8 @@ class CacheReader:
                 return {}
             except Exception as e:  # retried, then raised as what it was
                 error = e
-                time.sleep(0.5 * (attempt + 1))
+                if attempt < 2:
+                    time.sleep(0.5 * (attempt + 1))
         raise StoreError(f"store {self.path!r}: cannot read its root to check that it is still the store this run opened: "
                          f"{type(error).__name__}: {error}") from error
 

@@ -188,3 +188,29 @@ def test_finalize_refuses_a_manifest_that_does_not_match_the_arrays(tmp_path, im
     with pytest.raises(StoreError, match="arrays do not match its manifest: backbone"):
         writer.finalize()
     assert not (tmp_path / ".store.zarr.lease").exists()  # the lease was given back all the same
+
+
+def test_on_s3_lease_edge_cases_are_refused_or_released_in_one_line(s3, monkeypatch, caplog):
+    """A lease object deleted by hand is released with a warning (a raw FileNotFoundError
+    before); a botocore without If-Match (s3fs drops arguments it does not know, which would
+    make the takeover unconditional) refuses to take over a stale lease; an error whose text
+    holds "412" is no failed precondition."""
+    import cache.lease as lease
+
+    url = f"s3://{BUCKET}/edges.zarr"
+    key = f"{BUCKET}/edges.zarr.lease"
+    held = StoreLease(as_location(url)).acquire()
+    s3.rm(key)
+    with caplog.at_level("WARNING"):
+        held.release()
+    assert "was already gone" in caplog.text
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    s3.pipe(key, json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started_at": "x"}).encode())
+    monkeypatch.setattr(lease, "_client_sends_if_match", lambda: False)
+    with pytest.raises(StoreError, match=r"this botocore cannot send a conditional PUT \(If-Match; botocore >= 1.35.69\)"):
+        StoreLease(as_location(url)).acquire()
+    s3.rm(key)
+    with StoreLease(as_location(url)):  # and releases by content without If-Match
+        assert s3.exists(key)
+    assert not s3.exists(key)
+    assert not lease._precondition_failed(OSError("Could not connect to the endpoint URL: http://host/run_2412.zarr.lease"))
