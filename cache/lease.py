@@ -16,7 +16,9 @@ every writer takes the lease first; a second one gets one line naming the holder
   alive is taken over; any other is refused with its holder named (delete the object if that
   process is gone). The takeover overwrites exactly the stale object seen (PUT If-Match its
   ETag), so of two writers that found it, one wins; release deletes only the holder's own
-  object (DELETE If-Match). A server without conditional writes is refused with that reason.
+  object (DELETE If-Match; without it, the object whose content is the holder's). A server
+  without conditional writes, or a botocore that cannot send If-Match (before 1.35.69: s3fs
+  would drop it silently), is refused with that reason.
 """
 
 from __future__ import annotations
