@@ -353,8 +353,12 @@ def store_differences(manifest_json: dict, wanted: Fingerprint) -> list[str]:
 
 def _with_coverage(line: str, wanted_json: dict) -> str:
     """A split's samples_sha256 line, with what that hash covers (for image files: their size
-    and mtime, so copies that did not keep their times differ too); other lines as they are."""
+    and mtime, so copies that did not keep their times differ too); a split's classes line,
+    with what decides them; other lines as they are."""
     key = line.split(":", 1)[0].split(".")
+    if len(key) == 4 and key[:2] == ["dataset", "splits"] and key[3] == "classes":
+        return (f"{line} (class names come from data.classes, else from the data, else \"0\"..\"max\": where the data is the "
+                "same, give data.classes the store's names rather than --overwrite)")
     if len(key) != 4 or key[:2] != ["dataset", "splits"] or key[3] != "samples_sha256":
         return line
     content = wanted_json.get("dataset", {}).get("splits", {}).get(key[2], {}).get("content")

@@ -1,6 +1,7 @@
 """Dataset sources: npz and idx arrays, stratified limits, clear errors for missing files."""
 
 import gzip
+import os
 
 import numpy as np
 import pytest
@@ -86,6 +87,8 @@ def test_torchvision_fingerprint_covers_the_dataset_files(tmp_path):
     (tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"x")
     assert open_split(cfg, "train").fingerprint() == before
     fake_mnist(tmp_path, seed=1)  # other pixels, same ids and labels
+    for f in (tmp_path / "MNIST" / "raw").iterdir():  # written later, whatever the file system's clock resolution
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     assert open_split(cfg, "train").fingerprint()["samples_sha256"] != before["samples_sha256"]
 
 
@@ -111,6 +114,22 @@ def test_idx_class_names_come_from_the_config_not_the_path(tmp_path):
     assert open_split(named, "test").classes == ["a", "b", "c", "d"]
     with pytest.raises(ConfigError, match="has label 2, not a class index in"):
         open_split(data_config("idx", root, splits=["test"], classes=["a", "b"]), "test")
+
+
+def test_a_store_whose_class_names_differ_says_where_names_come_from(tmp_path):
+    """An idx store made with data.classes, rerun without them ("0".."max"): the refusal says
+    to give the store's names, where --overwrite would store the digits instead."""
+    from cache import StoreMismatchError
+    from pipeline.runners.extract import run_extract
+    from tests.conftest import tiny_config
+
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((4, 28, 28)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 0, 1]))
+    data = {"kind": "idx", "root": str(tmp_path), "splits": ["test"]}
+    run_extract(tiny_config(tmp_path, tmp_path, "preprocess.image_size=32", data={**data, "classes": ["shoe", "bag"]}))
+    with pytest.raises(StoreMismatchError, match=r"classes: store has \['shoe', 'bag'\], now \['0', '1'\] \(class names come from "
+                       r"data.classes.*give data.classes the store's names rather than --overwrite\)"):
+        run_extract(tiny_config(tmp_path, tmp_path, "preprocess.image_size=32", data=data))
 
 
 def test_array_labels_and_layouts_are_checked_when_the_split_opens(tmp_path):

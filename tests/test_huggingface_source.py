@@ -251,3 +251,22 @@ def test_labels_that_are_not_class_indices_are_refused(tmp_path, label_type, lab
     data = path_only_parquet(tmp_path / "ds", [str(f) for f in files], labels, label_type)
     with pytest.raises(ConfigError, match=r"values of column 'label' of split 'train' .* are (<U3|float64), not class indices"):
         huggingface_split(str(data), "train", "image", "label", None)
+
+
+def test_a_streamed_image_folder_reads_its_images_by_path(tmp_path):
+    """load_dataset streams an image folder as cells holding each image's path: the builder's
+    hash covers those files (its data files), so they are read; a path outside them is refused."""
+    from tests.conftest import write_image_folder
+
+    images = write_image_folder(tmp_path / "images")
+    folder = tiny_config(tmp_path / "folder", images)
+    run_extract(folder)
+    streamed = hf_config(tmp_path, "streamed", images, ("train", "validation"), streaming=True)
+    run_extract(streamed)
+    assert_same_features(folder.store.path, streamed.store.path, {"train": "train", "val": "validation"})
+    from pipeline.data.huggingface_source import huggingface_split
+
+    outside = next((images / "train" / "cat").iterdir())  # not a data file of this Parquet stream
+    data = path_only_parquet(tmp_path / "paths", [str(outside)], [0])
+    with pytest.raises(ConfigError, match=r"holds only the file path .*, which is none of the stream's data files"):
+        huggingface_split(str(data), "train", "image", "label", None, streaming=True).load(0)

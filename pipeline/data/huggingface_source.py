@@ -24,6 +24,7 @@ the dataset's row order; a sample's id is `<split>:<row>`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -97,7 +98,9 @@ def _streaming_split(root: str, split: str, image_column: str, label_column: str
     where = f"split {split!r} of {root!r}"
     labels = _labels([row[label_column] for row in ds.select_columns([label_column])], label_column, where)  # the labels pass
     names = _class_names(ds.features[label_column], labels, classes, where)
-    stream = _StreamCursor(_undecoded(ds.select_columns([image_column]), image_column), image_column, where)
+    # Files the builder's hash covers (an image folder's images are its data files): a cell may point to those.
+    covered = frozenset(os.path.realpath(str(f)) for f in builder.config.data_files[split])
+    stream = _StreamCursor(_undecoded(ds.select_columns([image_column]), image_column), image_column, where, covered)
     return SplitSource(split, [f"{split}:{i}" for i in range(len(labels))], labels, names,
                        stream.load, content_hash=f"datasets-builder:{builder.hash}:{image_column}",
                        stamps_cover="the dataset builder's hash (its data files with their mtimes or ETags) and the image column",
@@ -108,8 +111,8 @@ class _StreamCursor:
     """Row i of a stream, for reads in increasing order (as extraction asks): one pass over
     the stream, skipping forward past rows not asked for; an earlier row restarts it."""
 
-    def __init__(self, stream, column: str, where: str):
-        self.stream, self.column, self.where = stream, column, where
+    def __init__(self, stream, column: str, where: str, covered: frozenset[str]):
+        self.stream, self.column, self.where, self.covered = stream, column, where, covered
         self.rows, self.next = None, 0
 
     def load(self, i: int):
@@ -118,7 +121,7 @@ class _StreamCursor:
         for _ in range(i - self.next):
             next(self.rows)
         self.next = i + 1
-        return _decode_cell(next(self.rows)[self.column], f"row {i} of {self.where}", self.column, streamed=True)
+        return _decode_cell(next(self.rows)[self.column], f"row {i} of {self.where}", self.column, covered=self.covered)
 
 
 def _check_columns(columns: list[str], root: str, split: str, image_column: str, label_column: str) -> None:
@@ -183,13 +186,16 @@ def _undecoded(ds, image_column: str):
     return ds
 
 
-def _decode_cell(value, name: str, image_column: str, streamed: bool = False):
+def _decode_cell(value, name: str, image_column: str, covered: Optional[frozenset[str]] = None):
+    """covered: for a stream, the files its fingerprint covers (its data files); a cell that
+    holds only a path must point to one of them."""
     if isinstance(value, dict):
         if value.get("bytes") is None and value.get("path") is None:
             raise CorruptImageError(f"{name}: column {image_column!r} is empty")
-        if value.get("bytes") is None and streamed:  # a file no fingerprint covers (a split held whole stamps each)
-            raise CorruptImageError(f"{name}: holds only the file path {value['path']!r}, and a stream's fingerprint covers its "
-                                    "data files, not the files they point to; store the images' bytes, or set data.streaming: false")
+        if value.get("bytes") is None and covered is not None and os.path.realpath(value["path"]) not in covered:
+            # a file no fingerprint covers (a split held whole stamps each one it points to)
+            raise ConfigError(f"data.streaming: {name} holds only the file path {value['path']!r}, which is none of the stream's "
+                              "data files that its fingerprint covers; store the images' bytes, or set data.streaming: false")
         try:
             value = value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
         except OSError as e:
