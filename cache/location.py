@@ -18,6 +18,7 @@ other, naming it and listing the allowed ones), and never a URL with credentials
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,9 +158,20 @@ class StoreLocation:
     def root_attributes(self) -> dict:
         """The root group's attributes, read now; {} where there is no zarr group."""
         try:
-            return self.open_group("r").attrs.asdict()
+            return self.read_root_attributes()
         except Exception:
             return {}
+
+    def read_root_attributes(self) -> dict:
+        """The root group's attributes, read now from its zarr.json in one request (a reader
+        checks them after every window); FileNotFoundError where there is none, any other
+        error as it came."""
+        if self.is_local:
+            text = (Path(self.url) / "zarr.json").read_bytes()
+        else:
+            fs, root = self._fs()
+            text = fs.cat_file(root.rstrip("/") + "/zarr.json")
+        return json.loads(text).get("attributes", {})
 
     def exists(self) -> bool:
         if self.is_local:

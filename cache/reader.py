@@ -104,8 +104,8 @@ class CacheReader:
         as a replaced store."""
         for attempt in range(3):
             try:
-                return self.location.open_group("r").attrs.asdict()
-            except FileNotFoundError:  # zarr's GroupNotFoundError too: nothing there (mid-replacement)
+                return self.location.read_root_attributes()
+            except FileNotFoundError:  # nothing there (mid-replacement)
                 return {}
             except Exception as e:  # retried, then raised as what it was
                 error = e
