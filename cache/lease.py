@@ -61,6 +61,9 @@ def _client_sends_if_match() -> bool:
     return all("IfMatch" in model.operation_model(op).input_shape.members for op in ("PutObject", "DeleteObject"))
 
 
+_TAKEN_OVER = "store %s: the lease is no longer this process's (another writer took it over); left to it"
+
+
 def _holder() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -131,13 +134,12 @@ class StoreLease:
         try:
             reply = fs.pipe_file(key, body, mode="create")
         except FileExistsError:
-            reply = None
+            pass
         except Exception as e:  # the server answered something other than "exists"
             if not _precondition_failed(e):
                 raise StoreError(f"{self.what} {str(self.location)!r}: cannot take the writer's lease with a conditional "
                                  f"create (If-None-Match) on this server ({type(e).__name__}: {e}); refusing to write "
                                  "without one") from e
-            reply = None
         else:  # ours: only this process replaces or deletes this version of it
             self._remote_key = key
             self._etag = reply.get("ETag") if isinstance(reply, dict) else None
@@ -200,22 +202,32 @@ class StoreLease:
                 self._fd = None
         if self._remote_key is not None:
             fs, _ = self.location._fs()
-            bucket, name, _ = fs.split_path(self._remote_key)
+            self._delete_own(fs)
+            self._remote_key = self._etag = None
+
+    def _delete_own(self, fs) -> None:
+        """Delete the lease object only while it is this process's: by its ETag (DELETE If-Match),
+        else, where the client or the server cannot make a delete conditional, by its content."""
+        key = self._remote_key
+        if self._etag is not None and _client_sends_if_match():
+            bucket, name, _ = fs.split_path(key)
             try:
-                if self._etag is None or not _client_sends_if_match():
-                    raise NotImplementedError("no conditional delete")
-                fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=self._etag)  # our object only
+                fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=self._etag)
+                return
             except FileNotFoundError:
-                log.warning("store %s: the lease object %s was already gone (deleted by hand?)", self.location, self._remote_key)
+                log.warning("store %s: the lease object %s was already gone (deleted by hand?)", self.location, key)
+                return
             except Exception as e:
                 if _precondition_failed(e):
-                    log.warning("store %s: the lease is no longer this process's (another writer took it over); left to it",
-                                self.location)
-                elif self._read_remote(fs, self._remote_key) == self._holder:  # no conditional delete here: ours by its content
-                    fs.rm_file(self._remote_key)
-                elif self._read_remote(fs, self._remote_key) is not None:
-                    raise
-            self._remote_key = self._etag = None
+                    log.warning(_TAKEN_OVER, self.location)
+                    return
+                # A server without conditional deletes: decided by content below.
+                log.info("store %s: a conditional delete of the lease failed (%s); deleting it by its content", self.location, e)
+        current = self._read_remote(fs, key)
+        if current == self._holder:
+            fs.rm_file(key)
+        elif current is not None:
+            log.warning(_TAKEN_OVER, self.location)
 
     def __enter__(self) -> "StoreLease":
         return self.acquire()

@@ -536,15 +536,16 @@ class CacheReader:
         happens in the stored dtype (half the bytes of float32 for fp16)."""
         order, parts, perm = self._window_order(split, chunks, usable, perm_seed)
         rows = [(self.root[group_of[c] if group_of is not None else split], c, start, stop, keep) for c, start, stop, keep in parts]
-        feats = {}
+        feats, streamed = {}, False
         for name in layers:
             stored = self._gather(f"layers/{name}", rows, perm)
             scales = self._gather(f"scales/{name}", rows, perm) if self.encoding.has_scales else None
             feats[name] = self.encoding.decode(stored, scales, out)
             held = all(self._held(f"{g.path}/layers/{name}") is not None for g, *_ in rows)
+            streamed |= not held
             if not held and not torch.isfinite(feats[name]).all():  # held arrays were checked once; find the chunk to name it
                 self._name_non_finite(name, rows)
-        if not all(self._held(f"{g.path}/layers/{name}") is not None for g, *_ in rows for name in layers):
+        if streamed:  # read from the store: it must still be the one opened
             self.require_unchanged()
         return feats, order
 
@@ -590,7 +591,6 @@ def _decoded_finite(stored: np.ndarray, valid: np.ndarray, samples: np.ndarray, 
     if len(values):
         require_finite(values[valid], path, int(samples[0]), int(samples[-1]) + 1, where)
     return values
-
 
 
 def _creation(manifest: dict) -> str:

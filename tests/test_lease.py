@@ -213,4 +213,10 @@ def test_on_s3_lease_edge_cases_are_refused_or_released_in_one_line(s3, monkeypa
     with StoreLease(as_location(url)):  # and releases by content without If-Match
         assert s3.exists(key)
     assert not s3.exists(key)
+    held = StoreLease(as_location(url)).acquire()
+    s3.pipe(key, json.dumps({"host": "elsewhere", "pid": 1, "started_at": "z"}).encode())  # another writer's now
+    with caplog.at_level("WARNING"):
+        held.release()
+    assert "another writer took it over); left to it" in caplog.text and json.loads(s3.cat(key))["host"] == "elsewhere"
+    s3.rm(key)
     assert not lease._precondition_failed(OSError("Could not connect to the endpoint URL: http://host/run_2412.zarr.lease"))
