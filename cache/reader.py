@@ -92,27 +92,7 @@ class CacheReader:
         `extract --overwrite` replaced it, its objects are another store's values, which this
         reader's manifest, stamps and labels do not describe. Called after reads, so a read
         that raced a replacement is refused too (the replacement marks the root first)."""
-        attrs = self._root_now()
-        manifest = attrs.get(MANIFEST_KEY)
-        if CREATING_KEY in attrs or manifest is None or _creation(manifest) != self.creation:
-            raise StoreError(f"store {self.path!r} was replaced while this run read it (an `extract --overwrite`?); "
-                             "what was read may mix both stores: rerun on the new one")
-
-    def _root_now(self) -> dict:
-        """The root's attributes as they are now; {} when there is no store at the path. Any
-        other error (a throttled or reset request) is retried, then reported as itself: never
-        as a replaced store."""
-        for attempt in range(3):
-            try:
-                return self.location.read_root_attributes()
-            except FileNotFoundError:  # nothing there (mid-replacement)
-                return {}
-            except Exception as e:  # retried, then raised as what it was
-                error = e
-                if attempt < 2:
-                    time.sleep(0.5 * (attempt + 1))
-        raise StoreError(f"store {self.path!r}: cannot read its root to check that it is still the store this run opened: "
-                         f"{type(error).__name__}: {error}") from error
+        _require_creation(self.location, self.creation, self.path)
 
     # -- metadata -----------------------------------------------------------------------
     @property
@@ -205,8 +185,9 @@ class CacheReader:
         Checked as `read` and `batches` check: the split must be complete (allow_partial: an
         unstamped chunk reads as whatever is there, unchecked: mask it out), every stamped
         chunk's objects must exist (before the graph is built), and a block refuses, when
-        computed, non-finite values of the computed samples of its stamped chunks. Skipped
-        samples' rows are included: mask them with `valid(split)`."""
+        computed, non-finite values of the computed samples of its stamped chunks, and a store
+        replaced since the graph was built. Skipped samples' rows are included: mask them with
+        `valid(split)`."""
         require_extra("CacheReader.dask_array", "dask", "dask")
         import dask.array as da
 
@@ -225,7 +206,7 @@ class CacheReader:
         valid = da.from_array(self._whole(split, "valid", done) & self.plan.per_sample(done, n), chunks=arr.chunks[0])
         first = da.from_array(np.arange(n), chunks=arr.chunks[0])  # each block's sample numbers, for the error
         check = partial(_decoded_finite, decode=partial(self.encoding.decode_numpy, dtype=dtype), path=f"{split}/layers/{layer}",
-                        where=self.path)
+                        where=self.path, unchanged=partial(_require_creation, self.location, self.creation, self.path))
         meta = np.empty((0, 0, 0), dtype)
         if not self.encoding.has_scales:
             return da.blockwise(check, "ntd", arr, "ntd", valid, "n", first, "n", dtype=dtype, meta=meta)
@@ -583,10 +564,38 @@ def open_store(path: str | Path | StoreLocation, allow_partial: bool = False, st
     return CacheReader(path, allow_partial=allow_partial, storage_options=storage_options)
 
 
+def _require_creation(location: StoreLocation, creation: str, path: str) -> None:
+    """`CacheReader.require_unchanged`, as a function of what it needs, so a dask block can
+    run it on a worker after its read. The root's attributes as they are now ({} while no store
+    is at the path); any other error (a throttled or reset request) is retried, then reported
+    as itself: never as a replaced store."""
+    for attempt in range(3):
+        try:
+            attrs = location.read_root_attributes()
+            break
+        except FileNotFoundError:  # nothing there (mid-replacement)
+            attrs = {}
+            break
+        except Exception as e:  # retried, then raised as what it was
+            error = e
+            if attempt < 2:
+                time.sleep(0.5 * (attempt + 1))
+    else:
+        raise StoreError(f"store {path!r}: cannot read its root to check that it is still the store this run opened: "
+                         f"{type(error).__name__}: {error}") from error
+    manifest = attrs.get(MANIFEST_KEY)
+    if CREATING_KEY in attrs or manifest is None or _creation(manifest) != creation:
+        raise StoreError(f"store {path!r} was replaced while this run read it (an `extract --overwrite`?); "
+                         "what was read may mix both stores: rerun on the new one")
+
+
 def _decoded_finite(stored: np.ndarray, valid: np.ndarray, samples: np.ndarray, scales: Optional[np.ndarray] = None, *, decode,
-                    path: str, where: str) -> np.ndarray:
-    """One dask block of `dask_array`: decoded with the writer's decoder, refused when a computed
-    sample holds a non-finite value (a damaged object, or fp16 read back from an overflow)."""
+                    path: str, where: str, unchanged) -> np.ndarray:
+    """One dask block of `dask_array`: refused when the store was replaced since the graph was
+    built (the block's read may hold the new store's values), decoded with the writer's
+    decoder, and refused when a computed sample holds a non-finite value (a damaged object, or
+    fp16 read back from an overflow)."""
+    unchanged()
     values = decode(stored) if scales is None else decode(stored, scales)
     if len(values):
         require_finite(values[valid], path, int(samples[0]), int(samples[-1]) + 1, where)

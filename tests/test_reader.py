@@ -104,6 +104,22 @@ def test_a_reader_refuses_to_go_on_once_its_store_was_replaced(tmp_path):
     assert open_store(cfg.store.path).read("train", [layer], 0, 4)[layer].shape[0] == 4  # the new store reads
 
 
+def test_a_dask_array_built_before_its_store_was_replaced_refuses_to_compute(tmp_path):
+    """Its blocks read when computed: after an `extract --overwrite` (other images, same
+    shapes) they read the new store's values under the old store's mask and labels."""
+    pytest.importorskip("dask")
+    cfg = tiny_config(tmp_path, write_image_folder(tmp_path / "a", seed=0), "data.splits=[train]")
+    run_extract(cfg)
+    layer = list(open_store(cfg.store.path).layers)[-1]
+    lazy = open_store(cfg.store.path).dask_array("train", layer)
+    run_extract(tiny_config(tmp_path, write_image_folder(tmp_path / "b", seed=1), "data.splits=[train]"), overwrite=True)
+    with pytest.raises(StoreError, match="was replaced while this run read it"):
+        lazy.compute()
+    fresh = open_store(cfg.store.path)
+    np.testing.assert_array_equal(fresh.dask_array("train", layer).compute(),
+                                  fresh.read("train", [layer], 0, fresh.num_samples("train"))[layer].numpy())
+
+
 def test_a_partial_reader_sees_chunks_stamped_after_it_listed_the_store(tmp_path, monkeypatch):
     """A reader of a store still being extracted lists each array once: a chunk stamped since
     was called 'stamped complete but its object is missing' (advice: verify --repair)."""
