@@ -6,6 +6,11 @@ counts). Results cached under it (bench units, sweep trials) are redone when tha
 changes, and a dask worker whose code differs from its driver's is refused, so no table or
 store mixes the output of two versions. Code that only reports or parses the command line
 stays out unless an entry module imports it.
+
+The versions of the libraries that compute with this code are part of it: a worker with
+another torch or timm (another kernel, a fixed layer), another torchvision or Pillow (other
+decoded or resized pixels) or another numpy (other permutations from the same seed) would
+compute other values under the same project code.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +26,7 @@ from cache import FeatureCacheError
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "cache")
+COMPUTING_LIBRARIES = ("torch", "torchvision", "timm", "numpy", "pillow")
 
 
 def _source(module: str) -> Path | None:
@@ -56,11 +63,19 @@ def code_files(entry_modules: tuple[str, ...]) -> list[Path]:
     return sorted(found)
 
 
+def library_versions() -> dict[str, str]:
+    """The installed version of each library that computes with this code (the distribution's
+    own record: nothing is imported)."""
+    return {name: metadata.version(name) for name in COMPUTING_LIBRARIES}
+
+
 @functools.lru_cache(maxsize=None)  # once per process: a dask worker checks it for every task
 def code_version(entry_modules: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
     for f in code_files(entry_modules):
         digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    for name, version in library_versions().items():
+        digest.update(f"{name}=={version}".encode() + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -69,5 +84,6 @@ def require_drivers_code(code: Optional[str], entry_modules: tuple[str, ...]) ->
     code_version(entry_modules) (None: not on dask)."""
     mine = code_version(entry_modules)
     if code is not None and mine != code:
-        raise FeatureCacheError(f"this dask worker runs other featurecache code than its driver (code version {mine}, the driver's "
-                                f"{code}): install the same version on every worker")
+        here = ", ".join(f"{name} {version}" for name, version in library_versions().items())
+        raise FeatureCacheError(f"this dask worker runs other featurecache code or libraries than its driver (code version {mine}, "
+                                f"the driver's {code}; here: {here}): install the same versions on every worker")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from cache import FeatureCacheError
-from pipeline.code_version import ROOT, code_files, code_version
+from pipeline.code_version import ROOT, code_files, code_version, library_versions
 from pipeline.config import SweepConfig, build, to_dict
 from pipeline.runners.sweep import run_sweep
 from pipeline.sweeping.jobs import JOB_MODULES, run_job
@@ -70,11 +70,24 @@ def test_a_worker_running_other_code_is_refused(tmp_path):
     from pipeline.runners.distributed_extract import PIECE_MODULES, extract_piece
 
     assert code_version(JOB_MODULES) != "0" * 16
-    with pytest.raises(FeatureCacheError, match="other featurecache code than its driver"):
+    with pytest.raises(FeatureCacheError, match="other featurecache code or libraries than its driver"):
         run_job(None, None, "0" * 16)  # refused before it looks at its config
     extract = tiny_config(tmp_path, tmp_path, "backbone.layers=[-1]")
     with pytest.raises(FeatureCacheError, match=f"code version {code_version(PIECE_MODULES)}, the driver's {'0' * 16}"):
         extract_piece(to_dict(extract), "train", [0], None, "0" * 16)
+
+
+def test_a_worker_with_another_timm_is_refused(monkeypatch):
+    """Same project code, another timm (a fixed layer computes other features): the worker's
+    values would differ from the driver's under one code version."""
+    driver, real = code_version(JOB_MODULES), library_versions()
+    monkeypatch.setattr("pipeline.code_version.metadata.version", lambda name: "9.9" if name == "timm" else real[name])
+    code_version.cache_clear()
+    try:
+        with pytest.raises(FeatureCacheError, match=f"the driver's {driver}; here: .*timm 9.9"):
+            run_job(None, None, driver)
+    finally:
+        code_version.cache_clear()  # the next caller hashes the real versions
 
 
 def test_an_unfinished_store_is_not_resumed_by_other_code(tmp_path, monkeypatch):
