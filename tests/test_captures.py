@@ -152,6 +152,23 @@ def test_vit_block_outputs_through_the_final_norm():
         LayerTaps(gap, (-1,), False, (SIZE, SIZE), through_final_norm=True)
 
 
+def test_xcit_block_outputs_through_the_final_norm():
+    """XCiT's blocks come back from forward_intermediates as [B, C, H, W] maps (its class token
+    joins after them): the final norm, over channels, crashed on them."""
+    m = model("xcit_nano_12_p16_224")
+    x = images()
+    h, (hp, wp) = m.patch_embed(x)
+    h = h + m.pos_embed(x.shape[0], hp, wp).flatten(2).transpose(1, 2)  # [B, C, Hp, Wp] -> [B, N, C]
+    outputs = []
+    for block in m.blocks:
+        h = block(h, hp, wp)
+        outputs.append(h)
+    ln = m.norm
+    normed = {i: F.layer_norm(outputs[i], (m.embed_dim,), ln.weight, ln.bias, ln.eps) for i in (0, 11)}
+    assert_exact(capture(m, [0, -1], through_final_norm=True), {"blocks.0": normed[0], "blocks.11": normed[11]})
+    assert_exact(capture(m, [0, -1]), {"blocks.0": outputs[0], "blocks.11": outputs[11]})
+
+
 @pytest.mark.parametrize("name", ["fc", "global_pool", "head"])
 def test_a_module_the_forward_never_runs_is_refused_by_name(name):
     m = model("test_resnet") if name != "head" else model("test_vit")

@@ -187,7 +187,9 @@ class LayerTaps:
         if self.through_final_norm:  # block outputs as the backbone's head would read them
             for name in self.order:
                 if _BLOCK.fullmatch(name):
-                    out[name] = self.model.norm(out[name])
+                    # The norm is over channels: as tokens, since XCiT's and CaiT's blocks come
+                    # back from forward_intermediates as [B, C, H, W] maps.
+                    out[name] = self.model.norm(_as_tokens(out[name]))
         return {name: out[name] for name in ([EMBED] if self.capture_embed else []) + self.order + self.kv_names}
 
     @torch.no_grad()
