@@ -45,6 +45,7 @@ def verify_store(path: str, repair: bool = False, storage_options: dict | None =
     reader = CacheReader(path, allow_partial=True, storage_options=storage_options)
     reports = [_verify_split(reader, group) for group in reader.manifest.groups]
     _check_views_agree(reader, {r.split: r for r in reports})
+    reader.require_unchanged()  # the reports describe the store that was read, not one put there since
     if repair and any(r.bad for r in reports):
         _unstamp(reader, {r.split: sorted(r.bad) for r in reports if r.bad})
     return reports
@@ -155,6 +156,9 @@ def _reason(e: Exception) -> str:
 
 def _unstamp(reader: CacheReader, bad: dict[str, list[int]]) -> None:
     with StoreLease(reader.location):
+        # Replaced between the read and the lease: its chunks are sound, and unstamping them
+        # would make a whole store incomplete.
+        reader.require_unchanged()
         root = reader.location.open_group("r+")
         manifest = Manifest.from_json(root.attrs[MANIFEST_KEY], reader.path).reopened()
         root.attrs[MANIFEST_KEY] = manifest.to_json()  # first: from here on no reader takes the store as whole

@@ -13,7 +13,7 @@ from cache import StoreError, open_store
 from cache.verify import verify_store
 from pipeline.cli import main
 from pipeline.runners.extract import run_extract
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, write_image_folder
 
 LAYER = "blocks.0"
 
@@ -111,6 +111,24 @@ def test_values_that_decode_to_nan_are_refused(store):
         open_store(cfg.store.path).read("train", [LAYER], 4, 8)
     report = {r.split: r for r in verify_store(cfg.store.path)}
     assert list(report["train"].bad) == [1] and report["train"].bad[1] == [f"layers/{LAYER}: non-finite values"]
+
+
+def test_repair_does_not_unstamp_a_store_put_there_after_verify_read_the_damaged_one(store, tmp_path, monkeypatch):
+    """verify reads without the lease; an `extract --overwrite` that finished before --repair
+    took it had its sound chunks unstamped (the new store left incomplete) and the old
+    store's damage reported as the path's."""
+    import cache.verify as verify
+
+    cfg = store()
+    shard_files(cfg)[0].unlink()
+    replace = tiny_config(tmp_path, write_image_folder(tmp_path / "images-b", seed=1), "backbone.layers=[0]", "backbone.block_input=false")
+    checked = verify._check_views_agree
+    monkeypatch.setattr(verify, "_check_views_agree", lambda *a: (checked(*a), run_extract(replace, overwrite=True)))
+    with pytest.raises(StoreError, match="was replaced while this run read it"):
+        verify_store(cfg.store.path, repair=True)
+    assert open_store(cfg.store.path).manifest.complete  # the new store is untouched
+    monkeypatch.undo()
+    assert not any(r.bad for r in verify_store(cfg.store.path))
 
 
 def test_damaged_labels_cannot_be_repaired_by_chunks(store, tmp_path, capsys):
