@@ -120,7 +120,7 @@ def test_choices_are_made_on_mean_validation_never_test(bench):
     top1 = next(r for r in result["cases"][0]["rows"] if r["method"].startswith("InCA (dim-16 bottleneck), top-1"))
     assert statistics.fmean(mean_val[top1["config_id"]]) == best_val
     chosen = [r for g in grids for r in g["rows"] if r["config_id"] == top1["config_id"]]
-    assert top1["test_acc"] == statistics.fmean(r["test_acc"] for r in chosen)
+    assert top1["test_acc"] == pytest.approx(statistics.fmean(r["test_acc"] for r in chosen), abs=1e-12)  # rounded to 12 places
     assert {r["adapter"] for r in chosen} == {top1["config"]}  # the report shows its name
     # The solo rerun (a fresh process, seed 0) trained exactly the chosen member, alone. That
     # it then equals the fused member is proved in float64 by test_train; here, in float32 on
@@ -338,3 +338,46 @@ def test_the_speed_baselines_run_where_extraction_runs(tmp_path, monkeypatch):
     assert {p.device.type for p in plan.backbone.model.parameters()} == {"meta"}
     _, samples = speed.online_epoch(cfg, cfg.store.path, layer, batch_size=4)
     assert samples == 6  # the first split: 3 classes x 2 images, every one trained on
+
+
+def grid_row(config: str, val: float, test: float = 0.5, **extra) -> dict:
+    return {"config_id": config, "adapter": config, "kind": "linear", "layer": "blocks.0", "params": 1, "pct_backbone": 0.0,
+            "val_acc": val, "test_acc": test, **extra}
+
+
+def test_an_exact_tie_in_correct_counts_is_a_tie_whatever_the_floats_say():
+    """(80, 80, 87) and (80, 82, 85) of 100 are both 247 of 300 correct, but their float means
+    differ by an ulp: the first won, though ties go to the greater name."""
+    from pipeline.benchmarking.methods import choose
+
+    a, b = (80, 80, 87), (80, 82, 85)
+    assert sum(a) == sum(b) and statistics.fmean(x / 100 for x in a) != statistics.fmean(x / 100 for x in b)
+    grids = [{"rows": [grid_row("aaa", a[s] / 100), grid_row("zzz", b[s] / 100)]} for s in range(3)]
+    chosen = choose(grids, "best")
+    assert chosen["config_id"] == "zzz" and chosen["val_acc"] == pytest.approx(247 / 300, abs=1e-12)
+
+
+def test_a_configuration_that_diverged_in_any_seed_is_never_chosen():
+    from pipeline.benchmarking.methods import choose
+
+    grids = [{"rows": [grid_row("good", 0.80), grid_row("nan", 0.95, diverged=s == 1)]} for s in range(3)]
+    assert choose(grids, "best")["config_id"] == "good"
+
+
+def test_a_difference_printed_beside_a_verdict_never_reads_as_the_other_verdict():
+    """-0.3033 points against a margin of 0.3 is not met; printed as -0.30 it read as met."""
+    from pipeline.benchmarking.report import targets
+
+    rows = [{"method": "linear probe (L-BFGS, exact), last layer (blocks.1)", "kind": "linear", "val_acc": 0.7, "test_acc": 0.696967},
+            {"method": "sklearn LogisticRegression, last layer", "kind": "sklearn", "val_acc": 0.7, "test_acc": 0.7}]
+    (verdict,) = [t for t in targets({"rows": rows, "per_layer": {}}) if t["target"].startswith("our linear probe (exact), last")]
+    assert not verdict["met"] and "(-0.303)" in verdict["measured"]
+
+
+def test_seeds_that_agree_show_a_zero_spread_and_one_seed_shows_none():
+    from pipeline.benchmarking.methods import spread
+    from pipeline.benchmarking.report import _pct
+
+    agree, one = spread([{"val_acc": 0.5, "test_acc": 0.75}] * 3), spread([{"val_acc": 0.5, "test_acc": 0.75}])
+    assert _pct(agree["test_acc"], agree["test_acc_sd"]) == "75.00 ± 0.00"
+    assert _pct(one["test_acc"], one["test_acc_sd"]) == "75.00"

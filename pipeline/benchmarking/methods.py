@@ -61,19 +61,28 @@ def member_entry(entry: AdapterEntry, config_id: str, store: str) -> AdapterEntr
                    weight_decay=member.weight_decay, seeds=None)
 
 
+def mean_accuracy(values) -> float:
+    """The mean of accuracies over seeds, rounded to 12 places: each is k/n as a float, and two
+    sets of seeds with the same total of correct samples can average one ulp apart, which
+    turned an exact tie on validation into a choice (and a headline verdict). Distinct totals
+    lie at least 1/(n seeds) apart, far above the rounding."""
+    return round(statistics.fmean(values), 12)
+
+
 def choose(grids: list[dict], label: str, keep: Callable[[dict], bool] = lambda r: True) -> Optional[dict]:
     """The grid configuration with the best mean validation accuracy over seeds (`grids`: one
     per seed; a configuration's members across seeds share its config_id). Ties go to the
-    greater name, then the greater id."""
+    greater name, then the greater id. A configuration that diverged in any seed is never
+    chosen (the trainer ranks such members last and a sweep never exports them)."""
     by_config: dict[str, list[dict]] = {}
     for grid in grids:
         for row in grid["rows"]:
-            if keep(row):
+            if keep(row) and not row.get("diverged"):
                 by_config.setdefault(row["config_id"], []).append(row)
     complete = {c: rows for c, rows in by_config.items() if len(rows) == len(grids)}
     if not complete:
         return None
-    config_id = max(complete, key=lambda c: (statistics.fmean(r["val_acc"] for r in complete[c]), complete[c][0]["adapter"], c))
+    config_id = max(complete, key=lambda c: (mean_accuracy(r["val_acc"] for r in complete[c]), complete[c][0]["adapter"], c))
     rows = complete[config_id]
     return {"method": label, "config": rows[0]["adapter"], "config_id": config_id, "kind": rows[0]["kind"], "layer": rows[0]["layer"],
             "params": rows[0]["params"], "pct_backbone": rows[0]["pct_backbone"], **spread(rows)}
@@ -130,11 +139,12 @@ def pooled_greedy(grids_by_method: list[list[dict]], label: str, k: int) -> Opti
 
 
 def spread(rows: list[dict]) -> dict:
-    """Mean and sample standard deviation over seeds of val_acc and test_acc."""
+    """Mean and sample standard deviation over seeds of val_acc and test_acc (no spread, None,
+    from one seed)."""
     out = {"seeds": len(rows)}
     for key in ("val_acc", "test_acc"):
         values = [r[key] for r in rows if r.get(key) is not None]
-        out[key] = statistics.fmean(values) if values else None
-        out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
+        out[key] = mean_accuracy(values) if values else None
+        out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
         out[f"{key}_all"] = values
     return out

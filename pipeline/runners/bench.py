@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -184,7 +183,7 @@ def _sklearn_choice(fits: list[dict]) -> tuple[float, dict]:
     """The C with the best mean validation accuracy over the seeds (the protocol of every
     method), and its per-seed results."""
     Cs = [r["C"] for r in fits[0]["per_C"]]
-    C = max(Cs, key=lambda c: (statistics.fmean(next(r for r in f["per_C"] if r["C"] == c)["val_acc"] for f in fits), -Cs.index(c)))
+    C = max(Cs, key=lambda c: (M.mean_accuracy(next(r for r in f["per_C"] if r["C"] == c)["val_acc"] for f in fits), -Cs.index(c)))
     return C, M.spread([next(r for r in f["per_C"] if r["C"] == C) for f in fits])
 
 
