@@ -81,3 +81,51 @@ def test_config_choices_are_the_registries_names():
         with pytest.raises(ConfigError) as e:
             build(ExtractConfig, apply_overrides(base, [f"{key}=nope"]))
         assert f"{key}: got 'nope', expected one of {list(registry)}" in str(e.value)
+
+
+def test_yaml_numbers_are_read_as_written(tmp_path):
+    """YAML 1.1 (PyYAML's default) read `batch_size: 016` as octal 14, `epochs=1:30` as 90
+    (base 60) and `lr: 1e-3` as a string: each was taken, or refused, without a word."""
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("store: s.zarr\noutput: out\nbatch_size: 016\nseed: 0100\nadapters:\n  - {kind: linear, lr: 1e-3}\n")
+    train = load_config("train", str(cfg))
+    assert (train.batch_size, train.seed, train.adapters[0].lr) == (16, 100, 0.001)
+    with pytest.raises(ConfigError, match=r"epochs: got '1:30', expected an integer"):
+        load_config("train", str(cfg), ["epochs=1:30"])
+    sweep = {"store": "s.zarr", "output": "o", "space": [{"kind": "linear", "lr": [1e-3, 3e-3]}]}
+    assert load_config("sweep", apply_overrides(sweep, ["space=[{kind: linear, lr: [1e-3, 3e-3]}]"])).space[0].lr == [0.001, 0.003]
+
+
+def test_a_key_given_twice_is_refused_by_line(tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("store: s.zarr\nepochs: 3\noutput: out\nepochs: 1\n")
+    with pytest.raises(ConfigError, match=r"line 4, column 1: key 'epochs' is given twice \(lines 2 and 4\)"):
+        load_config("train", str(cfg))
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_a_number_that_is_not_finite_is_refused_by_key(value):
+    """A NaN learning rate trained nothing and exited 0 (every member 'diverged')."""
+    base = {"store": "s.zarr", "output": "o", "adapters": [{"kind": "linear"}]}
+    with pytest.raises(ConfigError) as e:
+        load_config("train", base, [f"adapters=[{{kind: linear, lr: {value}}}]", f"warmup_epochs={value}"])
+    assert "adapters[0].lr" in str(e.value) and "warmup_epochs" in str(e.value)
+
+
+def test_a_pair_takes_exactly_two_values_and_the_top_level_a_mapping(tmp_path):
+    base = {"backbone": {"name": "m"}, "data": {"kind": "npz", "root": "r"}, "store": {"path": "p"}}
+    for scale in ("[0.1, 0.5, 0.9]", "[0.5]"):
+        with pytest.raises(ConfigError, match=r"augment.scale: got \[.*\], expected a list of 2 \(a number, a number\)"):
+            load_config("extract", base, [f"augment.scale={scale}"])
+    for text in ("false", "[]"):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(ConfigError, match="top level must be a mapping"):
+            load_config("train", str(tmp_path / "c.yaml"))
+
+
+@pytest.mark.parametrize("space", ["[{kind: linear, lr: [.nan]}]", "[{kind: linear, lr: {low: 0.001, high: .inf}}]",
+                                   "[{kind: inca, hparams: {dropout: [.nan]}}]"])
+def test_a_sweep_axis_that_is_not_finite_is_refused(space):
+    """lr [.nan] ran, every trial 'pruned', exit 0; a range to .inf overflowed while sampling."""
+    with pytest.raises(ConfigError, match="expected finite numbers"):
+        load_config("sweep", {"store": "s.zarr", "output": "o", "space": []}, [f"space={space}"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -18,13 +20,65 @@ import yaml
 from cache import ConfigError  # one class for every config problem (cache never imports pipeline)
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's numbers and no key given twice. YAML 1.1 (PyYAML's
+    own) reads `016` as octal 14, `1:30` as 90 (base 60) and `1e-3` as a string: values a
+    config would take silently. A key given twice kept the last value without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+# YAML 1.2's core schema: decimal integers (leading zeros too), 0o and 0x; floats with a dot or
+# an exponent, and .inf/.nan (which the config then refuses by name).
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                    list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+
+
+def _construct_int(loader: _ConfigLoader, node) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0) if text[:2].lower() in ("0o", "0x") else int(text)  # int("016", 0) refuses the leading zero
+
+
+def _construct_float(loader: _ConfigLoader, node) -> float:
+    return float(loader.construct_scalar(node).lower().replace(".inf", "inf").replace(".nan", "nan"))
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+def parse_yaml(text) -> Any:
+    """A config's YAML (a file's stream or one override's value) under the config's rules."""
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError([f"config file {str(path)!r} is a directory; give a YAML file"], str(path))
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist"], str(path))
     try:
         with path.open() as f:
-            data = yaml.safe_load(f) or {}
+            data = parse_yaml(f)
+        data = {} if data is None else data
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {_yaml_problem(e)}"], str(path)) from None
     except UnicodeDecodeError as e:
@@ -53,7 +107,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = child
         else:
             try:
-                node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+                node[parts[-1]] = parse_yaml(raw) if raw != "" else ""
             except yaml.YAMLError as e:
                 problems.append(f"override {item!r}: the value is not valid YAML: {_yaml_problem(e)}")
     if problems:
@@ -158,9 +212,12 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str], checks: list[st
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: got {value!r}, expected a list of {_describe(get_args(tp)[0])}")
+            problems.append(f"{key}: got {value!r}, expected {_describe(tp)}")
             return None
-        (item_tp, *_) = get_args(tp)
+        (item_tp, *rest) = get_args(tp)
+        if origin is tuple and Ellipsis not in rest and len(value) != 1 + len(rest):  # tuple[float, float]: exactly two
+            problems.append(f"{key}: got {value!r}, expected {_describe(tp)}")
+            return None
         items = [_convert(item_tp, v, f"{key}[{i}]", problems, checks) for i, v in enumerate(value)]
         return tuple(items)
     if origin is dict:
@@ -178,15 +235,12 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str], checks: list[st
             problems.append(f"{key}: got {value!r}, expected an integer")
         return value
     if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-3" (no dot) as a string; accept what Python reads as a number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: got {value!r}, expected a number")
             return value
+        if not math.isfinite(value):  # a NaN lr trained nothing and exited 0
+            problems.append(f"{key}: got {value!r}, expected a finite number")
+            return None
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -201,6 +255,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in get_args(tp))
     if origin is Literal:
         return f"one of {list(get_args(tp))}"
+    if origin is tuple and get_args(tp)[1:] and Ellipsis not in get_args(tp):
+        return f"a list of {len(get_args(tp))} ({', '.join(_describe(a) for a in get_args(tp))})"
     if origin in (list, tuple):
         return f"a list of {_describe(get_args(tp)[0])}"
     if tp is type(None):
@@ -219,4 +275,4 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["ConfigError", "load_yaml", "apply_overrides", "build", "to_dict"]
+__all__ = ["ConfigError", "load_yaml", "parse_yaml", "apply_overrides", "build", "to_dict"]

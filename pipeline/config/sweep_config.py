@@ -87,18 +87,20 @@ def parse_axis(key: str, value: Any) -> Axis:
             raise ValueError(f"{key}: got {value!r}, expected a range {{low, high, log}}"
                              + (f"; unknown {unknown}" if unknown else "") + (f"; missing {missing}" if missing else ""))
         low, high, log = value["low"], value["high"], value.get("log", False)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not isinstance(log, bool):
-            raise ValueError(f"{key}: got {value!r}, expected numbers for low and high and true/false for log")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
+                or not isinstance(log, bool):
+            raise ValueError(f"{key}: got {value!r}, expected finite numbers for low and high and true/false for log")
         if not low < high:
             raise ValueError(f"{key}: got low={low}, high={high}, expected low < high")
         if log and low <= 0:
             raise ValueError(f"{key}: got low={low} with log: true, expected low > 0")
         return Range(float(low), float(high), log)
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError(f"{key}: got [], expected at least one choice")
-        return tuple(value)
-    return (value,)
+    choices = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not choices:
+        raise ValueError(f"{key}: got [], expected at least one choice")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in choices):  # a NaN lr trained nothing and exited 0
+        raise ValueError(f"{key}: got {value!r}, expected finite numbers")
+    return choices
 
 
 def integer_hparam(kind: str, key: str) -> bool:
