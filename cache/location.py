@@ -80,6 +80,8 @@ def option_problems(path: str, options: Mapping[str, Any], path_key: str = "path
     """Config-time checks (no I/O), each naming the key and what was expected; never repeating
     a value that may be a secret. `path_key` is the config key that holds `path`."""
     out = []
+    if not path.strip():  # "" is the current directory: a store written, or replaced, there
+        out.append(f"{path_key}: got {path!r}, expected a path or URL")
     if url_has_credentials(path):
         out.append(f"{path_key}: {CREDENTIALS_IN_URL}")
     if options and not is_url(path):

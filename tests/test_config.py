@@ -129,3 +129,13 @@ def test_a_sweep_axis_that_is_not_finite_is_refused(space):
     """lr [.nan] ran, every trial 'pruned', exit 0; a range to .inf overflowed while sampling."""
     with pytest.raises(ConfigError, match="expected finite numbers"):
         load_config("sweep", {"store": "s.zarr", "output": "o", "space": []}, [f"space={space}"])
+
+
+def test_an_empty_path_is_refused_by_key():
+    """"" is the current directory: a store written there, an output replaced there."""
+    base = {"backbone": {"name": "m"}, "data": {"kind": "npz", "root": ""}, "store": {"path": " "}}
+    with pytest.raises(ConfigError) as e:
+        load_config("extract", base)
+    assert "data.root: got '', expected a path" in str(e.value) and "store.path: got ' ', expected a path or URL" in str(e.value)
+    with pytest.raises(ConfigError, match="store: got '', expected a path or URL"):
+        load_config("train", {"store": "", "output": "o", "adapters": [{"kind": "linear"}]})

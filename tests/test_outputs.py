@@ -47,6 +47,24 @@ def test_a_used_output_is_refused_and_overwrite_replaces_it_whole(store, tmp_pat
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
+def test_overwrite_never_replaces_a_folder_that_is_not_a_runs_output(store, tmp_path, monkeypatch):
+    """`output: ""` (the current directory) or a project folder with --overwrite: the folder
+    was replaced by the run's files, everything in it deleted."""
+    from cache import ConfigError
+
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "notes.txt").write_text("mine")
+    before = files(project)
+    with pytest.raises(OutputInUse, match="is not a run's output .*--overwrite replaces only a run's output folder"):
+        run_train(train_config(store[0], project, LINEAR, epochs=1), overwrite=True)
+    assert files(project) == before and sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+    monkeypatch.chdir(project)
+    with pytest.raises(ConfigError, match="output: got '', expected a folder path"):
+        run_train(train_config(store[0], "", LINEAR, epochs=1), overwrite=True)
+    assert files(project) == before
+
+
 def test_overwrite_through_a_symlinked_output_replaces_its_target_and_keeps_the_link(store, tmp_path):
     """It used to put the new folder where the link was, then fail with a traceback removing
     the renamed link (rmtree on a symlink)."""

@@ -126,6 +126,8 @@ class DataConfig:
 
     def problems(self) -> list[str]:
         out = []
+        if not self.root.strip():
+            out.append(f"root: got {self.root!r}, expected a path")
         if not self.splits:
             out.append("splits: got [], expected at least one split name")
         if DATA_SOURCES[self.kind].needs_name and not self.name:

@@ -169,7 +169,10 @@ class StoreJob(TrainingSettings):
     output: str
 
     def job_problems(self) -> list[str]:
-        return self.training_problems() + option_problems(self.store, self.storage_options, path_key="store")
+        out = self.training_problems() + option_problems(self.store, self.storage_options, path_key="store")
+        if not self.output.strip():  # "" is the current directory, which --overwrite replaced
+            out.append(f"output: got {self.output!r}, expected a folder path")
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)

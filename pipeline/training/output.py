@@ -3,7 +3,9 @@
 A run writes into a hidden staging folder beside its output (`.NAME.partial-PID`) and renames
 it into place when it finishes, so an interrupted run leaves no half-written results under the
 real name. A used output folder (anything in it) is refused unless `overwrite`, which replaces
-it whole once the new run has finished; stagings left by killed runs are removed.
+it whole once the new run has finished, and only when it is a run's output: `--overwrite` with
+the output set to a project folder (or to "", the current directory) deleted that folder.
+Stagings left by killed runs are removed.
 """
 
 from __future__ import annotations
@@ -21,10 +23,18 @@ class OutputInUse(FeatureCacheError):
     """The output folder holds another run's files."""
 
 
+RUN_FILES = ("config.json", "metrics.jsonl")  # what every finished run's folder holds (a run writes them first)
+
+
 def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
         raise OutputInUse(f"output {str(out)!r} already holds files (another run's?); choose another output, "
                           "or pass --overwrite to replace it when this run finishes")
+    if not out.is_dir() or not all((out / name).is_file() for name in RUN_FILES):
+        raise OutputInUse(f"output {str(out)!r} holds files but is not a run's output (no {' and '.join(RUN_FILES)}); "
+                          "--overwrite replaces only a run's output folder: choose another output")
 
 
 @contextmanager
