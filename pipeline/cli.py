@@ -26,7 +26,13 @@ OUR_LOGGERS = ("pipeline", "cache")
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     """prog: the name shown in usage lines; by default the name this was invoked by."""
     parser = build_parser(prog or _invoked_as(argv))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes KEY=VALUE overrides only before the first option (`train C.yaml --overwrite
+    # epochs=1` was refused); the ones after it are overrides too, and nothing else may be left.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     with _logging(args.log_level):
         try:
             return COMMANDS[args.command](args)
@@ -77,7 +83,7 @@ def build_parser(prog: str = "featurecache") -> argparse.ArgumentParser:
     pr.add_argument("--adapter", action="append", required=True, metavar="DIR",
                     help="a saved adapter directory (runs/*/adapters/NN_*); repeat it for several tasks")
     pr.add_argument("--out", default="predictions.csv", help="CSV, or JSON when it ends in .json")
-    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--batch-size", type=_counted(1), default=32)
 
     be = command("bench", "the real benchmark: accuracy, cost and speed of every method; writes BENCHMARKS.md")
     _config_arguments(be, "a bench config (configs/bench_real.yaml)", "epochs=2 seeds=[0]")
@@ -109,9 +115,23 @@ def _config_arguments(p: argparse.ArgumentParser, what: str, example: str) -> No
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"dotted key=value overrides (YAML values), e.g. {example}")
 
 
+def _counted(least: int):
+    """An argparse type: an integer >= least (a batch size of -1 predicted nothing, exit 0;
+    --workers -1 waited for workers forever)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}, expected an integer >= {least}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= {least}")
+        return value
+    return parse
+
+
 def _dask_arguments(p: argparse.ArgumentParser, workers_help: str, scheduler_help: str) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--workers", type=int, metavar="N", help=workers_help)
+    g.add_argument("--workers", type=_counted(0), metavar="N", help=workers_help)
     g.add_argument("--scheduler", metavar="ADDR", help=scheduler_help)
 
 

@@ -92,6 +92,28 @@ def test_predict_takes_repeated_adapters_and_images_as_positionals(monkeypatch):
             main(argv)
 
 
+def test_overrides_may_follow_options_and_nothing_else_may_be_left(monkeypatch, capsys):
+    """`train C.yaml --overwrite epochs=1` was refused (argparse takes positionals before the
+    first option only); anything after that is not KEY=VALUE still is."""
+    seen = {}
+    monkeypatch.setitem(cli.COMMANDS, "train", lambda args: seen.update(vars(args)) or 0)
+    assert main(["train", "c.yaml", "lr=1", "--overwrite", "epochs=1", "-q", "seed=3"]) == 0
+    assert seen["overrides"] == ["lr=1", "epochs=1", "seed=3"] and seen["overwrite"]
+    with pytest.raises(SystemExit) as e:
+        main(["train", "c.yaml", "--overwrite", "stray"])
+    assert e.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["predict", "img.png", "--adapter", "a", "--batch-size", "0"],
+                                  ["predict", "img.png", "--adapter", "a", "--batch-size", "-1"],
+                                  ["extract", "c.yaml", "--workers", "-1"], ["sweep", "c.yaml", "--workers", "x"]])
+def test_counts_out_of_range_are_refused_by_argument(argv, capsys):
+    """--batch-size -1 predicted nothing (exit 0), 0 crashed; extract --workers -1 hung."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and re.search(r"argument --(batch-size|workers): got .*, expected an integer >= [01]", capsys.readouterr().err)
+
+
 def test_quiet_and_verbose_set_our_log_level_and_restore_it(monkeypatch):
     levels = []
     monkeypatch.setitem(cli.COMMANDS, "list", lambda args: levels.append(logging.getLogger("pipeline.runners.train").getEffectiveLevel()) or 0)
