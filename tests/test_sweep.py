@@ -1,6 +1,7 @@
 """sweep: config errors, deterministic trials, dask == in-process, reruns skip, a killed worker."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -274,6 +275,41 @@ def test_integer_ranges_hold_the_integers_inside_low_high(tmp_path):
     with pytest.raises(ConfigError, match=r"space\[0\].hparams.num_queries: got low=4.2, high=4.8, which holds no integer"):
         build(SweepConfig, sweep_data("s", tmp_path, [{"kind": "inca", "hparams": {"num_queries": {"low": 4.2, "high": 4.8}}}],
                                       search="random", num_trials=3))
+
+
+def test_random_search_draws_each_integer_of_a_range_as_optuna_defines_it(tmp_path):
+    """Rounding a draw over [1, 4] gave 1 and 4 half the weight of 2 and 3 (TPE's suggest_int
+    draws them evenly); a log range covers k with [k - 0.5, k + 0.5) on the log scale."""
+    space = [{"kind": "inca", "lr": {"low": 1e-4, "high": 1e-1, "log": True},  # distinct trials: equal ones are one trial
+              "hparams": {"num_queries": {"low": 1, "high": 4}, "num_heads": {"low": 1, "high": 8, "log": True}}}]
+    trials = make_trials(build(SweepConfig, sweep_data("s", tmp_path, space, search="random", num_trials=8000)), {"store": "x"})
+    for key, expected in [("num_queries", {k: 1 / 4 for k in range(1, 5)}),
+                          ("num_heads", {k: (math.log(k + 0.5) - math.log(k - 0.5)) / (math.log(8.5) - math.log(0.5)) for k in range(1, 9)})]:
+        drawn = [t.hparams[key] for t in trials]
+        assert all(isinstance(v, int) for v in drawn)
+        for k, p in expected.items():  # 8,000 seeded draws: 0.02 is over 4 standard errors
+            assert abs(drawn.count(k) / len(drawn) - p) < 0.02, (key, k, drawn.count(k) / len(drawn), p)
+
+
+def test_a_diverged_trial_is_told_the_worst_accuracy_and_a_torn_journal_line_is_dropped(tmp_path):
+    """A half-NaN member scored 0.89 on the samples it still scored: told that, TPE spent its
+    next proposals beside a configuration the sweep never exports. A journal line cut short
+    (a full disk) made every later run of the study fail to read it."""
+    pytest.importorskip("optuna", reason="optuna is not installed (pip install -e '.[dev]' installs it)")
+    from pipeline.sweeping.tpe import TpeSearch
+
+    cfg = build(SweepConfig, sweep_data("s", tmp_path, SPACE, search="tpe", num_trials=3))
+    search = TpeSearch(cfg, {"store": "x"}, tmp_path)
+    (a, _), (b, _), (c, _) = search.ask(3)
+    search.tell(a, {"metrics": {"val_acc": 0.89, "diverged": True}})
+    search.tell(b, {"metrics": {"val_acc": 0.55}})
+    assert search.best_value() == 0.55 and search.finished() == 2
+    journal = tmp_path / "study.journal"
+    journal.write_bytes(journal.read_bytes()[:-20])  # the last record, trial b's tell, torn
+    again = TpeSearch(cfg, {"store": "x"}, tmp_path)
+    again.recover({})  # b is RUNNING again, with no row to tell it from: failed; c never trained: failed
+    assert again.best_value() == 0.0 and again.finished() == 1
+    assert [t.state.name for t in study_trials(tmp_path)] == ["COMPLETE", "FAIL", "FAIL"]
 
 
 def test_every_trial_is_told_the_validation_accuracy_of_its_row(store, tmp_path):

@@ -35,8 +35,9 @@ YAML format (every key but `store`, `output` and `space` has a default):
 
 Axes: `lr`, `weight_decay` and every value under `hparams` take a single value, a list of
 choices, or (random and tpe search) a range `{low, high, log}`: uniform, or log-uniform with
-`log: true`; floats are rounded to 4 significant digits, integer hyperparameters to
-integers. `layer` / `layers` take lists of choices. `seeds` is never sampled: each grid
+`log: true`; floats are rounded to 4 significant digits; an integer hyperparameter draws
+each integer in the range alike (with `log: true`, k covers [k - 0.5, k + 0.5) on the log
+scale), as Optuna defines integer ranges. `layer` / `layers` take lists of choices. `seeds` is never sampled: each grid
 point or random sample is trained once per listed seed (default: `[seed]`). A grid is the
 product of every axis; random search draws `num_trials` samples per space entry from a
 generator seeded with (seed, entry index), so a larger `num_trials` extends the same list.

@@ -288,10 +288,10 @@ def _export(cfg: SweepConfig, rows: list[dict], out: Path) -> dict:
     if not rows:
         return {}
     best = best_per_kind(rows)
-    unfinished = sorted({r["config"]["kind"] for r in rows} - set(best))
-    if unfinished:  # pruning ranks across kinds: every trial of a kind may have been stopped
-        log.warning("no %s trial trained to the end (pruning stopped every one); %s not in the best train config",
-                    " or ".join(unfinished), "it is" if len(unfinished) == 1 else "they are")
+    for kind in sorted({r["config"]["kind"] for r in rows} - set(best)):  # pruning ranks across kinds, and trials diverge
+        ends = {"pruned" if r["metrics"].get("pruned_at") is not None else "diverged" for r in rows if r["config"]["kind"] == kind}
+        why = " or ".join(f"{'pruning stopped' if e == 'pruned' else 'non-finite outputs ended'}" for e in sorted(ends, reverse=True))
+        log.warning("no %s trial trained to the end with finite outputs (%s every one); it is not in the best train config", kind, why)
     if not best:
         (out / "results.md").write_text(results_markdown(rows, best))
         log.warning("no trial trained to the end: no best train config written; see %s", out / "results.md")

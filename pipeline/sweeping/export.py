@@ -56,7 +56,7 @@ def results_markdown(rows: list[dict], best: dict[str, dict]) -> str:
         arch = {k: v for k, v in c["hparams"].items() if k not in ("layer", "layers")}
         lines.append(f"| {r['trial']} | {c['kind']} | {layer_label(c['hparams'])} | {json.dumps(arch) if arch else '-'} | {c['lr']:g} | "
                      f"{c['weight_decay']:g} | {c['seed']} | {m['params']:,} | {_pct(m['val_acc'])} | {_pct(m['test_acc'])} | {m['train_s']:.1f} | "
-                     f"{m.get('pruned_at') or '-'} |")
+                     f"{m.get('pruned_at') or '-'}{' (diverged)' if m.get('diverged') else ''} |")
     lines += ["", "**Best per kind** (by validation accuracy):", ""]
     for kind, r in best.items():
         lines.append(f"- {kind}: trial {r['trial']} ({r['member']}): val {_pct(r['metrics']['val_acc'])}, test {_pct(r['metrics']['test_acc'])}")

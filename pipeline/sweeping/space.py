@@ -93,13 +93,17 @@ def _random(cfg: SweepConfig):
 def _sample(rng: np.random.Generator, axis, integer: bool):
     if not isinstance(axis, Range):
         return axis[int(rng.integers(len(axis)))]  # indexing keeps YAML's own types
+    if integer:
+        # Each integer as likely as Optuna's TPE (and its random start) makes it: rounding a
+        # draw over [first, last] gave the two ends half the weight of the others.
+        first, last = axis.integers()
+        if not axis.log:
+            return int(rng.integers(first, last + 1))
+        value = math.exp(rng.uniform(math.log(first - 0.5), math.log(last + 0.5)))  # k covers [k - 0.5, k + 0.5)
+        return int(min(max(round(value), first), last))
     low, high = (math.log(axis.low), math.log(axis.high)) if axis.log else (axis.low, axis.high)
     value = float(rng.uniform(low, high))
-    value = math.exp(value) if axis.log else value
-    if integer:
-        first, last = axis.integers()
-        return int(min(max(round(value), first), last))
-    return significant(value)
+    return significant(math.exp(value) if axis.log else value)
 
 
 def significant(value: float) -> float:

@@ -58,6 +58,7 @@ class TpeSearch:
         name = "sweep-" + hashlib.sha256(space.encode()).hexdigest()[:12]
         # The journal's own lock file would outlive a SIGKILL (the rerun waits 30 s, then
         # breaks it); the sweep driver holds its output folder's lease instead (run_sweep).
+        _drop_torn_line(out / "study.journal")
         storage = JournalStorage(JournalFileBackend(str(out / "study.journal"), lock_obj=_lease_held()))
         self.study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
         # Seeded by the sweep's seed and how far the study got: a rerun continues the search
@@ -132,6 +133,11 @@ class TpeSearch:
                 asked.report(value, int(epoch))
         if metrics.get("pruned_at") is not None:
             self.study.tell(number, state=states.PRUNED)
+        elif metrics.get("diverged"):
+            # Its accuracy counts only the samples it still scored (0.89 on a half-NaN run):
+            # told as such, TPE spent its next proposals beside a configuration the sweep
+            # never exports. The worst accuracy steers it away, and the trial still counts.
+            self.study.tell(number, 0.0)
         else:
             self.study.tell(number, metrics["val_acc"])
 
@@ -154,6 +160,20 @@ def _suggest_axis(ot, name: str, axis, integer: bool):
         return significant(ot.suggest_float(name, axis.low, axis.high, log=axis.log))
     choices = [json.dumps(v) for v in axis]
     return axis[choices.index(ot.suggest_categorical(name, choices))]  # the value itself, in YAML's own type
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a partial last line (a write torn by a full disk or a power loss): Optuna skips it
+    when reading, then glues its next record onto it, and every later read of the study fails.
+    The trial whose record was lost is still RUNNING, and `recover` settles it from its row."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: its last record was cut short (%d bytes); dropping it (an interrupted write)", path, len(data) - keep)
+        with path.open("r+b") as f:
+            f.truncate(keep)
 
 
 def _lease_held():
