@@ -139,3 +139,18 @@ def test_an_empty_path_is_refused_by_key():
     assert "data.root: got '', expected a path" in str(e.value) and "store.path: got ' ', expected a path or URL" in str(e.value)
     with pytest.raises(ConfigError, match="store: got '', expected a path or URL"):
         load_config("train", {"store": "", "output": "o", "adapters": [{"kind": "linear"}]})
+
+
+def test_seeds_and_layer_lists_out_of_range_are_refused_by_key():
+    """A negative seed raised a raw ValueError (numpy) or OverflowError (torch), bench's only
+    after extraction; `layers: []` trained no member of its entry without a word."""
+    base = {"store": "s.zarr", "output": "o", "adapters": [{"kind": "linear"}]}
+    with pytest.raises(ConfigError) as e:
+        load_config("train", base, ["seed=-1", "adapters=[{kind: linear, layers: [], seeds: [0, 18446744073709551616]}]"])
+    for expected in ("seed: got -1, expected integers in [0, 2**63)", "adapters[0].layers: got [], expected 'all'",
+                     "adapters[0].seeds: got [0, 18446744073709551616], expected integers in [0, 2**63)"):
+        assert expected in str(e.value)
+    with pytest.raises(ConfigError, match=r"adapters\[0\].seeds: got \[\], expected at least one seed"):
+        load_config("train", base, ["adapters=[{kind: linear, seeds: []}]"])
+    with pytest.raises(ConfigError, match=r"space\[0\].seeds: got \[-3\]"):
+        load_config("sweep", {"store": "s.zarr", "output": "o", "space": [{"kind": "linear", "seeds": [-3]}]})

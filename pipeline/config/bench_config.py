@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from pipeline.config.train_config import AdapterEntry
+from pipeline.config.train_config import AdapterEntry, seed_problems
 
 
 def method_id(entry: AdapterEntry) -> str:
@@ -80,8 +80,7 @@ class FinetuneSettings:
             out.append(f"warmup_epochs: got {self.warmup_epochs}, expected >= 0")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             out.append(f"crop_scale: got {list(self.crop_scale)}, expected [low, high] with 0 < low <= high <= 1")
-        if self.seeds == ():
-            out.append("seeds: got [], expected at least one seed or null")
+        out += seed_problems("seeds", self.seeds)
         return out
 
 
@@ -176,11 +175,13 @@ class BenchConfig:
         names = [c.name for c in self.cases]
         for name in sorted({n for n in names if names.count(n) > 1}):
             out.append(f"cases: name {name!r} is used twice")
-        if not self.seeds:
-            out.append("seeds: got [], expected at least one seed")
+        out += seed_problems("seeds", self.seeds)
         for key in ("epochs", "batch_size"):
             if getattr(self, key) <= 0:
                 out.append(f"{key}: got {getattr(self, key)}, expected > 0")
+        for key in ("min_steps", "warmup_epochs"):  # found only after extraction before
+            if getattr(self, key) < 0:
+                out.append(f"{key}: got {getattr(self, key)}, expected >= 0")
         if not 0 < self.val_fraction < 1:
             out.append(f"val_fraction: got {self.val_fraction}, expected a value in (0, 1)")
         if self.speed is not None and self.speed.case not in names:

@@ -57,7 +57,7 @@ from typing import Any, Literal, Optional, Union
 from pipeline.adapters import ADAPTERS, AdapterConfigError, adapter_class, parse_hparams
 from pipeline.adapters.registry import unknown_kind
 from pipeline.config.loader import to_dict
-from pipeline.config.train_config import StoreJob, TrainingSettings
+from pipeline.config.train_config import StoreJob, TrainingSettings, seed_problems
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,7 @@ class SpaceEntry:
                 out.append(f"{key}: adapter {self.kind!r} has no `{key}` hyperparameter{instead}")
             elif getattr(self, key) == ():
                 out.append(f"{key}: got [], expected at least one choice or null")
-        if self.seeds == ():
-            out.append("seeds: got [], expected at least one seed or null")
+        out += seed_problems("seeds", self.seeds)
         for key in ("lr", "weight_decay"):
             try:
                 axis = parse_axis(key, getattr(self, key))

@@ -46,8 +46,10 @@ class AdapterEntry:
                 out.append(f"hparams.{key}: set the entry's `layers` instead")
         if self.layers is not None and "layer" not in fields and "layers" not in fields:
             out.append(f"layers: adapter {self.kind!r} chooses its own layers; remove `layers`")
-        if isinstance(self.layers, str) and self.layers != "all":
-            out.append(f"layers: got {self.layers!r}, expected 'all', a list of layer names or null")
+        if (isinstance(self.layers, str) and self.layers != "all") or self.layers == ():  # [] trained no member, silently
+            out.append(f"layers: got {list(self.layers) if isinstance(self.layers, tuple) else self.layers!r}, "
+                       "expected 'all', a list of layer names or null")
+        out += seed_problems("seeds", self.seeds)
         try:
             parse_hparams(self.kind, self.hparams)
         except AdapterConfigError as e:
@@ -104,6 +106,21 @@ def promoted(value: float, competing: list[float], reduction_factor: int) -> boo
     return value >= ranked[max(len(ranked) // reduction_factor - 1, 0)]
 
 
+SEED_LIMIT = 2**63  # numpy's SeedSequence takes no negative seed, torch.manual_seed none past 2**64
+
+
+def seed_problems(key: str, seeds) -> list[str]:
+    """A seed, or a list of them (None: not given), each in [0, 2**63); an empty list is refused."""
+    if seeds is None:
+        return []
+    values = seeds if isinstance(seeds, tuple) else (seeds,)
+    if not values:
+        return [f"{key}: got [], expected at least one seed or null"]
+    if any(not 0 <= s < SEED_LIMIT for s in values):  # a raw ValueError or OverflowError, some only after extraction
+        return [f"{key}: got {list(values) if isinstance(seeds, tuple) else seeds}, expected integers in [0, 2**63)"]
+    return []
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainingSettings:
     """How every adapter is trained; shared by `train` configs and by each trial of a sweep."""
@@ -136,7 +153,7 @@ class TrainingSettings:
     pruning: Optional[Pruning] = None
 
     def training_problems(self) -> list[str]:
-        out = []
+        out = seed_problems("seed", self.seed)
         if self.val_split is None and not 0 < self.val_fraction < 1:
             out.append(f"val_fraction: got {self.val_fraction}, expected a value in (0, 1)")
         # A split that chooses (validation) or scores (test) must not be one that trains or
