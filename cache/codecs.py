@@ -12,9 +12,12 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 # The compressors, by the name store.compressor.name gives: level -> zarr codecs.
 COMPRESSORS = {
     "zstd": lambda level: [ZstdCodec(level=level)],
-    "lz4": lambda level: [BloscCodec(cname="lz4", clevel=max(1, min(level, 9)), shuffle="shuffle")],
+    "lz4": lambda level: [BloscCodec(cname="lz4", clevel=level, shuffle="shuffle")],
     "none": lambda level: [],
 }
+# The levels each takes (the config refuses others: lz4's were clamped without a word, and
+# zstd's failed inside zarr with a raw error). "none" takes any.
+COMPRESSOR_LEVELS = {"zstd": (-131072, 22), "lz4": (1, 9)}
 
 
 def checked_codecs(name: str, level: int) -> list:
@@ -24,4 +27,4 @@ def checked_codecs(name: str, level: int) -> list:
     return COMPRESSORS[name](level) + [Crc32cCodec()]
 
 
-__all__ = ["COMPRESSORS", "checked_codecs"]
+__all__ = ["COMPRESSOR_LEVELS", "COMPRESSORS", "checked_codecs"]

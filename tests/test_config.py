@@ -154,3 +154,15 @@ def test_seeds_and_layer_lists_out_of_range_are_refused_by_key():
         load_config("train", base, ["adapters=[{kind: linear, seeds: []}]"])
     with pytest.raises(ConfigError, match=r"space\[0\].seeds: got \[-3\]"):
         load_config("sweep", {"store": "s.zarr", "output": "o", "space": [{"kind": "linear", "seeds": [-3]}]})
+
+
+@pytest.mark.parametrize("override", ["backbone.model_kwargs.depth=2.5", "backbone.model_kwargs.num_heads=0", "store.compressor.level=99",
+                                      "store.compressor={name: lz4, level: 0}"])
+def test_values_the_backbone_or_compressor_cannot_take_are_config_errors(tmp_path, override):
+    """timm's TypeError / ZeroDivisionError and zarr's ValueError came out as raw tracebacks;
+    lz4 clamped a level outside 1..9 without a word."""
+    from pipeline.runners.extract import plan_extraction
+    from tests.conftest import tiny_config, write_image_folder
+
+    with pytest.raises(ConfigError, match=r"backbone.model_kwargs: timm cannot build 'test_vit'|store.compressor.level: got"):
+        plan_extraction(tiny_config(tmp_path, write_image_folder(tmp_path / "img", per_class=1), override))

@@ -66,15 +66,20 @@ def _create(cfg: BackboneConfig, pre: PreprocessConfig) -> torch.nn.Module:
     pretrained = wants_timm_pretrained(cfg.weights)
     # "none" means random weights; seed them so that a rerun (resume) builds the same model.
     torch.manual_seed(0)
-    if pre.image_size is not None:
-        # ViTs size their position embedding at creation (timm resamples pretrained ones);
-        # CNNs take any size and reject the argument.
-        try:
-            return timm.create_model(cfg.name, pretrained=pretrained, img_size=pre.image_size, **kwargs)
-        except TypeError as e:
-            if "img_size" not in str(e):
-                raise
-    return timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+    try:
+        if pre.image_size is not None:
+            # ViTs size their position embedding at creation (timm resamples pretrained ones);
+            # CNNs take any size and reject the argument.
+            try:
+                return timm.create_model(cfg.name, pretrained=pretrained, img_size=pre.image_size, **kwargs)
+            except TypeError as e:
+                if "img_size" not in str(e):
+                    raise
+        return timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+    except (TypeError, ValueError, ArithmeticError, AssertionError) as e:
+        if not kwargs:  # nothing of the user's reached the model's constructor: a bug, with its traceback
+            raise
+        raise ConfigError(f"backbone.model_kwargs: timm cannot build {cfg.name!r} with {kwargs}: {type(e).__name__}: {e}") from e
 
 
 def _apply_overrides(dc: dict, pre: PreprocessConfig) -> dict:

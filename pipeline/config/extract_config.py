@@ -10,7 +10,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from cache import COMPRESSORS, ENCODINGS, is_url, option_problems
+from cache import COMPRESSOR_LEVELS, COMPRESSORS, ENCODINGS, is_url, option_problems
 from pipeline.backbones.tokens import TOKEN_REDUCTIONS
 from pipeline.data import DATA_SOURCES
 from pipeline.data.augment import AugmentPolicy
@@ -183,6 +183,10 @@ class PreprocessConfig:
 class CompressorConfig:
     name: CompressorName = "zstd"
     level: int = 3
+
+    def problems(self) -> list[str]:
+        low, high = COMPRESSOR_LEVELS.get(self.name, (self.level, self.level))
+        return [] if low <= self.level <= high else [f"level: got {self.level}, expected {low}..{high} for {self.name}"]
 
 
 @dataclass(frozen=True)
