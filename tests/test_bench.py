@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import yaml
@@ -381,3 +382,25 @@ def test_seeds_that_agree_show_a_zero_spread_and_one_seed_shows_none():
     agree, one = spread([{"val_acc": 0.5, "test_acc": 0.75}] * 3), spread([{"val_acc": 0.5, "test_acc": 0.75}])
     assert _pct(agree["test_acc"], agree["test_acc_sd"]) == "75.00 ± 0.00"
     assert _pct(one["test_acc"], one["test_acc_sd"]) == "75.00"
+
+
+@pytest.mark.parametrize("bad", [{"store_variants": [["store.dtyp=int8"]]}, {"views": {"counts": [1, 2], "augment": ["augment.scal=[0.5,1.0]"],
+                                                                                         "methods": [{"kind": "linear"}]}},
+                                 "readme"])
+def test_the_bench_refuses_what_would_fail_late_before_any_work(tmp_path, monkeypatch, bad):
+    """A store_variants typo was found after extraction and the grids; a README without the
+    headline markers at the very end, every result computed."""
+    import pipeline.runners.bench as bench_module
+
+    write_image_folder(tmp_path / "images", per_class=2)
+    data = yaml.safe_load(Path(_bench_yaml(tmp_path)).read_text())
+    data["cases"][0].pop("views")
+    data["cases"][0]["store_variants"] = []
+    if bad == "readme":
+        (tmp_path / "README.md").write_text("# no markers\n")
+    else:
+        data["cases"][0].update(bad)
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(bench_module, "_print_cost", lambda *a: pytest.fail("work began"))
+    with pytest.raises(ConfigError, match=r"unknown key; did you mean|has no headline block to rewrite"):
+        bench_module.run_bench(load_config(BenchConfig, str(tmp_path / "bench.yaml")), str(tmp_path / "bench.yaml"))

@@ -23,13 +23,13 @@ from pipeline.benchmarking import methods as M
 from pipeline.benchmarking.finetune import finetune
 from pipeline.benchmarking.machine import machine_info
 from pipeline.benchmarking.measured import run_measured
-from pipeline.benchmarking.report import PLOTS, with_standalone_sections, write_benchmarks, write_headline
+from pipeline.benchmarking.report import HEADLINE_END, HEADLINE_START, PLOTS, with_standalone_sections, write_benchmarks, write_headline
 from pipeline.benchmarking.sklearn_reference import SOLVER_TOL, fit_logistic
 from pipeline.benchmarking.speed import measure_speed
 from pipeline.benchmarking.store_variants import disk_per_sample, option_label, variant_config
 from pipeline.benchmarking.units import Units, key_hash
-from pipeline.benchmarking.views_study import run_views_study
-from pipeline.config import ExtractConfig, load_config, to_dict
+from pipeline.benchmarking.views_study import run_views_study, views_config
+from pipeline.config import ConfigError, ExtractConfig, load_config, to_dict
 from pipeline.config.bench_config import BenchCase, BenchConfig, method_id
 from pipeline.runners.extract import plan_extraction, run_extract
 
@@ -41,6 +41,7 @@ def run_bench(cfg: BenchConfig, config_path: str) -> dict:
     out = Path(cfg.output)
     units = Units(out / "units")
     extract_cfgs = {case.name: load_config(ExtractConfig, case.extract, list(case.overrides)) for case in cfg.cases}
+    _check_before_any_work(cfg, extract_cfgs)
     _print_cost(cfg, extract_cfgs)
     cases = [_run_case(cfg, case, extract_cfgs[case.name], units, out) for case in cfg.cases]
     speed = None
@@ -68,6 +69,23 @@ def run_bench(cfg: BenchConfig, config_path: str) -> dict:
         shutil.copytree(out / PLOTS, target.parent / PLOTS, dirs_exist_ok=True)
     log.info("bench done in %.0f s (%d units computed, %d reused); report %s", result["wall_s"], units.computed, units.reused, report)
     return result
+
+
+def _check_before_any_work(cfg: BenchConfig, extract_cfgs: dict) -> None:
+    """What would otherwise fail hours in: every store variant's and views store's config (a
+    typo in store_variants was found after extraction and the grids), and the README's
+    headline markers (found at the very end, with every result computed)."""
+    for case in cfg.cases:
+        for option in case.store_variants:
+            variant_config(extract_cfgs[case.name], option)
+        if case.views is not None:
+            for k in case.views.counts:
+                views_config(extract_cfgs[case.name], k, case.views.augment)
+    if cfg.readme:
+        text = Path(cfg.readme).read_text() if Path(cfg.readme).is_file() else ""
+        if HEADLINE_START not in text or HEADLINE_END not in text:
+            raise ConfigError(f"readme: {cfg.readme!r} has no headline block to rewrite; add the two marker lines "
+                              f"{HEADLINE_START!r} and {HEADLINE_END!r}, or set readme: null")
 
 
 def _print_cost(cfg: BenchConfig, extract_cfgs: dict) -> None:
