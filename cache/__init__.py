@@ -6,7 +6,7 @@
 from cache.background import BackgroundWriter
 from cache.codecs import COMPRESSOR_LEVELS, COMPRESSORS
 from cache.encodings import ENCODINGS, Encoding, encoding
-from cache.errors import ConfigError, FeatureCacheError, StoreError, StoreMismatchError, require_extra
+from cache.errors import CannotWrite, ConfigError, FeatureCacheError, StoreError, StoreMismatchError, cannot_write, require_extra
 from cache.fingerprint import differences
 from cache.layout import ChunkPlan
 from cache.local_files import pid_alive, replace_dir
@@ -32,9 +32,9 @@ from cache.writer import StoreWriter
 
 # Everything stage two, the runners and the CLI use: they import from `cache`, never its modules.
 __all__ = [
-    "BackgroundWriter", "Batch", "CacheReader", "ChunkPlan", "COMPRESSOR_LEVELS", "COMPRESSORS", "ConfigError", "ENCODINGS", "Encoding",
+    "BackgroundWriter", "Batch", "CacheReader", "CannotWrite", "ChunkPlan", "COMPRESSOR_LEVELS", "COMPRESSORS", "ConfigError", "ENCODINGS", "Encoding",
     "BackboneRecord", "FORMAT_VERSION", "FeatureCacheError", "Fingerprint", "LAYER_ROLES", "LayerSpec", "MANIFEST_KEY", "Manifest",
     "StorageRecord", "TOKEN_ORDER", "ViewsRecord", "split_of", "view_group", "StoreError", "StoreMismatchError",
-    "StoreWriter", "differences", "encoding", "is_url", "open_store", "option_problems", "pid_alive", "replace_dir",
+    "StoreWriter", "cannot_write", "differences", "encoding", "is_url", "open_store", "option_problems", "pid_alive", "replace_dir",
     "require_extra", "summarize", "verify_store",
 ]

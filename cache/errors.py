@@ -5,9 +5,10 @@
     │                            lists every problem at once (pipeline.adapters.AdapterConfigError,
     │                            a bad adapter kind, hyperparameter or layer choice, is one); also a
     │                            feature whose optional extra is not installed (require_extra)
-    └── StoreError               a store that cannot be used as asked (missing, incomplete, not ours)
-        └── StoreMismatchError   made with another config, backbone or dataset (a store, or the
-                                 store an adapter was trained on); names every differing key
+    ├── StoreError               a store that cannot be used as asked (missing, incomplete, not ours)
+    │   └── StoreMismatchError   made with another config, backbone or dataset (a store, or the
+    │                            store an adapter was trained on); names every differing key
+    └── CannotWrite              a full disk, a quota or an unwritable place (`cannot_write`)
 
 Anything else that escapes is a bug, and the CLI shows its traceback. `cache` never imports
 `pipeline`, so the family lives here and `pipeline` derives its own errors from it.
@@ -15,7 +16,12 @@ Anything else that escapes is a bug, and the CLI shows its traceback. `cache` ne
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
 
 
 class FeatureCacheError(Exception):
@@ -71,6 +77,44 @@ class StoreMismatchError(StoreError):
         lines = "\n".join(f"  - {d}" for d in differences)
         subject = subject or f"store {path!r} was made differently"
         super().__init__(f"{subject}:\n{lines}" + (f"\n{hint}" if hint else ""))
+
+
+class CannotWrite(FeatureCacheError):
+    """A write the machine refused: a full disk, a quota, a read-only or forbidden place."""
+
+
+# What an OSError while writing means, for one line: the state of the user's machine, not a bug.
+WRITE_OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+@contextmanager
+def cannot_write(what: str, kept: str, error: type = CannotWrite, under: Optional[Path] = None) -> Iterator[None]:
+    """Turn a write the machine refused into one `error` line naming `what` was being written,
+    the reason and `kept`: what is left as it was, and what to do. Other OSErrors pass, and
+    with `under`, so does a refused access to a file outside it (a read, not this write)."""
+    try:
+        yield
+    except OSError as e:
+        reason = WRITE_OS_ERRORS.get(e.errno)
+        if reason is None:
+            raise
+        if under is not None and e.errno not in (errno.ENOSPC, errno.EDQUOT) and not _inside(e.filename, under):
+            raise
+        at = f" at {e.filename!r}" if e.filename else ""
+        raise error(f"{what}: {reason} ({errno.errorcode[e.errno]}{at}); {kept}") from e
+
+
+def _inside(filename, folder: Path) -> bool:
+    if filename is None:
+        return False
+    path, folder = Path(os.fsdecode(filename)).resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def require_extra(what: str, extra: str, *modules: str) -> None:

@@ -108,6 +108,45 @@ def test_the_cli_refuses_a_used_output_in_one_line(store, tmp_path, capsys):
     assert main(["train", str(config), "--overwrite"]) == 0
 
 
+def test_a_full_disk_is_one_line_and_leaves_outputs_as_they_were(store, tmp_path, capsys, monkeypatch):
+    """train, sweep and predict showed a raw OSError traceback; predict left a CSV cut short,
+    some images' predictions missing, under the real name."""
+    import errno
+    import os
+
+    import yaml
+
+    import pipeline.runners.predict
+    import pipeline.runners.train
+    import pipeline.sweeping.results_log
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    run_train(train_config(store[0], tmp_path / "run", LINEAR, epochs=1, save_top=1))
+    before = files(tmp_path / "run")
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"store": store[0], "output": str(tmp_path / "run"), "epochs": 1, "batch_size": 8,
+                                      "test_split": "val", "adapters": LINEAR}))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"store": store[0], "output": str(tmp_path / "sweep"), "epochs": 1, "batch_size": 8,
+                                     "test_split": "val", "space": [{"kind": "linear", "lr": [0.01, 0.1]}]}))
+    adapter = str(next((tmp_path / "run" / "adapters").iterdir()))
+    (tmp_path / "preds.csv").write_text("old\n")
+    for argv, what, where in [
+            (["train", str(config), "--overwrite"], "output", (pipeline.runners.train, "write_report")),
+            (["sweep", str(sweep), "--workers", "0"], "sweep output", (pipeline.sweeping.results_log.TrialsLog, "append")),
+            (["predict", "--adapter", adapter, str(store[1] / "val"), "--out", str(tmp_path / "preds.csv")], "predictions",
+             (pipeline.runners.predict.csv.DictWriter, "writerows"))]:
+        with monkeypatch.context() as m:
+            m.setattr(*where, full)
+            assert main(argv) == 2, argv
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            assert line.startswith(f"error: {what} ") and "no space left on the device (ENOSPC)" in line, line
+    assert files(tmp_path / "run") == before and (tmp_path / "preds.csv").read_text() == "old\n"
+    assert not any(p.name.startswith(".") and "partial" in p.name for p in tmp_path.iterdir())
+
+
 def test_two_adapters_of_one_run_get_two_prediction_columns(store, tmp_path):
     run_train(train_config(store[0], tmp_path / "colour", LINEAR, epochs=1, save_top=2))
     dirs = sorted(str(p) for p in (tmp_path / "colour" / "adapters").iterdir())

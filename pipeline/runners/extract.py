@@ -8,12 +8,10 @@ for each split, compute only the chunks not yet stamped -> finalize the manifest
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -33,6 +31,7 @@ from cache import (
     StoreError,
     StoreWriter,
     ViewsRecord,
+    cannot_write,
     encoding,
     split_of,
     view_group,
@@ -222,29 +221,11 @@ def open_writer(plan: ExtractPlan, overwrite: bool = False, lease: bool = True, 
     )
 
 
-# What an OSError while creating or writing the store means, for a one-line StoreError.
-STORE_OS_ERRORS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-}
-
-
-@contextmanager
 def store_os_errors(path: str):
     """A full disk or an unwritable store location becomes one StoreError naming the store.
     Chunks stamped before it stay valid (data first, stamp last): a rerun computes the rest."""
-    try:
-        yield
-    except OSError as e:
-        what = STORE_OS_ERRORS.get(e.errno)
-        if what is None:
-            raise
-        at = f" at {e.filename!r}" if e.filename else ""
-        raise StoreError(f"store {str(path)!r}: {what} ({errno.errorcode[e.errno]}{at}); the chunks stamped so far are kept: "
-                         "free space or make the location writable, then rerun the same command to compute only the rest") from e
+    return cannot_write(f"store {str(path)!r}", "the chunks stamped so far are kept: free space or make the location writable, "
+                        "then rerun the same command to compute only the rest", StoreError)
 
 
 def report_skipped(manifest: Manifest) -> None:

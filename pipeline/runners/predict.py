@@ -14,12 +14,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from cache import ConfigError, StoreError, encoding
+from cache import ConfigError, StoreError, cannot_write, encoding
 from pipeline.adapters import load_adapter, read_adapter_manifest, saved_fingerprint
 from pipeline.adapters.persistence import MANIFEST_FILE
 from pipeline.backbones.taps import EMBED, LayerTaps
@@ -162,15 +163,23 @@ def task_names(directories: list[str]) -> list[str]:
 
 
 def write_predictions(rows: list[dict], out: str) -> None:
+    """Written beside `out`, then moved onto it: a full disk left a CSV cut short under the real
+    name (some images' predictions missing) and a traceback."""
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(rows, indent=2))
-        return
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    with cannot_write(f"predictions {out!r}", f"{out!r} is left as it was: free space, then rerun", under=path.resolve().parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if path.suffix == ".json":
+                tmp.write_text(json.dumps(rows, indent=2))
+            else:
+                with tmp.open("w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    writer.writeheader()
+                    writer.writerows(rows)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 __all__ = ["run_predict", "write_predictions", "find_images"]

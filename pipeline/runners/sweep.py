@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from cache import CacheReader, FeatureCacheError, open_store
+from cache import CacheReader, FeatureCacheError, cannot_write, open_store
 from cache.lease import StoreLease
 from cache.location import StoreLocation
 from pipeline.adapters import adapter_class, build_adapter
@@ -68,11 +68,13 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
     if scheduler or workers:
         require_dask("a sweep on dask (--workers 0 runs its jobs in this process without it)")
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    # One driver per output folder, from before it reads or writes anything there: two would
-    # append to one trials.jsonl and study journal.
-    with StoreLease(StoreLocation(str(out)), what="sweep output folder"):
-        return _sweep(cfg, out, scheduler, workers)
+    kept = "the trials finished so far are kept in trials.jsonl: free space, then rerun the same command to go on"
+    with cannot_write(f"sweep output {str(out)!r}", kept, under=out):
+        out.mkdir(parents=True, exist_ok=True)
+        # One driver per output folder, from before it reads or writes anything there: two would
+        # append to one trials.jsonl and study journal.
+        with StoreLease(StoreLocation(str(out)), what="sweep output folder"):
+            return _sweep(cfg, out, scheduler, workers)
 
 
 def _sweep(cfg: SweepConfig, out: Path, scheduler: Optional[str], workers: int) -> dict:
