@@ -175,3 +175,10 @@ def test_a_value_of_the_wrong_type_does_not_hide_its_sections_other_problems():
                               "adapters": [{"kind": "linear", "lr": "fast", "weight_decay": -1}]})
     found = sorted(p.split(":")[0] for p in e.value.problems)
     assert found == ["adapters[0].lr", "adapters[0].weight_decay", "batch_size", "epochs", "val_fraction"], e.value.problems
+
+
+def test_an_override_fills_a_section_left_null():
+    """`pruning: null` then `pruning.min_epochs=2` said "'pruning' is not a section"."""
+    cfg = load_config("train", {"store": "s.zarr", "output": "o", "pruning": None, "adapters": [{"kind": "linear"}]},
+                      ["pruning.min_epochs=2"])
+    assert cfg.pruning.min_epochs == 2

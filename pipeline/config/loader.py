@@ -101,6 +101,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
+            if child is None:  # an optional section left null (`pruning: null`): the override gives it
+                child = node[part] = {}
             if not isinstance(child, dict):
                 problems.append(f"override {item!r}: {part!r} is not a section")
                 break
