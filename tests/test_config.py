@@ -72,12 +72,13 @@ def test_config_choices_are_the_registries_names():
     from pipeline.backbones.tokens import TOKEN_REDUCTIONS
     from pipeline.data import DATA_SOURCES
 
-    shards = {"train": "train.tar", "val": "val.tar"}  # what data.kind webdataset needs besides its name
-    base = {"backbone": {"name": "m"}, "data": {"kind": "npz", "root": "r", "name": "X", "shards": shards}, "store": {"path": "p"}}
+    # What data.kind torchvision and webdataset need besides their names (a kind refuses the other's).
+    needs = {"torchvision": ["data.name=X"], "webdataset": ["data.shards={train: train.tar, val: val.tar}"]}
+    base = {"backbone": {"name": "m"}, "data": {"kind": "npz", "root": "r"}, "store": {"path": "p"}}
     for key, registry in [("store.dtype", ENCODINGS), ("store.tokens", TOKEN_REDUCTIONS),
                           ("store.compressor.name", COMPRESSORS), ("data.kind", DATA_SOURCES)]:
         for name in registry:
-            build(ExtractConfig, apply_overrides(base, [f"{key}={name}"]))
+            build(ExtractConfig, apply_overrides(base, [f"{key}={name}", *(needs.get(name, []) if key == "data.kind" else [])]))
         with pytest.raises(ConfigError) as e:
             build(ExtractConfig, apply_overrides(base, [f"{key}=nope"]))
         assert f"{key}: got 'nope', expected one of {list(registry)}" in str(e.value)
@@ -182,3 +183,13 @@ def test_an_override_fills_a_section_left_null():
     cfg = load_config("train", {"store": "s.zarr", "output": "o", "pruning": None, "adapters": [{"kind": "linear"}]},
                       ["pruning.min_epochs=2"])
     assert cfg.pruning.min_epochs == 2
+
+
+def test_a_data_key_the_kind_does_not_read_is_refused():
+    """image_column on an idx source, or split_files naming no split, were ignored without a word."""
+    base = {"backbone": {"name": "m"}, "data": {"kind": "idx", "root": "r", "splits": ["train", "test"], "image_column": "img",
+                                                "download": True, "split_files": {"tset": "t10k"}}, "store": {"path": "p"}}
+    with pytest.raises(ConfigError) as e:
+        load_config("extract", base)
+    assert sorted(p.split(":")[0] for p in e.value.problems) == ["data.download", "data.image_column", "data.split_files.tset"]
+    assert "data.image_column: data.kind 'idx' does not read it (only huggingface); remove it" in str(e.value)

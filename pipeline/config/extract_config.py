@@ -6,13 +6,14 @@ pipeline/runners/extract.py); batch size, workers and device do not.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from cache import COMPRESSOR_LEVELS, COMPRESSORS, ENCODINGS, is_url, option_problems
 from pipeline.backbones.tokens import TOKEN_REDUCTIONS
-from pipeline.data import DATA_SOURCES
+from pipeline.data import DATA_SOURCES, KIND_KEYS
 from pipeline.data.augment import AugmentPolicy
 
 # The choices of these keys are the names in their registries, read once at import.
@@ -145,12 +146,16 @@ class DataConfig:
                     for s in self.splits if s not in self.shards]
             shard_url = next((s for v in self.shards.values() for s in ([v] if isinstance(v, str) else v) if is_url(s)), None)
             out += option_problems(shard_url or self.root, self.storage_options, path_key="shards" if shard_url else "root")
-        if self.classes is not None and self.kind == "image_folder":
-            out.append("classes: image_folder takes its class names from its class folders; remove data.classes")
-        if self.streaming and self.kind != "huggingface":
-            out.append(f"streaming: only data.kind huggingface streams; data.kind is {self.kind!r}")
-        if self.storage_options and self.kind != "webdataset":
-            out.append(f"storage_options: only webdataset shards at URLs take them; data.kind is {self.kind!r}")
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(self) if f.name in KIND_KEYS}
+        for key in KIND_KEYS:
+            if getattr(self, key) != defaults[key] and key not in DATA_SOURCES[self.kind].reads:
+                readers = [k for k, source in DATA_SOURCES.items() if key in source.reads]
+                out.append(f"{key}: data.kind {self.kind!r} does not read it (only {', '.join(readers)}); remove it"
+                           + ("; image_folder takes its class names from its class folders" if key == "classes" else ""))
+        for split in self.split_files:
+            if split not in self.splits:
+                out.append(f"split_files.{split}: {split!r} is not one of splits {list(self.splits)}")
         return out
 
 

@@ -27,27 +27,37 @@ class DataSourceKind:
     description: str  # what `data.root` holds, one line
     open: Callable[[DataConfig, str], SplitSource]  # (config, split) -> the whole split
     needs_name: bool = False  # data.name is required (the dataset's class name)
+    reads: tuple[str, ...] = ()  # the kind-specific data.* keys it reads (KIND_KEYS); another one set is refused
 
+
+# The data.* keys that only some kinds read: set for a kind that does not read it, a key was
+# ignored without a word (image_column on an idx source, say).
+KIND_KEYS = ("classes", "split_files", "name", "download", "shards", "image_key", "label_key", "image_column", "label_column",
+             "streaming", "storage_options")
 
 DATA_SOURCES: dict[str, DataSourceKind] = {
-    "image_folder": DataSourceKind("ROOT/SPLIT/CLASS/*.jpg (any image suffix Pillow reads)",
+    "image_folder": DataSourceKind("ROOT/SPLIT/CLASS/*.jpg (any image suffix Pillow reads); its class folders name the classes",
                                    lambda cfg, split: image_folder_split(cfg.root, split)),
     "npz": DataSourceKind("ROOT/SPLIT.npz with arrays images [N,H,W(,C)] uint8 and labels [N] (classes optional)",
-                          lambda cfg, split: npz_split(cfg.root, split, cfg.classes)),
+                          lambda cfg, split: npz_split(cfg.root, split, cfg.classes), reads=("classes",)),
     "idx": DataSourceKind("MNIST-style ROOT/PREFIX-images-idx3-ubyte(.gz) and -labels-idx1-ubyte(.gz); "
                           "split_files maps a split to its PREFIX (test: t10k)",
-                          lambda cfg, split: idx_split(cfg.root, split, cfg.split_files.get(split), cfg.classes)),
+                          lambda cfg, split: idx_split(cfg.root, split, cfg.split_files.get(split), cfg.classes),
+                          reads=("classes", "split_files")),
     "torchvision": DataSourceKind("a torchvision dataset by class name (data.name, e.g. CIFAR10), kept under ROOT; "
                                   "data.download fetches it",
-                                  lambda cfg, split: torchvision_split(cfg.name, cfg.root, split, cfg.download, cfg.classes), needs_name=True),
+                                  lambda cfg, split: torchvision_split(cfg.name, cfg.root, split, cfg.download, cfg.classes), needs_name=True,
+                                  reads=("classes", "name", "download")),
     "webdataset": DataSourceKind("WebDataset tar shards per split (data.shards: a brace pattern or a list, under ROOT or URLs), "
                                  "image and label members by data.image_key / data.label_key (extra: webdataset)",
                                  lambda cfg, split: webdataset_split(cfg.root, cfg.shards[split], split, cfg.image_key, cfg.label_key,
-                                                                     cfg.classes, cfg.storage_options)),
+                                                                     cfg.classes, cfg.storage_options),
+                                 reads=("classes", "shards", "image_key", "label_key", "storage_options")),
     "huggingface": DataSourceKind("a datasets dataset: ROOT saved with save_to_disk, a folder load_dataset reads (Parquet...), "
                                   "or a hub name; columns data.image_column / data.label_column (extra: hf)",
                                   lambda cfg, split: huggingface_split(cfg.root, split, cfg.image_column, cfg.label_column, cfg.classes,
-                                                                       cfg.streaming)),
+                                                                       cfg.streaming),
+                                  reads=("classes", "image_column", "label_column", "streaming")),
 }
 
 
@@ -60,4 +70,4 @@ def open_split(cfg: DataConfig, split: str) -> SplitSource:
     return source
 
 
-__all__ = ["DATA_SOURCES", "DataSourceKind", "open_split", "SplitSource", "CorruptImageError", "read_image", "require_valid_samples"]
+__all__ = ["DATA_SOURCES", "DataSourceKind", "KIND_KEYS", "open_split", "SplitSource", "CorruptImageError", "read_image", "require_valid_samples"]
