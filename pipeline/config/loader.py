@@ -165,37 +165,21 @@ def _build_dataclass(cls: type, data: Any, prefix: str, problems: list[str], che
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(fields)}"
             checks.append(f"{prefix}{key}: unknown key{hint}")
-    kwargs, failed = {}, set()
+    kwargs = {}
+    n_before = len(problems)
     for name, f in fields.items():
-        key, n_before = f"{prefix}{name}", len(problems)
+        key = f"{prefix}{name}"
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], key, problems, checks)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{key}: required key is missing")
-        if len(problems) > n_before:
-            failed.add(name)
-    if failed:
-        # The section is not built, but its own checks still run on the fields that converted
-        # (the failed ones at their defaults, their problems left out): `epochs: three` hid
-        # `batch_size: 0` until it was fixed.
-        if hasattr(cls, "problems") and all(_has_default(fields[n]) or n in kwargs for n in failed):
-            # A required field that failed inside (a list with one bad entry) keeps what converted.
-            partial = cls(**{k: v for k, v in kwargs.items() if k not in failed or not _has_default(fields[k])})
-            try:
-                found = partial.problems()
-            except (TypeError, AttributeError, ValueError, LookupError):  # a check that needs the failed value waits for its fix
-                found = []
-            checks.extend(f"{prefix}{p}" for p in found if re.split(r"[:.\[ ]", p, maxsplit=1)[0] not in failed)
-        return None
+    if len(problems) > n_before:
+        return None  # this section's own checks need well-typed values
     obj = cls(**kwargs)
     # Cross-field checks, run per section so one bad section doesn't hide another's problems.
     if hasattr(obj, "problems"):
         checks.extend(f"{prefix}{p}" for p in obj.problems())
     return obj
-
-
-def _has_default(f: dataclasses.Field) -> bool:
-    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 
 
 def _convert(tp: Any, value: Any, key: str, problems: list[str], checks: list[str] | None = None) -> Any:
