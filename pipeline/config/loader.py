@@ -7,6 +7,7 @@ key, the value received and what was expected. Unknown keys suggest the nearest 
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import math
@@ -28,7 +29,11 @@ class _ConfigLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: the keys it brings may be overridden
+                continue
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, collections.abc.Hashable):
+                continue  # the base class refuses it, as "found unhashable key"
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
@@ -53,11 +58,18 @@ _ConfigLoader.add_implicit_resolver(
 
 def _construct_int(loader: _ConfigLoader, node) -> int:
     text = loader.construct_scalar(node)
-    return int(text, 0) if text[:2].lower() in ("0o", "0x") else int(text)  # int("016", 0) refuses the leading zero
+    try:
+        return int(text, 0) if text[:2].lower() in ("0o", "0x") else int(text)  # int("016", 0) refuses the leading zero
+    except ValueError:  # `!!int 0b11`: a tag YAML 1.2's core schema does not read that way
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer YAML 1.2 reads", node.start_mark) from None
 
 
 def _construct_float(loader: _ConfigLoader, node) -> float:
-    return float(loader.construct_scalar(node).lower().replace(".inf", "inf").replace(".nan", "nan"))
+    text = loader.construct_scalar(node)
+    try:
+        return float(text.lower().replace(".inf", "inf").replace(".nan", "nan"))
+    except ValueError:
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not a number YAML 1.2 reads", node.start_mark) from None
 
 
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
