@@ -21,7 +21,7 @@ import importlib.util
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 
 class FeatureCacheError(Exception):
@@ -94,20 +94,23 @@ WRITE_OS_ERRORS = {
 
 
 @contextmanager
-def cannot_write(what: str, kept: str, error: type = CannotWrite, under: Optional[Path] = None) -> Iterator[None]:
-    """Turn a write the machine refused into one `error` line naming `what` was being written,
-    the reason and `kept`: what is left as it was, and what to do. Other OSErrors pass, and
-    with `under`, so does a refused access to a file outside it (a read, not this write)."""
+def cannot_write(what: str, kept: str, rerun: str = "rerun", error: type = CannotWrite, under: tuple[Path, ...] = ()) -> Iterator[None]:
+    """Turn a write the machine refused into one `error` line: `what` was being written, why,
+    what is `kept` as it was, and what to do (free space, or make the place writable), then
+    `rerun`. Other OSErrors pass. With `under`, a refused access (EACCES, EPERM, EROFS) counts
+    only for a file inside one of those paths: elsewhere it was a read, not this write."""
     try:
         yield
     except OSError as e:
         reason = WRITE_OS_ERRORS.get(e.errno)
         if reason is None:
             raise
-        if under is not None and e.errno not in (errno.ENOSPC, errno.EDQUOT) and not _inside(e.filename, under):
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if under and not full and not any(_inside(e.filename, folder) for folder in under):
             raise
         at = f" at {e.filename!r}" if e.filename else ""
-        raise error(f"{what}: {reason} ({errno.errorcode[e.errno]}{at}); {kept}") from e
+        fix = "free space" if full else "make the location writable"
+        raise error(f"{what}: {reason} ({errno.errorcode[e.errno]}{at}); {kept}: {fix}, then {rerun}") from e
 
 
 def _inside(filename, folder: Path) -> bool:

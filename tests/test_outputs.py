@@ -147,6 +147,30 @@ def test_a_full_disk_is_one_line_and_leaves_outputs_as_they_were(store, tmp_path
     assert not any(p.name.startswith(".") and "partial" in p.name for p in tmp_path.iterdir())
 
 
+def test_predictions_through_a_link_reach_its_target_and_a_refused_read_is_not_a_write(store, tmp_path, monkeypatch):
+    """Writing beside the link and moving onto it replaced the link, the target left stale;
+    a store the run may not read was reported as 'output ...: permission denied'."""
+    import errno
+    import os
+
+    import pipeline.runners.train
+
+    run_train(train_config(store[0], tmp_path / "run", LINEAR, epochs=1, save_top=1))
+    adapter = str(next((tmp_path / "run" / "adapters").iterdir()))
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "disk" / "preds.csv").write_text("old\n")
+    os.symlink(tmp_path / "disk" / "preds.csv", tmp_path / "preds.csv")
+    assert main(["predict", "--adapter", adapter, str(store[1] / "val"), "--out", str(tmp_path / "preds.csv")]) == 0
+    assert (tmp_path / "preds.csv").is_symlink() and (tmp_path / "disk" / "preds.csv").read_text().startswith("image,")
+
+    def unreadable(path, **kwargs):  # a store beside the output, as runs/ and stores/ often are
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "stores" / "s.zarr" / "zarr.json"))
+
+    monkeypatch.setattr(pipeline.runners.train, "open_store", unreadable)
+    with pytest.raises(PermissionError):  # not a user's write: shown as itself, with its traceback
+        run_train(train_config(store[0], tmp_path / "again", LINEAR, epochs=1))
+
+
 def test_two_adapters_of_one_run_get_two_prediction_columns(store, tmp_path):
     run_train(train_config(store[0], tmp_path / "colour", LINEAR, epochs=1, save_top=2))
     dirs = sorted(str(p) for p in (tmp_path / "colour" / "adapters").iterdir())

@@ -224,8 +224,8 @@ def open_writer(plan: ExtractPlan, overwrite: bool = False, lease: bool = True, 
 def store_os_errors(path: str):
     """A full disk or an unwritable store location becomes one StoreError naming the store.
     Chunks stamped before it stay valid (data first, stamp last): a rerun computes the rest."""
-    return cannot_write(f"store {str(path)!r}", "the chunks stamped so far are kept: free space or make the location writable, "
-                        "then rerun the same command to compute only the rest", StoreError)
+    return cannot_write(f"store {str(path)!r}", "the chunks stamped so far are kept", "rerun the same command to compute only the rest",
+                        StoreError)
 
 
 def report_skipped(manifest: Manifest) -> None:

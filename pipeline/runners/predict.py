@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -163,23 +164,33 @@ def task_names(directories: list[str]) -> list[str]:
 
 
 def write_predictions(rows: list[dict], out: str) -> None:
-    """Written beside `out`, then moved onto it: a full disk left a CSV cut short under the real
-    name (some images' predictions missing) and a traceback."""
-    path = Path(out)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with cannot_write(f"predictions {out!r}", f"{out!r} is left as it was: free space, then rerun", under=path.resolve().parent):
+    """Written beside the file `out` names (through a link, its target), then moved onto it: a
+    full disk left a CSV cut short under the real name (some images' predictions missing) and
+    a traceback. A device or a pipe (/dev/stdout) is written as it is."""
+    path = Path(out).resolve()
+    with cannot_write(f"predictions {out!r}", f"{out!r} is left as it was"):
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_file():
+            _write_rows(rows, path, json_format=Path(out).suffix == ".json")
+            return
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         try:
-            if path.suffix == ".json":
-                tmp.write_text(json.dumps(rows, indent=2))
-            else:
-                with tmp.open("w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                    writer.writeheader()
-                    writer.writerows(rows)
+            _write_rows(rows, tmp, json_format=Path(out).suffix == ".json")
+            if path.exists():
+                shutil.copymode(path, tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _write_rows(rows: list[dict], path: Path, json_format: bool) -> None:
+    if json_format:
+        path.write_text(json.dumps(rows, indent=2))
+        return
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 __all__ = ["run_predict", "write_predictions", "find_images"]

@@ -68,13 +68,15 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
     if scheduler or workers:
         require_dask("a sweep on dask (--workers 0 runs its jobs in this process without it)")
     out = Path(cfg.output)
-    kept = "the trials finished so far are kept in trials.jsonl: free space, then rerun the same command to go on"
-    with cannot_write(f"sweep output {str(out)!r}", kept, under=out):
+    # One driver per output folder, from before it reads or writes anything there: two would
+    # append to one trials.jsonl and study journal.
+    lease = StoreLease(StoreLocation(str(out)), what="sweep output folder")
+    writes = dict(what=f"sweep output {str(out)!r}", kept="the trials finished so far are kept in trials.jsonl",
+                  rerun="rerun the same command to go on")
+    with cannot_write(**writes):
         out.mkdir(parents=True, exist_ok=True)
-        # One driver per output folder, from before it reads or writes anything there: two would
-        # append to one trials.jsonl and study journal.
-        with StoreLease(StoreLocation(str(out)), what="sweep output folder"):
-            return _sweep(cfg, out, scheduler, workers)
+    with cannot_write(**writes, under=(out, lease.local_path)), lease:  # a refused read elsewhere is not this write's
+        return _sweep(cfg, out, scheduler, workers)
 
 
 def _sweep(cfg: SweepConfig, out: Path, scheduler: Optional[str], workers: int) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache import CacheReader, StoreError, cannot_write, open_store
+from cache import CacheReader, StoreError, open_store
 from pipeline.adapters import FusedAdapters, StackedAdamW, build_adapter, per_member_cross_entropy, save_adapter
 from pipeline.adapters.pooling import pool_tokens
 from pipeline.adapters.standardize import Standardizer
@@ -93,8 +93,7 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, keep_held: bool = False
     test, ensembles, results, saved adapters)."""
     t_start = time.perf_counter()
     final = Path(cfg.output)
-    kept = "the output folder is left as it was (the run writes beside it and moves in when done): free space, then rerun"
-    with cannot_write(f"output {str(final)!r}", kept, under=final.resolve().parent), staged_output(final, overwrite) as out:
+    with staged_output(final, overwrite) as out:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         run = plan_training(cfg)
         try:

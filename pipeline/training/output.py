@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cache import FeatureCacheError, pid_alive, replace_dir
+from cache import FeatureCacheError, cannot_write, pid_alive, replace_dir
 
 
 class OutputInUse(FeatureCacheError):
@@ -42,19 +42,24 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yields the staging folder to write into; on success it becomes `out` (through a symlink,
     the folder it points to: the link stays, and the staging is made on the target's disk)."""
     check_output(out, overwrite)
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    named, out = str(out), out.resolve()
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        yield stage
-    except BaseException:
+    # A full disk or an unwritable place is one line; a refused access elsewhere (reading the
+    # store) is not this write's and passes as it is.
+    writes = dict(what=f"output {named!r}", kept="the output folder is left as it was (the run writes beside it and moves in when done)")
+    with cannot_write(**writes):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with cannot_write(**writes, under=(out, stage, out.parent / f".{out.name}.old-{os.getpid()}")):
+        for stale in out.parent.glob(f".{out.name}.partial-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or not pid_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
         shutil.rmtree(stage, ignore_errors=True)
-        raise
-    check_output(out, overwrite)  # again: another run may have finished into it meanwhile
-    replace_dir(stage, out)
+        stage.mkdir()
+        try:
+            yield stage
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        check_output(out, overwrite)  # again: another run may have finished into it meanwhile
+        replace_dir(stage, out)
