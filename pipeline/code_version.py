@@ -63,10 +63,18 @@ def code_files(entry_modules: tuple[str, ...]) -> list[Path]:
     return sorted(found)
 
 
-def library_versions() -> dict[str, str]:
-    """The installed version of each library that computes with this code (the distribution's
-    own record: nothing is imported)."""
-    return {name: metadata.version(name) for name in COMPUTING_LIBRARIES}
+def installed_version(package: str) -> Optional[str]:
+    """A distribution's installed version, from its own record (nothing is imported); None
+    where none is recorded under that name (not installed, or a fork such as Pillow-SIMD)."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def library_versions() -> dict[str, Optional[str]]:
+    """The installed version of each library that computes with this code."""
+    return {name: installed_version(name) for name in COMPUTING_LIBRARIES}
 
 
 @functools.lru_cache(maxsize=None)  # once per process: a dask worker checks it for every task

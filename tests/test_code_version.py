@@ -81,7 +81,7 @@ def test_a_worker_with_another_timm_is_refused(monkeypatch):
     """Same project code, another timm (a fixed layer computes other features): the worker's
     values would differ from the driver's under one code version."""
     driver, real = code_version(JOB_MODULES), library_versions()
-    monkeypatch.setattr("pipeline.code_version.metadata.version", lambda name: "9.9" if name == "timm" else real[name])
+    monkeypatch.setattr("pipeline.code_version.installed_version", lambda name: "9.9" if name == "timm" else real[name])
     code_version.cache_clear()
     try:
         with pytest.raises(FeatureCacheError, match=f"the driver's {driver}; here: .*timm 9.9"):

@@ -6,8 +6,9 @@ import datetime
 import os
 import platform
 import subprocess
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from pipeline.code_version import installed_version
 
 
 def machine_info() -> dict:
@@ -21,17 +22,9 @@ def machine_info() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "packages": {p: _version(p) for p in ("torch", "timm", "zarr", "dask", "scikit-learn")},
+        "packages": {p: installed_version(p) for p in ("torch", "timm", "zarr", "dask", "scikit-learn")},
         "commit": _git_commit(),
     }
-
-
-def _version(package: str) -> str | None:
-    """Its installed version; None for an optional one that is not installed (dask)."""
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def _cpu_model() -> str:

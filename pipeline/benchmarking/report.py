@@ -232,11 +232,20 @@ def write_headline(path: Path, result: dict) -> None:
     replace_block(path, HEADLINE_START, HEADLINE_END, headline_markdown(result))
 
 
+def has_headline_block(path: Path) -> bool:
+    """Whether `path` has the two markers `write_headline` rewrites between."""
+    return path.is_file() and _has_block(path.read_text(), HEADLINE_START, HEADLINE_END)
+
+
+def _has_block(text: str, start: str, end: str) -> bool:
+    return start in text and end in text
+
+
 def replace_block(path: Path, start: str, end: str, body: str, append: bool = False) -> None:
     """Rewrite the text between the marker lines `start` and `end` in `path`, atomically;
     with `append`, a file without them (or no file) gets the block at its end."""
     text = path.read_text() if path.exists() else ""
-    if start in text and end in text:
+    if _has_block(text, start, end):
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
     elif append:

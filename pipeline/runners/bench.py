@@ -23,7 +23,7 @@ from pipeline.benchmarking import methods as M
 from pipeline.benchmarking.finetune import finetune
 from pipeline.benchmarking.machine import machine_info
 from pipeline.benchmarking.measured import run_measured
-from pipeline.benchmarking.report import HEADLINE_END, HEADLINE_START, PLOTS, with_standalone_sections, write_benchmarks, write_headline
+from pipeline.benchmarking.report import HEADLINE_END, HEADLINE_START, PLOTS, has_headline_block, with_standalone_sections, write_benchmarks, write_headline
 from pipeline.benchmarking.sklearn_reference import SOLVER_TOL, fit_logistic
 from pipeline.benchmarking.speed import measure_speed
 from pipeline.benchmarking.store_variants import disk_per_sample, option_label, variant_config
@@ -81,11 +81,9 @@ def _check_before_any_work(cfg: BenchConfig, extract_cfgs: dict) -> None:
         if case.views is not None:
             for k in case.views.counts:
                 views_config(extract_cfgs[case.name], k, case.views.augment)
-    if cfg.readme:
-        text = Path(cfg.readme).read_text() if Path(cfg.readme).is_file() else ""
-        if HEADLINE_START not in text or HEADLINE_END not in text:
-            raise ConfigError(f"readme: {cfg.readme!r} has no headline block to rewrite; add the two marker lines "
-                              f"{HEADLINE_START!r} and {HEADLINE_END!r}, or set readme: null")
+    if cfg.readme and not has_headline_block(Path(cfg.readme)):
+        raise ConfigError(f"readme: {cfg.readme!r} has no headline block to rewrite; add the two marker lines "
+                          f"{HEADLINE_START!r} and {HEADLINE_END!r}, or set readme: null")
 
 
 def _print_cost(cfg: BenchConfig, extract_cfgs: dict) -> None:
