@@ -255,6 +255,10 @@ def test_require_valid_samples_names_the_key_and_split(store_with_dead_val):
     # A part of a split (the validation carve) can be empty of valid samples too.
     with pytest.raises(ConfigError, match=r"val_fraction: the 2 sample\(s\) it selects from split 'val' are all invalid"):
         require_valid_samples(reader, [("val_fraction", "val", np.array([True, False, True]))])
+    # A carve that leaves one side nothing is said as such, not blamed on unreadable images.
+    with pytest.raises(ConfigError) as e:
+        require_valid_samples(reader, [("train_split", "train", np.zeros(reader.num_samples("train"), dtype=bool))])
+    assert "train_split: selects none of the" in str(e.value) and "skipped" not in str(e.value)
 
 
 def test_train_refuses_a_split_with_no_valid_sample_before_training(store_with_dead_val, tmp_path):
