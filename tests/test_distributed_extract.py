@@ -66,7 +66,9 @@ def test_workers_compute_the_single_process_batches_on_its_threads(tmp_path):
     """The driver runs on more torch threads than cores/workers, and the last batch of each split
     is partial; the two stores must still be equal bit for bit."""
     images = write_image_folder(tmp_path / "images", per_class=7)  # 21 samples per split
-    threads = (os.cpu_count() or 1) // 2 + 1  # not what a worker got from sharing the cores
+    # Not what a worker got from sharing the cores; from the cores this process may use (a CPU
+    # quota on a large host reports the host's count, which would run 60-odd threads on 2 cores).
+    threads = len(os.sched_getaffinity(0)) // 2 + 1
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

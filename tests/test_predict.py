@@ -30,7 +30,10 @@ def test_predictions_equal_cached_path(tmp_path, dtype, extra):
     run_train(train_config(cfg.store.path, tmp_path / "probe", [{"kind": "linear", "layers": ["embed"]}], epochs=2, save_top=1))
     dirs = [str(next((tmp_path / run / "adapters").iterdir())) for run in ("colour", "probe")]
     out = tmp_path / "preds.csv"
-    assert main(["predict", *(a for d in dirs for a in ("--adapter", d)), str(images / "val"), "--out", str(out)]) == 0
+    # --batch-size 5: the extraction's batches (tiny_config), so the live features are the cached
+    # ones by construction (some CPUs' kernels round a sample differently in another batch size).
+    assert main(["predict", *(a for d in dirs for a in ("--adapter", d)), str(images / "val"), "--out", str(out),
+                 "--batch-size", "5"]) == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 18 and set(rows[0]) == {"image", "colour", "colour_prob", "probe", "probe_prob"}
 
@@ -71,7 +74,8 @@ def test_predict_of_vqt_trained_on_a_store_with_cached_keys_values(tmp_path):
     adapter = load_adapter(directory, reader.fingerprint, backbone_modules=build_backbone(cfg.backbone, cfg.preprocess).model).eval()
     assert adapter.kv_cached and any(l.startswith("kv.") for l in adapter.required_layers())
     out = tmp_path / "preds.json"
-    assert main(["predict", "--adapter", str(directory), str(images / "val"), "--out", str(out)]) == 0
+    assert main(["predict", "--adapter", str(directory), str(images / "val"), "--out", str(out),
+                 "--batch-size", "5"]) == 0
     rows = json.loads(out.read_text())
     assert_rows_are_the_cached_predictions(rows, adapter, reader, "vqt")
 
@@ -93,7 +97,8 @@ def test_vqt_trains_and_predicts_on_a_store_whose_saved_config_has_a_renamed_key
     run_train(train_config(cfg.store.path, tmp_path / "vqt", [{"kind": "vqt", "hparams": {"num_queries": 1}}], epochs=1, save_top=1))
     (directory,) = (tmp_path / "vqt" / "adapters").iterdir()
     out = tmp_path / "preds.json"
-    assert main(["predict", "--adapter", str(directory), str(images / "val"), "--out", str(out)]) == 0
+    assert main(["predict", "--adapter", str(directory), str(images / "val"), "--out", str(out),
+                 "--batch-size", "5"]) == 0
     rows = json.loads(out.read_text())
     reader = open_store(cfg.store.path)
     adapter = load_adapter(directory, reader.fingerprint, backbone_modules=build_backbone(cfg.backbone, cfg.preprocess).model).eval()

@@ -30,9 +30,10 @@ def images(tmp_path_factory):
 
 def config(store: str, images: Path, *overrides: str):
     """Few objects, as every request to the server takes milliseconds: one split of 24 samples,
-    two layers, 3 chunks of 8, each chunk its own shard."""
+    two layers, 3 chunks of 8, each chunk its own shard, computed in batches of a chunk (stores
+    compared byte for byte must come from the same batches: see test_views)."""
     return tiny_config(Path("unused"), images, "data.splits=[train]", "backbone.layers=[0, -1]", "backbone.block_input=false",
-                       "store.samples_per_chunk=8", "store.chunks_per_shard=1", *overrides, store={"path": store})
+                       "store.samples_per_chunk=8", "store.chunks_per_shard=1", "runtime.batch_size=8", *overrides, store={"path": store})
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_extract_then_train_on_s3_equals_local(s3, stores, tmp_path, capsys):
 
 def test_interrupted_extraction_is_incomplete_and_rerun_finishes_it(s3, stores, images, monkeypatch):
     url = f"s3://{BUCKET}/interrupted.zarr"
-    cfg = config(url, images, "runtime.batch_size=8")
+    cfg = config(url, images)
     interrupted_extraction(cfg, monkeypatch)
     with pytest.raises(StoreError, match="incomplete"):
         open_store(url)
