@@ -147,7 +147,7 @@ def test_a_full_disk_is_one_line_and_leaves_outputs_as_they_were(store, tmp_path
     assert not any(p.name.startswith(".") and "partial" in p.name for p in tmp_path.iterdir())
 
 
-def test_predictions_through_a_link_reach_its_target_and_a_refused_read_is_not_a_write(store, tmp_path, monkeypatch):
+def test_predictions_through_a_link_reach_its_target_and_a_refused_read_is_not_a_write(store, tmp_path, monkeypatch, capsys):
     """Writing beside the link and moving onto it replaced the link, the target left stale;
     a store the run may not read was reported as 'output ...: permission denied'."""
     import errno
@@ -162,6 +162,8 @@ def test_predictions_through_a_link_reach_its_target_and_a_refused_read_is_not_a
     os.symlink(tmp_path / "disk" / "preds.csv", tmp_path / "preds.csv")
     assert main(["predict", "--adapter", adapter, str(store[1] / "val"), "--out", str(tmp_path / "preds.csv")]) == 0
     assert (tmp_path / "preds.csv").is_symlink() and (tmp_path / "disk" / "preds.csv").read_text().startswith("image,")
+    assert main(["predict", "--adapter", adapter, str(store[1] / "val"), "--out", str(tmp_path / "disk")]) == 2
+    assert "--out: " in capsys.readouterr().err.splitlines()[-1]  # "... is a folder": a raw IsADirectoryError before
 
     def unreadable(path, **kwargs):  # a store beside the output, as runs/ and stores/ often are
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "stores" / "s.zarr" / "zarr.json"))

@@ -168,6 +168,8 @@ def write_predictions(rows: list[dict], out: str) -> None:
     full disk left a CSV cut short under the real name (some images' predictions missing) and
     a traceback. A device or a pipe (/dev/stdout) is written as it is."""
     path = Path(out).resolve()
+    if path.is_dir():
+        raise ConfigError(f"--out: {out!r} is a folder; give the file to write (.csv, or .json)")
     with cannot_write(f"predictions {out!r}", f"{out!r} is left as it was"):
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() and not path.is_file():
