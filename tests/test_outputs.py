@@ -163,7 +163,7 @@ def test_predictions_through_a_link_reach_its_target_and_a_refused_read_is_not_a
     assert main(["predict", "--adapter", adapter, str(store[1] / "val"), "--out", str(tmp_path / "preds.csv")]) == 0
     assert (tmp_path / "preds.csv").is_symlink() and (tmp_path / "disk" / "preds.csv").read_text().startswith("image,")
     assert main(["predict", "--adapter", adapter, str(store[1] / "val"), "--out", str(tmp_path / "disk")]) == 2
-    assert "--out: " in capsys.readouterr().err.splitlines()[-1]  # "... is a folder": a raw IsADirectoryError before
+    assert "is a folder; give the file to write" in capsys.readouterr().err.splitlines()[-1]  # a raw IsADirectoryError before
 
     def unreadable(path, **kwargs):  # a store beside the output, as runs/ and stores/ often are
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "stores" / "s.zarr" / "zarr.json"))
