@@ -146,6 +146,10 @@ def test_an_empty_path_is_refused_by_key():
     with pytest.raises(ConfigError) as e:
         load_config("extract", base)
     assert "data.root: got '', expected a path" in str(e.value) and "store.path: got ' ', expected a path or URL" in str(e.value)
+    webdataset = {**base, "data": {"kind": "webdataset", "root": "", "shards": {"train": "a.tar", "val": "b.tar"}}, "store": {"path": "p"}}
+    with pytest.raises(ConfigError) as e:
+        load_config("extract", webdataset)
+    assert e.value.problems == ["data.root: got '', expected a path"]  # once, not again from the shards' check
     with pytest.raises(ConfigError, match="store: got '', expected a path or URL"):
         load_config("train", {"store": "", "output": "o", "adapters": [{"kind": "linear"}]})
 

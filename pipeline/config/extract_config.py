@@ -145,7 +145,8 @@ class DataConfig:
             out += [f"shards.{s}: missing; webdataset needs the tar shards of every split (a brace pattern or a list)"
                     for s in self.splits if s not in self.shards]
             shard_url = next((s for v in self.shards.values() for s in ([v] if isinstance(v, str) else v) if is_url(s)), None)
-            out += option_problems(shard_url or self.root, self.storage_options, path_key="shards" if shard_url else "root")
+            if shard_url or self.root.strip():  # an empty root is named once, above
+                out += option_problems(shard_url or self.root, self.storage_options, path_key="shards" if shard_url else "root")
         defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                     for f in dataclasses.fields(self) if f.name in KIND_KEYS}
         for key in KIND_KEYS:
