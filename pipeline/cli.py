@@ -87,6 +87,8 @@ def build_parser(prog: str = "featurecache") -> argparse.ArgumentParser:
 
     be = command("bench", "the real benchmark: accuracy, cost and speed of every method; writes BENCHMARKS.md")
     _config_arguments(be, "a bench config (configs/bench_real.yaml)", "epochs=2 seeds=[0]")
+    be.add_argument("--overwrite", action="store_true",
+                    help="replace a store the bench extracts when it was made differently (e.g. images copied again)")
 
     ins = command("inspect", "describe a store: manifest, splits, layers, sizes, completeness")
     ins.add_argument("store", help="a local path or a URL such as s3://bucket/prefix (credentials and endpoint from the environment)")
@@ -196,7 +198,7 @@ def _bench(args) -> int:
     from pipeline.runners.bench import run_bench
 
     cfg = load_config(BenchConfig, args.config, args.overrides)
-    run_bench(cfg, args.config)
+    run_bench(cfg, args.config, overwrite=args.overwrite)
     print((Path(cfg.output) / "BENCHMARKS.md").read_text())
     return 0
 

@@ -404,3 +404,39 @@ def test_the_bench_refuses_what_would_fail_late_before_any_work(tmp_path, monkey
     monkeypatch.setattr(bench_module, "_print_cost", lambda *a: pytest.fail("work began"))
     with pytest.raises(ConfigError, match=r"unknown key; did you mean|has no headline block to rewrite"):
         bench_module.run_bench(load_config(BenchConfig, str(tmp_path / "bench.yaml")), str(tmp_path / "bench.yaml"))
+
+
+def test_bench_overwrite_replaces_a_store_made_from_other_images(tmp_path, capsys):
+    """Images copied again (new mtimes) make the case's store differ from its config: the bench
+    refused and advised --overwrite, an option it did not have."""
+    import os
+
+    from pipeline.cli import main
+
+    write_image_folder(tmp_path / "images", per_class=3)
+    data = yaml.safe_load(Path(_bench_yaml(tmp_path)).read_text())
+    case = data["cases"][0]
+    for key in ("views", "finetune", "store_variants", "sklearn"):
+        case.pop(key)
+    case["methods"] = [{"kind": "linear", "solver": "lbfgs", "layers": ["blocks.5"], "weight_decay": [0.1]}]
+    data.update(seeds=[0], speed=None, readme=None, report=None)
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(data))
+    bench = str(tmp_path / "bench.yaml")
+    assert main(["bench", bench, "-q"]) == 0
+    first = json.loads((tmp_path / "out" / "bench_results.json").read_text())["cases"][0]["rows"]
+    assert first and all(r["test_acc_all"] for r in first)
+
+    image = next((tmp_path / "images" / "train").rglob("*.jpg"))
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert main(["bench", bench, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "made differently" in err and "mtime_ns" in err and "--overwrite" in err
+
+    assert main(["bench", bench, "-q", "--overwrite"]) == 0
+    from cache import open_store
+
+    assert open_store(str(tmp_path / "store.zarr")).is_complete()
+    again = json.loads((tmp_path / "out" / "bench_results.json").read_text())["cases"][0]["rows"]
+    # Same pixels, so the same features and accuracies; the units were keyed by the new store.
+    assert [r["test_acc_all"] for r in again] == [r["test_acc_all"] for r in first]

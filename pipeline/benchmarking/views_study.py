@@ -39,14 +39,14 @@ def views_config(ecfg: ExtractConfig, views: int, overrides: tuple[str, ...]) ->
     return replace(variant, store=replace(variant.store, path=str(path.with_name(name))))
 
 
-def run_views_study(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units, out: Path) -> list[dict]:
+def run_views_study(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units, out: Path, overwrite: bool = False) -> list[dict]:
     study = case.views
     rows = []
     for k in study.counts:
         vcfg = views_config(ecfg, k, study.augment)
         log.info("case %s: %d view(s) per training image", case.name, k)
         t0 = time.perf_counter()
-        done = run_extract(vcfg)
+        done = run_extract(vcfg, overwrite)
         seconds = time.perf_counter() - t0
         reader = open_store(vcfg.store.path)
         store_key = key_hash(reader.fingerprint.to_json())

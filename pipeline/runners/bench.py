@@ -1,6 +1,6 @@
 """The real benchmark: accuracy, cost and speed of every method, on real data and weights.
 
-    python -m pipeline bench configs/bench_real.yaml [dotted.key=value ...]
+    python -m pipeline bench configs/bench_real.yaml [dotted.key=value ...] [--overwrite]
 
 print the cost -> per case: extract (resumes a partial store, reuses a complete one) ->
 each adapter method's grid once per seed, chosen on mean validation -> the chosen config
@@ -36,14 +36,17 @@ from pipeline.runners.extract import plan_extraction, run_extract
 log = logging.getLogger(__name__)
 
 
-def run_bench(cfg: BenchConfig, config_path: str) -> dict:
+def run_bench(cfg: BenchConfig, config_path: str, overwrite: bool = False) -> dict:
+    """overwrite: replace a store the bench extracts (a case's, a storage option's, a views
+    store) that was made differently, e.g. from images copied again (new mtimes); a complete
+    store made the same way is reused either way, and so are the units computed on it."""
     t_start = time.perf_counter()
     out = Path(cfg.output)
     units = Units(out / "units")
     extract_cfgs = {case.name: load_config(ExtractConfig, case.extract, list(case.overrides)) for case in cfg.cases}
     _check_before_any_work(cfg, extract_cfgs)
     _print_cost(cfg, extract_cfgs)
-    cases = [_run_case(cfg, case, extract_cfgs[case.name], units, out) for case in cfg.cases]
+    cases = [_run_case(cfg, case, extract_cfgs[case.name], units, out, overwrite) for case in cfg.cases]
     speed = None
     if cfg.speed is not None:
         ecfg = extract_cfgs[cfg.speed.case]
@@ -101,10 +104,10 @@ def _print_cost(cfg: BenchConfig, extract_cfgs: dict) -> None:
               flush=True)
 
 
-def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units, out: Path) -> dict:
+def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Units, out: Path, overwrite: bool) -> dict:
     log.info("case %s: extract (a complete store is reused)", case.name)
     t0 = time.perf_counter()
-    done = run_extract(ecfg)
+    done = run_extract(ecfg, overwrite)
     extract_s = time.perf_counter() - t0
     store = ecfg.store.path
     reader = open_store(store)
@@ -162,9 +165,9 @@ def _run_case(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, units: Uni
         result["rows"].append(_finetune_row(cfg, case, ecfg, store_key, units))
     # The store as extracted is the baseline each storage option is compared with.
     options = ((),) + case.store_variants if case.store_variants else ()
-    result["store_variants"] = [_store_variant(cfg, case, ecfg, option, chosen, units, out) for option in options]
+    result["store_variants"] = [_store_variant(cfg, case, ecfg, option, chosen, units, out, overwrite) for option in options]
     if case.views is not None:
-        result["views"] = run_views_study(cfg, case, ecfg, units, out)
+        result["views"] = run_views_study(cfg, case, ecfg, units, out, overwrite)
     return result
 
 
@@ -267,11 +270,12 @@ def _finetune_row(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, store_
             "gpu_peak_mb": runs[0]["gpu_peak_mb"], "device": results[0]["device"], "paragon": paragon, **M.spread(results)}
 
 
-def _store_variant(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, option: tuple[str, ...], chosen: dict, units: Units, out: Path) -> dict:
+def _store_variant(cfg: BenchConfig, case: BenchCase, ecfg: ExtractConfig, option: tuple[str, ...], chosen: dict, units: Units, out: Path,
+                   overwrite: bool) -> dict:
     vcfg = variant_config(ecfg, option) if option else ecfg
     if option:
         log.info("case %s: storage option %s", case.name, option_label(option))
-        run_extract(vcfg)
+        run_extract(vcfg, overwrite)
     store = vcfg.store.path
     store_key = key_hash(open_store(store).fingerprint.to_json())
     row = {"option": option_label(option), "store": store, **disk_per_sample(store), "accuracy": {}}
