@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from cache import require_extra
+from pipeline.devices import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def share_cores(per_host: Optional[dict[str, int]]) -> None:
     from distributed.comm import get_address_host
 
     sharing = per_host.get(get_address_host(get_worker().address), 1)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // sharing))
+    torch.set_num_threads(max(1, usable_cores() // sharing))
 
 
 @contextmanager

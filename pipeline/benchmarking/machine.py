@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import datetime
-import os
 import platform
 import subprocess
 from pathlib import Path
 
 from pipeline.code_version import installed_version
+from pipeline.devices import usable_cores
 
 
 def machine_info() -> dict:
@@ -17,7 +17,7 @@ def machine_info() -> dict:
     return {
         "date": datetime.date.today().isoformat(),
         "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
+        "cores": usable_cores(),
         "memory_gb": _memory_gb(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),

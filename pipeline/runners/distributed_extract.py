@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import time
 import uuid
 from dataclasses import replace
@@ -40,6 +39,7 @@ from cache import FeatureCacheError, split_of
 from pipeline.code_version import code_version, require_drivers_code
 from pipeline.config import ExtractConfig, build, to_dict
 from pipeline.dask_cluster import dask_client, require_dask, torch_threads, workers_per_host
+from pipeline.devices import usable_cores
 from pipeline.runners.extract import Extraction, extract_chunks, open_writer, plan_extraction
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def run_distributed_extract(cfg: ExtractConfig, scheduler: Optional[str] = None,
                                       lambda group, c: len(range(*plan.chunks.chunk_range(c, len(plan.sources[split_of(group)])))))
                 log.info("dask: %d pieces of whole shards on %d workers, %d torch thread(s) each; dashboard %s",
                          len(pieces), sum(per_host.values()), threads, client.dashboard_link)
-                cores = os.cpu_count() or 1
+                cores = usable_cores()
                 if not scheduler and workers * threads > cores:
                     log.warning("%d workers x %d torch threads (the driver's, so that the store equals a single-process run's) "
                                 "share %d cores; OMP_NUM_THREADS=%d for this run (and a run without --workers to compare) avoids that",

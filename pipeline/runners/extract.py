@@ -45,7 +45,7 @@ from pipeline.config import ExtractConfig, to_dict
 from pipeline.data import CorruptImageError, SplitSource, open_split
 from pipeline.data.augment import SeededView, train_transform
 from pipeline.data.loader import make_loader
-from pipeline.devices import resolve_device
+from pipeline.devices import resolve_device, usable_cores
 
 log = logging.getLogger(__name__)
 EXTRACT_MODULES = ("pipeline.runners.extract",)  # what computes the features: this runner and all it imports
@@ -317,7 +317,7 @@ def prepare_model(plan: ExtractPlan) -> None:
 def _workers(cfg: ExtractConfig, on_cuda: bool) -> int:
     if cfg.runtime.num_workers is not None:
         return cfg.runtime.num_workers
-    return min(4 if on_cuda else 2, os.cpu_count() or 1)
+    return min(4 if on_cuda else 2, usable_cores())
 
 
 def _fmt_preprocess(dc: dict) -> str:

@@ -24,7 +24,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -38,7 +37,7 @@ from pipeline.code_version import code_version
 from pipeline.config import ConfigError, TrainConfig, to_dict
 from pipeline.config.sweep_config import SweepConfig
 from pipeline.dask_cluster import dask_client, require_dask, workers_per_host
-from pipeline.devices import resolve_device
+from pipeline.devices import resolve_device, usable_cores
 from pipeline.sweeping.export import best_per_kind, results_markdown, write_best_train_config
 from pipeline.sweeping.jobs import JOB_MODULES, Job, plan_jobs, run_job, rung_history, trial_member, trial_rows
 from pipeline.sweeping.plots import plot_scores
@@ -62,7 +61,7 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
     processes (None: one per core, or one when the jobs train on a GPU: each worker would hold
     its own copy of the store in the GPU's memory), or no dask at all when workers == 0."""
     if workers is None:
-        workers = 1 if resolve_device(cfg.device, "device").type == "cuda" else (os.cpu_count() or 1)
+        workers = 1 if resolve_device(cfg.device, "device").type == "cuda" else usable_cores()
     if workers < 0:
         raise ConfigError(f"workers: got {workers}, expected >= 0 (0: run the jobs in this process)")
     if scheduler or workers:
