@@ -196,3 +196,32 @@ def test_a_data_key_the_kind_does_not_read_is_refused():
         load_config("extract", base)
     assert sorted(p.split(":")[0] for p in e.value.problems) == ["data.download", "data.image_column", "data.split_files.tset"]
     assert "data.image_column: data.kind 'idx' does not read it (only huggingface); remove it" in str(e.value)
+
+
+def test_a_leading_tilde_is_the_home_folder_in_every_path_key(tmp_path, monkeypatch, image_folder):
+    """`store.path: ~/x` was a folder named "~" in the working directory."""
+    from pipeline.runners.extract import run_extract
+    from tests.conftest import tiny_config
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    extract = load_config("extract", {"backbone": {"name": "m", "weights": "~/w.pth"},
+                                      "data": {"kind": "webdataset", "root": "~/d", "shards": {"train": "~/a.tar", "val": ["~/b.tar", "c.tar"]}},
+                                      "store": {"path": "~/s.zarr"}})
+    assert (extract.backbone.weights, extract.data.root, extract.store.path) == (f"{home}/w.pth", f"{home}/d", f"{home}/s.zarr")
+    assert extract.data.shards == {"train": f"{home}/a.tar", "val": (f"{home}/b.tar", "c.tar")}
+    idx = load_config("extract", {"backbone": {"name": "m"}, "data": {"kind": "idx", "root": "d", "split_files": {"train": "~/t-idx3-ubyte"}},
+                                  "store": {"path": "s3://bucket/~x"}})
+    assert idx.data.split_files == {"train": f"{home}/t-idx3-ubyte"} and idx.store.path == "s3://bucket/~x"
+    train = load_config("train", {"store": "~/s.zarr", "output": "~/run", "adapters": [{"kind": "linear"}]})
+    assert (train.store, train.output) == (f"{home}/s.zarr", f"{home}/run")
+    sweep = load_config("sweep", {"store": "~/s.zarr", "output": "~/sweep", "space": [{"kind": "linear", "lr": [0.1]}]})
+    assert (sweep.store, sweep.output) == (f"{home}/s.zarr", f"{home}/sweep")
+    bench = load_config("bench", {"output": "~/b", "report": "~/B.md", "readme": "~/R.md",
+                                  "cases": [{"name": "c", "extract": "~/e.yaml", "test_split": "val", "methods": [{"kind": "linear"}]}]})
+    assert (bench.output, bench.report, bench.readme, bench.cases[0].extract) == (f"{home}/b", f"{home}/B.md", f"{home}/R.md", f"{home}/e.yaml")
+
+    run_extract(tiny_config(tmp_path, image_folder, "store.path=~/store.zarr"))
+    assert (home / "store.zarr" / "zarr.json").is_file() and not (tmp_path / "~").exists()

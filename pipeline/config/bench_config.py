@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from pipeline.config.loader import PathText
 from pipeline.config.train_config import AdapterEntry, seed_problems
 
 
@@ -107,7 +108,7 @@ class ViewsStudy:
 @dataclass(frozen=True)
 class BenchCase:
     name: str
-    extract: str  # an extract config file (configs/*.yaml)
+    extract: PathText  # an extract config file (configs/*.yaml)
     test_split: str
     methods: tuple[AdapterEntry, ...]
     overrides: tuple[str, ...] = ()  # dotted overrides of the extract config, e.g. store.tokens=all
@@ -155,7 +156,7 @@ class SpeedSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
-    output: str  # BENCHMARKS.md and the plots go here; per-unit results under units/ (resumable)
+    output: PathText  # BENCHMARKS.md and the plots go here; per-unit results under units/ (resumable)
     cases: tuple[BenchCase, ...]
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 10
@@ -164,9 +165,9 @@ class BenchConfig:
     warmup_epochs: float = 1.0
     val_fraction: float = 0.1  # a seeded validation split carved from train (per seed)
     speed: Optional[SpeedSettings] = None
-    report: Optional[str] = None  # also copy BENCHMARKS.md here (e.g. the repository root)
+    report: Optional[PathText] = None  # also copy BENCHMARKS.md here (e.g. the repository root)
     # Rewrite the headline block of this file (between the bench's markers; e.g. README.md).
-    readme: Optional[str] = None
+    readme: Optional[PathText] = None
 
     def problems(self) -> list[str]:
         out = []

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from cache import COMPRESSOR_LEVELS, COMPRESSORS, ENCODINGS, is_url, option_problems
 from pipeline.backbones.tokens import TOKEN_REDUCTIONS
+from pipeline.config.loader import PathText
 from pipeline.data import DATA_SOURCES, KIND_KEYS
 from pipeline.data.augment import AugmentPolicy
 
@@ -57,7 +58,7 @@ class BackboneConfig:
     # "timm" (timm's own pretrained=True, from the hub), "none" (random init, for tests), the
     # name of an offline source (see pipeline.backbones.weights), or a path to a local
     # .safetensors / .pt / .pth state dict.
-    weights: str = "timm"
+    weights: PathText = "timm"
     # Block/stage indices (negative allowed; timm's forward_intermediates numbering) or
     # module names (captured with forward hooks), e.g. [-1, -4, "blocks.2.attn"].
     layers: tuple[Union[int, str], ...] = (-1,)
@@ -91,10 +92,10 @@ class DataConfig:
     # image_folder: directory with SPLIT/CLASS/*.jpg; npz: directory with SPLIT.npz
     # (arrays "images" [N,H,W(,C)] uint8 and "labels" [N]); idx: directory with MNIST-style
     # *-images-idx3-ubyte(.gz) files; torchvision: download/cache root.
-    root: str
+    root: PathText
     splits: tuple[str, ...] = ("train", "val")
     # idx files are named by prefix ("train", "t10k"): map split name -> file prefix.
-    split_files: dict[str, str] = field(default_factory=dict)
+    split_files: dict[str, PathText] = field(default_factory=dict)
     # torchvision dataset class name, e.g. "CIFAR10", and whether it may download.
     name: Optional[str] = None
     download: bool = False
@@ -106,7 +107,7 @@ class DataConfig:
     on_corrupt: Literal["fail", "skip"] = "fail"
     # webdataset: per split, its tar shards (a brace pattern or a list; relative to root unless
     # absolute or a URL), the image members (webdataset's "jpg;png" alternatives) and the label member.
-    shards: dict[str, Union[str, tuple[str, ...]]] = field(default_factory=dict)
+    shards: dict[str, Union[PathText, tuple[PathText, ...]]] = field(default_factory=dict)
     image_key: str = "jpg;jpeg;png;webp"
     label_key: str = "cls"
     # huggingface: the image and label columns; streaming: load_dataset(..., streaming=True).
@@ -198,7 +199,7 @@ class CompressorConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     # A local directory, or an fsspec URL such as s3://bucket/prefix (kept as the string it is).
-    path: str
+    path: PathText
     # For a URL: passed to fsspec, e.g. {endpoint_url: "http://host:9000"}. Credentials belong
     # in the environment (AWS_ACCESS_KEY_ID, ...): this config is saved in the store.
     storage_options: dict[str, Any] = field(default_factory=dict)

@@ -11,14 +11,19 @@ import collections.abc
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NewType, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from cache import ConfigError  # one class for every config problem (cache never imports pipeline)
+
+# A config string naming a file, a folder or a URL. A leading ~ is the user's home, as a shell
+# reads it: `store.path: ~/x` was a folder named "~" in the working directory.
+PathText = NewType("PathText", str)
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -260,6 +265,11 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str], checks: list[st
         if not isinstance(value, str):
             problems.append(f"{key}: got {value!r}, expected a string")
         return value
+    if tp is PathText:
+        if not isinstance(value, str):
+            problems.append(f"{key}: got {value!r}, expected a path")
+            return value
+        return os.path.expanduser(value)
     raise TypeError(f"config schema uses an unsupported type {tp!r} at {key}")
 
 
@@ -275,7 +285,7 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(get_args(tp)[0])}"
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", PathText: "a path"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def to_dict(obj: Any) -> Any:

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Union
 from cache import option_problems
 from pipeline.adapters import ADAPTERS, AdapterConfigError, adapter_class, parse_hparams
 from pipeline.adapters.registry import unknown_kind
+from pipeline.config.loader import PathText
 
 
 @dataclass(frozen=True)
@@ -181,9 +182,9 @@ class TrainingSettings:
 class StoreJob(TrainingSettings):
     """A job that trains from one store into one output folder (train, and each sweep)."""
 
-    store: str  # a local path or an fsspec URL (s3://bucket/prefix)
+    store: PathText  # a local path or an fsspec URL (s3://bucket/prefix)
     storage_options: dict[str, Any] = field(default_factory=dict)  # for a URL: passed to fsspec; cache.location.SAFE_OPTIONS only
-    output: str
+    output: PathText
 
     def job_problems(self) -> list[str]:
         out = self.training_problems() + option_problems(self.store, self.storage_options, path_key="store")
