@@ -201,3 +201,22 @@ def test_a_recorded_img_size_that_the_image_size_gives_rebuilds_the_backbone():
     assert recorded.backbone.model_kwargs == {"drop_path_rate": 0.0} and recorded.preprocess.image_size == 64
     with pytest.raises(ConfigError, match="model_kwargs.img_size: got 32"):
         _recorded(replace(fp, backbone=replace(fp.backbone, model_kwargs={"img_size": 32})), "store x")
+
+
+def test_a_folder_gives_the_images_extraction_would_take(tmp_path):
+    """Hidden files and folders are not images to predict: .ipynb_checkpoints/ copies were
+    predicted too, and macOS's ._x.jpg resource forks (no images) failed the run."""
+    from PIL import Image
+
+    from pipeline.runners.predict import find_images
+
+    photos = tmp_path / ".photos"  # a hidden folder given by name is searched
+    for rel in ["a.jpg", "sub/b.PNG", ".ipynb_checkpoints/a-checkpoint.jpg", "sub/.cache/c.jpg"]:
+        (photos / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(photos / rel, format="PNG")
+    (photos / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (photos / "notes.txt").write_text("x")
+    (photos / "folder.jpg").mkdir()
+    (photos / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    assert find_images([str(photos)]) == [photos / "a.jpg", photos / "gone.jpg", photos / "sub" / "b.PNG"]
+    assert find_images([str(photos / "._a.jpg")]) == [photos / "._a.jpg"]  # a file named is taken as given

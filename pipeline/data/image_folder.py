@@ -26,6 +26,12 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 STAMPS_COVER = "path, label, size and mtime_ns of every image file"
 
 
+def is_image_name(name: str) -> bool:
+    """A file name that can be a sample: an image suffix, and not hidden (.DS_Store, macOS's
+    ._photo.jpg resource forks, which are not images)."""
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
+
+
 def image_folder_split(root: str | Path, split: str) -> SplitSource:
     split_dir = Path(root) / split
     if not split_dir.is_dir():
@@ -46,11 +52,11 @@ def image_folder_split(root: str | Path, split: str) -> SplitSource:
     for label, cls in enumerate(classes):
         for entry in _entries(split_dir / cls):
             rel = f"{cls}/{entry.name}"
-            is_image_name = Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and not entry.name.startswith(".")
-            if is_image_name and entry.is_file():
+            image_name = is_image_name(entry.name)
+            if image_name and entry.is_file():
                 st = entry.stat()  # follows a symbolic link: the target's size and mtime
                 stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
-            elif is_image_name and entry.is_symlink() and not os.path.exists(entry.path):
+            elif image_name and entry.is_symlink() and not os.path.exists(entry.path):
                 stamps.append("broken link")  # a sample that cannot be read; on_corrupt decides
             else:
                 ignored.append(rel + ("/" if entry.is_dir() else ""))

@@ -26,7 +26,7 @@ from pipeline.adapters import load_adapter, read_adapter_manifest, saved_fingerp
 from pipeline.adapters.persistence import MANIFEST_FILE
 from pipeline.backbones.taps import EMBED, LayerTaps
 from pipeline.backbones.tokens import reduce_tokens, reduced_spec
-from pipeline.data.image_folder import IMAGE_SUFFIXES
+from pipeline.data.image_folder import is_image_name
 from pipeline.data.source import read_image
 from pipeline.training.frozen_backbone import rebuild_backbone
 
@@ -41,10 +41,15 @@ class Task:
 
 
 def find_images(paths: list[str]) -> list[Path]:
+    """Files as given; in a folder, what extraction takes as samples: image names that are not
+    hidden, outside hidden folders (.ipynb_checkpoints/ held copies that were predicted too,
+    and macOS's ._x.jpg, which are no images, failed the run). A broken link is kept: reading
+    it fails and names it."""
     found = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(f for f in p.rglob("*") if is_image_name(f.name) and (f.is_file() or not f.exists())
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts[:-1]))
         elif p.is_file():
             found.append(p)
         else:
