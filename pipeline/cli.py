@@ -109,7 +109,7 @@ def _add_verbosity(p: argparse.ArgumentParser, default) -> None:
     g.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING, default=default,
                    help="log warnings and errors only")
     g.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG, default=default,
-                   help="log details too (each fused group, each adapter saved, each l2 fitted)")
+                   help="log details too (each fused group, each adapter saved)")
 
 
 def _config_arguments(p: argparse.ArgumentParser, what: str, example: str) -> None:

@@ -103,7 +103,7 @@ class DataConfig:
     # The subset is a deterministic stratified prefix, part of the fingerprint.
     limit: Union[int, dict[str, int], None] = None
     # A corrupt/unreadable image: "fail" stops with the file's path; "skip" marks the sample
-    # invalid (label -1, valid=False), counts it and lists it in the manifest.
+    # invalid (valid=False; its label stays its true class), counts it and lists it in the manifest.
     on_corrupt: Literal["fail", "skip"] = "fail"
     # webdataset: per split, its tar shards (a brace pattern or a list; relative to root unless
     # absolute or a URL), the image members (webdataset's "jpg;png" alternatives) and the label member.
