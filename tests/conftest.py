@@ -211,3 +211,16 @@ def interrupted_extraction(cfg, monkeypatch, batch: int = 3) -> None:
     with pytest.raises(RuntimeError, match="interrupted"):
         extract.run_extract(cfg)
     monkeypatch.setattr(extract, "forward_batch", forward)
+
+
+def unstamped_samples(store, groups, samples_per_chunk: int) -> int:
+    """Samples in the chunks of `groups` (splits, or views such as "train/views/1") whose stamps
+    are not set, read with zarr alone: what a resumed extraction must compute, and no more."""
+    import zarr
+
+    total = 0
+    for group in groups:
+        done = zarr.open_array(str(Path(store) / group / "chunk_done"), mode="r")[:]
+        n = zarr.open_array(str(Path(store) / group.split("/")[0] / "labels"), mode="r").shape[0]
+        total += sum(min(samples_per_chunk, n - c * samples_per_chunk) for c in np.flatnonzero(~done.astype(bool)))
+    return total

@@ -9,7 +9,7 @@ import pytest
 
 from cache import ConfigError, FeatureCacheError, open_store
 from pipeline.runners.extract import run_extract
-from tests.conftest import assert_same_but_skipped, assert_same_features, image_folder_samples, real_subset, tiny_config
+from tests.conftest import assert_same_but_skipped, assert_same_features, image_folder_samples, real_subset, tiny_config, unstamped_samples
 from tests.test_resume import extract_and_kill
 
 datasets = pytest.importorskip("datasets", reason="datasets is not installed (pip install -e '.[dev]' installs it)")
@@ -81,7 +81,8 @@ def test_sigkill_then_rerun_equals_clean_run(tmp_path):
     done = extract_and_kill(cfg)
     assert 2 <= done < 4, f"the child should be killed mid-split, it had stamped {done} chunks"
     assert not open_store(cfg.store.path, allow_partial=True).is_complete()
-    run_extract(cfg)  # resumes: the dataset's fingerprint is the same in this process
+    todo = unstamped_samples(cfg.store.path, ("train", "val"), 4)
+    assert run_extract(cfg).streamed == todo  # resumes: the dataset's fingerprint is the same in this process
     clean = hf_config(tmp_path, "clean", tmp_path / "saved", ("train", "val"), *overrides)
     run_extract(clean)
     assert_same_features(clean.store.path, cfg.store.path)
@@ -146,7 +147,8 @@ def test_a_killed_streaming_extraction_resumes_at_chunk_boundaries(tmp_path):
     cfg = hf_config(tmp_path, "killed", tmp_path / "parquet", ("train", "validation"), *overrides, streaming=True)
     done = extract_and_kill(cfg)
     assert 2 <= done < 4, f"the child should be killed mid-split, it had stamped {done} chunks"
-    run_extract(cfg)  # resumes: streams past the stored chunks
+    todo = unstamped_samples(cfg.store.path, ("train", "validation"), 4)
+    assert run_extract(cfg).streamed == todo  # resumes: streams past the stored chunks, computes only the rest
     clean = hf_config(tmp_path, "clean", tmp_path / "parquet", ("train", "validation"), *overrides, streaming=True)
     run_extract(clean)
     assert_same_features(clean.store.path, cfg.store.path, {"train": "train", "validation": "validation"})
