@@ -368,6 +368,29 @@ def test_a_second_driver_on_one_output_folder_is_refused(store, tmp_path):
     assert not (out / "trials.jsonl").exists() and not (out / "sweep_config.json").exists()  # nothing touched
 
 
+def test_a_folder_that_is_not_a_sweeps_own_is_refused_untouched(store, tmp_path):
+    """A sweep into a train run's folder wrote its results.md over the run's; into a store, among
+    its arrays. Its own folder is resumed."""
+    from pipeline.training.output import OutputInUse
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.md").write_text("the train run's table")
+    (run / "config.json").write_text("{}")
+    with pytest.raises(OutputInUse, match=r"sweep output '.*run' holds files but is not a sweep's output \(no sweep_config.json\)"):
+        run_sweep(build(SweepConfig, sweep_data(store, run)), workers=0)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "results.md"]
+    assert (run / "results.md").read_text() == "the train run's table"
+    with pytest.raises(OutputInUse, match="holds files but is not a sweep's output"):
+        run_sweep(build(SweepConfig, sweep_data(store, store)), workers=0)
+
+    out = tmp_path / "sweep"
+    data = sweep_data(store, out, space=[{"kind": "linear", "layer": ["blocks.5"], "lr": [0.01]}], epochs=1)
+    first = run_sweep(build(SweepConfig, data), workers=0)
+    again = run_sweep(build(SweepConfig, data), workers=0)  # its own folder: resumed
+    assert first["trials"] == again["trials"] == again["already_done"] == 1
+
+
 def test_pruned_trials_are_recorded_and_never_the_best(store, tmp_path):
     """Successive halving across jobs: the first job's rung values are the later jobs' history."""
     out = tmp_path / "pruned"

@@ -45,6 +45,7 @@ from pipeline.sweeping.results_log import TrialsLog
 from pipeline.sweeping.space import Trial, make_trials
 from pipeline.sweeping.tpe import TpeSearch
 from pipeline.training.members import check_layers
+from pipeline.training.output import SWEEP_FILE, check_sweep_output
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
     lease = StoreLease(StoreLocation(str(out)), what="sweep output folder")
     writes = dict(what=f"sweep output {str(out)!r}", kept="the trials finished so far are kept in trials.jsonl",
                   rerun="rerun the same command to go on")
+    check_sweep_output(out)
     with cannot_write(**writes):
         out.mkdir(parents=True, exist_ok=True)
     with cannot_write(**writes, under=(out, lease.local_path)), lease:  # a refused read elsewhere is not this write's
@@ -79,7 +81,7 @@ def run_sweep(cfg: SweepConfig, scheduler: Optional[str] = None, workers: Option
 
 
 def _sweep(cfg: SweepConfig, out: Path, scheduler: Optional[str], workers: int) -> dict:
-    (out / "sweep_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    (out / SWEEP_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
     reader = open_store(cfg.store, storage_options=cfg.storage_options)
     _check_layers(cfg, reader)
     fingerprint = hashlib.sha256(json.dumps(reader.fingerprint.to_json(), sort_keys=True, default=str).encode()).hexdigest()

@@ -37,6 +37,20 @@ def check_output(out: Path, overwrite: bool) -> None:
                           "--overwrite replaces only a run's output folder: choose another output")
 
 
+SWEEP_FILE = "sweep_config.json"  # the first file a sweep writes: its folder, to resume in
+
+
+def check_sweep_output(out: Path) -> None:
+    """A sweep goes on in its own folder (trials.jsonl, the study); a folder holding anything
+    else is refused. A sweep into a train run's folder wrote its results.md over the run's and
+    mixed its files in; one into a store wrote among the store's arrays."""
+    if out.exists() and not out.is_dir():
+        raise OutputInUse(f"sweep output {str(out)!r} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / SWEEP_FILE).is_file():
+        raise OutputInUse(f"sweep output {str(out)!r} holds files but is not a sweep's output (no {SWEEP_FILE}); "
+                          "choose another output (a sweep's own folder is resumed)")
+
+
 @contextmanager
 def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yields the staging folder to write into; on success it becomes `out` (through a symlink,
