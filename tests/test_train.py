@@ -121,6 +121,19 @@ def test_lbfgs_probe_predicts_as_sklearn_on_the_same_cache(colour_store, tmp_pat
         assert by_l2[l2]["val_acc"] == expected  # the whole val split (nothing carved), as sklearn's
 
 
+def test_an_entry_without_layers_is_named_by_the_deepest_layer_it_reads(colour_store, tmp_path):
+    """Such members were labelled layer "all", and the same adapter given the deepest layer by
+    name trained a second time beside it, unnoticed."""
+    from pipeline.training.members import expand
+
+    reader = open_store(colour_store)  # layers embed, blocks.0, blocks.5
+    members = expand(train_config(colour_store, tmp_path, [{"kind": "linear"}, {"kind": "inca"}]).adapters, reader.layers, 0)
+    assert [(m.name, m.layer_label) for m in members] == [("linear@blocks.5 lr=0.001 wd=0.0001", "blocks.5"),
+                                                          ("inca@blocks.5 lr=0.001 wd=0.0001", "blocks.5")]
+    with pytest.raises(ConfigError, match=r"the same adapter is listed twice: \['linear@blocks.5 lr=0.001 wd=0.0001'\]"):
+        expand(train_config(colour_store, tmp_path, [{"kind": "linear"}, {"kind": "linear", "layers": ["blocks.5"]}]).adapters, reader.layers, 0)
+
+
 def test_members_have_stable_ids_distinct_where_names_collide(colour_store, tmp_path):
     """Two learning rates that print alike ("lr=0.001") make two members with one display
     name: each has its own id, which `train` gives its row, its ensembles and its logits. The

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from cache import ConfigError, LayerSpec
 from pipeline.adapters import adapter_class
+from pipeline.adapters.base import last_layer_name
 from pipeline.config.train_config import AdapterEntry
 
 
@@ -110,8 +111,8 @@ def expand(entries: tuple[AdapterEntry, ...], layers: Mapping[str, LayerSpec], d
 
 def _architectures(entry: AdapterEntry, fields, layers: Mapping[str, LayerSpec]) -> list[dict]:
     if "layer" in fields:
-        if entry.layers is None:
-            return [dict(entry.hparams)]
+        if entry.layers is None:  # the kind's default, named: it was labelled "all", and its id differed from the same layer's given
+            return [{**entry.hparams, "layer": last_layer_name(layers)}]
         chosen = [n for n, spec in layers.items() if spec.holds_features] if entry.layers == "all" else list(entry.layers)
         return [{**entry.hparams, "layer": name} for name in chosen]
     if "layers" in fields and isinstance(entry.layers, tuple):
