@@ -218,5 +218,56 @@ def test_a_folder_gives_the_images_extraction_would_take(tmp_path):
     (photos / "notes.txt").write_text("x")
     (photos / "folder.jpg").mkdir()
     (photos / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
-    assert find_images([str(photos)]) == [photos / "a.jpg", photos / "gone.jpg", photos / "sub" / "b.PNG"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (4, 4)).save(elsewhere / "d.jpg")
+    (photos / "linked").symlink_to(elsewhere)  # a linked folder is searched (rglob skipped it), as extraction's class folders
+    (elsewhere / "loop").symlink_to(photos)  # a folder reached again is searched once
+    assert find_images([str(photos)]) == [photos / "a.jpg", photos / "gone.jpg", photos / "linked" / "d.jpg", photos / "sub" / "b.PNG"]
     assert find_images([str(photos / "._a.jpg")]) == [photos / "._a.jpg"]  # a file named is taken as given
+
+
+def test_a_damaged_adapter_folder_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """Each was a raw traceback (FileNotFoundError, SafetensorError, RuntimeError, JSONDecodeError,
+    KeyError)."""
+    import shutil
+
+    images = colour_folder(tmp_path / "images", per_class=4)
+    cfg = tiny_config(tmp_path, images, "backbone.layers=[-1]")
+    run_extract(cfg)
+    run_train(train_config(cfg.store.path, tmp_path / "run", [{"kind": "linear"}, {"kind": "inca", "hparams": {"num_heads": 4}}],
+                           epochs=1, save_top=2))
+    saved = {d.name.split("_", 1)[1].split("@")[0]: d for d in (tmp_path / "run" / "adapters").iterdir()}
+
+    def damaged(name, damage):
+        d = tmp_path / "damaged" / name / "adapters" / "01_x"
+        shutil.copytree(saved["linear"], d)
+        damage(d)
+        return d
+
+    cases = {
+        "no_weights": (lambda d: (d / "adapter.safetensors").unlink(), "the adapter's weights cannot be read"),
+        "cut_weights": (lambda d: (d / "adapter.safetensors").write_bytes((d / "adapter.safetensors").read_bytes()[:20]),
+                        "the adapter's weights cannot be read"),
+        "other_weights": (lambda d: shutil.copy(saved["inca"] / "adapter.safetensors", d / "adapter.safetensors"),
+                          "the weights do not fit the adapter adapter.json describes"),
+        "cut_manifest": (lambda d: (d / "adapter.json").write_text((d / "adapter.json").read_text()[:50]), "not a readable adapter manifest"),
+        "bare_manifest": (lambda d: (d / "adapter.json").write_text('{"kind": "linear"}'), "the adapter manifest lacks ['format_version'"),
+        "bad_fingerprint": (lambda d: (d / "adapter.json").write_text(json.dumps({**json.loads((d / "adapter.json").read_text()),
+                                                                                   "store_fingerprint": {"x": 1}})),
+                            "its store_fingerprint is damaged"),
+    }
+    for name, (damage, message) in cases.items():
+        d = damaged(name, damage)
+        capsys.readouterr()
+        assert main(["predict", "--adapter", str(d), str(images / "val"), "--out", str(tmp_path / f"{name}.csv")]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and str(d) in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not (tmp_path / f"{name}.csv").exists()
+
+    assert main(["predict", "--adapter", str(saved["linear"] / "adapter.json"), str(images / "val")]) == 2
+    assert "is a file; give the adapter's folder" in capsys.readouterr().err
+    # An adapter given as "." is named by its folder (the column names were "" and "_prob").
+    monkeypatch.chdir(saved["linear"])
+    assert main(["predict", "--adapter", ".", str(images / "val" / "red"), "--out", str(tmp_path / "dot.csv")]) == 0
+    assert next(csv.reader((tmp_path / "dot.csv").open())) == ["image", "run", "run_prob"]

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -70,8 +71,26 @@ def save_adapter(
     return directory
 
 
+MANIFEST_KEYS = ("format_version", "kind", "num_classes", "hparams", "layers", "store_fingerprint", "class_names")
+AGAIN = "copy the adapter folder again, or train it again"
+
+
 def read_adapter_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(directory) / MANIFEST_FILE).read_text())
+    """The manifest, its store fingerprint readable; a damaged one is one line naming it (a
+    truncated file was a raw JSONDecodeError, a field missing a KeyError)."""
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise FeatureCacheError(f"{path}: not a readable adapter manifest ({e}); {AGAIN}") from None
+    missing = [k for k in MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else list(MANIFEST_KEYS)
+    if missing:
+        raise FeatureCacheError(f"{path}: the adapter manifest lacks {missing}; {AGAIN}")
+    try:
+        saved_fingerprint(manifest)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FeatureCacheError(f"{path}: its store_fingerprint is damaged ({type(e).__name__}: {e}); {AGAIN}") from None
+    return manifest
 
 
 def load_adapter(
@@ -95,8 +114,18 @@ def load_adapter(
         backbone_modules=backbone_modules,
         **manifest["hparams"],
     )
-    own, standardizer = Standardizer.split_state(load_file(str(Path(directory) / WEIGHTS_FILE)))
-    adapter.load_state_dict(own)
+    weights = Path(directory) / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights))
+    except (OSError, SafetensorError) as e:  # missing, truncated, not safetensors
+        raise FeatureCacheError(f"{weights}: the adapter's weights cannot be read ({e}); {AGAIN}") from None
+    own, standardizer = Standardizer.split_state(state)
+    try:
+        adapter.load_state_dict(own)
+    except RuntimeError as e:  # missing or unexpected tensors, other shapes: another adapter's weights
+        first = str(e).strip().splitlines()
+        raise FeatureCacheError(f"{weights}: the weights do not fit the adapter {MANIFEST_FILE} describes "
+                                f"({' '.join(line.strip() for line in first[:3])}); {AGAIN}") from None
     adapter.standardize_with(standardizer)
     return adapter
 

@@ -48,8 +48,7 @@ def find_images(paths: list[str]) -> list[Path]:
     found = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if is_image_name(f.name) and (f.is_file() or not f.exists())
-                            and not any(part.startswith(".") for part in f.relative_to(p).parts[:-1]))
+            found += sorted(_images_under(p))
         elif p.is_file():
             found.append(p)
         else:
@@ -59,11 +58,27 @@ def find_images(paths: list[str]) -> list[Path]:
     return found
 
 
+def _images_under(folder: Path) -> list[Path]:
+    """Through linked folders too, as extraction's class folders (Path.rglob skipped them);
+    a folder reached twice (a link to an ancestor) is searched once."""
+    found, searched = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        dirs[:] = [] if real in searched else [d for d in dirs if not d.startswith(".")]
+        if real not in searched:
+            searched.add(real)
+            # A name that is a folder (x.jpg/) is in dirs; a broken link is in files, kept: reading it names it.
+            found += [Path(root) / name for name in files if is_image_name(name)]
+    return found
+
+
 def check_adapter_dirs(adapter_dirs: list[str]) -> None:
     """One ConfigError naming every adapter folder that is missing or holds no adapter."""
     problems = []
     for d in map(Path, adapter_dirs):
-        if not d.is_dir():
+        if d.is_file():
+            problems.append(f"--adapter {str(d)!r} is a file; give the adapter's folder ({str(d.parent)!r}?)")
+        elif not d.is_dir():
             problems.append(f"adapter folder {str(d)!r} does not exist")
         elif not (d / MANIFEST_FILE).is_file():
             problems.append(f"{str(d)!r} is not an adapter folder: it has no {MANIFEST_FILE} (expected runs/NAME/adapters/NN_*)")
@@ -156,7 +171,7 @@ def task_names(directories: list[str]) -> list[str]:
     """One unique column name per adapter: its run's folder name (runs/RUN/adapters/NN_x), or
     RUN/NN_x for adapters that share a run; a name that still clashes is an error, so no task
     can overwrite another's column."""
-    paths = [Path(d) for d in directories]
+    paths = [Path(os.path.abspath(d)) for d in directories]  # "." and ".." by their names; links as given
     runs = [p.parent.parent.name if p.parent.name == "adapters" else p.name for p in paths]
     names = [f"{run}/{p.name}" if runs.count(run) > 1 and p.parent.name == "adapters" else run for run, p in zip(runs, paths)]
     # Columns: image, then per task NAME and NAME_prob; no two may coincide.
