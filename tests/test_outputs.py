@@ -47,6 +47,22 @@ def test_a_used_output_is_refused_and_overwrite_replaces_it_whole(store, tmp_pat
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
+def test_a_second_run_on_one_output_is_refused_before_it_trains(store, tmp_path, monkeypatch):
+    """It trained to its end, then was refused (its results lost) with advice to pass --overwrite."""
+    from cache import StoreError
+    from cache.lease import StoreLease
+    from cache.location import StoreLocation
+    from pipeline.runners import train
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train, "plan_training", lambda cfg: pytest.fail("the second run began"))
+    with StoreLease(StoreLocation(str(out)), what="output"):  # the first run, training
+        for overwrite in (False, True):
+            with pytest.raises(StoreError, match=r"output '.*run' is being written by pid \d+ .*one writer at a time"):
+                run_train(train_config(store[0], out, LINEAR, epochs=1), overwrite=overwrite)
+    assert not out.exists()
+
+
 def test_overwrite_never_replaces_a_folder_that_is_not_a_runs_output(store, tmp_path, monkeypatch):
     """`output: ""` (the current directory) or a project folder with --overwrite: the folder
     was replaced by the run's files, everything in it deleted."""

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 from cache import FeatureCacheError, cannot_write, pid_alive, replace_dir
+from cache.lease import StoreLease
+from cache.location import StoreLocation
 
 
 class OutputInUse(FeatureCacheError):
@@ -63,7 +65,10 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     writes = dict(what=f"output {named!r}", kept="the output folder is left as it was (the run writes beside it and moves in when done)")
     with cannot_write(**writes):
         out.parent.mkdir(parents=True, exist_ok=True)
-    with cannot_write(**writes, under=(out, stage, out.parent / f".{out.name}.old-{os.getpid()}")):
+    # One run per output folder at a time: a second run on it used to train to its end and only
+    # then be refused (its results lost), with advice to pass --overwrite.
+    lease = StoreLease(StoreLocation(str(out)), what="output")
+    with cannot_write(**writes, under=(out, stage, out.parent / f".{out.name}.old-{os.getpid()}", lease.local_path)), lease:
         for stale in out.parent.glob(f".{out.name}.partial-*"):
             pid = stale.name.rsplit("-", 1)[-1]
             if not pid.isdigit() or not pid_alive(int(pid)):
