@@ -456,3 +456,36 @@ def test_a_file_name_that_is_not_utf8_is_refused_by_name(tmp_path):
     os.rename(os.fsencode(src), os.fsencode(src.parent) + b"/caf\xe9.png")
     with pytest.raises(ConfigError, match=r"1 name\(s\) in .*cat' are not valid UTF-8 \(b'caf\\xe9.png'\); rename them"):
         image_folder_split(root, "train")
+
+
+def test_a_weights_file_that_does_not_fit_is_one_line_and_one_without_a_classifier_fits(tmp_path):
+    """Shapes that differ (a position embedding for another image size) were a raw RuntimeError;
+    a checkpoint saved without its classifier was refused, though build drops the classifier."""
+    import timm
+    from safetensors.torch import save_file
+
+    from pipeline.backbones.build import build_backbone
+
+    def backbone(weights, size=64):
+        cfg = tiny_config(tmp_path, tmp_path, f"backbone.weights={weights}", f"preprocess.image_size={size}")
+        return build_backbone(cfg.backbone, cfg.preprocess)
+
+    import torch as torch_
+
+    torch_.manual_seed(0)
+    full = timm.create_model("test_vit", img_size=64).state_dict()
+    save_file(full, str(tmp_path / "full.safetensors"))
+    save_file({k: v for k, v in full.items() if not k.startswith("head.")}, str(tmp_path / "headless.safetensors"))
+    torch_.save({"model": {k: v for k, v in full.items() if not k.startswith("head.")}}, tmp_path / "wrapped.pth")
+    reference = backbone(tmp_path / "full.safetensors").weights_sha256
+    assert backbone(tmp_path / "headless.safetensors").weights_sha256 == reference
+    assert backbone(tmp_path / "wrapped.pth").weights_sha256 == reference
+
+    with pytest.raises(ConfigError, match=r"does not fit 'test_vit' as configured .*pos_embed"):
+        backbone(tmp_path / "full.safetensors", size=96)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "full.safetensors").read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"cannot read '.*cut.safetensors' as safetensors"):
+        backbone(tmp_path / "cut.safetensors")
+    torch_.save(torch_.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ConfigError, match=r"holds a Tensor, not a state dict"):
+        backbone(tmp_path / "tensor.pt")

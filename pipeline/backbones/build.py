@@ -40,7 +40,7 @@ class Backbone:
 def build_backbone(cfg: BackboneConfig, pre: PreprocessConfig) -> Backbone:
     model = _create(cfg, pre)
     if cfg.weights not in SPECIAL:
-        # Converters and checkpoints carry the classifier: load strictly with it, then drop it.
+        # Every tensor must fit but the classifier's, which is dropped here: features never use it.
         load_weights(model, cfg.name, cfg.weights)
     model.reset_classifier(0)
     model.eval().requires_grad_(False)

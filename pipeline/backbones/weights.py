@@ -58,7 +58,8 @@ def wants_timm_pretrained(weights: str) -> bool:
 
 
 def load_weights(model: torch.nn.Module, model_name: str, weights: str) -> None:
-    """Load `weights` into `model` in place (strict) unless timm already did ("timm"/"none")."""
+    """Load `weights` into `model` in place unless timm already did ("timm"/"none"): every tensor
+    but the classifier's must fit (the caller drops the classifier)."""
     if weights in SPECIAL:
         return
     if weights in OFFLINE_SOURCES:
@@ -82,7 +83,17 @@ def load_weights(model: torch.nn.Module, model_name: str, weights: str) -> None:
                 f"({', '.join(OFFLINE_SOURCES)}) nor an existing file{hint}"
             )
         state = _read_state_dict(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # The classifier is dropped after loading (build.py): a checkpoint saved without it, or with
+    # another number of classes, gives the same features.
+    head = _classifier_prefixes(model)
+    state = {k: v for k, v in state.items() if not k.startswith(head)} if head else state
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensors of other shapes: another variant, or another image size's position embedding
+        lines = [line.strip() for line in str(e).strip().splitlines()[1:4]]
+        raise ConfigError(f"backbone.weights: {weights!r} does not fit {model_name!r} as configured (preprocess.image_size "
+                          f"and model_kwargs shape it): {' '.join(lines)}") from None
+    missing = [k for k in missing if not (head and k.startswith(head))]
     if missing or unexpected:
         raise ConfigError(
             f"backbone.weights: {weights!r} does not fit {model_name!r}: "
@@ -91,11 +102,21 @@ def load_weights(model: torch.nn.Module, model_name: str, weights: str) -> None:
         )
 
 
+def _classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """The state-dict prefixes of timm's classifier module(s), e.g. ("head.",) or ("head.", "head_dist.")."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    return tuple(f"{name}." for name in ((names,) if isinstance(names, str) else names))
+
+
 def _read_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (OSError, SafetensorError) as e:  # truncated, or not safetensors
+            raise ConfigError(f"backbone.weights: cannot read {str(path)!r} as safetensors: {e}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled objects: say so instead of unpickling
@@ -104,6 +125,8 @@ def _read_state_dict(path: Path) -> dict:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise ConfigError(f"backbone.weights: {str(path)!r} holds a {type(state).__name__}, not a state dict")
     return state
 
 
