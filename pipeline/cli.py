@@ -39,6 +39,9 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
         except FeatureCacheError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C is not a bug: no traceback, and what an interruption keeps
+            print(f"interrupted: {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
+            return 130  # 128 + SIGINT, as a shell reports it
 
 
 def _invoked_as(argv: Optional[list[str]]) -> str:
@@ -337,6 +340,16 @@ def _config_header(path: Path) -> tuple[str, str]:
 
 
 LISTS = {"adapters": _adapter_kinds, "weights": _weight_sources, "data": _data_kinds, "configs": _shipped_configs}
+
+# What each command leaves when interrupted (the guarantees README's safety section describes).
+INTERRUPTED = {
+    "extract": "the chunks stamped so far are kept; rerun the same command to resume",
+    "train": "the output folder is left as it was; rerun to train again",
+    "sweep": "the finished trials are kept in trials.jsonl; rerun the same command to go on",
+    "predict": "the output file is left as it was",
+    "bench": "the finished units are kept; rerun the same command to resume",
+    "verify": "verify alone changes nothing; a --repair cut short leaves the store incomplete: run it again",
+}
 
 COMMANDS = {"extract": _extract, "train": _train, "sweep": _sweep, "predict": _predict, "bench": _bench,
             "inspect": _inspect, "verify": _verify, "list": _list}

@@ -152,3 +152,18 @@ def test_anything_else_is_a_bug_and_shows_its_traceback(bug, monkeypatch):
 def test_a_missing_config_file_is_a_user_error(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nope.yaml'}: config file '{tmp_path / 'nope.yaml'}' does not exist\n"
+
+
+@pytest.mark.parametrize("command", ["extract", "train", "sweep", "bench"])
+def test_ctrl_c_is_one_line_saying_what_is_kept(command, monkeypatch, capsys):
+    """It was a KeyboardInterrupt traceback, as if a bug."""
+    from pipeline import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, interrupted)
+    assert main([command, "some.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert ("rerun" in err) and err.strip() == f"interrupted: {cli.INTERRUPTED[command]}"
