@@ -115,10 +115,29 @@ def test_lbfgs_probe_predicts_as_sklearn_on_the_same_cache(colour_store, tmp_pat
     scaler = StandardScaler().fit(x_train)
     by_l2 = {row["weight_decay"]: row for row in result["rows"]}
     assert sorted(by_l2) == sorted(l2s) and all(" lbfgs l2=" in row["adapter"] for row in result["rows"])
+    z = scaler.transform(x_train)
+
+    def objective(w, b, l2):  # what both minimise, float64: mean cross-entropy + l2/2 |W|^2 on standardised features
+        logits = z @ w.T + b
+        top = logits.max(1, keepdims=True)
+        nll = (top[:, 0] + np.log(np.exp(logits - top).sum(1)) - logits[np.arange(len(y_train)), y_train]).mean()
+        return float(nll + 0.5 * l2 * (w * w).sum())
+
+    from safetensors.torch import load_file
+
+    saved = {d.name: d for d in (tmp_path / "out" / "adapters").iterdir()}
     for l2 in l2s:
-        model = LogisticRegression(C=1 / (l2 * len(y_train)), tol=1e-10, max_iter=10000).fit(scaler.transform(x_train), y_train)
+        model = LogisticRegression(C=1 / (l2 * len(y_train)), tol=1e-10, max_iter=10000).fit(z, y_train)
         expected = float((model.predict(scaler.transform(x_val)) == y_val).mean())
         assert by_l2[l2]["val_acc"] == expected  # the whole val split (nothing carved), as sklearn's
+        # The same optimum, not only the same predictions (saturated on this data, whatever l2 it fitted):
+        # the saved head acts on raw pooled features; unfolded onto the standardised ones.
+        (name,) = [n for n in saved if n.endswith(f"l2={l2:g}")]
+        state = {k: v.double().numpy() for k, v in load_file(str(saved[name] / "adapter.safetensors")).items()}
+        assert set(state) == {"head.weight", "head.bias"}
+        w = state["head.weight"] * scaler.scale_
+        b = state["head.bias"] + state["head.weight"] @ scaler.mean_
+        assert objective(w, b, l2) <= objective(model.coef_, model.intercept_, l2) + 1e-8, l2
 
 
 def test_an_entry_without_layers_is_named_by_the_deepest_layer_it_reads(colour_store, tmp_path):
