@@ -125,14 +125,43 @@ def test_the_reader_gives_each_sample_once_per_epoch_with_one_view_for_every_lay
     np.testing.assert_array_equal(rows, np.concatenate([v["blocks.0"] for v in views]))  # K passes, view by view
 
 
-def test_training_on_views_runs_and_the_views_enter_the_fingerprint(tmp_path, image_folder):
+def test_training_reads_the_views_and_the_views_enter_the_fingerprint(tmp_path, image_folder):
+    """The exact probe solves on every view (random) or view 0 (clean): its optimum is
+    scikit-learn's on those rows; AdamW's probe reads other values under random than clean."""
+    from safetensors.torch import load_file
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     cfg = views_config(tmp_path, image_folder)
     run_extract(cfg)
+    logits = {}
     for views in ("random", "clean"):
+        run = tmp_path / f"run_{views}"
         result = run_train(build(TrainConfig, {
-            "store": cfg.store.path, "output": str(tmp_path / f"run_{views}"), "epochs": 2, "batch_size": 4, "views": views,
-            "adapters": [{"kind": "linear", "layers": ["blocks.5"]}, {"kind": "linear", "layers": ["blocks.5"], "solver": "lbfgs"}]}))
+            "store": cfg.store.path, "output": str(run), "epochs": 2, "batch_size": 4, "views": views, "val_split": "val",
+            "test_split": None, "save_top": 2,
+            "adapters": [{"kind": "linear", "layers": ["blocks.5"]}, {"kind": "linear", "layers": ["blocks.5"], "solver": "lbfgs", "weight_decay": 0.1}]}))
         assert len(result["rows"]) == 2
+        logits[views] = np.load(run / "logits.npz")["val_logits"]
+
+        groups = ("train", "train/views/1", "train/views/2") if views == "random" else ("train",)
+        x = np.concatenate([stored(cfg.store.path, g)["blocks.5"][:, 1:].astype(np.float64).mean(1) for g in groups])
+        y = np.tile(open_store(cfg.store.path).labels("train"), len(groups))
+        scaler = StandardScaler().fit(x)
+        z = scaler.transform(x)
+        l2 = 0.1  # the entry's weight_decay (well conditioned: the solver's tolerance decides nothing here)
+        sk = LogisticRegression(C=1 / (l2 * len(y)), tol=1e-10, max_iter=10000).fit(z, y)
+        (lbfgs,) = [d for d in (run / "adapters").iterdir() if "lbfgs" in d.name]
+        state = {k: v.double().numpy() for k, v in load_file(str(lbfgs / "adapter.safetensors")).items()}
+        w, b = state["head.weight"] * scaler.scale_, state["head.bias"] + state["head.weight"] @ scaler.mean_
+
+        def objective(w, b):
+            out = z @ w.T + b
+            top = out.max(1, keepdims=True)
+            return float((top[:, 0] + np.log(np.exp(out - top).sum(1)) - out[np.arange(len(y)), y]).mean() + 0.5 * l2 * (w * w).sum())
+
+        assert objective(w, b) <= objective(sk.coef_, sk.intercept_) + 1e-8, views
+    assert not np.allclose(logits["random"], logits["clean"], atol=1e-3)  # the augmented views were read
     with pytest.raises(StoreMismatchError, match="views.count: store has 3, now 4"):
         run_extract(tiny_config(tmp_path, image_folder, "store.views=4", "store.dtype=float32"))
     with pytest.raises(StoreMismatchError, match="views.augmentation.policy: store has 'crop_flip', now 'trivialaugment'"):
