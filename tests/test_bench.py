@@ -423,8 +423,12 @@ def test_bench_overwrite_replaces_a_store_made_from_other_images(tmp_path, capsy
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(data))
     bench = str(tmp_path / "bench.yaml")
     assert main(["bench", bench, "-q"]) == 0
-    first = json.loads((tmp_path / "out" / "bench_results.json").read_text())["cases"][0]["rows"]
-    assert first and all(r["test_acc_all"] for r in first)
+    first_run = json.loads((tmp_path / "out" / "bench_results.json").read_text())
+    first = first_run["cases"][0]["rows"]
+    assert first and all(r["test_acc_all"] for r in first) and first_run["units_computed"] > 0
+    from cache import open_store
+
+    made = open_store(str(tmp_path / "store.zarr")).creation
 
     image = next((tmp_path / "images" / "train").rglob("*.jpg"))
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
@@ -434,9 +438,11 @@ def test_bench_overwrite_replaces_a_store_made_from_other_images(tmp_path, capsy
     assert "made differently" in err and "mtime_ns" in err and "--overwrite" in err
 
     assert main(["bench", bench, "-q", "--overwrite"]) == 0
-    from cache import open_store
-
-    assert open_store(str(tmp_path / "store.zarr")).is_complete()
-    again = json.loads((tmp_path / "out" / "bench_results.json").read_text())["cases"][0]["rows"]
+    store = open_store(str(tmp_path / "store.zarr"))
+    assert store.is_complete() and store.creation != made  # extracted again
+    again_run = json.loads((tmp_path / "out" / "bench_results.json").read_text())
+    # Every unit is keyed by the new store: computed again, as on a first run.
+    assert (again_run["units_computed"], again_run["units_reused"]) == (first_run["units_computed"], first_run["units_reused"])
+    again = again_run["cases"][0]["rows"]
     # Same pixels, so the same features and accuracies; the units were keyed by the new store.
     assert [r["test_acc_all"] for r in again] == [r["test_acc_all"] for r in first]
