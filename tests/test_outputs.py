@@ -227,6 +227,8 @@ def test_an_adapter_predicted_beside_one_from_a_normed_store_gets_its_own_featur
         run_extract(cfg)
         run_train(train_config(cfg.store.path, tmp_path / name, [{"kind": "linear", "layers": ["blocks.5"]}], epochs=1, save_top=1))
         dirs.append(str(next((tmp_path / name / "adapters").iterdir())))
-    alone = run_predict([dirs[1]], [str(images / "val")])
-    together = run_predict(dirs, [str(images / "val")])
-    assert [r["raw_prob"] for r in together] == [r["raw_prob"] for r in alone]
+    for order in (dirs, dirs[::-1]):  # whichever comes first, each adapter gets what it gets alone
+        together = run_predict(order, [str(images / "val")])
+        for d, name in zip(dirs, ("normed", "raw")):
+            alone = run_predict([d], [str(images / "val")])
+            assert [r[f"{name}_prob"] for r in together] == [r[f"{name}_prob"] for r in alone], (name, order)
