@@ -315,16 +315,22 @@ def test_when_every_member_diverges_nothing_is_named_saved_or_ensembled(colour_s
     assert "**Every member diverged**" in (tmp_path / "run" / "results.md").read_text()
 
 
-def test_a_member_whose_patience_ends_at_a_rung_still_reports_there(colour_store, tmp_path):
+def test_a_member_whose_patience_ends_at_a_rung_still_reports_there(colour_store, tmp_path, monkeypatch):
     """Early stopping (patience 1) and pruning (a rung at epoch 2): members that stop at epoch
     2 by their own patience still report their rung value and compete there; before, they
     were split off first and missing from the rung, and a sweep's later jobs were ranked
     against fewer values."""
+    from pipeline.runners import train
+
+    rule, ranked_against = train.promoted, []
+    monkeypatch.setattr(train, "promoted", lambda value, competing, factor: ranked_against.append(sorted(competing)) or rule(value, competing, factor))
     cfg = train_config(colour_store, tmp_path / "run", [{"kind": "linear", "layers": ["embed"], "lr": [0.00001, 0.0001, 0.001, 0.03]}],
                        epochs=4, early_stopping_patience=1, pruning={"min_epochs": 2, "reduction_factor": 2})
     rows = run_train(cfg)["rows"]
     assert any(r["stopped_early_at"] == 2 for r in rows)  # what this test is about
     assert all("2" in r["rung_acc"] for r in rows)  # every member trained through epoch 2 reported there
+    # ... and each was ranked against all four values at the rung, its own included.
+    assert ranked_against and all(c == sorted(r["rung_acc"]["2"] for r in rows) for c in ranked_against)
 
 
 def test_a_warm_up_as_long_as_the_run_is_said(colour_store, tmp_path, caplog):
