@@ -193,7 +193,8 @@ def test_an_adapter_fingerprint_cannot_make_timm_load_a_file(tmp_path, create_mo
                                 "model_kwargs": {"pretrained_cfg_overlay": "file=/etc/passwd"}},
                    "layers": [], "storage": {"dtype": "float16", "tokens": "all", "grid_size": None},
                    "preprocessing": {"input_size": [3, 64, 64], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9}}
-    (adapter / "adapter.json").write_text(json.dumps({"format_version": 1, "store_fingerprint": fingerprint}))
+    (adapter / "adapter.json").write_text(json.dumps({"format_version": 1, "kind": "linear", "num_classes": 2, "hparams": {}, "layers": [],
+                                                      "class_names": None, "store_fingerprint": fingerprint}))
     image = tmp_path / "x.png"
     from PIL import Image
 
