@@ -477,3 +477,12 @@ def test_a_job_refuses_a_store_extracted_again_since_the_sweep_opened_it(tmp_pat
     with pytest.raises(sweep.SweepJobsFailed, match="1 of 2 jobs failed"):
         run_sweep(build(SweepConfig, sweep_data(cfg.store.path, tmp_path / "out", space, trials_per_job=1)), workers=0)
     assert len(jobs) == 2 and jobs[0] is not None and len(read_rows(tmp_path / "out")) == 1
+
+
+def test_a_split_the_store_lacks_is_refused_before_any_job(store, tmp_path, monkeypatch):
+    """Every job failed on it, three tries each, and the advice to rerun failed the same way."""
+    from pipeline.runners import sweep
+
+    monkeypatch.setattr(sweep, "_run_jobs", lambda *a, **k: pytest.fail("a job ran"))
+    with pytest.raises(ConfigError, match=r"test_split: split 'test' is not in store .*; it has \['train', 'val'\]"):
+        run_sweep(build(SweepConfig, sweep_data(store, tmp_path / "out", test_split="test")), workers=0)

@@ -46,6 +46,7 @@ from pipeline.sweeping.space import Trial, make_trials
 from pipeline.sweeping.tpe import TpeSearch
 from pipeline.training.members import check_layers
 from pipeline.training.output import SWEEP_FILE, check_sweep_output
+from pipeline.training.splits import resolve_splits
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def _sweep(cfg: SweepConfig, out: Path, scheduler: Optional[str], workers: int) 
     (out / SWEEP_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
     reader = open_store(cfg.store, storage_options=cfg.storage_options)
     _check_layers(cfg, reader)
+    resolve_splits(cfg, reader)  # a split the store lacks failed every job, three tries each, and a rerun again
     fingerprint = hashlib.sha256(json.dumps(reader.fingerprint.to_json(), sort_keys=True, default=str).encode()).hexdigest()
     # The code too: a rerun after an upgrade trains again, rather than ranking two versions' rows together.
     context = {"store": fingerprint, "train": cfg.train_settings(), "code": code_version(JOB_MODULES)}
