@@ -102,6 +102,10 @@ def cannot_write(what: str, kept: str, rerun: str = "rerun", error: type = Canno
     try:
         yield
     except OSError as e:
+        blocking = _file_on_the_path(e.filename) if e.errno in (errno.ENOTDIR, errno.EEXIST) else None
+        if blocking:  # e.g. store.path: photos/cat.jpg/x.zarr (a raw FileExistsError or NotADirectoryError)
+            raise error(f"{what}: {blocking!r} is a file where the path needs a folder; {kept}: choose another path, "
+                        f"then {rerun}") from e
         reason = WRITE_OS_ERRORS.get(e.errno)
         if reason is None:
             raise
@@ -111,6 +115,19 @@ def cannot_write(what: str, kept: str, rerun: str = "rerun", error: type = Canno
         at = f" at {e.filename!r}" if e.filename else ""
         fix = "free space" if full else "make the location writable"
         raise error(f"{what}: {reason} ({errno.errorcode[e.errno]}{at}); {kept}: {fix}, then {rerun}") from e
+
+
+def _file_on_the_path(filename) -> str | None:
+    """The existing file (not a folder) that a path runs through or would be made at, if any."""
+    if filename is None:
+        return None
+    path = Path(os.fsdecode(filename))
+    for part in (path, *path.parents):  # from the path up: the first that exists decides
+        if part.is_dir():
+            return None
+        if part.exists() or part.is_symlink():
+            return str(part)
+    return None
 
 
 def _inside(filename, folder: Path) -> bool:

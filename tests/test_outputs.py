@@ -10,6 +10,7 @@ import pytest
 
 from cache import ConfigError
 from pipeline.cli import main
+from pipeline.config import to_dict
 from pipeline.runners.extract import run_extract
 from pipeline.runners.predict import task_names
 from pipeline.runners.train import run_train
@@ -232,3 +233,28 @@ def test_an_adapter_predicted_beside_one_from_a_normed_store_gets_its_own_featur
         for d, name in zip(dirs, ("normed", "raw")):
             alone = run_predict([d], [str(images / "val")])
             assert [r[f"{name}_prob"] for r in together] == [r[f"{name}_prob"] for r in alone], (name, order)
+
+
+def test_a_path_through_a_file_is_one_line_naming_the_file(store, tmp_path, capsys):
+    """store.path, output or --out under an existing file were raw FileExistsError or
+    NotADirectoryError tracebacks."""
+    import yaml
+
+    blocking = tmp_path / "photo.jpg"
+    blocking.write_bytes(b"x")
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"store": store[0], "output": str(blocking / "run"), "epochs": 1, "test_split": "val",
+                                      "adapters": LINEAR}))
+    runs = [["train", str(config)],
+            ["extract", str(tmp_path / "extract.yaml")]]
+    cfg = tiny_config(tmp_path, store[1], f"store.path={blocking / 'x.zarr'}")
+    (tmp_path / "extract.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    for argv in runs:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"'{blocking}' is a file where the path needs a folder" in err and "choose another path" in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1
+    assert main(["train", str(config), f"output={blocking}", "--overwrite"]) == 2  # the output itself is a file
+    assert f"output '{blocking}' is a file; choose a folder" in capsys.readouterr().err
+    assert blocking.read_bytes() == b"x"

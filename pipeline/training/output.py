@@ -31,6 +31,8 @@ RUN_FILES = ("config.json", "metrics.jsonl")  # what every finished run's folder
 def check_output(out: Path, overwrite: bool) -> None:
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
+    if not out.is_dir():  # it read as "already holds files (another run's?)", and --overwrite as not a run's output
+        raise OutputInUse(f"output {str(out)!r} is a file; choose a folder")
     if not overwrite:
         raise OutputInUse(f"output {str(out)!r} already holds files (another run's?); choose another output, "
                           "or pass --overwrite to replace it when this run finishes")
