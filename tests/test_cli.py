@@ -167,3 +167,21 @@ def test_ctrl_c_is_one_line_saying_what_is_kept(command, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("interrupted: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert ("rerun" in err) and err.strip() == f"interrupted: {cli.INTERRUPTED[command]}"
+
+
+def test_quiet_silences_the_progress_bars_too(tmp_path, image_folder, capsys):
+    """-q is warnings only; extraction's and training's bars still drew."""
+    import yaml
+
+    from pipeline.config import to_dict
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, image_folder)
+    (tmp_path / "extract.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({"store": cfg.store.path, "output": str(tmp_path / "run"), "epochs": 1,
+                                                         "test_split": "val", "adapters": [{"kind": "linear"}]}))
+    assert main(["extract", str(tmp_path / "extract.yaml"), "-q"]) == 0
+    assert main(["train", str(tmp_path / "train.yaml"), "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["train", str(tmp_path / "train.yaml"), "output=" + str(tmp_path / "run2")]) == 0
+    assert "epoch 1/1" in capsys.readouterr().err  # drawn without -q

@@ -104,7 +104,7 @@ def _train_epoch(model, batches, labels: np.ndarray, optimizer, lr_at, step: int
     """One pass over the training batches; the mean training loss."""
     model.train()
     losses = []
-    bar = tqdm(batches, unit="batch", desc=desc, dynamic_ncols=True)
+    bar = tqdm(batches, unit="batch", desc=desc, dynamic_ncols=True, disable=not log.isEnabledFor(logging.INFO))
     for index, images, errors in bar:
         ok = torch.tensor([not e for e in errors])
         images, target = images[ok].to(device), torch.from_numpy(labels[index[ok].numpy()]).to(device)

@@ -257,7 +257,8 @@ def _extract_split(plan: ExtractPlan, writer: StoreWriter, split: str, source: S
     background = BackgroundWriter(writer, split, missing, cfg.runtime.write_queue)
     raw = {s.name: s for s in plan.raw_specs}
     bytes_per_sample = sum(plan.bytes_per_sample(s) for s in plan.specs)
-    bar = tqdm(total=len(indices), unit="img", desc=f"extract {split}", dynamic_ncols=True)
+    bar = tqdm(total=len(indices), unit="img", desc=f"extract {split}", dynamic_ncols=True,
+               disable=not log.isEnabledFor(logging.INFO))  # -q: warnings only, bars included
     start, skipped = time.perf_counter(), 0
     try:
         for idx, images, errors in loader:

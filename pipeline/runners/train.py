@@ -182,7 +182,8 @@ def _train_epochs(run: Run, metrics) -> list[float]:
         # Features in the default dtype, as the adapters' parameters are made (float64 in exactness tests).
         bar = tqdm(reader.batches(splits.train, run.train_layers, cfg.batch_size, seed=cfg.seed, epoch=epoch, keep=splits.train_keep,
                                   out=torch.get_default_dtype(), views=cfg.views),
-                   total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", unit="batch", dynamic_ncols=True)
+                   total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", unit="batch", dynamic_ncols=True,
+                   disable=not log.isEnabledFor(logging.INFO))
         seen, t_epoch = 0, time.perf_counter()
         for batch in bar:
             factor = warmup_cosine(step, total_steps, int(cfg.warmup_epochs * run.steps_per_epoch))
