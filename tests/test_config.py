@@ -225,3 +225,15 @@ def test_a_leading_tilde_is_the_home_folder_in_every_path_key(tmp_path, monkeypa
 
     run_extract(tiny_config(tmp_path, image_folder, "store.path=~/store.zarr"))
     assert (home / "store.zarr" / "zarr.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_another_jobs_config_is_named_as_such():
+    """An extract config given to train listed every key as unknown, with 'did you mean' guesses."""
+    with pytest.raises(ConfigError, match=r"this is an extract config \(its keys \['backbone', 'data', 'preprocess', 'runtime'\] are "
+                                          r"extract's\), not a train config: run `extract` with it"):
+        load_config("train", str(CONFIGS / "fashion_mnist_lite0.yaml"))
+    with pytest.raises(ConfigError, match=r"this is a sweep config .* not a train config: run `sweep` with it"):
+        load_config("train", str(CONFIGS / "sweep_fashion_mnist_lite0.yaml"))
+    with pytest.raises(ConfigError) as e:  # one key of another job's is a typo, not another job's config
+        load_config("train", {"store": "s", "output": "o", "adapters": [{"kind": "linear"}], "search": "grid"})
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith("search: unknown key")

@@ -36,7 +36,24 @@ def load_config(kind_or_class: Union[str, type], source: Any, overrides: Sequenc
         data, where = load_yaml(source), str(source)
     else:
         raise ConfigError(f"config: got a {type(source).__name__}, expected a YAML path, a dict or a {cls.__name__}")
+    _refuse_another_jobs_config(cls, data, where)
     return build(cls, apply_overrides(data, list(overrides)), source=where)
+
+
+def _refuse_another_jobs_config(cls: type, data: Any, where: str) -> None:
+    """An extract config given to train listed every key as unknown (with 'did you mean'
+    guesses); say which job's config it is instead, when its top-level keys are that job's."""
+    if not isinstance(data, dict) or not data:
+        return
+    keys = set(map(str, data))
+    ours = {f.name for f in dataclasses.fields(cls)}
+    if len(keys - ours) < 2:
+        return
+    for kind, other in CONFIG_CLASSES.items():
+        if other is not cls and keys <= {f.name for f in dataclasses.fields(other)}:
+            mine = next(k for k, c in CONFIG_CLASSES.items() if c is cls)
+            raise ConfigError(f"this is {'an' if kind[0] in 'aeiou' else 'a'} {kind} config (its keys {sorted(keys - ours)} are "
+                              f"{kind}'s), not {'an' if mine[0] in 'aeiou' else 'a'} {mine} config: run `{kind}` with it", where)
 
 
 __all__ = [
