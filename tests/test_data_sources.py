@@ -152,3 +152,21 @@ def test_array_labels_and_layouts_are_checked_when_the_split_opens(tmp_path):
 def test_image_folders_take_no_class_names():
     with pytest.raises(ConfigError, match="classes: data.kind .image_folder. does not read it .*image_folder takes its class names from its class folders"):
         data_config("image_folder", "r", classes=["a"])
+
+
+def test_a_limit_below_the_number_of_classes_says_which_are_left_out(tmp_path, caplog):
+    from pipeline.config import ExtractConfig, build
+    from pipeline.data import open_split
+    from tests.conftest import write_image_folder
+
+    images = write_image_folder(tmp_path / "images", classes=("a", "b", "c", "d"), per_class=2)
+    cfg = build(ExtractConfig, {"backbone": {"name": "test_vit"}, "data": {"kind": "image_folder", "root": str(images), "limit": 3},
+                                "store": {"path": "s.zarr"}})
+    with caplog.at_level("WARNING"):
+        assert sorted(open_split(cfg.data, "train").labels.tolist()) == [0, 1, 2]
+    assert "data.limit: 3 sample(s) of split train leave 1 of its 4 classes without a sample" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        open_split(build(ExtractConfig, {**{"backbone": {"name": "test_vit"}, "store": {"path": "s.zarr"}},
+                                         "data": {"kind": "image_folder", "root": str(images), "limit": 4}}).data, "train")
+    assert "data.limit" not in caplog.text

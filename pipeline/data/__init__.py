@@ -7,8 +7,11 @@ opened. `python -m pipeline list` prints it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
+
+import numpy as np
 
 from pipeline.data.arrays import idx_split, npz_split
 from pipeline.data.huggingface_source import huggingface_split
@@ -17,6 +20,8 @@ from pipeline.data.source import CorruptImageError, SplitSource, read_image, str
 from pipeline.data.torchvision_source import torchvision_split
 from pipeline.data.valid_samples import require_valid_samples
 from pipeline.data.webdataset_source import webdataset_split
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the config imports DATA_SOURCES: its data.kind choices are the names below
     from pipeline.config.extract_config import DataConfig
@@ -66,7 +71,11 @@ def open_split(cfg: DataConfig, split: str) -> SplitSource:
     source = DATA_SOURCES[cfg.kind].open(cfg, split)  # data.kind is one of DATA_SOURCES (the config checks it)
     limit = cfg.limit_for(split)
     if limit is not None and limit < len(source):
+        present = len(np.unique(source.labels))
         source = source.subset(stratified_prefix(source.labels, limit))
+        if limit < present:  # a subset this small leaves classes out: train would never see them
+            log.warning("data.limit: %d sample(s) of split %s leave %d of its %d classes without a sample", limit, split,
+                        present - limit, present)
     return source
 
 
