@@ -183,6 +183,20 @@ class StoreLease:
             return None
 
     # -- both -----------------------------------------------------------------------------
+    def writer(self) -> Optional[str]:
+        """Who writes here now, described, or None; it takes no lock (a reader's probe must
+        never make a starting writer fail its own). Local: the lease file's holder, when it is a
+        live process of this host (a killed writer's file stays; another host's holder cannot
+        be checked and is named); an object store: its lease object, even a stale one."""
+        if self.location.is_local:
+            holder = self._read_local()
+            if not holder or holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", 0))):
+                return None
+            return _describe(holder)
+        fs, root = self.location._fs()
+        holder = self._read_remote(fs, root.rstrip("/") + ".lease")
+        return _describe(holder) if holder else None
+
     def acquire(self) -> "StoreLease":
         if self.location.is_local:
             self._acquire_local()

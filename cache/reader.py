@@ -31,6 +31,7 @@ from cache import resident
 from cache.encodings import encoding
 from cache.errors import StoreError, require_extra
 from cache.integrity import ObjectIndex, non_finite_error, read_region, require_finite
+from cache.lease import StoreLease
 from cache.location import StoreLocation, as_location
 from cache.sample_ids import read_sample_ids
 from cache.schema import CREATING_KEY, MANIFEST_KEY, Fingerprint, Manifest, SplitRecord, split_of, view_group
@@ -82,10 +83,11 @@ class CacheReader:
         self.encoding = encoding(self.dtype)
         if not allow_partial and not self.is_complete():
             missing = {s: len(self.missing_chunks(s)) for s in self.splits}
-            raise StoreError(
-                f"store {self.path!r} is incomplete (missing chunks per split: {missing}); "
-                "rerun the same extract command to finish it, or open with allow_partial=True"
-            )
+            writer = StoreLease(self.location).writer()
+            advice = (f"it is being extracted now by {writer}: use it once that finishes" if writer else
+                      "rerun the same extract command to finish it (in Python, open_store(path, allow_partial=True) reads "
+                      "the chunks stamped so far)")
+            raise StoreError(f"store {self.path!r} is incomplete (missing chunks per split: {missing}); {advice}")
 
     def require_unchanged(self) -> None:
         """Refuse to go on when the store at this path is no longer the one opened: after an

@@ -83,3 +83,30 @@ def test_sigkill_then_rerun_equals_clean_run(tmp_path):
         for layer in clean.layers:
             np.testing.assert_array_equal(resumed.zarr_array(split, layer)[:], clean.zarr_array(split, layer)[:])
         np.testing.assert_array_equal(resumed.valid(split), clean.valid(split))
+
+
+def test_an_incomplete_store_says_whether_it_is_being_extracted_now(tmp_path, image_folder, monkeypatch):
+    """train on a store still being extracted was told to rerun the extract command (which the
+    lease refuses while the first runs) or to pass allow_partial=True (no CLI option)."""
+    import json
+    import socket
+
+    import pytest
+
+    from cache import StoreError
+    from cache.lease import StoreLease
+    from cache.location import StoreLocation
+    from tests.conftest import interrupted_extraction
+
+    cfg = tiny_config(tmp_path, image_folder)
+    interrupted_extraction(cfg, monkeypatch)
+    with pytest.raises(StoreError, match=r"is incomplete .*; rerun the same extract command to finish it \(in Python, open_store"):
+        open_store(cfg.store.path)
+    with StoreLease(StoreLocation(cfg.store.path)):  # an extraction running now, in this process
+        with pytest.raises(StoreError, match=rf"is incomplete .*; it is being extracted now by pid {os.getpid()} on host "):
+            open_store(cfg.store.path)
+    # A killed writer's lease file stays behind: its dead pid is not named as extracting.
+    lease = Path(cfg.store.path).parent / f".{Path(cfg.store.path).name}.lease"
+    lease.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "started_at": "2026-01-01T00:00:00Z"}))
+    with pytest.raises(StoreError, match=r"rerun the same extract command"):
+        open_store(cfg.store.path)
