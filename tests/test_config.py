@@ -237,3 +237,13 @@ def test_another_jobs_config_is_named_as_such():
     with pytest.raises(ConfigError) as e:  # one key of another job's is a typo, not another job's config
         load_config("train", {"store": "s", "output": "o", "adapters": [{"kind": "linear"}], "search": "grid"})
     assert len(e.value.problems) == 1 and e.value.problems[0].startswith("search: unknown key")
+
+
+def test_the_valid_hyperparameters_listed_are_those_hparams_takes():
+    """`layer` was listed as valid, then refused in hparams for the entry's own `layers`."""
+    for kind, entry in (("train", {"adapters": [{"kind": "inca", "hparams": {"num_head": 2}}]}),
+                        ("sweep", {"space": [{"kind": "inca", "hparams": {"num_head": [2]}}]})):
+        with pytest.raises(ConfigError, match=r"has no hyperparameter 'num_head' .*did you mean 'num_heads'\?\); valid keys: "
+                                              r"dim, num_heads, num_queries, readout\b") as e:
+            load_config(kind, {"store": "s", "output": "o", **entry})
+        assert "layer" not in str(e.value).split("valid keys: ")[1]

@@ -35,10 +35,11 @@ def require_at_least(hparams: Any, key: str, minimum: int) -> None:
         raise HparamValueError(key, value, f"an integer >= {minimum}")
 
 
-def parse_hparams(kind: str, hparams_cls: type, raw: Mapping[str, Any]) -> Any:
-    """Build `hparams_cls` from `raw`, raising AdapterConfigError that names the culprit."""
+def parse_hparams(kind: str, hparams_cls: type, raw: Mapping[str, Any], elsewhere: tuple[str, ...] = ()) -> Any:
+    """Build `hparams_cls` from `raw`, raising AdapterConfigError that names the culprit.
+    elsewhere: fields a config sets by other keys (an entry's `layers`), not listed as valid here."""
     fields = {f.name for f in dataclasses.fields(hparams_cls)}
-    valid_keys = ", ".join(sorted(fields)) or "(none)"
+    valid_keys = ", ".join(sorted(fields - set(elsewhere))) or "(none)"
     annotations = typing.get_type_hints(hparams_cls)
     for key, value in raw.items():
         if key not in fields:

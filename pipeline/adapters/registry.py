@@ -57,9 +57,10 @@ def adapter_class(kind: str) -> type[Adapter]:
     return ADAPTERS[kind]
 
 
-def parse_hparams(kind: str, raw: Mapping[str, Any]) -> Any:
-    """Validate `raw` against the `Hparams` dataclass of `kind` and return an instance."""
-    return hparams_module.parse_hparams(kind, adapter_class(kind).Hparams, raw)
+def parse_hparams(kind: str, raw: Mapping[str, Any], elsewhere: tuple[str, ...] = ()) -> Any:
+    """Validate `raw` against the `Hparams` dataclass of `kind` and return an instance
+    (elsewhere: fields the caller's config sets by other keys, left out of the valid keys shown)."""
+    return hparams_module.parse_hparams(kind, adapter_class(kind).Hparams, raw, elsewhere)
 
 
 def build_adapter(

@@ -57,7 +57,7 @@ from typing import Any, Literal, Optional, Union
 from pipeline.adapters import ADAPTERS, AdapterConfigError, adapter_class, parse_hparams
 from pipeline.adapters.registry import unknown_kind
 from pipeline.config.loader import to_dict
-from pipeline.config.train_config import StoreJob, TrainingSettings, seed_problems
+from pipeline.config.train_config import LAYER_KEYS, StoreJob, TrainingSettings, seed_problems
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class SpaceEntry:
         out = []
         for v in values:
             try:
-                parse_hparams(self.kind, {key: v})
+                parse_hparams(self.kind, {key: v}, elsewhere=LAYER_KEYS)
             except AdapterConfigError as e:
                 out.append(f"hparams.{key}: {e}")
                 break

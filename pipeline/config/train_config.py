@@ -42,7 +42,7 @@ class AdapterEntry:
             return [f"kind: {unknown_kind(self.kind)}"]
         out = []
         fields = adapter_class(self.kind).Hparams.__dataclass_fields__
-        for key in ("layer", "layers"):
+        for key in LAYER_KEYS:
             if key in self.hparams:
                 out.append(f"hparams.{key}: set the entry's `layers` instead")
         if self.layers is not None and "layer" not in fields and "layers" not in fields:
@@ -52,7 +52,7 @@ class AdapterEntry:
                        "expected 'all', a list of layer names or null")
         out += seed_problems("seeds", self.seeds)
         try:
-            parse_hparams(self.kind, self.hparams)
+            parse_hparams(self.kind, {k: v for k, v in self.hparams.items() if k not in LAYER_KEYS}, elsewhere=LAYER_KEYS)
         except AdapterConfigError as e:
             out.append(f"hparams: {e}")
         if self.solver == "lbfgs" and self.kind != "linear":
@@ -108,6 +108,9 @@ def promoted(value: float, competing: list[float], reduction_factor: int) -> boo
 
 
 SEED_LIMIT = 2**63  # numpy's SeedSequence takes no negative seed, torch.manual_seed none past 2**64
+
+
+LAYER_KEYS = ("layer", "layers")  # hyperparameters an entry sets with its own keys, not in hparams
 
 
 def seed_problems(key: str, seeds) -> list[str]:
