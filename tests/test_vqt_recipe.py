@@ -115,3 +115,26 @@ def test_a_fused_members_masks_follow_its_own_seed(model_and_features):
         fresh = FusedAdapters([copy.deepcopy(vqt)], seeds=[6]).train()
         fresh(features), fresh(features)
         assert torch.equal(kept(features)[0], fresh(features)[0])
+
+
+def test_a_store_vqt_cannot_use_says_what_to_extract(colour_store, tmp_path, image_folder, capsys):
+    """On a ViT store without every block: "needs layer 'blocks.1' (did you mean 'blocks.5'?)";
+    on a CNN's: "backbone_modules for adapter 'vqt' lacks norm; got a EfficientNet"."""
+    from cache import open_store
+    from pipeline.adapters import build_adapter
+    from pipeline.cli import main
+    from pipeline.runners.extract import run_extract
+    from tests.conftest import tiny_config
+
+    reader = open_store(colour_store)  # test_vit: embed, blocks.0, blocks.5 of 6 blocks
+    with pytest.raises(AdapterConfigError, match=r"it needs 'embed' \(the input of block 0\) and blocks.0..blocks.5, all tokens; this "
+                                                 r"store lacks \['blocks.1', 'blocks.2', 'blocks.3', 'blocks.4'\]\. Extract with "
+                                                 r"backbone.layers: \[0, ..., 5\], backbone.block_input: true and store.tokens: all"):
+        build_adapter("vqt", reader.layers, 3, backbone_modules=randomized_model("test_vit"))
+    cnn = tiny_config(tmp_path, image_folder, "backbone.name=test_efficientnet", "backbone.layers=[-1]")
+    run_extract(cnn)
+    config = tmp_path / "train.yaml"
+    config.write_text(f"store: {cnn.store.path}\noutput: {tmp_path / 'run'}\ntest_split: val\nadapters: [{{kind: vqt}}]\n")
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "and this backbone (EfficientNet) has no `norm`: it needs a store of a ViT" in err

@@ -96,8 +96,9 @@ def build_adapter(
     missing = [name for name, module in parts.items() if module is None]
     if missing:
         raise AdapterConfigError(
-            f"backbone_modules for adapter {kind!r} lacks {', '.join(missing)}; "
-            f"got a {type(backbone_modules).__name__}"
+            f"adapter {kind!r} runs a ViT's frozen blocks on the cached tokens, and this backbone "
+            f"({type(backbone_modules).__name__}) has no {' and no '.join(f'`{m}`' for m in missing)}: "
+            f"it needs a store of a ViT (timm's VisionTransformer family)"
         )
     return cls(
         layers, num_classes, blocks=parts["blocks"], final_norm=parts["norm"], hparams=parsed

@@ -128,6 +128,12 @@ class VQT(Adapter):
         cached = {spec.block_index: name for name, spec in layers.items() if spec.role == "keys_values"}
         self.kv_cached = self.hparams.use_cached_kv and all(i in cached for i in range(depth))
         self.inputs = [cached[i] if self.kv_cached else block_input_layer(i) for i in range(depth)]
+        missing = [name for name in self.inputs + [self.final_layer] if name not in layers]
+        if missing:  # "needs layer 'blocks.2' (did you mean 'blocks.5'?)" said nothing of what to extract
+            raise AdapterConfigError(
+                f"adapter 'vqt' feeds every block's cached input to that frozen block: it needs 'embed' (the input of "
+                f"block 0) and blocks.0..blocks.{depth - 1}, all tokens; this store lacks {missing}. Extract with "
+                f"backbone.layers: [0, ..., {depth - 1}], backbone.block_input: true and store.tokens: all")
         self.use_layers(layers, self.inputs + [self.final_layer])
         dim = self.frozen.blocks[0].attn.qkv.in_features
         _check_layers(self.layer_specs, self.final_layer, dim)
