@@ -247,3 +247,13 @@ def test_the_valid_hyperparameters_listed_are_those_hparams_takes():
                                               r"dim, num_heads, num_queries, readout\b") as e:
             load_config(kind, {"store": "s", "output": "o", **entry})
         assert "layer" not in str(e.value).split("valid keys: ")[1]
+
+
+def test_a_problem_in_an_override_is_said_to_come_from_the_command_line():
+    """`error: configs/x.yaml: data.limit: got 0 ...` sent the user to a file that does not say 0."""
+    with pytest.raises(ConfigError) as e:
+        load_config("extract", str(CONFIGS / "cifar10_lite0.yaml"), ["data.limit=0", "preprocess.image_size=64"])
+    assert e.value.problems == ["data.limit: got 0, expected a positive integer or null (given on the command line)"]
+    with pytest.raises(ConfigError) as e:
+        load_config("train", {"store": "s", "output": "o", "epochs": 0, "adapters": [{"kind": "linear"}]}, ["seed=1"])
+    assert e.value.problems[0].startswith("epochs:") and "command line" not in str(e.value)

@@ -37,7 +37,19 @@ def load_config(kind_or_class: Union[str, type], source: Any, overrides: Sequenc
     else:
         raise ConfigError(f"config: got a {type(source).__name__}, expected a YAML path, a dict or a {cls.__name__}")
     _refuse_another_jobs_config(cls, data, where)
-    return build(cls, apply_overrides(data, list(overrides)), source=where)
+    try:
+        return build(cls, apply_overrides(data, list(overrides)), source=where)
+    except ConfigError as e:
+        # A problem under a key given as an override is the command line's, not the file's.
+        given = [o.split("=", 1)[0].strip() for o in overrides]
+        if not any(_under(p, key) for p in e.problems for key in given):
+            raise
+        raise ConfigError([p + (" (given on the command line)" if any(_under(p, key) for key in given) else "") for p in e.problems],
+                          where) from None
+
+
+def _under(problem: str, key: str) -> bool:
+    return bool(key) and (problem.startswith(f"{key}:") or problem.startswith(f"{key}.") or problem.startswith(f"{key}["))
 
 
 def _refuse_another_jobs_config(cls: type, data: Any, where: str) -> None:
