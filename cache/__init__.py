@@ -28,7 +28,7 @@ from cache.schema import (
 )
 from cache.summary import summarize
 from cache.verify import verify_store
-from cache.writer import StoreWriter
+from cache.writer import StoreWriter, store_state
 
 # Everything stage two, the runners and the CLI use: they import from `cache`, never its modules.
 __all__ = [
@@ -36,5 +36,5 @@ __all__ = [
     "BackboneRecord", "FORMAT_VERSION", "FeatureCacheError", "Fingerprint", "LAYER_ROLES", "LayerSpec", "MANIFEST_KEY", "Manifest",
     "StorageRecord", "TOKEN_ORDER", "ViewsRecord", "split_of", "view_group", "StoreError", "StoreMismatchError",
     "StoreWriter", "cannot_write", "differences", "encoding", "is_url", "open_store", "option_problems", "pid_alive", "replace_dir",
-    "require_extra", "summarize", "verify_store",
+    "require_extra", "store_state", "summarize", "verify_store",
 ]

@@ -285,6 +285,27 @@ def mixed_validity(valid: np.ndarray) -> np.ndarray:
     return valid.any(0) & ~valid.all(0)
 
 
+def store_state(path: str, fingerprint: Fingerprint, storage_options=None, code_version: str | None = None) -> str:
+    """What an extraction of `fingerprint` would do with the store at `path`, in words (the
+    plan's last line: a dry run printed the full cost for a store it would not touch)."""
+    location = as_location(path, storage_options)
+    attrs = location.root_attributes()
+    if MANIFEST_KEY in attrs:
+        manifest = attrs[MANIFEST_KEY]
+        diff = store_differences(manifest, fingerprint) or _code_differs(manifest, {"code_version": code_version})
+        if diff:
+            keys = ", ".join(dict.fromkeys(d.split(":")[0] for d in diff))
+            return f"the store there was made differently (in {keys}): refused, unless --overwrite replaces it"
+        if manifest.get("complete"):
+            return "the store there is complete with this config: nothing to compute"
+        return "the store there is unfinished with this config: only its missing chunks are computed"
+    if CREATING_KEY in attrs:
+        return "the store's creation there was interrupted before its first chunk: it is created again"
+    if location.holds_nothing():
+        return "no store there yet: the whole cost above"
+    return "something there is not a feature cache: refused"
+
+
 def _code_differs(manifest_json: dict, extra: dict) -> list[str]:
     """An unfinished store whose chunks so far other code computed: resuming would mix two
     versions in one store (unknown on either side: nothing to compare)."""

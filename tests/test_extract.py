@@ -196,3 +196,22 @@ def test_a_store_never_mixes_rows_of_another_forward_precision(tmp_path):
     with pytest.raises(StoreMismatchError) as e:
         open_writer(dataclasses.replace(plan_extraction(float32), device=torch.device("cuda")))
     assert e.value.differences == ["compute.device: store has 'cpu', now 'cuda'"]
+
+
+def test_the_plan_says_what_extraction_would_do_with_the_store_there(tmp_path, image_folder, monkeypatch):
+    """A dry run printed the whole cost for a store it would reuse, resume or refuse."""
+    from tests.conftest import interrupted_extraction
+
+    cfg = tiny_config(tmp_path, image_folder)
+    assert plan_extraction(cfg).report().endswith("store      no store there yet: the whole cost above")
+    interrupted_extraction(cfg, monkeypatch)
+    assert plan_extraction(cfg).report().endswith("unfinished with this config: only its missing chunks are computed")
+    run_extract(cfg)
+    assert plan_extraction(cfg).report().endswith("complete with this config: nothing to compute")
+    other = tiny_config(tmp_path, image_folder, "preprocess.image_size=48")
+    assert plan_extraction(other).report().endswith("made differently (in backbone.weights_sha256, layers, preprocessing.input_size): "
+                                                    "refused, unless --overwrite replaces it")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    assert plan_extraction(tiny_config(tmp_path, image_folder, f"store.path={tmp_path / 'notes'}")).report().endswith(
+        "something there is not a feature cache: refused")

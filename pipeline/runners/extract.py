@@ -34,6 +34,7 @@ from cache import (
     cannot_write,
     encoding,
     split_of,
+    store_state,
     view_group,
 )
 from pipeline import __version__
@@ -98,6 +99,7 @@ class ExtractPlan:
             total += b * total_samples
             lines.append(f"{spec.name:<20}{str([spec.tokens, spec.dim]):>16}{b / 1024:>12.1f}{b * total_samples / 1e9:>11.3f}")
         lines.append(f"{'all layers':<48}{total / 1e9:>11.3f} GB before compression -> {self.cfg.store.path}")
+        lines.append(f"store      {store_state(self.cfg.store.path, fingerprint(self), self.cfg.store.storage_options, code_version(EXTRACT_MODULES))}")
         return "\n".join(lines)
 
 
