@@ -271,3 +271,24 @@ def test_a_damaged_adapter_folder_is_one_line_naming_it(tmp_path, capsys, monkey
     monkeypatch.chdir(saved["linear"])
     assert main(["predict", "--adapter", ".", str(images / "val" / "red"), "--out", str(tmp_path / "dot.csv")]) == 0
     assert next(csv.reader((tmp_path / "dot.csv").open())) == ["image", "run", "run_prob"]
+
+
+def test_an_adapter_whose_weights_file_is_not_found_says_where_the_path_came_from(tmp_path, monkeypatch, capsys):
+    """A weights file given by a relative path at extraction, predict run elsewhere: the error
+    named backbone.weights, an option predict does not have."""
+    import timm
+    from safetensors.torch import save_file
+
+    images = colour_folder(tmp_path / "images", per_class=4)
+    save_file(timm.create_model("test_vit", img_size=64).state_dict(), str(tmp_path / "w.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path, images, "backbone.layers=[-1]", "backbone.weights=w.safetensors")
+    run_extract(cfg)
+    run_train(train_config(cfg.store.path, tmp_path / "run", [{"kind": "linear"}], epochs=1, save_top=1))
+    adapter = next((tmp_path / "run" / "adapters").iterdir())
+    monkeypatch.chdir(tmp_path / "images")
+    assert main(["predict", "--adapter", str(adapter), str(images / "val")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the store of adapter {str(adapter)!r}: its backbone cannot be rebuilt: backbone.weights: "
+                          "'w.safetensors' is neither")
+    assert "(a relative weights path is read from the working directory)" in err

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from cache import Fingerprint, StoreMismatchError
+from cache import ConfigError, Fingerprint, StoreMismatchError
 from pipeline.backbones.build import Backbone, build_backbone
 from pipeline.backbones.taps import EMBED
 from pipeline.config import build
@@ -55,7 +55,11 @@ def rebuild_backbone(fingerprint: Fingerprint, where: str) -> Backbone:
     its weights hash to the fingerprint's. where: whose fingerprint it is, for messages
     (e.g. "store 'runs/x.zarr'")."""
     cfg = _recorded(fingerprint, where)
-    backbone = build_backbone(cfg.backbone, cfg.preprocess)
+    try:
+        backbone = build_backbone(cfg.backbone, cfg.preprocess)
+    except ConfigError as e:  # e.g. a weights file given by a relative path, from another working directory
+        raise ConfigError(f"{where}: its backbone cannot be rebuilt: {e} (a relative weights path is read from the "
+                          "working directory)") from None
     want = fingerprint.backbone.weights_sha256
     if backbone.weights_sha256 != want:
         raise StoreMismatchError(
