@@ -181,8 +181,9 @@ def _train(args) -> int:
     from pipeline.runners.train import run_train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    results = Path(cfg.output).resolve() / "results.md"  # now: `output=. --overwrite` replaces the working directory
     run_train(cfg, overwrite=args.overwrite)
-    print((Path(cfg.output) / "results.md").read_text())
+    print(results.read_text())
     return 0
 
 

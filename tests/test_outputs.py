@@ -258,3 +258,17 @@ def test_a_path_through_a_file_is_one_line_naming_the_file(store, tmp_path, caps
     assert main(["train", str(config), f"output={blocking}", "--overwrite"]) == 2  # the output itself is a file
     assert f"output '{blocking}' is a file; choose a folder" in capsys.readouterr().err
     assert blocking.read_bytes() == b"x"
+
+
+def test_overwriting_the_working_directory_prints_the_new_results(store, tmp_path, monkeypatch, capsys):
+    """`train C.yaml output=. --overwrite` from inside a run folder replaced it, then read
+    ./results.md from the deleted working directory: a FileNotFoundError traceback."""
+    import yaml
+
+    run = tmp_path / "run"
+    run_train(train_config(store[0], run, LINEAR, epochs=1))
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"store": store[0], "output": ".", "epochs": 1, "test_split": "val", "adapters": LINEAR}))
+    monkeypatch.chdir(run)
+    assert main(["train", str(config), "--overwrite", "-q"]) == 0
+    assert "| adapter |" in capsys.readouterr().out
