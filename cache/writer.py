@@ -289,6 +289,13 @@ def store_state(path: str, fingerprint: Fingerprint, storage_options=None, code_
     """What an extraction of `fingerprint` would do with the store at `path`, in words (the
     plan's last line: a dry run printed the full cost for a store it would not touch)."""
     location = as_location(path, storage_options)
+    try:
+        return _store_state(location, fingerprint, code_version)
+    except Exception as e:  # an unreadable place or an unreachable endpoint: the run itself says it in one line
+        return f"cannot tell what is there ({type(e).__name__}: {str(e)[:120]})"
+
+
+def _store_state(location, fingerprint: Fingerprint, code_version: str | None) -> str:
     attrs = location.root_attributes()
     if MANIFEST_KEY in attrs:
         manifest = attrs[MANIFEST_KEY]

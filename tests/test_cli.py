@@ -185,3 +185,15 @@ def test_quiet_silences_the_progress_bars_too(tmp_path, image_folder, capsys):
     assert capsys.readouterr().err == ""
     assert main(["train", str(tmp_path / "train.yaml"), "output=" + str(tmp_path / "run2")]) == 0
     assert "epoch 1/1" in capsys.readouterr().err  # drawn without -q
+
+
+def test_the_python_api_draws_progress_bars_without_logging_configured(tmp_path, image_folder, capsys):
+    """-q's silence reached API users, whose logging is unconfigured (root at WARNING)."""
+    import logging
+
+    from pipeline import extract
+    from tests.conftest import tiny_config
+
+    assert logging.getLogger("pipeline").level == logging.NOTSET
+    extract(tiny_config(tmp_path, image_folder))
+    assert "extract train" in capsys.readouterr().err

@@ -215,3 +215,14 @@ def test_the_plan_says_what_extraction_would_do_with_the_store_there(tmp_path, i
     (tmp_path / "notes" / "a.txt").write_text("x")
     assert plan_extraction(tiny_config(tmp_path, image_folder, f"store.path={tmp_path / 'notes'}")).report().endswith(
         "something there is not a feature cache: refused")
+
+
+def test_the_plan_says_it_cannot_tell_rather_than_fail(tmp_path, image_folder, monkeypatch):
+    """An unreadable place or an unreachable endpoint made the plan (and --dry-run) a traceback."""
+    from cache.location import StoreLocation
+
+    def unreachable(self):
+        raise ConnectionError("endpoint unreachable")
+
+    monkeypatch.setattr(StoreLocation, "root_attributes", unreachable)
+    assert "store      cannot tell what is there (ConnectionError: endpoint unreachable)" in plan_extraction(tiny_config(tmp_path, image_folder)).report()

@@ -287,6 +287,7 @@ def test_an_adapter_whose_weights_file_is_not_found_says_where_the_path_came_fro
     run_train(train_config(cfg.store.path, tmp_path / "run", [{"kind": "linear"}], epochs=1, save_top=1))
     adapter = next((tmp_path / "run" / "adapters").iterdir())
     monkeypatch.chdir(tmp_path / "images")
+    capsys.readouterr()  # the extraction's and training's progress bars
     assert main(["predict", "--adapter", str(adapter), str(images / "val")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: the store of adapter {str(adapter)!r}: its backbone cannot be rebuilt: backbone.weights: "

@@ -30,6 +30,7 @@ from pipeline.config.extract_config import AugmentConfig
 from pipeline.data import open_split
 from pipeline.data.augment import train_transform
 from pipeline.data.loader import make_loader
+from pipeline.progress import quiet
 from pipeline.training.schedule import warmup_cosine
 from pipeline.training.splits import validation_mask
 
@@ -104,7 +105,7 @@ def _train_epoch(model, batches, labels: np.ndarray, optimizer, lr_at, step: int
     """One pass over the training batches; the mean training loss."""
     model.train()
     losses = []
-    bar = tqdm(batches, unit="batch", desc=desc, dynamic_ncols=True, disable=not log.isEnabledFor(logging.INFO))
+    bar = tqdm(batches, unit="batch", desc=desc, dynamic_ncols=True, disable=quiet())
     for index, images, errors in bar:
         ok = torch.tensor([not e for e in errors])
         images, target = images[ok].to(device), torch.from_numpy(labels[index[ok].numpy()]).to(device)

@@ -47,6 +47,7 @@ from pipeline.data import CorruptImageError, SplitSource, open_split
 from pipeline.data.augment import SeededView, train_transform
 from pipeline.data.loader import make_loader
 from pipeline.devices import resolve_device, usable_cores
+from pipeline.progress import quiet
 
 log = logging.getLogger(__name__)
 EXTRACT_MODULES = ("pipeline.runners.extract",)  # what computes the features: this runner and all it imports
@@ -260,7 +261,7 @@ def _extract_split(plan: ExtractPlan, writer: StoreWriter, split: str, source: S
     raw = {s.name: s for s in plan.raw_specs}
     bytes_per_sample = sum(plan.bytes_per_sample(s) for s in plan.specs)
     bar = tqdm(total=len(indices), unit="img", desc=f"extract {split}", dynamic_ncols=True,
-               disable=not log.isEnabledFor(logging.INFO))  # -q: warnings only, bars included
+               disable=quiet())  # -q: warnings only, bars included
     start, skipped = time.perf_counter(), 0
     try:
         for idx, images, errors in loader:

@@ -28,6 +28,7 @@ from pipeline.adapters.standardize import Standardizer
 from pipeline.config import TrainConfig, to_dict
 from pipeline.config.train_config import promoted
 from pipeline.devices import resolve_device
+from pipeline.progress import quiet
 from pipeline.training.convex_probe import fit_logistic_lbfgs, fold_standardization, standardize, standardize_fit
 from pipeline.training.ensembles import calibrated_ensembles
 from pipeline.training.evaluate import accuracy, split_logits
@@ -183,7 +184,7 @@ def _train_epochs(run: Run, metrics) -> list[float]:
         bar = tqdm(reader.batches(splits.train, run.train_layers, cfg.batch_size, seed=cfg.seed, epoch=epoch, keep=splits.train_keep,
                                   out=torch.get_default_dtype(), views=cfg.views),
                    total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", unit="batch", dynamic_ncols=True,
-                   disable=not log.isEnabledFor(logging.INFO))
+                   disable=quiet())
         seen, t_epoch = 0, time.perf_counter()
         for batch in bar:
             factor = warmup_cosine(step, total_steps, int(cfg.warmup_epochs * run.steps_per_epoch))

@@ -58,8 +58,9 @@ def rebuild_backbone(fingerprint: Fingerprint, where: str) -> Backbone:
     try:
         backbone = build_backbone(cfg.backbone, cfg.preprocess)
     except ConfigError as e:  # e.g. a weights file given by a relative path, from another working directory
-        raise ConfigError(f"{where}: its backbone cannot be rebuilt: {e} (a relative weights path is read from the "
-                          "working directory)") from None
+        relative = cfg.backbone.weights.endswith((".safetensors", ".pt", ".pth")) and not cfg.backbone.weights.startswith("/")
+        hint = " (a relative weights path is read from the working directory)" if relative else ""
+        raise ConfigError(f"{where}: its backbone cannot be rebuilt: {e}{hint}") from None
     want = fingerprint.backbone.weights_sha256
     if backbone.weights_sha256 != want:
         raise StoreMismatchError(
