@@ -86,14 +86,14 @@ def load_weights(model: torch.nn.Module, model_name: str, weights: str) -> None:
     # The classifier is dropped after loading (build.py): a checkpoint saved without it, or with
     # another number of classes, gives the same features.
     head = _classifier_prefixes(model)
-    state = {k: v for k, v in state.items() if not k.startswith(head)} if head else state
+    state = {k: v for k, v in state.items() if not k.startswith(head)}  # startswith(()) is False: no classifier, all kept
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # tensors of other shapes: another variant, or another image size's position embedding
         lines = [line.strip() for line in str(e).strip().splitlines()[1:4]]
         raise ConfigError(f"backbone.weights: {weights!r} does not fit {model_name!r} as configured (preprocess.image_size "
                           f"and model_kwargs shape it): {' '.join(lines)}") from None
-    missing = [k for k in missing if not (head and k.startswith(head))]
+    missing = [k for k in missing if not k.startswith(head)]
     if missing or unexpected:
         raise ConfigError(
             f"backbone.weights: {weights!r} does not fit {model_name!r}: "

@@ -61,11 +61,17 @@ def _refuse_another_jobs_config(cls: type, data: Any, where: str) -> None:
     ours = {f.name for f in dataclasses.fields(cls)}
     if len(keys - ours) < 2:
         return
+    mine = {c: k for k, c in CONFIG_CLASSES.items()}.get(cls)
+    if mine is None:  # a config class of the caller's own: no job to name
+        return
     for kind, other in CONFIG_CLASSES.items():
         if other is not cls and keys <= {f.name for f in dataclasses.fields(other)}:
-            mine = next(k for k, c in CONFIG_CLASSES.items() if c is cls)
-            raise ConfigError(f"this is {'an' if kind[0] in 'aeiou' else 'a'} {kind} config (its keys {sorted(keys - ours)} are "
-                              f"{kind}'s), not {'an' if mine[0] in 'aeiou' else 'a'} {mine} config: run `{kind}` with it", where)
+            raise ConfigError(f"this is {_a(kind)} config (its keys {sorted(keys - ours)} are {kind}'s), not {_a(mine)} config: "
+                              f"run `{kind}` with it", where)
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 __all__ = [
